@@ -1,0 +1,32 @@
+"""loratrace: LoRA fine-tuning on PyTorch Lightning that records exactly which examples trained which checkpoint.
+
+    import loratrace
+    run_dir = loratrace.train(loratrace.load_config("configs/tiny.yaml", ["training.max_steps=20"]))
+    db = loratrace.open_runs("runs/")
+    db.trace("LTSYN_TRA_0001")
+
+Names are imported on first use, so `loratrace query` starts without torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "train": "loratrace.train",
+    "load_config": "loratrace.config",
+    "Config": "loratrace.config",
+    "open_runs": "loratrace.store",
+    "BatchTracker": "loratrace.tracking",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'loratrace' has no attribute {name!r}")
+
+
+__all__ = sorted(_EXPORTS)

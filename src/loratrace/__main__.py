@@ -1,0 +1,3 @@
+from loratrace.cli import main
+
+raise SystemExit(main())

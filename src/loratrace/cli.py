@@ -1,0 +1,179 @@
+"""The `loratrace` command: it parses and prints; the library does the work.
+
+    loratrace train [--config F] [key=value ...] [--track-batches] [--resume-from-checkpoint CKPT] [--dataset D ...]
+    loratrace query "SELECT ..." [-p VALUE ...] [--format table|csv|json|parquet] [--output FILE] [--runs-dir DIR]
+    loratrace trace --example-id ID | --line N [--run RUN_ID]
+    loratrace runs
+
+Errors a user can cause end in one line on stderr: exit 2 for a bad config, data set or model (before any work
+starts), exit 1 for a query or lookup that cannot be answered. `query`, `trace` and `runs` never import torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+FORMATS = ("table", "csv", "json", "parquet")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loratrace", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser("train", help="fine-tune with LoRA and write a run folder",
+                           description="Fine-tune with LoRA; writes runs/<dataset>_<method>_<time>/.")
+    train.add_argument("--config", help="YAML config (default: the embedded default: tiny model, bundled sample)")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. training.max_steps=20")
+    train.add_argument("--track-batches", action="store_true", help="record every batch in tracking/ (Parquet)")
+    train.add_argument("--resume-from-checkpoint", metavar="CKPT", help="continue a run from one of its .ckpt files")
+    train.add_argument("--dataset", action="append", metavar="NAME", help="train one run per data set, in turn")
+    train.add_argument("--runs-dir", help="folder for run folders (config key runs_dir)")
+
+    def add_runs_dir(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--runs-dir", default="runs", help="runs folder, one run folder, or a glob (default: runs)")
+
+    query = sub.add_parser("query", help="run SQL over the tracking views (read-only)",
+                           description="SQL over the views runs, batches, batches_all, samples, examples, "
+                                       "checkpoints, step_checkpoint, example_checkpoint, metrics, attempts.")
+    query.add_argument("sql", help="the query, or - to read it from stdin")
+    query.add_argument("-p", "--param", action="append", default=[], metavar="VALUE",
+                       help="value for the next ? placeholder (repeatable)")
+    query.add_argument("--format", choices=FORMATS, default="table", help="output format (default: table)")
+    query.add_argument("--output", "-o", help="write to this file instead of stdout (needed for parquet)")
+    add_runs_dir(query)
+
+    trace = sub.add_parser("trace", help="every step and checkpoint that trained one example",
+                           description="Every step an example trained at, and the first checkpoint that includes it.")
+    key = trace.add_mutually_exclusive_group(required=True)
+    key.add_argument("--example-id", help="the example's id")
+    key.add_argument("--line", type=int, help="the example's 0-based row in its data file")
+    trace.add_argument("--run", help="only this run id")
+    trace.add_argument("--format", choices=FORMATS[:3], default="table", help="output format (default: table)")
+    add_runs_dir(trace)
+
+    runs = sub.add_parser("runs", help="one line per run: id, dataset, steps, checkpoints, status",
+                          description="List the runs under --runs-dir.")
+    runs.add_argument("--format", choices=FORMATS[:3], default="table", help="output format (default: table)")
+    add_runs_dir(runs)
+    return parser
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"loratrace: error: {message}", file=sys.stderr)
+    return code
+
+
+def _emit(frame, fmt: str, output: str | None) -> None:
+    if fmt == "parquet":
+        frame.to_parquet(output, index=False)
+        return
+    if fmt == "csv":
+        text = frame.to_csv(index=False)
+    elif fmt == "json":
+        text = frame.to_json(orient="records", lines=True, date_format="iso")
+    else:
+        import pandas as pd
+
+        with pd.option_context("display.max_rows", 200, "display.max_columns", 50, "display.width", 200,
+                               "display.max_colwidth", 60):
+            text = frame.to_string(index=False) + "\n"
+    if output:
+        Path(output).write_text(text)
+    else:
+        sys.stdout.write(text)
+
+
+def _open(runs_dir: str):
+    from loratrace.store import open_runs
+
+    return open_runs(runs_dir, read_only=True)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from loratrace.config import ConfigError, load_config
+    from loratrace.data import DataError
+    from loratrace.model import ModelError
+    from loratrace.module import CheckpointError
+
+    overrides = list(args.overrides)
+    if args.track_batches:
+        overrides.append("tracking.enabled=true")
+    if args.runs_dir:
+        overrides.append(f"runs_dir={args.runs_dir}")
+    try:
+        if args.resume_from_checkpoint and args.dataset:
+            raise ConfigError("--dataset cannot be combined with --resume-from-checkpoint")
+        if args.resume_from_checkpoint and not args.config:
+            from loratrace.train import resume_run_dir
+
+            args.config = str(resume_run_dir(Path(args.resume_from_checkpoint)) / "config.yaml")
+        names = args.dataset or [None]
+        configs = [load_config(args.config, overrides + ([f"data.dataset={n}"] if n else [])) for n in names]
+        from loratrace.train import train
+
+        for cfg in configs:
+            train(cfg, resume_from=args.resume_from_checkpoint)
+    except (ConfigError, DataError, ModelError, CheckpointError) as exc:
+        return _fail(str(exc).splitlines()[0], 2)
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    sql = sys.stdin.read() if args.sql == "-" else args.sql
+    if args.format == "parquet" and not args.output:
+        return _fail("--format parquet needs --output FILE", 2)
+    with _open(args.runs_dir) as db:
+        frame = db.sql(sql, params=args.param or None).df()
+    _emit(frame, args.format, args.output)
+    return 0
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    with _open(args.runs_dir) as db:
+        frame = db.trace(example_id=args.example_id, line=args.line, run_id=args.run)
+    if args.format == "table":
+        for run_id, rows in frame.groupby("run_id", sort=False):
+            first = rows[rows["first"]].iloc[0]
+            where = (f"checkpoint-step {int(first.checkpoint_step)} ({first.checkpoint_path})"
+                     if first.checkpoint_step == first.checkpoint_step else "no checkpoint yet")
+            print(f"{run_id}: {rows.example_id.iloc[0]} (line {rows.line.iloc[0]}) trained at {len(rows)} step(s); "
+                  f"first included in {where}")
+        columns = ["run_id", "step", "epoch", "loss", "p_gold", "correct", "checkpoint_step", "first"]
+        _emit(frame[columns], "table", None)
+    else:
+        _emit(frame, args.format, None)
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    with _open(args.runs_dir) as db:
+        frame = db.sql("SELECT run_id, dataset, steps, checkpoints, last_checkpoint_step, status FROM runs "
+                       "ORDER BY run_id").df()
+    if frame.empty:
+        print(f"no runs under {args.runs_dir}", file=sys.stderr)
+        return 0
+    _emit(frame, args.format, None)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "query": cmd_query, "trace": cmd_trace, "runs": cmd_runs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command != "train":
+        from loratrace.store import StoreError
+
+        try:
+            return COMMANDS[args.command](args)
+        except StoreError as exc:
+            return _fail(str(exc), 1)
+        except BrokenPipeError:
+            return 0
+    return COMMANDS[args.command](args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,377 @@
+"""One typed config for a run: YAML in, dotted `key.sub=value` overrides, legacy keys translated, validated.
+
+    cfg = load_config("configs/tiny.yaml", ["training.max_steps=20"])
+    save_config(cfg, "runs/x/config.yaml")        # re-runs as is
+
+Every error a user can make here raises `ConfigError` with one line naming the key (and the closest known
+key); the CLI turns it into exit code 2 before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config the user wrote (file, override or value) that cannot run."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    """Base model: `tiny` (offline random-initialised preset), a Hugging Face hub id, or a local folder."""
+    tiny_arch: str = "llama"
+    """Architecture of the tiny preset: `llama` or `qwen2`."""
+    tiny_seed: int = 0
+    """Seed of the tiny preset's weights and tokenizer: the same seed gives the same base model."""
+    tiny_hidden_size: int = 64
+    """Hidden size of the tiny preset."""
+    tiny_layers: int = 2
+    """Decoder layers of the tiny preset."""
+    dtype: str = "float32"
+    """Weights dtype of the loaded base model: float32, bfloat16 or float16."""
+    trust_remote_code: bool = False
+    """Passed to `from_pretrained` for hub models that ship their own code."""
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    """LoRA rank."""
+    alpha: int = 16
+    """LoRA scaling numerator (`lora_alpha`)."""
+    dropout: float = 0.05
+    """Dropout on the LoRA branch."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Module names that get adapters."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "arc-challenge"
+    """Registry name: arc-challenge, arc-easy, boolq, piqa, hellaswag, winogrande, openbookqa, siqa."""
+    source: str = "sample"
+    """`sample` (bundled synthetic ARC-format set), `hub` (Hugging Face hub), or a local path
+    (JSONL/Parquet file, folder of `<split>.jsonl|parquet`, or a `save_to_disk` folder)."""
+    train_split: str = "train"
+    """Split trained on."""
+    eval_split: str = "validation"
+    """Held-out split (evaluation)."""
+    max_length: int = 256
+    """Longest prompt+answer in tokens; longer prompts are cut from the left, the answer is kept."""
+    limit: int | None = None
+    """Use only the first N training rows (lines keep their source numbering)."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+
+
+@dataclass
+class TrainingConfig:
+    batch_size: int = 32
+    """Examples per micro-batch per device."""
+    max_steps: int = 125
+    """Optimizer updates in total (both stages)."""
+    stage1_steps: int = 75
+    """Updates in stage 1; stage 2 runs the remaining `max_steps - stage1_steps`."""
+    learning_rate_stage1: float = 1e-4
+    """Peak learning rate of stage 1."""
+    learning_rate_stage2: float = 1e-4
+    """Peak learning rate of stage 2."""
+    accumulate_grad_batches: int = 1
+    """Micro-batches per optimizer update."""
+    warmup_steps: int = 0
+    """Linear warm-up updates at the start of each stage."""
+    schedule: str = "constant"
+    """Schedule inside each stage after warm-up: `constant` or `cosine` (to 0 at the stage's end)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global L2 norm (0 disables)."""
+    precision: str = "32-true"
+    """Lightning precision: 32-true, bf16-mixed, bf16-true, 16-mixed."""
+    seed: int = 42
+    """Seed of data order, LoRA init and dropout."""
+    accelerator: str = "auto"
+    """Lightning accelerator: auto, cpu, gpu."""
+    devices: int = 1
+    """Devices (processes) to train on."""
+    strategy: str = "auto"
+    """Lightning strategy: auto, ddp, ddp_spawn, ..."""
+    log_every_n_steps: int = 1
+    """How often scalars go to TensorBoard/SwanLab."""
+
+
+@dataclass
+class CheckpointConfig:
+    stage1_every_n_steps: int = 0
+    """Also save a checkpoint every N updates in stage 1 (0: none)."""
+    stage2_every_n_steps: int = 1
+    """Save a checkpoint every N updates in stage 2 (the seed: every step)."""
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = False
+    """Record every micro-batch in Parquet under tracking/ (`--track-batches`)."""
+    flush_every_steps: int = 50
+    """Flush buffered rows at least every N updates (also at every checkpoint, the end, and on errors)."""
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    """Write TensorBoard events under tensorboard_logs/."""
+    swanlab: bool = True
+    """Write SwanLab files under swanlab_logs/."""
+    swanlab_mode: str = "offline"
+    """SwanLab mode: offline, local (needs swanlab[dashboard]) or cloud (needs a login)."""
+    project: str = "loratrace"
+    """SwanLab project name."""
+
+
+@dataclass
+class ExportConfig:
+    merged_model: bool = True
+    """Write final_model/: base + LoRA merged, Hugging Face format, with the tokenizer."""
+    adapter: bool = True
+    """Write final_adapter/: the PEFT adapter."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    runs_dir: str = "runs"
+    """Folder that holds the run folders."""
+    method: str = "lora"
+    """Method name in the run folder's name."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# The seed's "traditional" nested keys -> ours. `stage2.steps` is handled apart (it sets max_steps).
+LEGACY_KEYS = {
+    "training.per_device_train_batch_size": "training.batch_size",
+    "training.gradient_accumulation_steps": "training.accumulate_grad_batches",
+    "training.stage1.steps": "training.stage1_steps",
+    "training.stage1.learning_rate": "training.learning_rate_stage1",
+    "training.stage2.learning_rate": "training.learning_rate_stage2",
+    "training.learning_rate": "training.learning_rate_stage1",
+    "training.warmup_steps": "training.warmup_steps",
+    "training.lr_scheduler_type": "training.schedule",
+    "training.logging_steps": "training.log_every_n_steps",
+    "lora.lora_alpha": "lora.alpha",
+    "lora.lora_dropout": "lora.dropout",
+    "lora.lora_r": "lora.r",
+    "data.dataset_name": "data.dataset",
+    "data.max_seq_length": "data.max_length",
+    "model.model_name_or_path": "model.name",
+    "model.name_or_path": "model.name",
+}
+
+CHOICES = {
+    "model.tiny_arch": ("llama", "qwen2"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "training.schedule": ("constant", "cosine"),
+    "training.precision": ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true"),
+    "logging.swanlab_mode": ("offline", "local", "cloud", "disabled"),
+}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def known_keys(cls: type = Config, prefix: str = "") -> dict[str, Any]:
+    """Every dotted key of the schema, mapped to its annotated type."""
+    keys = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            keys.update(known_keys(hint, f"{prefix}{f.name}."))
+        else:
+            keys[f"{prefix}{f.name}"] = hint
+    return keys
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(key, value, args[0])
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(key, v, item) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _unknown(key: str, keys: dict) -> ConfigError:
+    close = difflib.get_close_matches(key, list(keys), n=1, cutoff=0.5)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return ConfigError(f"unknown config key {key}{hint}")
+
+
+def migrate_legacy(flat: dict[str, Any], notice=None) -> dict[str, Any]:
+    """Translate the traditional script's nested keys, one notice line per translated key."""
+    out = {}
+    stage2_steps = flat.get("training.stage2.steps")
+    for key, value in flat.items():
+        if key == "training.stage2.steps":
+            continue
+        if key in LEGACY_KEYS and LEGACY_KEYS[key] != key:
+            if notice:
+                notice(f"note: legacy key {key} read as {LEGACY_KEYS[key]}")
+            key = LEGACY_KEYS[key]
+        elif key == "model" and isinstance(value, str):
+            key = "model.name"
+        out[key] = value
+    if stage2_steps is not None:
+        stage1 = out.get("training.stage1_steps", TrainingConfig.stage1_steps)
+        out.setdefault("training.max_steps", int(stage1) + int(stage2_steps))
+        if notice:
+            notice("note: legacy key training.stage2.steps read as training.max_steps = stage1 + stage2 steps")
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not key=value (e.g. training.max_steps=20)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def config_from_flat(flat: dict[str, Any]) -> Config:
+    keys = known_keys()
+    cfg = Config()
+    for key, value in flat.items():
+        if key not in keys:
+            raise _unknown(key, keys)
+        *parents, leaf = key.split(".")
+        target = cfg
+        for part in parents:
+            target = getattr(target, part)
+        setattr(target, leaf, _coerce(key, value, keys[key]))
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (), notice=None) -> Config:
+    """Default config <- YAML file <- `key=value` overrides, validated."""
+    notice = notice or (lambda line: print(line, file=sys.stderr))
+    flat: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{where}: not valid YAML") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+        flat = migrate_legacy(_flatten(tree), notice)
+    for text in overrides:
+        key, value = parse_override(text)
+        flat.update(migrate_legacy({key: value}, notice))
+    return config_from_flat(flat)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    from loratrace.data import REGISTRY  # light: no torch
+
+    t = cfg.training
+    for key, allowed in CHOICES.items():
+        section, leaf = key.split(".")
+        value = getattr(getattr(cfg, section), leaf)
+        _require(value in allowed, f"{key}: {value!r} is not one of {', '.join(allowed)}")
+    _require(cfg.data.dataset in REGISTRY,
+             f"data.dataset: unknown data set {cfg.data.dataset!r}; known: {', '.join(REGISTRY)}")
+    for key in ("batch_size", "max_steps", "accumulate_grad_batches", "devices", "log_every_n_steps"):
+        _require(getattr(t, key) >= 1, f"training.{key} must be at least 1, got {getattr(t, key)}")
+    _require(0 <= t.stage1_steps <= t.max_steps,
+             f"training.stage1_steps must be between 0 and training.max_steps ({t.max_steps}), got {t.stage1_steps}")
+    for key in ("learning_rate_stage1", "learning_rate_stage2"):
+        _require(getattr(t, key) > 0, f"training.{key} must be positive, got {getattr(t, key)}")
+    _require(t.warmup_steps >= 0, f"training.warmup_steps must be >= 0, got {t.warmup_steps}")
+    _require(t.weight_decay >= 0, f"training.weight_decay must be >= 0, got {t.weight_decay}")
+    _require(t.max_grad_norm >= 0, f"training.max_grad_norm must be >= 0, got {t.max_grad_norm}")
+    _require(cfg.lora.r >= 1, f"lora.r must be at least 1, got {cfg.lora.r}")
+    _require(0 <= cfg.lora.dropout < 1, f"lora.dropout must be in [0, 1), got {cfg.lora.dropout}")
+    _require(bool(cfg.lora.target_modules), "lora.target_modules must name at least one module")
+    _require(cfg.data.max_length >= 8, f"data.max_length must be at least 8, got {cfg.data.max_length}")
+    _require(cfg.data.limit is None or cfg.data.limit >= 1, f"data.limit must be at least 1, got {cfg.data.limit}")
+    _require(cfg.data.num_workers >= 0, f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
+    _require(cfg.checkpoint.stage1_every_n_steps >= 0, "checkpoint.stage1_every_n_steps must be >= 0")
+    _require(cfg.checkpoint.stage2_every_n_steps >= 1, "checkpoint.stage2_every_n_steps must be at least 1")
+    _require(cfg.tracking.flush_every_steps >= 1, "tracking.flush_every_steps must be at least 1")
+    _require(cfg.model.tiny_hidden_size % 4 == 0, "model.tiny_hidden_size must be a multiple of 4")
+    _require(cfg.model.tiny_layers >= 1, "model.tiny_layers must be at least 1")
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    header = "# Re-run this experiment: loratrace train --config <this file>\n"
+    Path(path).write_text(header + yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,412 @@
+"""Data sets, prompts, tokenization and the stateful epoch loader.
+
+Every example keeps `example_id` (the data set's own id, else `<dataset>/<split>/<row>`) and `line` (0-based row in
+its source split) from loading to the batch, so the tracker can say exactly which rows trained a step.
+
+    rows = load_split(cfg.data, "train")                     # list[Example], formatted to lettered choices
+    loader = EpochLoader(encoded, batch_size=32, seed=42)    # Lightning saves/restores its position
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+LETTERS = "ABCDEFGHIJ"
+SAMPLE_DIR = Path(__file__).parent / "sample" / "arc_sample"
+
+
+class DataError(ValueError):
+    """A data source or row the user pointed at that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Example:
+    example_id: str
+    line: int
+    prompt: str
+    choices: list[str]
+    gold: int  # index into choices
+
+    @property
+    def gold_label(self) -> str:
+        return LETTERS[self.gold]
+
+    @property
+    def prompt_sha256(self) -> str:
+        return hashlib.sha256(self.prompt.encode()).hexdigest()
+
+
+# ---------------------------------------------------------------- formatters: raw row -> (id, question, choices, gold)
+
+def _need(row: dict, *keys: str) -> list[Any]:
+    missing = [k for k in keys if k not in row or row[k] is None]
+    if missing:
+        raise ValueError(f"missing field {missing[0]!r}")
+    return [row[k] for k in keys]
+
+
+def _arc(row: dict) -> tuple[str | None, str, list[str], int]:
+    question, choices, answer = _need(row, "question", "choices", "answerKey")
+    if isinstance(question, dict):  # the original ARC JSONL nests stem + choices under "question"
+        choices, question = question.get("choices", choices), question.get("stem", "")
+    if isinstance(choices, list):
+        texts, labels = [c["text"] for c in choices], [c["label"] for c in choices]
+    else:
+        texts, labels = list(choices.get("text", [])), list(choices.get("label", []))
+    if not texts:
+        raise ValueError("empty choices")
+    if str(answer) not in [str(label) for label in labels]:
+        raise ValueError(f"answer key {answer!r} is not among the labels {labels}")
+    return row.get("id"), question, texts, [str(label) for label in labels].index(str(answer))
+
+
+def _openbookqa(row: dict) -> tuple[str | None, str, list[str], int]:
+    return _arc({**row, "question": row.get("question_stem", row.get("question"))})
+
+
+def _boolq(row: dict) -> tuple[str | None, str, list[str], int]:
+    question, passage, answer = _need(row, "question", "passage", "answer")
+    return None, f"{passage}\n{question}?", ["no", "yes"], int(bool(answer))
+
+
+def _piqa(row: dict) -> tuple[str | None, str, list[str], int]:
+    goal, sol1, sol2, label = _need(row, "goal", "sol1", "sol2", "label")
+    if int(label) not in (0, 1):
+        raise ValueError(f"label {label!r} is not 0 or 1")
+    return None, goal, [sol1, sol2], int(label)
+
+
+def _hellaswag(row: dict) -> tuple[str | None, str, list[str], int]:
+    ctx, endings, label = _need(row, "ctx", "endings", "label")
+    if not endings:
+        raise ValueError("empty choices")
+    if str(label) not in [str(i) for i in range(len(endings))]:
+        raise ValueError(f"label {label!r} is not an index of the endings")
+    ident = row.get("ind")
+    return (None if ident is None else str(ident)), f"{ctx} ...", list(endings), int(label)
+
+
+def _winogrande(row: dict) -> tuple[str | None, str, list[str], int]:
+    sentence, option1, option2, answer = _need(row, "sentence", "option1", "option2", "answer")
+    if str(answer) not in ("1", "2"):
+        raise ValueError(f"answer {answer!r} is not 1 or 2")
+    return None, f"Fill in the blank: {sentence}", [option1, option2], int(answer) - 1
+
+
+def _siqa(row: dict) -> tuple[str | None, str, list[str], int]:
+    context, question, a, b, c, label = _need(row, "context", "question", "answerA", "answerB", "answerC", "label")
+    if str(label).strip() not in ("1", "2", "3"):
+        raise ValueError(f"label {label!r} is not 1, 2 or 3")
+    return None, f"{context}\n{question}", [a, b, c], int(str(label).strip()) - 1
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    hub_path: str
+    hub_config: str | None
+    formatter: Callable[[dict], tuple[str | None, str, list[str], int]]
+    splits: tuple[str, ...] = ("train", "validation", "test")
+
+
+REGISTRY: dict[str, DatasetSpec] = {
+    spec.name: spec
+    for spec in [
+        DatasetSpec("arc-challenge", "allenai/ai2_arc", "ARC-Challenge", _arc),
+        DatasetSpec("arc-easy", "allenai/ai2_arc", "ARC-Easy", _arc),
+        DatasetSpec("boolq", "google/boolq", None, _boolq, ("train", "validation")),
+        DatasetSpec("piqa", "ybisk/piqa", None, _piqa),
+        DatasetSpec("hellaswag", "Rowan/hellaswag", None, _hellaswag),
+        DatasetSpec("winogrande", "allenai/winogrande", "winogrande_xl", _winogrande),
+        DatasetSpec("openbookqa", "allenai/openbookqa", "main", _openbookqa),
+        DatasetSpec("siqa", "allenai/social_i_qa", None, _siqa, ("train", "validation")),
+    ]
+}
+
+
+def format_prompt(question: str, choices: list[str]) -> str:
+    """Question, lettered choices, then `Answer:`; the target is ` <letter>` (one token in common tokenizers)."""
+    lines = [f"Question: {question.strip()}"]
+    lines += [f"{LETTERS[i]}. {str(text).strip()}" for i, text in enumerate(choices)]
+    return "\n".join(lines) + "\nAnswer:"
+
+
+# ---------------------------------------------------------------- loading
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with open(path) as f:
+        for number, text in enumerate(f, start=1):
+            if not text.strip():
+                raise DataError(f"{path} line {number}: empty line")
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path} line {number}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path} line {number}: expected a JSON object")
+            rows.append(row)
+    return rows
+
+
+def _read_file(path: Path) -> list[dict]:
+    if path.suffix in (".jsonl", ".json"):
+        return _read_jsonl(path)
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    raise DataError(f"{path}: unsupported file type (use .jsonl or .parquet)")
+
+
+def raw_rows(dataset: str, source: str, split: str) -> tuple[list[dict], str]:
+    """Rows of one split in source order, and where they came from (for error messages)."""
+    spec = REGISTRY[dataset]
+    if source == "sample":
+        if dataset not in ("arc-challenge", "arc-easy"):
+            raise DataError(f"the bundled sample is in ARC's format; data.source=sample cannot serve {dataset}")
+        path = SAMPLE_DIR / f"{split}.jsonl"
+        if not path.is_file():
+            raise DataError(f"the bundled sample has no split {split!r} (it has train, validation, test)")
+        return _read_jsonl(path), str(path)
+    if source == "hub":
+        import datasets
+
+        try:
+            ds = datasets.load_dataset(spec.hub_path, spec.hub_config, split=split)
+        except ValueError as exc:
+            raise DataError(f"{spec.hub_path}: no split {split!r} ({exc})") from None
+        except Exception as exc:  # network, auth, missing repo: one line, not a traceback
+            raise DataError(f"could not load {spec.hub_path} from the hub: {type(exc).__name__}: {exc}") from None
+        return ds.to_list(), f"{spec.hub_path}:{split}"
+    path = Path(source)
+    if path.is_file():
+        if split != "train":
+            candidate = path.with_name(path.name.replace("train", split))
+            if candidate == path or not candidate.is_file():
+                raise DataError(f"{path}: a single file holds only the train split, not {split!r}")
+            path = candidate
+        return _read_file(path), str(path)
+    if path.is_dir():
+        for suffix in (".jsonl", ".parquet", ".json"):
+            if (path / f"{split}{suffix}").is_file():
+                return _read_file(path / f"{split}{suffix}"), str(path / f"{split}{suffix}")
+        if (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file():
+            import datasets
+
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise DataError(f"{path}: no split {split!r} (it has {', '.join(ds)})")
+                ds = ds[split]
+            return ds.to_list(), f"{path}:{split}"
+        raise DataError(f"{path}: no {split}.jsonl, {split}.parquet or save_to_disk data set in this folder")
+    raise DataError(f"data.source {source!r} is not sample, hub, or an existing file or folder")
+
+
+def load_split(dataset: str, source: str, split: str, limit: int | None = None) -> list[Example]:
+    """Formatted examples of one split; a malformed row is one DataError naming file and line."""
+    spec = REGISTRY[dataset]
+    rows, origin = raw_rows(dataset, source, split)
+    if limit is not None:
+        rows = rows[:limit]
+    examples, seen = [], set()
+    for line, row in enumerate(rows):
+        try:
+            ident, question, choices, gold = spec.formatter(row)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise DataError(f"{origin} line {line + 1}: malformed {dataset} row: {exc}") from None
+        if len(choices) > len(LETTERS):
+            raise DataError(f"{origin} line {line + 1}: {len(choices)} choices, at most {len(LETTERS)} supported")
+        example_id = str(ident) if ident not in (None, "") else f"{dataset}/{split}/{line}"
+        if example_id in seen:  # ids must be unique for tracking; fall back to the positional id
+            example_id = f"{dataset}/{split}/{line}"
+        seen.add(example_id)
+        examples.append(Example(example_id, line, format_prompt(question, choices), list(choices), gold))
+    if not examples:
+        raise DataError(f"{origin}: split {split!r} has no rows")
+    return examples
+
+
+# ---------------------------------------------------------------- tokenization
+
+@dataclass(frozen=True)
+class Encoded:
+    example_id: str
+    line: int
+    input_ids: list[int]
+    n_target_tokens: int  # the answer tokens at the end of input_ids
+    choice_token_ids: list[int]  # first token of each choice label, in choice order
+    gold: int
+
+
+def label_token_ids(tokenizer, n_choices: int) -> list[int]:
+    ids = []
+    for letter in LETTERS[:n_choices]:
+        tokens = tokenizer.encode(" " + letter, add_special_tokens=False)
+        ids.append(tokens[0])
+    if len(set(ids)) != len(ids):
+        raise DataError("the tokenizer maps two answer labels to the same first token; p_gold would be meaningless")
+    return ids
+
+
+def encode(examples: list[Example], tokenizer, max_length: int) -> list[Encoded]:
+    """Prompt + ` <gold letter>` (+ EOS when the tokenizer has one); prompts too long are cut from the left."""
+    label_ids = label_token_ids(tokenizer, max(len(e.choices) for e in examples))
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    bos = [tokenizer.bos_token_id] if getattr(tokenizer, "bos_token_id", None) is not None else []
+    prompts = tokenizer([e.prompt for e in examples], add_special_tokens=False)["input_ids"]
+    out = []
+    for example, prompt in zip(examples, prompts):
+        target = tokenizer.encode(" " + example.gold_label, add_special_tokens=False) + eos
+        room = max_length - len(target) - len(bos)
+        prompt = bos + prompt[max(0, len(prompt) - room):]
+        out.append(Encoded(example.example_id, example.line, prompt + target, len(target),
+                           label_ids[: len(example.choices)], example.gold))
+    return out
+
+
+def collate(batch: list[Encoded], pad_id: int) -> dict[str, Any]:
+    """Right-padded tensors plus the ids and lines that the tracker needs."""
+    import torch
+
+    width = max(len(e.input_ids) for e in batch)
+    n = len(batch)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attention = torch.zeros((n, width), dtype=torch.long)
+    labels = torch.full((n, width), -100, dtype=torch.long)
+    answer_pos = torch.zeros(n, dtype=torch.long)
+    max_choices = max(len(e.choice_token_ids) for e in batch)
+    choice_ids = torch.full((n, max_choices), -1, dtype=torch.long)
+    for i, e in enumerate(batch):
+        length = len(e.input_ids)
+        input_ids[i, :length] = torch.tensor(e.input_ids)
+        attention[i, :length] = 1
+        labels[i, length - e.n_target_tokens: length] = input_ids[i, length - e.n_target_tokens: length]
+        answer_pos[i] = length - e.n_target_tokens - 1  # logits here predict the answer label
+        choice_ids[i, : len(e.choice_token_ids)] = torch.tensor(e.choice_token_ids)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention,
+        "labels": labels,
+        "answer_pos": answer_pos,
+        "choice_ids": choice_ids,
+        "gold": torch.tensor([e.gold for e in batch], dtype=torch.long),
+        "example_id": [e.example_id for e in batch],
+        "line": torch.tensor([e.line for e in batch], dtype=torch.long),
+    }
+
+
+# ---------------------------------------------------------------- the stateful loader
+
+class EpochLoader:
+    """Seeded, resumable batches: epoch `e` is a permutation drawn from (seed, e), cut into global batches of
+    `batch_size * world_size`; rank `r` takes its share of each. `state_dict()` is (epoch, batches yielded), and
+    Lightning saves/restores it in its checkpoint, so a resumed run continues mid-epoch with exactly the batches an
+    uninterrupted run would have used; no batch is replayed or skipped.
+
+    The epoch rolls over in `__iter__`, not after the generator's last `yield`: Lightning stops pulling a sized loader
+    after `len(loader)` batches, so code there would never run.
+    """
+
+    def __init__(self, examples: list[Encoded], batch_size: int, seed: int, pad_id: int,
+                 rank: int = 0, world_size: int = 1, num_workers: int = 0):
+        self.examples = examples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.pad_id = pad_id
+        self.rank = rank
+        self.world_size = world_size
+        self.num_workers = num_workers
+        self.epoch = 0
+        self.offset = 0  # batches of `epoch` already handed out
+        self._started = False
+
+    def __len__(self) -> int:
+        return len(self._epoch_batches(self.epoch))
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        import torch
+
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        order = torch.randperm(len(self.examples), generator=generator).tolist()
+        step = self.batch_size * self.world_size
+        batches = []
+        for start in range(0, len(order), step):
+            chunk = order[start: start + step]
+            if len(chunk) < self.world_size:  # too few left to give every rank one example
+                break
+            share = -(-len(chunk) // self.world_size)
+            mine = chunk[self.rank * share: (self.rank + 1) * share]
+            if not mine:  # uneven tail: ranks past the end repeat the chunk's start (documented padding)
+                mine = chunk[: share]
+            batches.append(mine)
+        return batches
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "offset": self.offset, "seed": self.seed, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state.get("seed", self.seed) != self.seed or state.get("world_size", self.world_size) != self.world_size:
+            raise DataError("the checkpoint's data order was made with another seed or world size; "
+                            "resume with the config it was trained with")
+        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+        self._started = True
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self._started and self.offset >= len(self._epoch_batches(self.epoch)):
+            self.epoch, self.offset = self.epoch + 1, 0
+        self._started = True
+        batches = self._epoch_batches(self.epoch)[self.offset:]
+        return self._generate(batches, self.epoch, self.offset)
+
+    def _generate(self, batches: list[list[int]], epoch: int, offset: int) -> Iterator[dict[str, Any]]:
+        import torch
+        from torch.utils.data import DataLoader
+
+        # A private generator: building the DataLoader iterator must not draw from the global RNG, or a resumed
+        # run's dropout would differ from an uninterrupted one.
+        loader = DataLoader(
+            self.examples, batch_sampler=batches, num_workers=self.num_workers,
+            collate_fn=_Collate(self.pad_id), generator=torch.Generator().manual_seed(self.seed),
+        )
+        for position, batch in enumerate(loader, start=offset):
+            self.offset = position + 1
+            batch["epoch"] = epoch
+            batch["batch_in_epoch"] = position
+            yield batch
+
+
+class _Collate:
+    """Picklable collate for worker processes."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, batch: list[Encoded]) -> dict[str, Any]:
+        return collate(batch, self.pad_id)
+
+
+
+class CommonsenseData(L.LightningDataModule):
+    """Encodes the training split once and hands each rank its `EpochLoader` (the rank is known only inside fit)."""
+
+    def __init__(self, examples: list[Example], tokenizer, max_length: int, batch_size: int, seed: int,
+                 num_workers: int = 0):
+        super().__init__()
+        self.examples = examples
+        self.encoded = encode(examples, tokenizer, max_length)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
+
+    def train_dataloader(self) -> EpochLoader:
+        return EpochLoader(self.encoded, self.batch_size, self.seed, self.pad_id,
+                           rank=self.trainer.global_rank, world_size=self.trainer.world_size,
+                           num_workers=self.num_workers)

@@ -1,0 +1,27 @@
+"""final_adapter/ (PEFT) and final_model/ (base + LoRA merged, Hugging Face format, with the tokenizer).
+
+    PeftModel.from_pretrained(base, "runs/x/final_adapter")       # base: the hub model, or runs/x/base_model
+    AutoModelForCausalLM.from_pretrained("runs/x/final_model")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def save_base_model(model, tokenizer, directory: Path) -> None:
+    """The tiny preset has no hub home: its base is saved in the run so the adapter can be applied to it."""
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+
+
+def export_adapter(peft_model, tokenizer, directory: Path) -> None:
+    peft_model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+
+
+def export_merged(peft_model, tokenizer, directory: Path) -> None:
+    """Merge in place (the run is over; a copy would double memory for large models) and save."""
+    merged = peft_model.merge_and_unload()
+    merged.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)

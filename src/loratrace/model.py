@@ -1,0 +1,107 @@
+"""Base model + tokenizer (hub id, local folder, or the offline `tiny` preset) wrapped with PEFT LoRA.
+
+The `tiny` preset needs no network: a small random-initialised Llama/Qwen2 config and a byte-level BPE tokenizer
+trained in memory on the bundled sample's text. Both are seeded, so the same `model.tiny_seed` gives the same model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model
+
+from loratrace.config import LoraConfig, ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TINY_VOCAB = 1024
+
+
+class ModelError(ValueError):
+    """A base model the user named that cannot be loaded."""
+
+
+def _tiny_corpus() -> list[str]:
+    from loratrace.data import LETTERS, SAMPLE_DIR, load_split
+
+    texts = []
+    for split in ("train", "validation", "test"):
+        if (SAMPLE_DIR / f"{split}.jsonl").is_file():
+            texts += [e.prompt + " " + e.gold_label for e in load_split("arc-challenge", "sample", split)]
+    # Every answer label as its own word, so " A" .. " J" are single tokens whatever the corpus.
+    texts += [" ".join(f"Answer: {letter}" for letter in LETTERS)] * 200
+    return texts
+
+
+def build_tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB, special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tokenizer.train_from_iterator(_tiny_corpus(), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", padding_side="right",
+    )
+
+
+def build_tiny_model(cfg: ModelConfig, vocab_size: int):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    shape = dict(
+        vocab_size=vocab_size, hidden_size=cfg.tiny_hidden_size, intermediate_size=cfg.tiny_hidden_size * 2,
+        num_hidden_layers=cfg.tiny_layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+    )
+    config_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if cfg.tiny_arch == "llama" else (Qwen2Config,
+                                                                                              Qwen2ForCausalLM)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(cfg.tiny_seed)
+    try:
+        model = model_cls(config_cls(**shape))
+    finally:
+        torch.random.set_rng_state(state)  # building the base must not move the training RNG
+    return model.to(DTYPES[cfg.dtype])
+
+
+def load_base(cfg: ModelConfig):
+    """(model, tokenizer) for `cfg.name`: tiny preset, local folder or hub id."""
+    if cfg.name == "tiny":
+        tokenizer = build_tiny_tokenizer()
+        return build_tiny_model(cfg, len(tokenizer)), tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where = "local folder" if Path(cfg.name).exists() else "hub model"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.name, trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(cfg.name, dtype=DTYPES[cfg.dtype],
+                                                     trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"could not load {where} {cfg.name!r}: {first}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return model, tokenizer
+
+
+def add_lora(model, cfg: LoraConfig, seed: int):
+    """Freeze the base and add LoRA adapters; the adapters' init is seeded by the training seed."""
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [m for m in cfg.target_modules if m not in names]
+    if missing:
+        raise ModelError(f"lora.target_modules: the model has no module named {missing[0]!r}")
+    torch.manual_seed(seed)
+    peft_config = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                                 target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, peft_config)
+
+
+def trainable_parameter_count(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

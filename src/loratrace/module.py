@@ -1,0 +1,164 @@
+"""The LightningModule: one forward pass gives the training loss, each example's loss, p(gold) and correctness.
+
+Checkpoints hold only what changes: the trainable (LoRA) tensors, optimizer, scheduler, loop and RNG state. The
+frozen base model is named in the config and rebuilt on load, never copied into a `.ckpt`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from typing_extensions import override
+
+from loratrace.config import TrainingConfig
+
+
+def learning_rate_at(step: int, t: TrainingConfig) -> float:
+    """Learning rate applied by update `step` (1-based): stage 1 up to `stage1_steps`, then stage 2.
+
+    Inside each stage: linear warm-up over `warmup_steps`, then constant or cosine decay to 0 at the stage's end.
+    """
+    if step <= t.stage1_steps:
+        peak, position, length = t.learning_rate_stage1, step - 1, t.stage1_steps
+    else:
+        peak, position, length = t.learning_rate_stage2, step - 1 - t.stage1_steps, t.max_steps - t.stage1_steps
+    if position < t.warmup_steps:
+        return peak * (position + 1) / (t.warmup_steps + 1)
+    if t.schedule == "cosine":
+        span = max(1, length - t.warmup_steps)
+        return peak * 0.5 * (1 + math.cos(math.pi * (position - t.warmup_steps) / span))
+    return peak
+
+
+def stage_of(step: int, t: TrainingConfig) -> int:
+    return 1 if step <= t.stage1_steps else 2
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.random.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.random.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def answer_statistics(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-example answer-token loss, p(gold among the choice labels) and correctness, from one forward's logits."""
+    labels = batch["labels"][:, 1:]
+    shifted = logits[:, :-1].float()
+    token_loss = F.cross_entropy(shifted.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    mask = labels != -100
+    n_target = mask.sum(dim=1)
+    losses = (token_loss * mask).sum(dim=1) / n_target.clamp(min=1)
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    answer_logits = logits[rows, batch["answer_pos"]].float()  # (batch, vocab)
+    choice_ids = batch["choice_ids"]
+    choice_logits = answer_logits.gather(1, choice_ids.clamp(min=0)).masked_fill(choice_ids < 0, float("-inf"))
+    probs = choice_logits.softmax(dim=1)
+    p_gold = probs.gather(1, batch["gold"].unsqueeze(1)).squeeze(1)
+    correct = probs.argmax(dim=1) == batch["gold"]
+    loss = (token_loss * mask).sum() / mask.sum().clamp(min=1)  # token-weighted mean over the micro-batch
+    return {"loss": loss, "losses": losses, "p_gold": p_gold, "correct": correct, "n_target": n_target,
+            "choice_logprobs": choice_logits.log_softmax(dim=1)}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model being trained."""
+
+
+def gradient_norm(parameters) -> torch.Tensor:
+    """Global L2 norm of the gradients of `parameters` (those that have one)."""
+    grads = [p.grad.detach().float() for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+
+class LoRAModule(L.LightningModule):
+    def __init__(self, model: torch.nn.Module, training: TrainingConfig):
+        super().__init__()
+        self.model = model
+        self.training_config = training
+        self.strict_loading = False  # checkpoints hold the trainable tensors only
+        self._rng_to_restore: dict[str, Any] | None = None
+        self.grad_norm: torch.Tensor | None = None
+
+    @override
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    @override
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+        stats = answer_statistics(self(batch["input_ids"], batch["attention_mask"]), batch)
+        size = batch["input_ids"].shape[0]
+        self.log("train/loss", stats["loss"], on_step=True, prog_bar=True, batch_size=size)
+        self.log("train/accuracy", stats["correct"].float().mean(), on_step=True, batch_size=size)
+        # Small per-example vectors for the tracker, detached: they cost one transfer, not a second forward.
+        return {
+            "loss": stats["loss"],
+            "losses": stats["losses"].detach(),
+            "p_gold": stats["p_gold"].detach(),
+            "correct": stats["correct"].detach(),
+            "n_tokens": batch["attention_mask"].sum().detach(),
+            "n_target": stats["n_target"].detach(),
+        }
+
+    @override
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Before clipping: Lightning calls this hook first. Kept as a tensor; the tracker moves it to the CPU.
+        self.grad_norm = gradient_norm(self.model.parameters())
+        self.log("train/grad_norm", self.grad_norm, on_step=True)
+        self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True)
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # RNG is put back right before the first batch after a resume: anything that ran between loading the
+        # checkpoint and this point (loader set-up, sanity checks) cannot shift dropout masks.
+        if self._rng_to_restore is not None:
+            set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
+
+    @override
+    def configure_optimizers(self):
+        t = self.training_config
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=t.learning_rate_stage1, weight_decay=t.weight_decay)
+        # LambdaLR's factor at scheduler step k is for update k+1.
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda k: learning_rate_at(k + 1, t) / t.learning_rate_stage1)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def trainable_keys(self) -> set[str]:
+        return {name for name, p in self.named_parameters() if p.requires_grad}
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep = self.trainable_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["rng_states"] = rng_state()
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        missing = sorted(self.trainable_keys() - set(checkpoint.get("state_dict", {})))
+        if missing:
+            raise CheckpointError(f"checkpoint lacks LoRA weight {missing[0]} (lora.r or lora.target_modules differ "
+                             "from the run that wrote it)")
+        own = self.state_dict()
+        for key, tensor in checkpoint["state_dict"].items():
+            if key in own and own[key].shape != tensor.shape:
+                raise CheckpointError(f"checkpoint tensor {key} has shape {tuple(tensor.shape)}, the model expects "
+                                 f"{tuple(own[key].shape)} (lora.r or the base model differ)")
+        self._rng_to_restore = checkpoint.get("rng_states")

@@ -1,0 +1,95 @@
+"""Run folders: `runs/<dataset>_<method>_<YYYYMMDD_HHMMSS>/`, their `config.yaml` and `run.json`."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import socket
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from loratrace.config import Config, save_config
+
+PACKAGES = ("loratrace", "torch", "lightning", "transformers", "peft", "datasets", "swanlab", "pyarrow", "duckdb")
+SUBFOLDERS = ("checkpoints", "tensorboard_logs", "swanlab_logs", "tracking")
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def new_run_dir(cfg: Config, when: dt.datetime | None = None) -> Path:
+    """Create a fresh run folder; a name already taken gets a suffix (`_2`, `_3`, ...), never an overwrite."""
+    stamp = (when or dt.datetime.now()).strftime("%Y%m%d_%H%M%S")
+    base = Path(cfg.runs_dir) / f"{cfg.data.dataset}_{cfg.method}_{stamp}"
+    base.parent.mkdir(parents=True, exist_ok=True)
+    candidate, n = base, 1
+    while True:
+        try:
+            candidate.mkdir()
+            break
+        except FileExistsError:
+            n += 1
+            candidate = base.with_name(f"{base.name}_{n}")
+    for name in SUBFOLDERS:
+        (candidate / name).mkdir()
+    return candidate
+
+
+def versions() -> dict[str, str | None]:
+    found = {}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def read_run_json(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / "run.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_run_json(run_dir: Path, info: dict[str, Any]) -> None:
+    path = Path(run_dir) / "run.json"
+    tmp = path.with_suffix(".json.partial")
+    tmp.write_text(json.dumps(info, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def start_run(run_dir: Path, cfg: Config, resumed_from: str | None) -> dict[str, Any]:
+    """Write config.yaml and add this launch to run.json's attempts."""
+    save_config(cfg, run_dir / "config.yaml")
+    info = read_run_json(run_dir) or {
+        "run_id": run_dir.name, "dataset": cfg.data.dataset, "method": cfg.method,
+        "created_at": now().isoformat(timespec="seconds"), "attempts": [],
+    }
+    info.update(status="running", versions=versions(), git_sha=git_sha(), host=socket.gethostname(),
+                python=platform.python_version(), base_model=cfg.model.name)
+    info["attempts"].append({"started_at": now().isoformat(timespec="seconds"), "resumed_from": resumed_from,
+                             "status": "running"})
+    write_run_json(run_dir, info)
+    return info
+
+
+def finish_run(run_dir: Path, status: str, **extra: Any) -> None:
+    info = read_run_json(run_dir)
+    info["status"] = status
+    if info.get("attempts"):
+        info["attempts"][-1].update(status=status, ended_at=now().isoformat(timespec="seconds"))
+    info.update(extra)
+    write_run_json(run_dir, info)

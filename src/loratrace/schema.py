@@ -1,0 +1,121 @@
+"""Arrow schemas of the files under `tracking/` (DESIGN.md, "Tracking data"), and the atomic part writer.
+
+Each file carries `loratrace.schema_version` in its Parquet metadata; readers can refuse what they don't know.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA_VERSION = "1"
+
+BATCHES = pa.schema([
+    ("run_id", pa.string()),
+    ("attempt", pa.int32()),
+    ("step", pa.int64()),
+    ("micro_batch", pa.int32()),
+    ("rank", pa.int32()),
+    ("epoch", pa.int32()),
+    ("batch_idx", pa.int64()),
+    ("stage", pa.int8()),
+    ("example_ids", pa.list_(pa.string())),
+    ("lines", pa.list_(pa.int64())),
+    ("losses", pa.list_(pa.float32())),
+    ("p_gold", pa.list_(pa.float32())),
+    ("correct", pa.list_(pa.bool_())),
+    ("loss", pa.float32()),
+    ("grad_norm", pa.float32()),
+    ("lr", pa.float64()),
+    ("n_tokens", pa.int64()),
+    ("n_target_tokens", pa.int64()),
+    ("wall_time", pa.timestamp("us", tz="UTC")),
+])
+
+EXAMPLES = pa.schema([
+    ("run_id", pa.string()),
+    ("example_id", pa.string()),
+    ("line", pa.int64()),
+    ("split", pa.string()),
+    ("dataset", pa.string()),
+    ("gold", pa.string()),
+    ("n_choices", pa.int32()),
+    ("n_target_tokens", pa.int32()),
+    ("prompt_sha256", pa.string()),
+])
+
+CHECKPOINTS = pa.schema([
+    ("run_id", pa.string()),
+    ("attempt", pa.int32()),
+    ("step", pa.int64()),
+    ("path", pa.string()),
+    ("bytes", pa.int64()),
+    ("created_at", pa.timestamp("us", tz="UTC")),
+])
+
+ATTEMPTS = pa.schema([
+    ("run_id", pa.string()),
+    ("attempt", pa.int32()),
+    ("parent_attempt", pa.int32()),  # the attempt that wrote the checkpoint resumed from; null for a fresh start
+    ("started_at", pa.timestamp("us", tz="UTC")),
+    ("resumed_from", pa.string()),
+    ("resumed_step", pa.int64()),
+    ("world_size", pa.int32()),
+    ("host", pa.string()),
+])
+
+STEP_CHECKPOINT = pa.schema([
+    ("run_id", pa.string()),
+    ("step", pa.int64()),
+    ("checkpoint_step", pa.int64()),
+    ("checkpoint_path", pa.string()),
+])
+
+LINE_CHECKPOINT = pa.schema([
+    ("run_id", pa.string()),
+    ("example_id", pa.string()),
+    ("line", pa.int64()),
+    ("steps", pa.list_(pa.int64())),
+    ("checkpoint_steps", pa.list_(pa.int64())),  # first checkpoint including each step, same order (null: none yet)
+    ("first_step", pa.int64()),
+    ("first_checkpoint_step", pa.int64()),
+    ("first_checkpoint_path", pa.string()),
+])
+
+
+def write_atomic(table: pa.Table, path: Path) -> None:
+    """Write next to `path` under a name no reader globs (`.tmp-*`), then rename into place: a reader sees the
+    whole file or nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                           b"loratrace.schema_version": SCHEMA_VERSION.encode()})
+    tmp = path.parent / f".tmp-{uuid.uuid4().hex}-{path.name}.partial"
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def effective_ranges(attempts: list[dict]) -> dict[int, tuple[int, int | None]]:
+    """The lineage rule, in one place: attempt -> (lo, hi], the steps whose rows from that attempt are effective.
+
+    Walk back from the latest attempt through `parent_attempt` (the attempt that wrote the checkpoint it resumed
+    from). Each attempt owns the steps after its `resumed_step` up to where its child took over; rows of attempts off
+    this chain, or past their range, were trained on but discarded: orphaned.
+    """
+    by_attempt = {int(a["attempt"]): a for a in attempts}
+    ranges: dict[int, tuple[int, int | None]] = {}
+    current, upper = (max(by_attempt) if by_attempt else None), None
+    while current is not None and current in by_attempt and current not in ranges:
+        row = by_attempt[current]
+        lower = int(row.get("resumed_step") or 0)
+        ranges[current] = (lower, upper)
+        upper, parent = lower, row.get("parent_attempt")
+        current = None if parent is None else int(parent)
+    return ranges

@@ -1,0 +1,306 @@
+"""DuckDB views over the tracking Parquet of one or many runs (DESIGN.md, "Query layer").
+
+    db = open_runs("runs/")                  # a runs folder, one run folder, a list of them, or a glob
+    db.sql("SELECT step, loss FROM batches ORDER BY step").df()
+    db.trace("LTSYN_TRA_0001")               # DataFrame: every step the example trained at, and its checkpoints
+
+Connections are in-memory (a `.duckdb` file would lock other processes out). The Python API is fully open for
+notebooks; the CLI opens it with `read_only=True`: only SELECT-like statements, and files only under the runs.
+Views re-read the folders before each query, so a run still training shows its new parts; a part that cannot be
+read (cut short by a crash, say) is skipped with a warning.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+from loratrace import schema
+
+
+class StoreError(ValueError):
+    """A query or lookup the user made that cannot be answered."""
+
+
+READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN", "PRAGMA"}
+TABLES = {  # view name -> (folder or file under tracking/, schema)
+    "batches_raw": ("batches", schema.BATCHES),
+    "examples_raw": ("examples.parquet", schema.EXAMPLES),
+    "checkpoints_raw": ("checkpoints", schema.CHECKPOINTS),
+    "attempts_raw": ("attempts", schema.ATTEMPTS),
+}
+
+
+def find_runs(paths: str | Path | list) -> list[Path]:
+    """Run folders (those with config.yaml, run.json or tracking/) named by `paths`."""
+    items = paths if isinstance(paths, (list, tuple)) else [paths]
+    found: list[Path] = []
+    for item in items:
+        matches = [Path(m) for m in sorted(glob.glob(str(item)))] or [Path(item)]
+        for path in matches:
+            if _is_run(path):
+                found.append(path)
+            elif path.is_dir():
+                found += [p for p in sorted(path.iterdir()) if p.is_dir() and _is_run(p)]
+            else:
+                raise StoreError(f"{path} is not a run folder or a folder of runs")
+    return list(dict.fromkeys(p.resolve() for p in found))
+
+
+def _is_run(path: Path) -> bool:
+    return path.is_dir() and any((path / name).exists() for name in ("run.json", "config.yaml", "tracking"))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}_"))
+        else:
+            out[f"{prefix}{key}"] = ",".join(map(str, value)) if isinstance(value, list) else value
+    return out
+
+
+class Runs:
+    """An in-memory DuckDB connection with loratrace's views over the given runs."""
+
+    def __init__(self, run_dirs: list[Path], read_only: bool = False):
+        self.run_dirs = run_dirs
+        self.read_only = read_only
+        self.con = duckdb.connect(":memory:")
+        self._files: dict[str, list[str]] = {}
+        self._bad: set[str] = set()
+        self._checked: dict[str, tuple[int, float]] = {}
+        self._create_static_tables()
+        self.refresh(force=True)
+        if read_only:
+            allowed = [str(d) + "/" for d in run_dirs]
+            self.con.execute("SET allowed_directories = $1", [allowed])
+            self.con.execute("SET enable_external_access = false")
+            self.con.execute("SET lock_configuration = true")
+
+    # ------------------------------------------------------------------ files -> views
+
+    def _complete_parts(self, pattern_root: Path, name: str) -> list[str]:
+        target = pattern_root / name
+        paths = [target] if name.endswith(".parquet") else sorted(target.glob("*.parquet"))
+        good = []
+        for path in paths:
+            key = str(path)
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue
+            if self._checked.get(key) != (stat.st_size, stat.st_mtime):
+                self._checked[key] = (stat.st_size, stat.st_mtime)
+                try:
+                    pq.read_metadata(path)
+                    self._bad.discard(key)
+                except Exception:
+                    if key not in self._bad:
+                        warnings.warn(f"skipping unreadable tracking part {path}", stacklevel=3)
+                    self._bad.add(key)
+            if key not in self._bad:
+                good.append(key)
+        return good
+
+    def refresh(self, force: bool = False) -> None:
+        """Re-list the runs' parts; rebuild the views only if the set of files changed."""
+        files = {view: [f for d in self.run_dirs for f in self._complete_parts(d / "tracking", name)]
+                 for view, (name, _) in TABLES.items()}
+        if files == self._files and not force:
+            return
+        self._files = files
+        for view, (name, table_schema) in TABLES.items():
+            self._create_raw_view(view, files[view], table_schema)
+        self._create_lineage()
+        self._create_views()
+
+    def _create_raw_view(self, view: str, files: list[str], table_schema: pa.Schema) -> None:
+        if files:
+            columns = ", ".join(f'"{f.name}"' for f in table_schema)
+            listing = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
+            self.con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT {columns} "
+                             f"FROM read_parquet([{listing}], union_by_name = true)")
+        else:
+            self.con.register(f"{view}_empty", table_schema.empty_table())
+            self.con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM {view}_empty")
+
+    def _create_static_tables(self) -> None:
+        rows = []
+        for run_dir in self.run_dirs:
+            info = _read_json(run_dir / "run.json")
+            config = _read_yaml(run_dir / "config.yaml")
+            rows.append({
+                "run_id": info.get("run_id", run_dir.name), "dir": str(run_dir),
+                "dataset": info.get("dataset", config.get("data", {}).get("dataset")),
+                "method": info.get("method", config.get("method")),
+                "created_at": info.get("created_at"), "status": info.get("status", "unknown"),
+                **{k: (None if v is None else str(v)) for k, v in _flatten(config).items()},
+            })
+        table = pa.Table.from_pylist(rows) if rows else pa.table({"run_id": pa.array([], pa.string()),
+                                                                    "dir": pa.array([], pa.string())})
+        self.con.register("runs_info", table)
+
+    def _create_lineage(self) -> None:
+        attempts = self.con.sql("SELECT * FROM attempts_raw").fetch_arrow_table().to_pylist()
+        by_run: dict[str, list[dict]] = {}
+        for row in attempts:
+            by_run.setdefault(row["run_id"], []).append(row)
+        rows = []
+        for run_id, run_attempts in by_run.items():
+            for attempt, (lower, upper) in schema.effective_ranges(run_attempts).items():
+                rows.append({"run_id": run_id, "attempt": attempt, "lo": lower, "hi": upper})
+        # A run without attempt records (written by hand or by an older tool): every row is effective.
+        known = set(by_run)
+        for row in self.con.sql("SELECT DISTINCT run_id FROM batches_raw").fetchall():
+            if row[0] not in known:
+                rows.append({"run_id": row[0], "attempt": None, "lo": 0, "hi": None})
+        lineage = pa.Table.from_pylist(rows, schema=pa.schema([("run_id", pa.string()), ("attempt", pa.int32()),
+                                                                ("lo", pa.int64()), ("hi", pa.int64())]))
+        self.con.register("lineage", lineage)
+
+    def _create_views(self) -> None:
+        effective = ("l.run_id = {t}.run_id AND (l.attempt IS NULL OR l.attempt = {t}.attempt) "
+                     "AND {t}.step > l.lo AND (l.hi IS NULL OR {t}.step <= l.hi)")
+        self.con.execute(f"""
+            CREATE OR REPLACE VIEW batches_all AS
+            SELECT b.*, NOT EXISTS (SELECT 1 FROM lineage l WHERE {effective.format(t='b')}) AS orphaned
+            FROM batches_raw b""")
+        self.con.execute("CREATE OR REPLACE VIEW batches AS SELECT * EXCLUDE (orphaned) FROM batches_all "
+                         "WHERE NOT orphaned")
+        self.con.execute(f"""
+            CREATE OR REPLACE VIEW checkpoints AS
+            SELECT c.run_id, c.attempt, c.step, c.path, c.bytes, c.created_at,
+                   r.dir || '/' || c.path AS file
+            FROM checkpoints_raw c LEFT JOIN runs_info r USING (run_id)
+            WHERE EXISTS (SELECT 1 FROM lineage l WHERE {effective.format(t='c')})""")
+        self.con.execute("""
+            CREATE OR REPLACE VIEW samples AS
+            SELECT run_id, attempt, step, micro_batch, rank, epoch, batch_idx, stage, lr,
+                   unnest(range(len(example_ids))) AS position,
+                   unnest(example_ids) AS example_id, unnest(lines) AS line,
+                   unnest(losses) AS loss, unnest(p_gold) AS p_gold, unnest(correct) AS correct
+            FROM batches""")
+        self.con.execute("CREATE OR REPLACE VIEW examples AS SELECT * FROM examples_raw")
+        self.con.execute("CREATE OR REPLACE VIEW attempts AS SELECT * FROM attempts_raw")
+        self.con.execute("""
+            CREATE OR REPLACE VIEW step_checkpoint AS
+            WITH steps AS (SELECT DISTINCT run_id, step FROM batches)
+            SELECT s.run_id, s.step, c.step AS checkpoint_step, c.path AS checkpoint_path
+            FROM steps s ASOF LEFT JOIN checkpoints c ON s.run_id = c.run_id AND c.step >= s.step""")
+        self.con.execute("""
+            CREATE OR REPLACE VIEW example_checkpoint AS
+            WITH seen AS (SELECT DISTINCT run_id, example_id, line, step FROM samples)
+            SELECT s.run_id, s.example_id, s.line, s.step, c.step AS checkpoint_step, c.path AS checkpoint_path,
+                   row_number() OVER (PARTITION BY s.run_id, s.example_id, s.line ORDER BY s.step) = 1 AS first
+            FROM seen s ASOF LEFT JOIN checkpoints c ON s.run_id = c.run_id AND c.step >= s.step""")
+        self.con.execute("""
+            CREATE OR REPLACE VIEW metrics AS
+            WITH per_step AS (
+                SELECT run_id, step,
+                       sum(loss * n_target_tokens) / sum(n_target_tokens) AS "train/loss",
+                       max(grad_norm) AS "train/grad_norm", max(lr) AS "train/lr",
+                       avg(list_avg(correct::INT[])) AS "train/accuracy"
+                FROM batches GROUP BY run_id, step)
+            UNPIVOT per_step ON "train/loss", "train/grad_norm", "train/lr", "train/accuracy"
+            INTO NAME name VALUE value""")
+        self.con.execute("""
+            CREATE OR REPLACE VIEW runs AS
+            SELECT r.*, s.steps, s.examples_seen, c.checkpoints, c.last_checkpoint_step
+            FROM runs_info r
+            LEFT JOIN (SELECT run_id, max(step) AS steps, sum(len(example_ids)) AS examples_seen
+                       FROM batches GROUP BY run_id) s USING (run_id)
+            LEFT JOIN (SELECT run_id, count(*) AS checkpoints, max(step) AS last_checkpoint_step
+                       FROM checkpoints GROUP BY run_id) c USING (run_id)""")
+
+    # ------------------------------------------------------------------ queries
+
+    def sql(self, query: str, params: list | None = None) -> duckdb.DuckDBPyRelation:
+        """Run SQL over the views. With `read_only`, anything but a query is refused."""
+        self.refresh()
+        if self.read_only:
+            try:
+                statements = duckdb.extract_statements(query)
+            except duckdb.Error as exc:
+                raise StoreError(f"SQL error: {_first_line(exc)}") from None
+            if len(statements) != 1:
+                raise StoreError("give exactly one SQL statement")
+            kind = statements[0].type.name
+            if kind not in READ_ONLY_STATEMENTS:
+                raise StoreError(f"{kind} statements are not allowed: this connection is read-only")
+        try:
+            return self.con.sql(query, params=params) if params else self.con.sql(query)
+        except duckdb.Error as exc:
+            raise StoreError(f"SQL error: {_first_line(exc)}") from None
+
+    def trace(self, example_id: str | None = None, line: int | None = None, run_id: str | None = None):
+        """Every step where the example trained, with its loss, p(gold), correctness and the first checkpoint that
+        includes each step; `first` marks the first checkpoint overall. DataFrame, one row per (run, step, slot)."""
+        if (example_id is None) == (line is None):
+            raise StoreError("trace needs exactly one of an example id or a line")
+        where, params = ("s.example_id = $key", {"key": example_id}) if example_id is not None else (
+            "s.line = $key", {"key": int(line)})
+        if run_id is not None:
+            where += " AND s.run_id = $run"
+            params["run"] = run_id
+        self.refresh()
+        frame = self.con.execute(f"""
+            SELECT s.run_id, s.example_id, s.line, s.step, s.epoch, s.micro_batch, s.rank, s.position,
+                   s.loss, s.p_gold, s.correct, s.lr, e.checkpoint_step, e.checkpoint_path, e.first
+            FROM samples s JOIN example_checkpoint e USING (run_id, example_id, line, step)
+            WHERE {where} ORDER BY s.run_id, s.step, s.micro_batch, s.rank, s.position""", params).df()
+        if frame.empty:
+            what = f"example id {example_id!r}" if example_id is not None else f"line {line}"
+            scope = f" in run {run_id}" if run_id else ""
+            raise StoreError(f"no run trained {what}{scope}{self._closest(example_id)}")
+        return frame
+
+    def _closest(self, example_id: str | None) -> str:
+        if example_id is None:
+            return ""
+        rows = self.con.execute("""
+            SELECT example_id FROM (SELECT DISTINCT example_id FROM examples
+                                    UNION SELECT DISTINCT example_id FROM samples)
+            ORDER BY jaro_winkler_similarity(example_id, $1) DESC LIMIT 3""", [example_id]).fetchall()
+        return f" (closest: {', '.join(r[0] for r in rows)})" if rows else ""
+
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> Runs:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_runs(paths: str | Path | list = "runs", read_only: bool = False) -> Runs:
+    """DuckDB views over every run under `paths` (see module docstring)."""
+    return Runs(find_runs(paths), read_only=read_only)
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}

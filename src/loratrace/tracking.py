@@ -1,0 +1,257 @@
+"""BatchTracker: a Lightning callback that records every micro-batch's examples in Parquet under `tracking/`.
+
+Works in any Lightning loop whose batches carry `example_id` (list of str) and `line` (int tensor or list), and
+whose `training_step` returns a dict with `loss` and, optionally, per-example `losses`, `p_gold`, `correct` and
+`n_tokens` / `n_target` (loratrace's `LoRAModule` does). Missing per-example values are written as nulls.
+
+    trainer = L.Trainer(callbacks=[BatchTracker("runs/x/tracking", run_id="x")])
+
+Rows are buffered and flushed as new parts (temporary name, then `os.replace`) at every checkpoint save, every
+`flush_every_steps` updates, at the end and on exceptions; a part is never rewritten. Writing happens on a
+background thread, off the training step's path. The callback's own state (attempt, part counter) travels in the
+checkpoint, so a resume starts attempt a+1 and knows which attempt it continues.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import socket
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from loratrace import schema
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class BatchTracker(Callback):
+    def __init__(self, directory: str | Path, run_id: str, flush_every_steps: int = 50,
+                 examples: list[dict] | None = None, stage1_steps: int | None = None):
+        if flush_every_steps < 1:
+            raise ValueError(f"flush_every_steps must be at least 1, got {flush_every_steps}")
+        self.directory = Path(directory)
+        self.run_id = run_id
+        self.flush_every_steps = flush_every_steps
+        self.examples = examples
+        self.stage1_steps = stage1_steps
+        self.attempt = 0
+        self.parent_attempt: int | None = None
+        self._rows: list[dict[str, Any]] = []
+        self._part = 0
+        self._micro_batch = 0
+        self._pending_update: dict[str, Any] | None = None
+        self._last_flush_step = 0
+        self._writer: ThreadPoolExecutor | None = None
+        self._futures: list[Future] = []
+        self.rank = 0
+
+    @property
+    def state_key(self) -> str:
+        return f"BatchTracker[{self.run_id}]"
+
+    # ------------------------------------------------------------------ state in the checkpoint
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"attempt": self.attempt, "run_id": self.run_id}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.parent_attempt = int(state_dict["attempt"])
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self.rank = trainer.global_rank
+        latest = -1
+        if trainer.is_global_zero:
+            for row in read_parts(self.directory / "attempts", schema.ATTEMPTS).to_pylist():
+                latest = max(latest, int(row["attempt"]))
+        # Every rank must agree on the attempt number before any rank writes a part.
+        self.attempt = int(trainer.strategy.broadcast(latest + 1, src=0))
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loratrace-tracking")
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last_flush_step = trainer.global_step
+        if not trainer.is_global_zero:
+            return
+        resumed = trainer.ckpt_path is not None and self.parent_attempt is not None
+        attempt_row = {
+            "run_id": self.run_id, "attempt": self.attempt,
+            "parent_attempt": self.parent_attempt if resumed else None,
+            "started_at": _now(), "resumed_from": str(trainer.ckpt_path) if resumed else None,
+            "resumed_step": trainer.global_step, "world_size": trainer.world_size, "host": socket.gethostname(),
+        }
+        table = pa.Table.from_pylist([attempt_row], schema=schema.ATTEMPTS)
+        self._submit(schema.write_atomic, table, self.directory / "attempts" / f"a{self.attempt:03d}.parquet")
+        examples_path = self.directory / "examples.parquet"
+        if self.examples is not None and not examples_path.exists():
+            rows = [{"run_id": self.run_id, **row} for row in self.examples]
+            self._submit(schema.write_atomic, pa.Table.from_pylist(rows, schema=schema.EXAMPLES), examples_path)
+
+    @override
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        # Callback hooks run before the module's: a module that measures the norm itself (LoRAModule) has not done
+        # so yet; its value is read at batch end. Any other module's gradients are measured here, before clipping.
+        grad_norm = None
+        if not hasattr(pl_module, "grad_norm"):
+            grads = [p.grad.detach().float().norm() for p in pl_module.parameters() if p.grad is not None]
+            grad_norm = torch.stack(grads).norm() if grads else torch.zeros(())
+        self._pending_update = {"grad_norm": grad_norm, "lr": float(optimizer.param_groups[0]["lr"])}
+
+    @override
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        update, self._pending_update = self._pending_update, None
+        stepped = update is not None
+        if stepped and update["grad_norm"] is None:
+            update["grad_norm"] = pl_module.grad_norm
+        step = trainer.global_step if stepped else trainer.global_step + 1
+        lr = update["lr"] if stepped else float(trainer.optimizers[0].param_groups[0]["lr"])
+        self._rows.append(self._row(trainer, outputs, batch, batch_idx, step, update, lr))
+        self._micro_batch = 0 if stepped else self._micro_batch + 1
+        if stepped and trainer.global_step - self._last_flush_step >= self.flush_every_steps:
+            self.flush()
+
+    def _row(self, trainer, outputs, batch, batch_idx, step, update, lr) -> dict[str, Any]:
+        outputs = outputs if isinstance(outputs, dict) else {"loss": outputs}
+        ids = [str(i) for i in batch["example_id"]]
+        n = len(ids)
+        # One device->host transfer for every number of this micro-batch.
+        pieces = [outputs["loss"].detach().float().reshape(1)]
+        names = ["loss"]
+        for key in ("losses", "p_gold", "correct", "n_tokens", "n_target"):
+            value = outputs.get(key)
+            if isinstance(value, torch.Tensor):
+                pieces.append(value.detach().float().reshape(-1))
+                names.append(key)
+        if update is not None:
+            pieces.append(update["grad_norm"].detach().float().reshape(1))
+            names.append("grad_norm")
+        flat = torch.cat([p.to(pieces[0].device) for p in pieces]).cpu().tolist()
+        values, cursor = {}, 0
+        for name, piece in zip(names, pieces):
+            values[name] = flat[cursor: cursor + piece.numel()]
+            cursor += piece.numel()
+        lines = batch["line"]
+        lines = lines.tolist() if isinstance(lines, torch.Tensor) else [int(x) for x in lines]
+        stage = 1 if self.stage1_steps is None or step <= self.stage1_steps else 2
+        return {
+            "run_id": self.run_id, "attempt": self.attempt, "step": step, "micro_batch": self._micro_batch,
+            "rank": trainer.global_rank, "epoch": int(batch.get("epoch", trainer.current_epoch)),
+            "batch_idx": int(batch.get("batch_in_epoch", batch_idx)), "stage": stage,
+            "example_ids": ids, "lines": lines,
+            "losses": values.get("losses"), "p_gold": values.get("p_gold"),
+            "correct": [bool(x) for x in values["correct"]] if "correct" in values else None,
+            "loss": values["loss"][0], "grad_norm": values["grad_norm"][0] if "grad_norm" in values else None,
+            "lr": lr, "n_tokens": int(sum(values["n_tokens"])) if "n_tokens" in values else None,
+            "n_target_tokens": int(sum(values["n_target"])) if "n_target" in values else n,
+            "wall_time": _now(),
+        }
+
+    @override
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self.flush()
+
+    def record_checkpoint(self, trainer: L.Trainer, step: int, path: str, size: int) -> None:
+        """Called by whoever wrote a checkpoint file (rank 0): one `checkpoints` row, then the mappings."""
+        if not trainer.is_global_zero:
+            return
+        row = {"run_id": self.run_id, "attempt": self.attempt, "step": step, "path": path, "bytes": size,
+               "created_at": _now()}
+        table = pa.Table.from_pylist([row], schema=schema.CHECKPOINTS)
+        self._submit(schema.write_atomic, table,
+                     self.directory / "checkpoints" / f"a{self.attempt:03d}-s{step:09d}.parquet")
+        self._submit(materialize_mappings, self.directory.parent)
+
+    @override
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.flush()
+        trainer.strategy.barrier("loratrace-tracking-end")  # every rank's last part is on disk
+        if trainer.is_global_zero:
+            self._submit(materialize_mappings, self.directory.parent)
+        self.close()
+
+    @override
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.flush()
+        self.close()
+
+    # ------------------------------------------------------------------ writing
+
+    def flush(self) -> None:
+        """Hand the buffered rows to the writer thread as one new part."""
+        if not self._rows:
+            return
+        rows, self._rows = self._rows, []
+        self._last_flush_step = max(self._last_flush_step, rows[-1]["step"])
+        name = f"a{self.attempt:03d}-r{self.rank:02d}-{self._part:06d}.parquet"
+        self._part += 1
+        self._submit(_write_rows, rows, self.directory / "batches" / name)
+
+    def _submit(self, fn, *args) -> None:
+        if self._writer is None:  # used outside fit (tests, manual calls): write inline
+            fn(*args)
+            return
+        self._futures = [f for f in self._futures if not f.done() or f.exception() is not None]
+        self._futures.append(self._writer.submit(fn, *args))
+
+    def close(self) -> None:
+        """Wait for every pending write; re-raise the first write error."""
+        if self._writer is None:
+            return
+        writer, self._writer = self._writer, None
+        writer.shutdown(wait=True)
+        errors = [f.exception() for f in self._futures if f.exception() is not None]
+        self._futures = []
+        if errors:
+            raise errors[0]
+
+
+def _write_rows(rows: list[dict], path: Path) -> None:
+    schema.write_atomic(pa.Table.from_pylist(rows, schema=schema.BATCHES), path)
+
+
+def read_parts(folder: Path, table_schema: pa.Schema) -> pa.Table:
+    """Every complete part in `folder` (temporary names are never matched)."""
+    paths = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+    tables = [pq.read_table(p, schema=table_schema) for p in paths]
+    return pa.concat_tables(tables) if tables else table_schema.empty_table()
+
+
+def materialize_mappings(run_dir: Path) -> None:
+    """step_checkpoint.parquet and line_checkpoint.parquet from the effective lineage (the query layer's views),
+    so that a pandas user needs no DuckDB."""
+    from loratrace.store import open_runs
+
+    db = open_runs([run_dir], read_only=False)
+    try:
+        tracking = Path(run_dir) / "tracking"
+        step_map = db.sql("SELECT run_id, step, checkpoint_step, checkpoint_path FROM step_checkpoint "
+                          "ORDER BY step").fetch_arrow_table()
+        schema.write_atomic(step_map.cast(schema.STEP_CHECKPOINT), tracking / "step_checkpoint.parquet")
+        line_map = db.sql("""
+            SELECT run_id, example_id, line,
+                   list(step ORDER BY step) AS steps,
+                   list(checkpoint_step ORDER BY step) AS checkpoint_steps,
+                   min(step) AS first_step,
+                   min(checkpoint_step) AS first_checkpoint_step,
+                   arg_min(checkpoint_path, checkpoint_step) AS first_checkpoint_path
+            FROM example_checkpoint GROUP BY run_id, example_id, line ORDER BY line, example_id""").fetch_arrow_table()
+        schema.write_atomic(line_map.cast(schema.LINE_CHECKPOINT), tracking / "line_checkpoint.parquet")
+    finally:
+        db.close()
