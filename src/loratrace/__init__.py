@@ -15,7 +15,7 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "train": "loratrace.train",
+    "train": "loratrace.recipe",
     "load_config": "loratrace.config",
     "Config": "loratrace.config",
     "open_runs": "loratrace.store",

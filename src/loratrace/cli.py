@@ -106,12 +106,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.resume_from_checkpoint and args.dataset:
             raise ConfigError("--dataset cannot be combined with --resume-from-checkpoint")
         if args.resume_from_checkpoint and not args.config:
-            from loratrace.train import resume_run_dir
+            from loratrace.recipe import resume_run_dir
 
             args.config = str(resume_run_dir(Path(args.resume_from_checkpoint)) / "config.yaml")
         names = args.dataset or [None]
         configs = [load_config(args.config, overrides + ([f"data.dataset={n}"] if n else [])) for n in names]
-        from loratrace.train import train
+        from loratrace.recipe import train
 
         for cfg in configs:
             train(cfg, resume_from=args.resume_from_checkpoint)

@@ -41,7 +41,10 @@ def stage_of(step: int, t: TrainingConfig) -> int:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.random.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    # numpy's key array travels as a tensor: Lightning loads checkpoints with `weights_only=True`.
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.random.get_rng_state(), "python": random.getstate(),
+             "numpy": (kind, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(cached))}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -49,7 +52,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.random.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    kind, key, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -95,6 +99,9 @@ class LoRAModule(L.LightningModule):
         self.strict_loading = False  # checkpoints hold the trainable tensors only
         self._rng_to_restore: dict[str, Any] | None = None
         self.grad_norm: torch.Tensor | None = None
+        self._update_sums = torch.zeros(4)  # loss x target tokens, target tokens, correct, examples: this update
+        self._update_lr: float | None = None
+        self.last_metrics: dict[str, float] = {}
 
     @override
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -104,8 +111,11 @@ class LoRAModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
         stats = answer_statistics(self(batch["input_ids"], batch["attention_mask"]), batch)
         size = batch["input_ids"].shape[0]
-        self.log("train/loss", stats["loss"], on_step=True, prog_bar=True, batch_size=size)
-        self.log("train/accuracy", stats["correct"].float().mean(), on_step=True, batch_size=size)
+        self.log("loss", stats["loss"], prog_bar=True, logger=False, batch_size=size)  # progress bar only
+        n_target = stats["n_target"].sum()
+        self._update_sums = self._update_sums.to(n_target.device) + torch.stack([
+            stats["loss"].detach() * n_target, n_target.float(), stats["correct"].float().sum(),
+            torch.full((), float(size), device=n_target.device)])
         # Small per-example vectors for the tracker, detached: they cost one transfer, not a second forward.
         return {
             "loss": stats["loss"],
@@ -120,8 +130,24 @@ class LoRAModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Before clipping: Lightning calls this hook first. Kept as a tensor; the tracker moves it to the CPU.
         self.grad_norm = gradient_norm(self.model.parameters())
-        self.log("train/grad_norm", self.grad_norm, on_step=True)
-        self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True)
+        self._update_lr = float(optimizer.param_groups[0]["lr"])
+
+    @override
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._update_lr is None:  # a micro-batch that did not finish an update
+            return
+        # Scalars go to the loggers at step s = updates done, like the tracking rows. (Lightning's own `self.log`
+        # would stamp them with the count before the update: s - 1.)
+        step = self.global_step
+        if step % self.training_config.log_every_n_steps == 0 or step == self.trainer.max_steps:
+            sums = torch.cat([self._update_sums, self.grad_norm.reshape(1).to(self._update_sums)]).cpu().tolist()
+            self.last_metrics = {"train/loss": sums[0] / max(sums[1], 1), "train/accuracy": sums[2] / max(sums[3], 1),
+                                 "train/grad_norm": sums[4], "train/lr": self._update_lr,
+                                 "train/epoch": float(batch.get("epoch", self.current_epoch))}
+            for logger in self.loggers:
+                logger.log_metrics(self.last_metrics, step=step)
+        self._update_sums = torch.zeros(4, device=self._update_sums.device)
+        self._update_lr = None
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

@@ -12,7 +12,6 @@ import warnings
 from pathlib import Path
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -124,8 +123,7 @@ def train(cfg: Config, resume_from: str | Path | None = None, progress: bool = T
         export_adapter(peft_model, tokenizer, run_dir / "final_adapter")
     if cfg.export.merged_model:
         export_merged(peft_model, tokenizer, run_dir / "final_model")
-    loss = trainer.callback_metrics.get("train/loss")
-    final_loss = float(loss) if isinstance(loss, torch.Tensor) else None
+    final_loss = module.last_metrics.get("train/loss")
     written = sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-step-*.ckpt"))
     runs.finish_run(run_dir, "completed", steps=trainer.global_step, final_loss=final_loss,
                     trainable_parameters=trainable_parameter_count(peft_model), checkpoints=len(written))

@@ -1,0 +1,47 @@
+"""Shared fixtures: small tracked runs of the tiny preset, trained once per session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# A small run: 400 sample rows / batch 8 = 50 batches an epoch; stage 2 checkpoints every update.
+SMALL = ["training.batch_size=8", "training.max_steps=16", "training.stage1_steps=8", "logging.swanlab=false",
+         "tracking.enabled=true", "tracking.flush_every_steps=4"]
+
+
+def small_config(runs_dir: Path, *extra: str):
+    from loratrace.config import load_config
+
+    return load_config(ROOT / "configs" / "tiny.yaml", [*SMALL, f"runs_dir={runs_dir}", *extra])
+
+
+def run_cli(*args: str, cwd: Path | None = None, stdin: str | None = None, timeout: int = 300):
+    """The installed console entry point, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "loratrace", *args], capture_output=True, text=True, cwd=cwd,
+                          input=stdin, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def default_run(tmp_path_factory) -> Path:
+    """The embedded default job (125 updates, 50 checkpoints), tracked, SwanLab offline: trained once."""
+    import loratrace
+    from loratrace.config import load_config
+
+    runs_dir = tmp_path_factory.mktemp("default-runs")
+    cfg = load_config(None, ["tracking.enabled=true", f"runs_dir={runs_dir}"])
+    return loratrace.train(cfg, progress=False)
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory) -> Path:
+    import loratrace
+
+    return loratrace.train(small_config(tmp_path_factory.mktemp("small-runs")), progress=False)

@@ -1,0 +1,80 @@
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run_cli
+from loratrace.config import Config, ConfigError, load_config, save_config
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_file_loads_and_validates(path):
+    cfg = load_config(path)
+    assert cfg.training.stage1_steps <= cfg.training.max_steps
+
+
+def test_default_config_is_the_seed_recipe():
+    cfg = load_config(ROOT / "configs" / "default.yaml")
+    assert cfg == Config()  # the file is the embedded default written out
+    t = cfg.training
+    assert (t.max_steps, t.stage1_steps, t.batch_size, t.learning_rate_stage1) == (125, 75, 32, 1e-4)
+
+
+def test_dotted_overrides_are_typed():
+    cfg = load_config(None, ["training.max_steps=200", "training.learning_rate_stage2=5e-5",
+                             "lora.target_modules=q_proj,v_proj", "data.limit=null", "tracking.enabled=true"])
+    assert cfg.training.max_steps == 200
+    assert cfg.training.learning_rate_stage2 == pytest.approx(5e-5)
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.data.limit is None and cfg.tracking.enabled is True
+
+
+def test_unknown_key_names_the_closest_known_key():
+    with pytest.raises(ConfigError, match=r"unknown config key training.max_step \(did you mean training.max_steps\?\)"):
+        load_config(None, ["training.max_step=3"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("training.batch_size=zero", "training.batch_size: expected an integer"),
+    ("training.stage1_steps=500", "training.stage1_steps must be between 0 and training.max_steps"),
+    ("training.learning_rate_stage1=-1", "training.learning_rate_stage1 must be positive"),
+    ("logging.swanlab_mode=online", "logging.swanlab_mode: 'online' is not one of"),
+    ("data.dataset=mmlu", "data.dataset: unknown data set 'mmlu'"),
+    ("tracking.enabled=maybe", "tracking.enabled: expected true or false"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        load_config(None, [override])
+
+
+def test_legacy_nested_keys_are_translated_with_a_notice(tmp_path):
+    legacy = tmp_path / "training_config.yaml"
+    legacy.write_text("model: tiny\ntraining:\n  per_device_train_batch_size: 16\n"
+                      "  stage1: {steps: 40, learning_rate: 0.0002}\n  stage2: {steps: 10, learning_rate: 0.00005}\n")
+    notices = []
+    cfg = load_config(legacy, notice=notices.append)
+    t = cfg.training
+    assert (t.batch_size, t.stage1_steps, t.max_steps) == (16, 40, 50)
+    assert (t.learning_rate_stage1, t.learning_rate_stage2) == (2e-4, 5e-5)
+    assert any("training.per_device_train_batch_size read as training.batch_size" in n for n in notices)
+
+
+def test_saved_config_reloads_equal(tmp_path):
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["training.seed=7"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+@pytest.mark.parametrize("args, message", [
+    (["training.max_step=3"], "unknown config key training.max_step (did you mean training.max_steps?)"),
+    (["--config", "missing.yaml"], "config file missing.yaml does not exist"),
+    (["data.source=/no/such/file.jsonl"], "is not sample, hub, or an existing file or folder"),
+    (["--resume-from-checkpoint", "runs/x/checkpoints/nope.ckpt"], "does not exist"),
+])
+def test_cli_config_errors_are_one_line_exit_2_and_create_nothing(tmp_path, args, message):
+    result = run_cli("train", f"--runs-dir={tmp_path / 'runs'}", *args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("loratrace: error")]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    assert not Path(tmp_path / "lightning_logs").exists()

@@ -1,0 +1,106 @@
+import json
+from collections import Counter
+
+import pytest
+
+from loratrace.data import REGISTRY, DataError, EpochLoader, Encoded, load_split
+
+
+def test_bundled_sample_keeps_ids_and_lines():
+    train = load_split("arc-challenge", "sample", "train")
+    assert len(train) == 400
+    assert [e.line for e in train] == list(range(400))
+    assert train[1].example_id == "LTSYN_TRA_0001"
+    assert len({e.example_id for e in train}) == 400
+    assert train[0].prompt.startswith("Question: ") and train[0].prompt.endswith("\nAnswer:")
+
+
+def _write(tmp_path, rows):
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+GOOD = {"id": "q1", "question": "Which is wet?", "choices": {"text": ["rain", "sand"], "label": ["A", "B"]},
+        "answerKey": "A"}
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({k: v for k, v in GOOD.items() if k != "answerKey"}, "missing field 'answerKey'"),
+    ({**GOOD, "answerKey": "C"}, "answer key 'C' is not among the labels"),
+    ({**GOOD, "choices": {"text": [], "label": []}}, "empty choices"),
+])
+def test_malformed_row_names_file_and_line(tmp_path, bad, message):
+    path = _write(tmp_path, [GOOD, GOOD | {"id": "q2"}, bad])
+    with pytest.raises(DataError, match=rf"{path} line 3: malformed arc-challenge row: {message}"):
+        load_split("arc-challenge", str(path), "train")
+
+
+def test_local_folder_and_positional_ids(tmp_path):
+    rows = [{"goal": f"goal {i}", "sol1": "a", "sol2": "b", "label": i % 2} for i in range(5)]
+    (tmp_path / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples = load_split("piqa", str(tmp_path), "validation")
+    assert [e.example_id for e in examples] == [f"piqa/validation/{i}" for i in range(5)]
+    assert [e.gold for e in examples] == [0, 1, 0, 1, 0]
+
+
+@pytest.mark.parametrize("name, row, n_choices, gold", [
+    ("boolq", {"question": "is it", "passage": "p", "answer": True}, 2, 1),
+    ("piqa", {"goal": "g", "sol1": "a", "sol2": "b", "label": 1}, 2, 1),
+    ("hellaswag", {"ctx": "c", "endings": ["a", "b", "c", "d"], "label": "2", "ind": 7}, 4, 2),
+    ("winogrande", {"sentence": "s _", "option1": "a", "option2": "b", "answer": "2"}, 2, 1),
+    ("openbookqa", {"id": "o1", "question_stem": "q", "choices": {"text": ["a", "b", "c", "d"],
+                                                                   "label": ["A", "B", "C", "D"]}, "answerKey": "D"},
+     4, 3),
+    ("siqa", {"context": "c", "question": "q", "answerA": "a", "answerB": "b", "answerC": "c", "label": "3"}, 3, 2),
+    ("arc-easy", {"id": "e1", "question": "q", "choices": {"text": ["a", "b", "c", "d"], "label": ["1", "2", "3", "4"]},
+                  "answerKey": "2"}, 4, 1),
+])
+def test_every_registered_format(name, row, n_choices, gold):
+    _, question, choices, answer = REGISTRY[name].formatter(row)
+    assert len(choices) == n_choices and answer == gold and question
+
+
+def _encoded(n):
+    return [Encoded(f"id{i}", i, [1, 2, 3], 1, [5, 6], 0) for i in range(n)]
+
+
+def test_epoch_covers_every_example_once_and_epochs_differ():
+    loader = EpochLoader(_encoded(37), batch_size=8, seed=3, pad_id=0)
+    assert len(loader) == 5
+    first = [i for b in loader for i in b["example_id"]]
+    second = [i for b in loader for i in b["example_id"]]
+    assert Counter(first) == Counter(f"id{i}" for i in range(37)) == Counter(second)
+    assert first != second
+
+
+@pytest.mark.parametrize("stop_after", [2, 5])  # inside an epoch, and exactly at its end
+def test_state_dict_resumes_with_the_same_batches(stop_after):
+    reference = EpochLoader(_encoded(37), 8, seed=3, pad_id=0)
+    expected = [b["example_id"] for _ in range(2) for b in reference]
+    loader = EpochLoader(_encoded(37), 8, seed=3, pad_id=0)
+    seen = []
+    for batch in loader:
+        seen.append(batch["example_id"])
+        if len(seen) == stop_after:
+            break
+    state = loader.state_dict()
+    resumed = EpochLoader(_encoded(37), 8, seed=3, pad_id=0)
+    resumed.load_state_dict(state)
+    while len(seen) < len(expected):  # each pass is the rest of an epoch, as Lightning iterates
+        seen += [b["example_id"] for b in resumed]
+    assert seen == expected
+
+
+def test_ranks_split_each_global_batch_without_overlap():
+    loaders = [EpochLoader(_encoded(40), 4, seed=1, pad_id=0, rank=r, world_size=2) for r in range(2)]
+    assert len(loaders[0]) == len(loaders[1]) == 5
+    for b0, b1 in zip(*loaders):
+        assert not set(b0["example_id"]) & set(b1["example_id"])
+        assert len(b0["example_id"]) == len(b1["example_id"]) == 4
+
+
+def test_loader_state_from_another_seed_is_refused():
+    loader = EpochLoader(_encoded(10), 4, seed=1, pad_id=0)
+    with pytest.raises(DataError, match="another seed or world size"):
+        loader.load_state_dict({"epoch": 0, "offset": 1, "seed": 2, "world_size": 1})

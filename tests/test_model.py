@@ -1,0 +1,31 @@
+import torch
+
+from loratrace.config import LoraConfig, ModelConfig
+from loratrace.data import LETTERS
+from loratrace.model import add_lora, load_base, trainable_parameter_count
+
+
+def test_tiny_preset_is_deterministic_and_offline():
+    model_a, tok_a = load_base(ModelConfig())
+    model_b, tok_b = load_base(ModelConfig())
+    assert tok_a.get_vocab() == tok_b.get_vocab()
+    for (name, a), (_, b) in zip(model_a.state_dict().items(), model_b.state_dict().items()):
+        assert torch.equal(a, b), name
+    other, _ = load_base(ModelConfig(tiny_seed=1))
+    assert not torch.equal(other.lm_head.weight, model_a.lm_head.weight)
+
+
+def test_answer_labels_are_single_tokens():
+    _, tokenizer = load_base(ModelConfig())
+    for letter in LETTERS:
+        assert len(tokenizer.encode(" " + letter, add_special_tokens=False)) == 1
+
+
+def test_qwen2_arch_and_lora_freeze_the_base():
+    model, _ = load_base(ModelConfig(tiny_arch="qwen2"))
+    assert type(model).__name__ == "Qwen2ForCausalLM"
+    peft_model = add_lora(model, LoraConfig(r=4), seed=0)
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    # r=4 on q,k,v,o of 2 layers, hidden 64: A is r x in, B is out x r
+    assert trainable_parameter_count(peft_model) > 0
