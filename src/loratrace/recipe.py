@@ -119,6 +119,7 @@ def train(cfg: Config, resume_from: str | Path | None = None, progress: bool = T
         return run_dir
 
     # export
+    trainable = trainable_parameter_count(peft_model)  # before merging folds the adapters away
     if cfg.export.adapter:
         export_adapter(peft_model, tokenizer, run_dir / "final_adapter")
     if cfg.export.merged_model:
@@ -126,7 +127,7 @@ def train(cfg: Config, resume_from: str | Path | None = None, progress: bool = T
     final_loss = module.last_metrics.get("train/loss")
     written = sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-step-*.ckpt"))
     runs.finish_run(run_dir, "completed", steps=trainer.global_step, final_loss=final_loss,
-                    trainable_parameters=trainable_parameter_count(peft_model), checkpoints=len(written))
+                    trainable_parameters=trainable, checkpoints=len(written))
     if progress:
         print_summary(cfg, run_dir, trainer.global_step, final_loss, written)
     return run_dir
