@@ -165,7 +165,9 @@ class BatchTracker(Callback):
 
     @override
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        # Durable before the checkpoint exists: a crash right after the .ckpt appears must not lose its rows.
         self.flush()
+        self.wait()
 
     def record_checkpoint(self, trainer: L.Trainer, step: int, path: str, size: int) -> None:
         """Called by whoever wrote a checkpoint file (rank 0): one `checkpoints` row, then the mappings."""
@@ -208,7 +210,14 @@ class BatchTracker(Callback):
             fn(*args)
             return
         self._futures = [f for f in self._futures if not f.done() or f.exception() is not None]
-        self._futures.append(self._writer.submit(fn, *args))
+        self._futures.append(self._writer.submit(fn, *args))  # one thread: parts land in submission order
+
+    def wait(self) -> None:
+        """Block until every write handed to the writer thread is on disk; re-raise the first write error."""
+        futures, self._futures = self._futures, []
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:
+            raise errors[0]
 
     def close(self) -> None:
         """Wait for every pending write; re-raise the first write error."""
@@ -216,10 +225,7 @@ class BatchTracker(Callback):
             return
         writer, self._writer = self._writer, None
         writer.shutdown(wait=True)
-        errors = [f.exception() for f in self._futures if f.exception() is not None]
-        self._futures = []
-        if errors:
-            raise errors[0]
+        self.wait()
 
 
 def _write_rows(rows: list[dict], path: Path) -> None:

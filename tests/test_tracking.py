@@ -1,0 +1,186 @@
+"""Batch tracking: every micro-batch in Parquet, exactly once across crash and resume."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import duckdb
+import lightning as L
+import numpy as np
+import pandas as pd
+import pytest
+
+import loratrace
+from conftest import ROOT, small_config
+from loratrace.config import load_config
+from loratrace.data import CommonsenseData, load_split
+from loratrace.model import add_lora, load_base
+from loratrace.module import LoRAModule
+from loratrace.tracking import BatchTracker
+
+
+def effective(run_dir):
+    with loratrace.open_runs([run_dir]) as db:
+        return db.sql("SELECT step, micro_batch, rank, epoch, batch_idx, example_ids, lines, losses, loss, grad_norm, "
+                      "lr FROM batches ORDER BY step, micro_batch, rank").df()
+
+
+def assert_same_rows(a: pd.DataFrame, b: pd.DataFrame):
+    assert list(a.step) == list(b.step) and list(a.micro_batch) == list(b.micro_batch)
+    assert [list(x) for x in a.example_ids] == [list(x) for x in b.example_ids]
+    assert [list(x) for x in a.lines] == [list(x) for x in b.lines]
+    np.testing.assert_allclose(np.concatenate(list(a.losses)), np.concatenate(list(b.losses)), atol=1e-5)
+    np.testing.assert_allclose(a.grad_norm.fillna(-1), b.grad_norm.fillna(-1), atol=1e-5)
+    np.testing.assert_allclose(a.lr, b.lr)
+
+
+def test_tracked_default_run(default_run):
+    tracking = default_run / "tracking"
+    rows = pd.read_parquet(tracking / "batches")
+    assert sorted(rows.step) == list(range(1, 126)) and set(rows.micro_batch) == {0}
+    assert set(rows.stage[rows.step <= 75]) == {1} and set(rows.stage[rows.step > 75]) == {2}
+    # per-example losses, weighted by answer tokens, average back to the back-propagated loss
+    examples = pd.read_parquet(tracking / "examples.parquet")
+    assert len(examples) == 400 and examples.example_id.is_unique
+    n_target = dict(zip(examples.example_id, examples.n_target_tokens))
+    for row in rows.itertuples():
+        weights = np.array([n_target[i] for i in row.example_ids])
+        assert np.average(row.losses, weights=weights) == pytest.approx(row.loss, rel=1e-5)
+        assert len(row.example_ids) == len(row.lines) == len(row.losses) == len(row.p_gold) == len(row.correct)
+        assert 0 <= min(row.p_gold) and max(row.p_gold) <= 1
+    # every training example exactly once per full epoch (125 updates of 13 batches: epochs 0..8 are full)
+    for epoch, group in rows[rows.epoch < 9].groupby("epoch"):
+        assert Counter(i for ids in group.example_ids for i in ids) == Counter(examples.example_id), epoch
+    # line -> example id agrees with examples.parquet
+    line_of = dict(zip(examples.example_id, examples.line))
+    assert all(line_of[i] == line for ids, lines in zip(rows.example_ids, rows.lines) for i, line in zip(ids, lines))
+
+
+def test_mappings_agree_with_checkpoints(default_run):
+    tracking = default_run / "tracking"
+    checkpoints = pd.read_parquet(tracking / "checkpoints")
+    assert sorted(checkpoints.step) == list(range(76, 126))
+    assert all((default_run / p).stat().st_size == b for p, b in zip(checkpoints.path, checkpoints.bytes))
+    step_map = pd.read_parquet(tracking / "step_checkpoint.parquet")
+    assert list(step_map.step) == list(range(1, 126))
+    assert list(step_map.checkpoint_step) == [max(76, s) for s in range(1, 126)]
+    line_map = pd.read_parquet(tracking / "line_checkpoint.parquet")
+    rows = pd.read_parquet(tracking / "batches")
+    trained = {}
+    for step, ids in zip(rows.step, rows.example_ids):
+        for i in ids:
+            trained.setdefault(i, []).append(step)
+    assert len(line_map) == len(trained)
+    for row in line_map.itertuples():
+        assert list(row.steps) == sorted(trained[row.example_id])
+        assert row.first_checkpoint_step == max(76, min(trained[row.example_id]))
+        assert row.first_checkpoint_path == f"checkpoints/checkpoint-step-{row.first_checkpoint_step:03d}.ckpt"
+
+
+def test_resume_inside_an_epoch_and_at_its_boundary_with_accumulation(tmp_path):
+    """400 rows / batch 8 / 2 micro-batches: 25 updates an epoch. Resume at 25 (boundary), then, from attempt 0's
+    checkpoint 22 (inside the epoch, and off the latest attempt's lineage): rows equal an uninterrupted run's."""
+    cfg = small_config(tmp_path, "training.accumulate_grad_batches=2", "training.max_steps=30",
+                       "training.stage1_steps=20")
+    straight = loratrace.train(cfg, progress=False)
+    run = loratrace.train(cfg, progress=False)
+    loratrace.train(cfg, resume_from=run / "checkpoints" / "checkpoint-step-025.ckpt", progress=False)
+    loratrace.train(cfg, resume_from=run / "checkpoints" / "checkpoint-step-022.ckpt", progress=False)
+    expected = effective(straight)
+    assert set(expected.micro_batch) == {0, 1} and expected.grad_norm[expected.micro_batch == 0].isna().all()
+    assert_same_rows(expected, effective(run))
+    with loratrace.open_runs([run]) as db:
+        attempts = db.sql("SELECT attempt, parent_attempt, resumed_step FROM attempts ORDER BY attempt").fetchall()
+        assert attempts == [(0, None, 0), (1, 0, 25), (2, 0, 22)]
+        orphaned = db.sql("SELECT attempt, min(step), max(step), count(*) FROM batches_all WHERE orphaned "
+                          "GROUP BY attempt ORDER BY attempt").fetchall()
+        assert orphaned == [(0, 23, 30, 16), (1, 26, 30, 10)]  # nothing deleted: 2 micro-batches a step
+        assert db.sql("SELECT count(*) FROM batches").fetchall()[0][0] == 60
+
+
+def test_sigkill_then_resume_reads_like_an_uninterrupted_run(tmp_path):
+    extra = ["training.max_steps=40", "training.stage1_steps=10"]
+    straight = loratrace.train(small_config(tmp_path / "straight", *extra), progress=False)
+    runs_dir = tmp_path / "killed"
+    cfg = small_config(runs_dir, *extra)
+    command = [sys.executable, "-m", "loratrace", "train", "--config", str(ROOT / "configs" / "tiny.yaml"),
+               *[a for a in (*cfg_overrides(cfg),)]]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    reads, deadline = 0, time.time() + 240
+    try:
+        while time.time() < deadline:
+            parts = list(runs_dir.glob("*/tracking/batches/*.parquet"))
+            if parts:  # readers polling while training writes never fail
+                glob = str(parts[0].parent / "*.parquet")
+                pd.read_parquet(parts[0].parent)
+                duckdb.sql(f"SELECT count(*) FROM read_parquet('{glob}')").fetchall()
+                reads += 1
+            if list(runs_dir.glob("*/checkpoints/checkpoint-step-025.ckpt")):
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("training never reached step 25")
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert reads > 0
+    (run,) = list(runs_dir.iterdir())
+    last = sorted((run / "checkpoints").glob("checkpoint-step-*.ckpt"))[-1]
+    loratrace.train(load_config(run / "config.yaml"), resume_from=last, progress=False)
+    assert_same_rows(effective(straight), effective(run))
+    with loratrace.open_runs([run]) as db:
+        resumed_step = int(last.stem.rsplit("-", 1)[1])
+        orphans = db.sql("SELECT attempt, step FROM batches_all WHERE orphaned").fetchall()
+        assert all(attempt == 0 and step > resumed_step for attempt, step in orphans)
+        total = db.sql("SELECT count(*) FROM batches_all").fetchall()[0][0]
+        assert total == 40 + len(orphans)
+
+
+def cfg_overrides(cfg):
+    """The small config as command-line overrides (the subprocess sees what a user would type)."""
+    from loratrace.config import _flatten
+
+    return [f"{k}={','.join(v) if isinstance(v, list) else ('null' if v is None else v)}"
+            for k, v in _flatten(cfg.to_dict()).items()]
+
+
+class Boom(L.Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 7:
+            raise RuntimeError("boom")
+
+
+def test_tracker_in_a_plain_lightning_loop_flushes_on_exception(tmp_path):
+    cfg = small_config(tmp_path)
+    model, tokenizer = load_base(cfg.model)
+    examples = load_split("arc-challenge", "sample", "train")
+    data = CommonsenseData(examples, tokenizer, 256, batch_size=8, seed=1)
+    module = LoRAModule(add_lora(model, cfg.lora, 1), cfg.training)
+    tracker = BatchTracker(tmp_path / "tracking", run_id="plain", flush_every_steps=100)
+    trainer = L.Trainer(max_steps=20, callbacks=[tracker, Boom()], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, use_distributed_sampler=False)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(module, datamodule=data)
+    rows = pd.read_parquet(tmp_path / "tracking" / "batches")
+    assert sorted(rows.step) == list(range(1, 8))  # through the last finished step, nothing after
+    assert rows.run_id.unique().tolist() == ["plain"]
+
+
+def test_two_rank_ddp_writes_the_global_batch_once(tmp_path):
+    from conftest import run_cli
+
+    result = run_cli("train", "--config", str(ROOT / "configs" / "tiny.yaml"), f"--runs-dir={tmp_path}",
+                     "training.devices=2", "training.strategy=ddp", "training.accelerator=cpu",
+                     "training.max_steps=6", "training.stage1_steps=3", "logging.swanlab=false", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run,) = [p for p in tmp_path.iterdir() if p.is_dir() and (p / "tracking").exists()]
+    rows = effective(run)
+    assert sorted(set(rows["rank"])) == [0, 1]
+    assert {len(p.name.split("-r")[1]) for p in (run / "tracking" / "batches").iterdir()}  # parts per rank
+    for step, group in rows.groupby("step"):
+        ids = [i for ids in group.example_ids for i in ids]
+        assert len(ids) == 16 and len(set(ids)) == 16, step  # 2 ranks x batch 8, no example twice
+    assert sorted(rows.step.unique()) == list(range(1, 7))
