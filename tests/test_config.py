@@ -1,8 +1,8 @@
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, run_cli
+
 from loratrace.config import Config, ConfigError, load_config, save_config
 
 
@@ -29,7 +29,8 @@ def test_dotted_overrides_are_typed():
 
 
 def test_unknown_key_names_the_closest_known_key():
-    with pytest.raises(ConfigError, match=r"unknown config key training.max_step \(did you mean training.max_steps\?\)"):
+    message = r"unknown config key training.max_step \(did you mean training.max_steps\?\)"
+    with pytest.raises(ConfigError, match=message):
         load_config(None, ["training.max_step=3"])
 
 

@@ -3,7 +3,7 @@ from collections import Counter
 
 import pytest
 
-from loratrace.data import REGISTRY, DataError, EpochLoader, Encoded, load_split
+from loratrace.data import REGISTRY, DataError, Encoded, EpochLoader, load_split
 
 
 def test_bundled_sample_keeps_ids_and_lines():

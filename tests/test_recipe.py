@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
+from conftest import small_config
 from peft import PeftModel
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import loratrace
-from conftest import small_config
 from loratrace.config import load_config
 
 

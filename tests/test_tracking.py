@@ -12,9 +12,9 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import ROOT, small_config
 
 import loratrace
-from conftest import ROOT, small_config
 from loratrace.config import load_config
 from loratrace.data import CommonsenseData, load_split
 from loratrace.model import add_lora, load_base
@@ -128,7 +128,7 @@ def test_sigkill_then_resume_reads_like_an_uninterrupted_run(tmp_path):
         proc.wait()
     assert reads > 0
     (run,) = list(runs_dir.iterdir())
-    last = sorted((run / "checkpoints").glob("checkpoint-step-*.ckpt"))[-1]
+    last = max((run / "checkpoints").glob("checkpoint-step-*.ckpt"))
     loratrace.train(load_config(run / "config.yaml"), resume_from=last, progress=False)
     assert_same_rows(effective(straight), effective(run))
     with loratrace.open_runs([run]) as db:

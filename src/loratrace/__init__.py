@@ -29,4 +29,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'loratrace' has no attribute {name!r}")
 
 
-__all__ = sorted(_EXPORTS)
+__all__ = ["BatchTracker", "Config", "load_config", "open_runs", "train"]

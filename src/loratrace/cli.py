@@ -131,13 +131,15 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
+    import pandas as pd
+
     with _open(args.runs_dir) as db:
         frame = db.trace(example_id=args.example_id, line=args.line, run_id=args.run)
     if args.format == "table":
         for run_id, rows in frame.groupby("run_id", sort=False):
             first = rows[rows["first"]].iloc[0]
             where = (f"checkpoint-step {int(first.checkpoint_step)} ({first.checkpoint_path})"
-                     if first.checkpoint_step == first.checkpoint_step else "no checkpoint yet")
+                     if not pd.isna(first.checkpoint_step) else "no checkpoint yet")
             print(f"{run_id}: {rows.example_id.iloc[0]} (line {rows.line.iloc[0]}) trained at {len(rows)} step(s); "
                   f"first included in {where}")
         columns = ["run_id", "step", "epoch", "loss", "p_gold", "correct", "checkpoint_step", "first"]

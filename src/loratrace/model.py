@@ -54,11 +54,12 @@ def build_tiny_tokenizer():
 def build_tiny_model(cfg: ModelConfig, vocab_size: int):
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    shape = dict(
-        vocab_size=vocab_size, hidden_size=cfg.tiny_hidden_size, intermediate_size=cfg.tiny_hidden_size * 2,
-        num_hidden_layers=cfg.tiny_layers, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
-    )
+    shape = {
+        "vocab_size": vocab_size, "hidden_size": cfg.tiny_hidden_size, "intermediate_size": cfg.tiny_hidden_size * 2,
+        "num_hidden_layers": cfg.tiny_layers, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 1024, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+        "tie_word_embeddings": False,
+    }
     config_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if cfg.tiny_arch == "llama" else (Qwen2Config,
                                                                                               Qwen2ForCausalLM)
     state = torch.random.get_rng_state()

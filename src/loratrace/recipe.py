@@ -61,8 +61,12 @@ def _example_rows(cfg: Config, examples, datamodule) -> list[dict]:
              "prompt_sha256": e.prompt_sha256} for e, enc in zip(examples, datamodule.encoded)]
 
 
-def train(cfg: Config, resume_from: str | Path | None = None, progress: bool = True) -> Path:
-    """Train one run; returns its folder. Everything that can fail on user input fails before the folder exists."""
+def train(cfg: Config, resume_from: str | Path | None = None, progress: bool = True,
+          callbacks: list | None = None) -> Path:
+    """Train one run; returns its folder. Everything that can fail on user input fails before the folder exists.
+
+    `callbacks` are added to loratrace's own (tracker, checkpoints, progress bar), e.g. a profiler or a timer.
+    """
     checkpoint = Path(resume_from) if resume_from else None
     existing = resume_run_dir(checkpoint) if checkpoint else None
     L.seed_everything(cfg.training.seed, verbose=False)
@@ -87,7 +91,7 @@ def train(cfg: Config, resume_from: str | Path | None = None, progress: bool = T
             save_base_model(build_tiny_model(cfg.model, len(tokenizer)), tokenizer, run_dir / "base_model")
 
     t = cfg.training
-    callbacks = []
+    extra, callbacks = list(callbacks or []), []
     if cfg.tracking.enabled:
         callbacks.append(BatchTracker(run_dir / "tracking", run_id=run_dir.name,
                                       flush_every_steps=cfg.tracking.flush_every_steps,
@@ -96,6 +100,7 @@ def train(cfg: Config, resume_from: str | Path | None = None, progress: bool = T
                                                                               cfg.checkpoint)))
     if progress:
         callbacks.append(TQDMProgressBar(refresh_rate=1))
+    callbacks += extra
     trainer = L.Trainer(
         max_steps=t.max_steps, max_epochs=-1, accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.max_grad_norm or None, gradient_clip_algorithm="norm", precision=t.precision,

@@ -22,6 +22,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
+from typing_extensions import Self
 
 from loratrace import schema
 
@@ -119,7 +120,7 @@ class Runs:
         if files == self._files and not force:
             return
         self._files = files
-        for view, (name, table_schema) in TABLES.items():
+        for view, (_, table_schema) in TABLES.items():
             self._create_raw_view(view, files[view], table_schema)
         self._create_lineage()
         self._create_views()
@@ -276,7 +277,7 @@ class Runs:
     def close(self) -> None:
         self.con.close()
 
-    def __enter__(self) -> Runs:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

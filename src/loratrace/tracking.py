@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import socket
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -51,8 +52,11 @@ class BatchTracker(Callback):
         self._micro_batch = 0
         self._pending_update: dict[str, Any] | None = None
         self._last_flush_step = 0
-        self._writer: ThreadPoolExecutor | None = None
+        self._last_mapping_step: int | None = None
+        self._writer: ThreadPoolExecutor | None = None  # parts, in submission order
+        self._mapper: ThreadPoolExecutor | None = None  # mapping refreshes, never waited on by a step
         self._futures: list[Future] = []
+        self._mapping: Future | None = None
         self.rank = 0
 
     @property
@@ -83,6 +87,7 @@ class BatchTracker(Callback):
         # Every rank must agree on the attempt number before any rank writes a part.
         self.attempt = int(trainer.strategy.broadcast(latest + 1, src=0))
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loratrace-tracking")
+        self._mapper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loratrace-mappings")
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -178,15 +183,22 @@ class BatchTracker(Callback):
         table = pa.Table.from_pylist([row], schema=schema.CHECKPOINTS)
         self._submit(schema.write_atomic, table,
                      self.directory / "checkpoints" / f"a{self.attempt:03d}-s{step:09d}.parquet")
-        self._submit(materialize_mappings, self.directory.parent)
+        # The mappings re-read the whole lineage: with a checkpoint every update (the seed's stage 2) that would
+        # cost more than the step, so they are refreshed at most every `flush_every_steps` updates (and at the end).
+        # The query views are always current.
+        due = self._last_mapping_step is None or step - self._last_mapping_step >= self.flush_every_steps
+        if due and self._mapper is not None and (self._mapping is None or self._mapping.done()):
+            self._last_mapping_step = step
+            self._writer.submit(lambda: None).result()  # the parts it reads are on disk first
+            self._mapping = self._mapper.submit(materialize_mappings, self.directory.parent)
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.flush()
+        self.close()
         trainer.strategy.barrier("loratrace-tracking-end")  # every rank's last part is on disk
         if trainer.is_global_zero:
-            self._submit(materialize_mappings, self.directory.parent)
-        self.close()
+            materialize_mappings(self.directory.parent)
 
     @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
@@ -225,6 +237,12 @@ class BatchTracker(Callback):
             return
         writer, self._writer = self._writer, None
         writer.shutdown(wait=True)
+        if self._mapper is not None:
+            self._mapper.shutdown(wait=True)
+            self._mapper = None
+        if self._mapping is not None and self._mapping.exception() is not None:
+            warnings.warn(f"loratrace: refreshing the tracking mappings failed: {self._mapping.exception()}",
+                          stacklevel=2)
         self.wait()
 
 

@@ -27,7 +27,8 @@ def _numeric(rng: random.Random) -> tuple[str, list[str], int]:
     kind = rng.randrange(4)
     if kind == 0:
         rows, per_row = rng.randint(2, 9), rng.randint(3, 12)
-        stem = f"A gardener plants {rows} rows with {per_row} bean seedlings in each row. How many seedlings are planted?"
+        stem = (f"A gardener plants {rows} rows with {per_row} bean seedlings in each row. "
+                "How many seedlings are planted?")
         answer, unit = rows * per_row, "seedlings"
     elif kind == 1:
         distance, seconds = rng.randint(2, 20) * 5, rng.choice([2, 5, 10])
@@ -102,8 +103,7 @@ def main() -> None:
     HERE.mkdir(parents=True, exist_ok=True)
     for split, count in SPLITS.items():
         with open(HERE / f"{split}.jsonl", "w") as f:
-            for row in make_rows(split, count, seed=20250720):
-                f.write(json.dumps(row) + "\n")
+            f.writelines(json.dumps(row) + "\n" for row in make_rows(split, count, seed=20250720))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,136 @@
+"""Side-by-side benchmarks: `python -m bench [--quick] [--out bench/out]`.
+
+Each figure is a ratio of two arms measured in the same process run, arms interleaved so that machine drift hits
+both. Prints a Markdown table; `bench/RESULTS.md` holds the latest one with the machine it ran on.
+
+  tracking overhead   fit step time with tracking / without, tiny preset and a larger CPU model (goal <= 1.02)
+  checkpoint bytes    .ckpt / (trainable parameters x 12 bytes) (goal <= 1.1, plus a constant for loop/RNG state)
+  full vs LoRA ckpt   a full-model Lightning checkpoint / loratrace's, Qwen2.5-0.5B shape, random weights (>= 50x)
+  seed tail           the 50 stage-2 checkpoints of the default job, total bytes
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+import loratrace
+from loratrace.config import load_config
+
+
+class StepTimer(L.Callback):
+    """Wall time of each optimizer update inside fit (model building, export and start-up excluded)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self._last = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        now = time.perf_counter()
+        if self._last is not None:
+            self.times.append(now - self._last)
+        self._last = now
+
+
+def _fit_step_time(runs_dir: Path, overrides: list[str]) -> float:
+    timer = StepTimer()
+    cfg = load_config(None, ["logging.swanlab=false", "logging.tensorboard=false", "export.merged_model=false",
+                             "export.adapter=false", f"runs_dir={runs_dir}", *overrides])
+    loratrace.train(cfg, progress=False, callbacks=[timer])
+    return statistics.mean(timer.times[5:])  # mean: checkpoint and flush steps count in full
+
+
+def tracking_overhead(runs_dir: Path, model: list[str], steps: int, repeats: int) -> dict:
+    base = [f"training.max_steps={steps}", f"training.stage1_steps={steps // 2}", *model]
+    arms = {"off": [], "on": []}
+    for _ in range(repeats):  # interleaved: off, on, off, on ...
+        arms["off"].append(_fit_step_time(runs_dir, base + ["tracking.enabled=false"]))
+        arms["on"].append(_fit_step_time(runs_dir, base + ["tracking.enabled=true", "tracking.flush_every_steps=10"]))
+    off, on = statistics.median(arms["off"]), statistics.median(arms["on"])
+    return {"off_ms": off * 1e3, "on_ms": on * 1e3, "ratio": on / off}
+
+
+def checkpoint_bytes(runs_dir: Path, steps: int) -> dict:
+    cfg = load_config(None, ["logging.swanlab=false", f"runs_dir={runs_dir}", f"training.max_steps={steps}",
+                             f"training.stage1_steps={max(0, steps - 50)}"])
+    run = loratrace.train(cfg, progress=False)
+    info = json.loads((run / "run.json").read_text())
+    sizes = [p.stat().st_size for p in (run / "checkpoints").glob("*.ckpt")]
+    return {"trainable": info["trainable_parameters"], "ckpt_bytes": max(sizes), "files": len(sizes),
+            "tail_bytes": sum(sizes), "ratio": max(sizes) / (info["trainable_parameters"] * 12)}
+
+
+def qwen_shape_ratio() -> dict:
+    """Full-model checkpoint (all weights + the same optimizer state) vs loratrace's LoRA-only one, bf16 weights."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from loratrace.config import LoraConfig, TrainingConfig
+    from loratrace.model import add_lora
+    from loratrace.module import LoRAModule
+
+    shape = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                        num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                        tie_word_embeddings=True)
+    with torch.device("meta"):
+        meta_model = Qwen2ForCausalLM(shape)
+    full_weights = sum(p.numel() * 2 for p in meta_model.state_dict().values())  # bf16
+    model = Qwen2ForCausalLM(shape).to(torch.bfloat16)
+    module = LoRAModule(add_lora(model, LoraConfig(r=16, alpha=32), seed=0), TrainingConfig())
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable)
+    for p in trainable:  # materialize Adam's moments as a real step would
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    checkpoint = {"state_dict": module.state_dict(), "optimizer_states": [optimizer.state_dict()]}
+    module.on_save_checkpoint(checkpoint)
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    lora_bytes = buffer.tell()
+    optimizer_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                          if isinstance(t, torch.Tensor))
+    return {"full_bytes": full_weights + optimizer_bytes, "lora_bytes": lora_bytes,
+            "ratio": (full_weights + optimizer_bytes) / lora_bytes}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: keeps the harness from rotting")
+    args = parser.parse_args()
+    steps, repeats = (12, 1) if args.quick else (60, 3)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        runs_dir = Path(tmp)
+        for name, model in [("tiny preset (h64, 2 layers)", ["model.tiny_hidden_size=64"]),
+                            ("larger CPU model (h512, 6 layers)", ["model.tiny_hidden_size=512", "model.tiny_layers=6",
+                                                                   "training.batch_size=16"])]:
+            if args.quick and "larger" in name:
+                continue
+            r = tracking_overhead(runs_dir, model, steps, repeats)
+            rows.append((f"tracking overhead, {name}", f"{r['on_ms']:.1f} ms / {r['off_ms']:.1f} ms",
+                         f"{r['ratio']:.3f}", "<= 1.02"))
+        c = checkpoint_bytes(runs_dir, 16 if args.quick else 125)
+        rows.append(("checkpoint / (trainable x 12 B), tiny", f"{c['ckpt_bytes']:,} B / {c['trainable'] * 12:,} B",
+                     f"{c['ratio']:.2f}", "<= 1.1 + constant"))
+        rows.append(("seed tail: stage-2 checkpoints, total", f"{c['files']} files, {c['tail_bytes']:,} B", "", ""))
+    if not args.quick:
+        q = qwen_shape_ratio()
+        rows.append(("full-model ckpt / loratrace ckpt, Qwen2.5-0.5B shape",
+                     f"{q['full_bytes']:,} B / {q['lora_bytes']:,} B", f"{q['ratio']:.0f}x", ">= 50x"))
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, python {platform.python_version()}")
+    print("| figure | measured | ratio | goal |\n|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,12 @@
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_bench_harness_runs_at_tiny_size():
+    result = subprocess.run([sys.executable, "-m", "bench", "--quick"], capture_output=True, text=True, cwd=ROOT,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| tracking overhead, tiny preset" in result.stdout
+    assert "| checkpoint / (trainable x 12 B), tiny" in result.stdout

@@ -1,0 +1,114 @@
+"""Views over hand-built Parquet (orphans, two runs, a truncated part) and over a real tracked run."""
+
+import datetime as dt
+
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+import loratrace
+from loratrace import schema
+from loratrace.store import StoreError
+
+T0 = dt.datetime(2025, 7, 20, tzinfo=dt.timezone.utc)
+
+
+def _batch(run_id, attempt, step, ids, lines):
+    return {"run_id": run_id, "attempt": attempt, "step": step, "micro_batch": 0, "rank": 0, "epoch": 0,
+            "batch_idx": step - 1, "stage": 1, "example_ids": ids, "lines": lines, "losses": [1.0 * step] * len(ids),
+            "p_gold": [0.5] * len(ids), "correct": [step % 2 == 0] * len(ids), "loss": 1.0 * step, "grad_norm": 0.1,
+            "lr": 1e-4, "n_tokens": 10, "n_target_tokens": len(ids), "wall_time": T0}
+
+
+def _write_run(root, run_id, batches, checkpoints, attempts):
+    tracking = root / run_id / "tracking"
+    (root / run_id / "run.json").parent.mkdir(parents=True)
+    (root / run_id / "run.json").write_text(f'{{"run_id": "{run_id}", "dataset": "arc-challenge"}}')
+    for n, rows in enumerate(batches):
+        schema.write_atomic(pa.Table.from_pylist(rows, schema=schema.BATCHES), tracking / "batches" / f"p{n}.parquet")
+    ckpts = [{"run_id": run_id, "attempt": a, "step": s, "path": f"checkpoints/checkpoint-step-{s:03d}.ckpt",
+              "bytes": 10, "created_at": T0} for a, s in checkpoints]
+    schema.write_atomic(pa.Table.from_pylist(ckpts, schema=schema.CHECKPOINTS), tracking / "checkpoints" / "c.parquet")
+    rows = [{"run_id": run_id, "attempt": a, "parent_attempt": p, "started_at": T0, "resumed_from": None,
+             "resumed_step": r, "world_size": 1, "host": "h"} for a, p, r in attempts]
+    schema.write_atomic(pa.Table.from_pylist(rows, schema=schema.ATTEMPTS), tracking / "attempts" / "a.parquet")
+
+
+@pytest.fixture
+def two_runs(tmp_path):
+    # run A: attempt 0 trained 1..4 (ckpts 2, 4), crashed after 4; attempt 1 resumed from 2 and trained 3..5 (ckpt 4)
+    _write_run(tmp_path, "A", [[_batch("A", 0, s, [f"x{s}", "y"], [s, 9]) for s in range(1, 5)],
+                               [_batch("A", 1, s, [f"z{s}", "y"], [10 + s, 9]) for s in range(3, 6)]],
+               checkpoints=[(0, 2), (0, 4), (1, 4)], attempts=[(0, None, 0), (1, 0, 2)])
+    _write_run(tmp_path, "B", [[_batch("B", 0, s, ["y"], [9]) for s in (1, 2)]], checkpoints=[(0, 2)],
+               attempts=[(0, None, 0)])
+    return tmp_path
+
+
+def test_views_show_the_effective_lineage_once(two_runs):
+    with loratrace.open_runs(two_runs) as db:
+        steps = db.sql("SELECT run_id, attempt, step FROM batches ORDER BY run_id, step").fetchall()
+        assert steps == [("A", 0, 1), ("A", 0, 2), ("A", 1, 3), ("A", 1, 4), ("A", 1, 5), ("B", 0, 1), ("B", 0, 2)]
+        orphaned = db.sql("SELECT run_id, attempt, step FROM batches_all WHERE orphaned ORDER BY step").fetchall()
+        assert orphaned == [("A", 0, 3), ("A", 0, 4)]
+        assert db.sql("SELECT run_id, attempt, step FROM checkpoints ORDER BY run_id, step").fetchall() == [
+            ("A", 0, 2), ("A", 1, 4), ("B", 0, 2)]
+        step_map = db.sql("SELECT step, checkpoint_step FROM step_checkpoint WHERE run_id = 'A' ORDER BY step")
+        assert step_map.fetchall() == [(1, 2), (2, 2), (3, 4), (4, 4), (5, None)]
+        runs = db.sql("SELECT run_id, steps, checkpoints FROM runs ORDER BY run_id").fetchall()
+        assert runs == [("A", 5, 2), ("B", 2, 1)]
+
+
+def test_trace_matches_an_independent_computation(two_runs):
+    with loratrace.open_runs(two_runs) as db:
+        frame = db.trace("y")
+    expected = [("A", 1, 2), ("A", 2, 2), ("A", 3, 4), ("A", 4, 4), ("A", 5, None), ("B", 1, 2), ("B", 2, 2)]
+    got = [(r, s, None if pd.isna(c) else int(c)) for r, s, c in zip(frame.run_id, frame.step, frame.checkpoint_step)]
+    assert got == expected
+    assert frame.groupby("run_id")["first"].sum().tolist() == [1, 1]
+    assert frame[frame["first"]].step.tolist() == [1, 1]
+    assert (frame.line == 9).all()
+
+
+def test_trace_unknown_id_suggests_the_closest(two_runs):
+    with loratrace.open_runs(two_runs) as db, pytest.raises(StoreError, match=r"no run trained example id 'z33'.*z3"):
+        db.trace("z33")
+
+
+def test_truncated_part_is_skipped_with_a_warning(two_runs):
+    part = two_runs / "A" / "tracking" / "batches" / "p1.parquet"
+    part.write_bytes(part.read_bytes()[:100])
+    with pytest.warns(UserWarning, match="skipping unreadable tracking part"):
+        db = loratrace.open_runs(two_runs / "A")
+    # attempt 1's rows went with the part; its attempt record still orphans attempt 0's steps 3 and 4
+    assert db.sql("SELECT max(step) FROM batches").fetchall() == [(2,)]
+    assert db.sql("SELECT count(*) FROM batches_all").fetchall() == [(4,)]
+    db.close()
+
+
+@pytest.mark.parametrize("sql", [
+    "COPY (SELECT 1) TO 'x.csv'", "ATTACH 'x.duckdb'", "INSTALL httpfs", "LOAD httpfs",
+    "CREATE TABLE t AS SELECT 1", "SELECT * FROM read_csv('/etc/passwd')", "SET enable_external_access = true",
+    "SELECT 1; SELECT 2",
+])
+def test_read_only_connection_refuses_escapes(two_runs, sql):
+    with loratrace.open_runs(two_runs, read_only=True) as db, pytest.raises(StoreError):
+        db.sql(sql).fetchall()
+
+
+def test_read_only_connection_still_answers_queries(two_runs):
+    with loratrace.open_runs(two_runs, read_only=True) as db:
+        assert db.sql("SELECT count(*) FROM samples WHERE example_id = ?", ["y"]).fetchall() == [(7,)]
+
+
+def test_views_over_a_real_run_see_new_parts(small_run, tmp_path):
+    with loratrace.open_runs(small_run) as db:
+        before = db.sql("SELECT count(*) FROM batches").fetchall()[0][0]
+        assert before == 16
+        extra = [_batch(small_run.name, 0, 99, ["new"], [0])]
+        schema.write_atomic(pa.Table.from_pylist(extra, schema=schema.BATCHES),
+                            small_run / "tracking" / "batches" / "zz-extra.parquet")
+        try:
+            assert db.sql("SELECT count(*) FROM batches").fetchall()[0][0] == 17
+        finally:
+            (small_run / "tracking" / "batches" / "zz-extra.parquet").unlink()
