@@ -75,8 +75,7 @@ def answer_statistics(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> d
     p_gold = probs.gather(1, batch["gold"].unsqueeze(1)).squeeze(1)
     correct = probs.argmax(dim=1) == batch["gold"]
     loss = (token_loss * mask).sum() / mask.sum().clamp(min=1)  # token-weighted mean over the micro-batch
-    return {"loss": loss, "losses": losses, "p_gold": p_gold, "correct": correct, "n_target": n_target,
-            "choice_logprobs": choice_logits.log_softmax(dim=1)}
+    return {"loss": loss, "losses": losses, "p_gold": p_gold, "correct": correct, "n_target": n_target}
 
 
 class CheckpointError(ValueError):

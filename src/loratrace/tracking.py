@@ -29,6 +29,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from loratrace import schema
+from loratrace.module import gradient_norm
 
 
 def _now() -> dt.datetime:
@@ -114,8 +115,7 @@ class BatchTracker(Callback):
         # so yet; its value is read at batch end. Any other module's gradients are measured here, before clipping.
         grad_norm = None
         if not hasattr(pl_module, "grad_norm"):
-            grads = [p.grad.detach().float().norm() for p in pl_module.parameters() if p.grad is not None]
-            grad_norm = torch.stack(grads).norm() if grads else torch.zeros(())
+            grad_norm = gradient_norm(pl_module.parameters())
         self._pending_update = {"grad_norm": grad_norm, "lr": float(optimizer.param_groups[0]["lr"])}
 
     @override
