@@ -189,8 +189,9 @@ class BatchTracker(Callback):
         due = self._last_mapping_step is None or step - self._last_mapping_step >= self.flush_every_steps
         if due and self._mapper is not None and (self._mapping is None or self._mapping.done()):
             self._last_mapping_step = step
-            self._writer.submit(lambda: None).result()  # the parts it reads are on disk first
-            self._mapping = self._mapper.submit(materialize_mappings, self.directory.parent)
+            # The refresh must read the parts queued so far; it waits for them on its own thread, not the step's.
+            parts_on_disk = self._writer.submit(lambda: None)
+            self._mapping = self._mapper.submit(_after, parts_on_disk, materialize_mappings, self.directory.parent)
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -244,6 +245,11 @@ class BatchTracker(Callback):
             warnings.warn(f"loratrace: refreshing the tracking mappings failed: {self._mapping.exception()}",
                           stacklevel=2)
         self.wait()
+
+
+def _after(done: Future, fn, *args) -> None:
+    done.result()
+    fn(*args)
 
 
 def _write_rows(rows: list[dict], path: Path) -> None:
