@@ -99,6 +99,12 @@ def test_resume_inside_an_epoch_and_at_its_boundary_with_accumulation(tmp_path):
                           "GROUP BY attempt ORDER BY attempt").fetchall()
         assert orphaned == [(0, 23, 30, 16), (1, 26, 30, 10)]  # nothing deleted: 2 micro-batches a step
         assert db.sql("SELECT count(*) FROM batches").fetchall()[0][0] == 60
+    # the mapping files follow the effective lineage too: identical to the uninterrupted run's
+    for name in ("step_checkpoint.parquet", "line_checkpoint.parquet"):
+        ours = pd.read_parquet(run / "tracking" / name).drop(columns="run_id")
+        theirs = pd.read_parquet(straight / "tracking" / name).drop(columns="run_id")
+        assert len(ours) > 0
+        pd.testing.assert_frame_equal(ours, theirs)
 
 
 def test_sigkill_then_resume_reads_like_an_uninterrupted_run(tmp_path):
@@ -166,6 +172,8 @@ def test_tracker_in_a_plain_lightning_loop_flushes_on_exception(tmp_path):
         trainer.fit(module, datamodule=data)
     rows = pd.read_parquet(tmp_path / "tracking" / "batches")
     assert sorted(rows.step) == list(range(1, 8))  # through the last finished step, nothing after
+    steps = pd.read_parquet(tmp_path / "tracking" / "step_checkpoint.parquet")  # mappings written on the way out
+    assert list(steps.step) == list(range(1, 8)) and steps.checkpoint_step.isna().all()
     assert rows.run_id.unique().tolist() == ["plain"]
 
 

@@ -53,15 +53,23 @@ class StepCheckpoint(Callback):
             self.save(trainer, step)
 
     def save(self, trainer: L.Trainer, step: int) -> Path:
+        from loratrace.tracking import BatchTracker
+
         path = self.directory / checkpoint_name(step)
         tmp = self.directory / f".{path.name}.partial"
-        trainer.save_checkpoint(tmp)  # collective: every rank takes part, rank 0 writes
+        trackers = [c for c in trainer.callbacks if isinstance(c, BatchTracker)] if trainer.is_global_zero else []
+        for tracker in trackers:  # their rows are written while torch serializes; waited for below
+            tracker.defer_wait = True
+        try:
+            trainer.save_checkpoint(tmp)  # collective: every rank takes part, rank 0 writes
+        finally:
+            for tracker in trackers:
+                tracker.defer_wait = False
         if trainer.is_global_zero:
+            for tracker in trackers:
+                tracker.wait()  # the rows this checkpoint includes are on disk before the checkpoint is
             os.replace(tmp, path)
-            from loratrace.tracking import BatchTracker
-
-            for callback in trainer.callbacks:
-                if isinstance(callback, BatchTracker):
-                    relative = path.relative_to(self.directory.parent).as_posix()
-                    callback.record_checkpoint(trainer, step, relative, path.stat().st_size)
+            relative = path.relative_to(self.directory.parent).as_posix()
+            for tracker in trackers:
+                tracker.record_checkpoint(trainer, step, relative, path.stat().st_size)
         return path

@@ -23,12 +23,12 @@ from typing import Any
 
 import lightning as L
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from loratrace import schema
+from loratrace.mappings import Mappings, lineage_ranges, read_parts
 from loratrace.module import gradient_norm
 
 
@@ -53,7 +53,8 @@ class BatchTracker(Callback):
         self._micro_batch = 0
         self._pending_update: dict[str, Any] | None = None
         self._last_flush_step = 0
-        self._last_mapping_step: int | None = None
+        self.defer_wait = False
+        self._mappings: Mappings | None = None  # rank 0 only
         self._writer: ThreadPoolExecutor | None = None  # parts, in submission order
         self._mapper: ThreadPoolExecutor | None = None  # mapping refreshes, never waited on by a step
         self._futures: list[Future] = []
@@ -104,6 +105,7 @@ class BatchTracker(Callback):
         }
         table = pa.Table.from_pylist([attempt_row], schema=schema.ATTEMPTS)
         self._submit(schema.write_atomic, table, self.directory / "attempts" / f"a{self.attempt:03d}.parquet")
+        self._mappings = Mappings(self.directory, self.run_id, lineage_ranges(self.directory, attempt_row))
         examples_path = self.directory / "examples.parquet"
         if self.examples is not None and not examples_path.exists():
             rows = [{"run_id": self.run_id, **row} for row in self.examples]
@@ -171,8 +173,11 @@ class BatchTracker(Callback):
     @override
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         # Durable before the checkpoint exists: a crash right after the .ckpt appears must not lose its rows.
+        # loratrace's StepCheckpoint sets `defer_wait` and waits itself just before its file appears, so the part
+        # is written while torch serializes the checkpoint instead of before.
         self.flush()
-        self.wait()
+        if not self.defer_wait:
+            self.wait()
 
     def record_checkpoint(self, trainer: L.Trainer, step: int, path: str, size: int) -> None:
         """Called by whoever wrote a checkpoint file (rank 0): one `checkpoints` row, then the mappings."""
@@ -183,28 +188,30 @@ class BatchTracker(Callback):
         table = pa.Table.from_pylist([row], schema=schema.CHECKPOINTS)
         self._submit(schema.write_atomic, table,
                      self.directory / "checkpoints" / f"a{self.attempt:03d}-s{step:09d}.parquet")
-        # The mappings re-read the whole lineage: with a checkpoint every update (the seed's stage 2) that would
-        # cost more than the step, so they are refreshed at most every `flush_every_steps` updates (and at the end).
-        # The query views are always current.
-        due = self._last_mapping_step is None or step - self._last_mapping_step >= self.flush_every_steps
-        if due and self._mapper is not None and (self._mapping is None or self._mapping.done()):
-            self._last_mapping_step = step
+        # The mappings are refreshed on their own thread; a save that comes while the last refresh still runs is
+        # folded into the next one (and the end always refreshes).
+        if self._mapper is not None and self._mappings is not None and (self._mapping is None or self._mapping.done()):
             # The refresh must read the parts queued so far; it waits for them on its own thread, not the step's.
             parts_on_disk = self._writer.submit(lambda: None)
-            self._mapping = self._mapper.submit(_after, parts_on_disk, materialize_mappings, self.directory.parent)
+            self._mapping = self._mapper.submit(_after, parts_on_disk, self._mappings.refresh)
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.flush()
         self.close()
         trainer.strategy.barrier("loratrace-tracking-end")  # every rank's last part is on disk
-        if trainer.is_global_zero:
-            materialize_mappings(self.directory.parent)
+        if self._mappings is not None:
+            self._mappings.refresh()
 
     @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self.flush()
         self.close()
+        if self._mappings is not None:  # what was trained up to the failure, for a pandas user
+            try:
+                self._mappings.refresh()
+            except Exception as error:  # noqa: BLE001 - the training error is the one to report
+                warnings.warn(f"loratrace: could not refresh the tracking mappings: {error}", stacklevel=2)
 
     # ------------------------------------------------------------------ writing
 
@@ -255,33 +262,3 @@ def _after(done: Future, fn, *args) -> None:
 def _write_rows(rows: list[dict], path: Path) -> None:
     schema.write_atomic(pa.Table.from_pylist(rows, schema=schema.BATCHES), path)
 
-
-def read_parts(folder: Path, table_schema: pa.Schema) -> pa.Table:
-    """Every complete part in `folder` (temporary names are never matched)."""
-    paths = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
-    tables = [pq.read_table(p, schema=table_schema) for p in paths]
-    return pa.concat_tables(tables) if tables else table_schema.empty_table()
-
-
-def materialize_mappings(run_dir: Path) -> None:
-    """step_checkpoint.parquet and line_checkpoint.parquet from the effective lineage (the query layer's views),
-    so that a pandas user needs no DuckDB."""
-    from loratrace.store import open_runs
-
-    db = open_runs([run_dir], read_only=False)
-    try:
-        tracking = Path(run_dir) / "tracking"
-        step_map = db.sql("SELECT run_id, step, checkpoint_step, checkpoint_path FROM step_checkpoint "
-                          "ORDER BY step").fetch_arrow_table()
-        schema.write_atomic(step_map.cast(schema.STEP_CHECKPOINT), tracking / "step_checkpoint.parquet")
-        line_map = db.sql("""
-            SELECT run_id, example_id, line,
-                   list(step ORDER BY step) AS steps,
-                   list(checkpoint_step ORDER BY step) AS checkpoint_steps,
-                   min(step) AS first_step,
-                   min(checkpoint_step) AS first_checkpoint_step,
-                   arg_min(checkpoint_path, checkpoint_step) AS first_checkpoint_path
-            FROM example_checkpoint GROUP BY run_id, example_id, line ORDER BY line, example_id""").fetch_arrow_table()
-        schema.write_atomic(line_map.cast(schema.LINE_CHECKPOINT), tracking / "line_checkpoint.parquet")
-    finally:
-        db.close()
