@@ -105,7 +105,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: keeps the harness from rotting")
     args = parser.parse_args()
-    steps, repeats = (12, 1) if args.quick else (60, 3)
+    steps, repeats = (12, 1) if args.quick else (80, 5)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         runs_dir = Path(tmp)

@@ -185,9 +185,8 @@ class BatchTracker(Callback):
             return
         row = {"run_id": self.run_id, "attempt": self.attempt, "step": step, "path": path, "bytes": size,
                "created_at": _now()}
-        table = pa.Table.from_pylist([row], schema=schema.CHECKPOINTS)
-        self._submit(schema.write_atomic, table,
-                     self.directory / "checkpoints" / f"a{self.attempt:03d}-s{step:09d}.parquet")
+        self._submit(_write_rows, [row], self.directory / "checkpoints" / f"a{self.attempt:03d}-s{step:09d}.parquet",
+                     schema.CHECKPOINTS)
         # The mappings are refreshed on their own thread; a save that comes while the last refresh still runs is
         # folded into the next one (and the end always refreshes).
         if self._mapper is not None and self._mappings is not None and (self._mapping is None or self._mapping.done()):
@@ -259,6 +258,7 @@ def _after(done: Future, fn, *args) -> None:
     fn(*args)
 
 
-def _write_rows(rows: list[dict], path: Path) -> None:
-    schema.write_atomic(pa.Table.from_pylist(rows, schema=schema.BATCHES), path)
+def _write_rows(rows: list[dict], path: Path, table_schema: pa.Schema = schema.BATCHES) -> None:
+    """Runs on the writer thread: building the Arrow table is part of the work kept off the step."""
+    schema.write_atomic(pa.Table.from_pylist(rows, schema=table_schema), path)
 
