@@ -7,6 +7,8 @@ both. Prints a Markdown table; `bench/RESULTS.md` holds the latest one with the 
   checkpoint bytes    .ckpt / (trainable parameters x 12 bytes) (goal <= 1.1, plus a constant for loop/RNG state)
   full vs LoRA ckpt   a full-model Lightning checkpoint / loratrace's, Qwen2.5-0.5B shape, random weights (>= 50x)
   seed tail           the 50 stage-2 checkpoints of the default job, total bytes
+  trace latency       `trace` over 10M sample rows through the library (goal <= 100 ms), vs grep | jq (>= 50x)
+  CLI start-up        `loratrace query "SELECT 1"`, end to end
 """
 
 from __future__ import annotations
@@ -101,6 +103,106 @@ def qwen_shape_ratio() -> dict:
             "ratio": (full_weights + optimizer_bytes) / lora_bytes}
 
 
+def synthetic_run(root: Path, n_samples: int, batch_size: int = 32, n_examples: int = 100_000,
+                  rows_per_part: int = 2_000) -> Path:
+    """A tracked run of `n_samples` sample rows written with loratrace's own atomic part writer (arrays built
+    vectorized: generating 10M Python objects would measure the generator, not the store)."""
+    import datetime as dt
+
+    import numpy as np
+    import pyarrow as pa
+
+    from loratrace import schema
+
+    run = root / "synthetic_lora_20250720_000000"
+    tracking = run / "tracking"
+    rng = np.random.default_rng(0)
+    n_rows = n_samples // batch_size
+    order = np.concatenate([rng.permutation(n_examples) for _ in range(-(-n_samples // n_examples))])[:n_samples]
+    ids = pa.array([f"EX{i:06d}" for i in range(n_examples)])
+    now = dt.datetime(2025, 7, 20, tzinfo=dt.timezone.utc)
+    for part, start in enumerate(range(0, n_rows, rows_per_part)):
+        rows = np.arange(start, min(n_rows, start + rows_per_part))
+        flat = order[rows[0] * batch_size: (rows[-1] + 1) * batch_size]
+        offsets = pa.array(np.arange(0, len(flat) + 1, batch_size, dtype=np.int32))
+        n = len(rows)
+        table = pa.table({
+            "run_id": pa.array([run.name] * n), "attempt": pa.array(np.zeros(n, np.int32)),
+            "step": pa.array(rows + 1), "micro_batch": pa.array(np.zeros(n, np.int32)),
+            "rank": pa.array(np.zeros(n, np.int32)),
+            "epoch": pa.array((rows * batch_size // n_examples).astype(np.int32)),
+            "batch_idx": pa.array(rows), "stage": pa.array(np.ones(n, np.int8)),
+            "example_ids": pa.ListArray.from_arrays(offsets, ids.take(pa.array(flat))),
+            "lines": pa.ListArray.from_arrays(offsets, pa.array(flat.astype(np.int64))),
+            "losses": pa.ListArray.from_arrays(offsets, pa.array(rng.random(len(flat), np.float32))),
+            "p_gold": pa.ListArray.from_arrays(offsets, pa.array(rng.random(len(flat), np.float32))),
+            "correct": pa.ListArray.from_arrays(offsets, pa.array(rng.random(len(flat)) > 0.5)),
+            "loss": pa.array(rng.random(n, np.float32)), "grad_norm": pa.array(rng.random(n, np.float32)),
+            "lr": pa.array(np.full(n, 1e-4)), "n_tokens": pa.array(np.full(n, 4096)),
+            "n_target_tokens": pa.array(np.full(n, batch_size)),
+            "wall_time": pa.array([now] * n, pa.timestamp("us", "UTC")),
+        }).cast(schema.BATCHES)
+        schema.write_atomic(table, tracking / "batches" / f"a000-r00-{part:06d}.parquet")
+    steps = list(range(1000, n_rows + 1, 1000)) or [n_rows]
+    schema.write_atomic(pa.Table.from_pylist(
+        [{"run_id": run.name, "attempt": 0, "step": s, "path": f"checkpoints/checkpoint-step-{s:03d}.ckpt",
+          "bytes": 1, "created_at": now} for s in steps], schema=schema.CHECKPOINTS),
+        tracking / "checkpoints" / "c.parquet")
+    schema.write_atomic(pa.Table.from_pylist(
+        [{"run_id": run.name, "attempt": 0, "parent_attempt": None, "started_at": now, "resumed_from": None,
+          "resumed_step": 0, "world_size": 1, "host": "bench"}], schema=schema.ATTEMPTS),
+        tracking / "attempts" / "a000.parquet")
+    return run
+
+
+def legacy_jsonl(run: Path, path: Path) -> None:
+    """The same rows as the traditional script's batch_tracking JSONL, for grep/jq."""
+    import pyarrow.parquet as pq
+
+    with open(path, "w") as f:
+        for part in sorted((run / "tracking" / "batches").glob("*.parquet")):
+            table = pq.read_table(part, columns=["step", "epoch", "batch_idx", "example_ids", "lines", "loss", "lr"])
+            for row in table.to_pylist():
+                f.write(json.dumps({"step": row["step"], "epoch": row["epoch"], "batch_idx": row["batch_idx"],
+                                    "sample_indices": row["lines"], "line_numbers": [x + 1 for x in row["lines"]],
+                                    "sample_ids": row["example_ids"], "loss": row["loss"],
+                                    "learning_rate": row["lr"]}) + "\n")
+
+
+def _best_of(fn, repeats: int = 5) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def trace_latency(root: Path, n_samples: int) -> dict:
+    import subprocess
+    import sys
+
+    from loratrace.store import open_runs, write_samples_index
+
+    run = synthetic_run(root, n_samples)
+    start = time.perf_counter()
+    write_samples_index(run)
+    index_s = time.perf_counter() - start
+    db = open_runs(run, read_only=True)
+    target = "EX004242"
+    frame = db.trace(target)
+    trace_s = _best_of(lambda: db.trace(target))
+    db.close()
+    jsonl = root / "batch_tracking.jsonl"
+    legacy_jsonl(run, jsonl)
+    pipeline = f"grep -F '\"{target}\"' {jsonl} | jq -c '{{step, loss}}' > /dev/null"
+    grep_s = _best_of(lambda: subprocess.run(pipeline, shell=True, check=True), repeats=3)
+    cli = [sys.executable, "-m", "loratrace", "query", "SELECT 1", "--runs-dir", str(run)]
+    cli_s = _best_of(lambda: subprocess.run(cli, check=True, capture_output=True), repeats=3)
+    return {"samples": n_samples, "exposures": len(frame), "index_s": index_s, "trace_ms": trace_s * 1e3,
+            "grep_ms": grep_s * 1e3, "ratio": grep_s / trace_s, "cli_s": cli_s}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: keeps the harness from rotting")
@@ -121,6 +223,12 @@ def main() -> None:
         rows.append(("checkpoint / (trainable x 12 B), tiny", f"{c['ckpt_bytes']:,} B / {c['trainable'] * 12:,} B",
                      f"{c['ratio']:.2f}", "<= 1.1 + constant"))
         rows.append(("seed tail: stage-2 checkpoints, total", f"{c['files']} files, {c['tail_bytes']:,} B", "", ""))
+        t = trace_latency(runs_dir, 200_000 if args.quick else 10_000_000)
+        rows.append((f"trace over {t['samples']:,} sample rows (library, index built in {t['index_s']:.1f} s)",
+                     f"{t['trace_ms']:.1f} ms for {t['exposures']} exposures", "", "<= 100 ms"))
+        rows.append(("grep | jq over the legacy JSONL / trace", f"{t['grep_ms']:.0f} ms / {t['trace_ms']:.1f} ms",
+                     f"{t['ratio']:.0f}x", ">= 50x"))
+        rows.append(("CLI start-up: `loratrace query 'SELECT 1'`", f"{t['cli_s'] * 1e3:.0f} ms", "", ""))
     if not args.quick:
         q = qwen_shape_ratio()
         rows.append(("full-model ckpt / loratrace ckpt, Qwen2.5-0.5B shape",

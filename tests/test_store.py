@@ -110,5 +110,21 @@ def test_views_over_a_real_run_see_new_parts(small_run, tmp_path):
                             small_run / "tracking" / "batches" / "zz-extra.parquet")
         try:
             assert db.sql("SELECT count(*) FROM batches").fetchall()[0][0] == 17
+            assert db.indexed_runs == []  # the index no longer covers every part: trace falls back to the views
+            assert db.trace("new").step.tolist() == [99]
         finally:
             (small_run / "tracking" / "batches" / "zz-extra.parquet").unlink()
+
+
+def test_samples_index_is_written_at_the_end_and_answers_like_the_views(small_run):
+    from loratrace.store import TRACE_COLUMNS, TRACE_ORDER
+
+    assert (small_run / "tracking" / "samples_index.parquet").is_file()
+    with loratrace.open_runs(small_run, read_only=True) as db:
+        assert db.indexed_runs == [small_run.name]
+        ids = [r[0] for r in db.sql("SELECT DISTINCT example_id FROM samples ORDER BY 1 LIMIT 5").fetchall()]
+        for example_id in ids:
+            by_index = db.trace(example_id)
+            by_views = db.sql(f"SELECT {', '.join(TRACE_COLUMNS)} FROM example_trace WHERE example_id = ? "
+                              f"ORDER BY {TRACE_ORDER}", [example_id]).df()
+            pd.testing.assert_frame_equal(by_index.reset_index(drop=True), by_views, check_dtype=False)

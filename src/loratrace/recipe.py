@@ -58,7 +58,7 @@ def _loggers(cfg: Config, run_dir: Path) -> list:
 def _example_rows(cfg: Config, examples, datamodule) -> list[dict]:
     return [{"example_id": e.example_id, "line": e.line, "split": cfg.data.train_split, "dataset": cfg.data.dataset,
              "gold": e.gold_label, "n_choices": len(e.choices), "n_target_tokens": enc.n_target_tokens,
-             "prompt_sha256": e.prompt_sha256} for e, enc in zip(examples, datamodule.encoded)]
+             "prompt_sha256": e.prompt_sha256, "prompt": e.prompt} for e, enc in zip(examples, datamodule.encoded)]
 
 
 def train(cfg: Config, resume_from: str | Path | None = None, progress: bool = True,

@@ -46,6 +46,7 @@ EXAMPLES = pa.schema([
     ("n_choices", pa.int32()),
     ("n_target_tokens", pa.int32()),
     ("prompt_sha256", pa.string()),
+    ("prompt", pa.string()),  # the formatted prompt, so a checkpoint can be paired with the text that trained it
 ])
 
 CHECKPOINTS = pa.schema([
