@@ -9,6 +9,7 @@ both. Prints a Markdown table; `bench/RESULTS.md` holds the latest one with the 
   seed tail           the 50 stage-2 checkpoints of the default job, total bytes
   trace latency       `trace` over 10M sample rows through the library (goal <= 100 ms), vs grep | jq (>= 50x)
   CLI start-up        `loratrace query "SELECT 1"`, end to end
+  evaluation          examples per second scored, batched vs one at a time
 """
 
 from __future__ import annotations
@@ -203,6 +204,24 @@ def trace_latency(root: Path, n_samples: int) -> dict:
             "grep_ms": grep_s * 1e3, "ratio": grep_s / trace_s, "cli_s": cli_s}
 
 
+def eval_throughput(runs_dir: Path, limit: int) -> dict:
+    """Examples per second scored, batched (32) vs one at a time, same model and examples."""
+    from loratrace.evaluate import Evaluator, _load_model
+
+    cfg = load_config(None, ["logging.swanlab=false", f"runs_dir={runs_dir}", "training.max_steps=2",
+                             "training.stage1_steps=1", f"eval.limit={limit}"])
+    run = loratrace.train(cfg, progress=False)
+    model, tokenizer = _load_model(cfg, run)
+    speeds = {}
+    for batch_size in (32, 1, 32, 1):  # interleaved
+        evaluator = Evaluator(cfg, run, tokenizer, cfg.eval.__class__(limit=limit, batch_size=batch_size))
+        start = time.perf_counter()
+        evaluator.score(model)
+        speeds.setdefault(batch_size, []).append(limit / (time.perf_counter() - start))
+    batched, single = max(speeds[32]), max(speeds[1])
+    return {"batched": batched, "single": single, "ratio": batched / single}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: keeps the harness from rotting")
@@ -229,6 +248,9 @@ def main() -> None:
         rows.append(("grep | jq over the legacy JSONL / trace", f"{t['grep_ms']:.0f} ms / {t['trace_ms']:.1f} ms",
                      f"{t['ratio']:.0f}x", ">= 50x"))
         rows.append(("CLI start-up: `loratrace query 'SELECT 1'`", f"{t['cli_s'] * 1e3:.0f} ms", "", ""))
+        e = eval_throughput(runs_dir, 32 if args.quick else 100)
+        rows.append(("evaluation, tiny preset: batched (32) / one by one",
+                     f"{e['batched']:.0f} / {e['single']:.0f} examples/s", f"{e['ratio']:.1f}x", ""))
     if not args.quick:
         q = qwen_shape_ratio()
         rows.append(("full-model ckpt / loratrace ckpt, Qwen2.5-0.5B shape",

@@ -10,3 +10,5 @@ def test_bench_harness_runs_at_tiny_size():
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| tracking overhead, tiny preset" in result.stdout
     assert "| checkpoint / (trainable x 12 B), tiny" in result.stdout
+    assert "| trace over 200,000 sample rows" in result.stdout and "| grep | jq over the legacy JSONL" in result.stdout
+    assert "| evaluation, tiny preset: batched (32) / one by one" in result.stdout

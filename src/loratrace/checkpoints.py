@@ -72,4 +72,9 @@ class StepCheckpoint(Callback):
             relative = path.relative_to(self.directory.parent).as_posix()
             for tracker in trackers:
                 tracker.record_checkpoint(trainer, step, relative, path.stat().st_size)
+            from loratrace.evaluate import CheckpointEvaluator
+
+            for callback in trainer.callbacks:
+                if isinstance(callback, CheckpointEvaluator):
+                    callback.evaluate(trainer, trainer.lightning_module, step, relative)
         return path

@@ -3,6 +3,7 @@
     loratrace train [--config F] [key=value ...] [--track-batches] [--resume-from-checkpoint CKPT] [--dataset D ...]
     loratrace query "SELECT ..." [-p VALUE ...] [--format table|csv|json|parquet] [--output FILE] [--runs-dir DIR]
     loratrace trace --example-id ID | --line N [--run RUN_ID]
+    loratrace eval RUN [--checkpoints all|last|final|76,100] [--split S] [--limit N]
     loratrace runs
 
 Errors a user can cause end in one line on stderr: exit 2 for a bad config, data set or model (before any work
@@ -53,6 +54,15 @@ def _parser() -> argparse.ArgumentParser:
     trace.add_argument("--format", choices=FORMATS[:3], default="table", help="output format (default: table)")
     add_runs_dir(trace)
 
+    evaluate = sub.add_parser("eval", help="multiple-choice accuracy of a run's checkpoints, per example",
+                              description="Score checkpoints on a held-out split; results join the evals view.")
+    evaluate.add_argument("run", help="the run folder")
+    evaluate.add_argument("--checkpoints", default="all", help="all (default), last, final, or steps like 76,100")
+    evaluate.add_argument("--split", help="split to score (default: the run's eval.split, validation)")
+    evaluate.add_argument("--limit", type=int, help="score only the first N rows")
+    evaluate.add_argument("--batch-size", type=int, help="examples per forward pass")
+    evaluate.add_argument("--scoring", choices=("label", "text"), help="choice letters (default) or choice texts")
+
     runs = sub.add_parser("runs", help="one line per run: id, dataset, steps, checkpoints, status",
                           description="List the runs under --runs-dir.")
     runs.add_argument("--format", choices=FORMATS[:3], default="table", help="output format (default: table)")
@@ -94,6 +104,7 @@ def _open(runs_dir: str):
 def cmd_train(args: argparse.Namespace) -> int:
     from loratrace.config import ConfigError, load_config
     from loratrace.data import DataError
+    from loratrace.evaluate import EvalError
     from loratrace.model import ModelError
     from loratrace.module import CheckpointError
 
@@ -115,7 +126,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         for cfg in configs:
             train(cfg, resume_from=args.resume_from_checkpoint)
-    except (ConfigError, DataError, ModelError, CheckpointError) as exc:
+    except (ConfigError, DataError, ModelError, CheckpointError, EvalError) as exc:
         return _fail(str(exc).splitlines()[0], 2)
     return 0
 
@@ -149,6 +160,23 @@ def cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from loratrace.config import ConfigError
+    from loratrace.evaluate import EvalError, evaluate_run
+
+    overrides = [f"eval.{key}={value}" for key, value in (("split", args.split), ("limit", args.limit),
+                                                          ("batch_size", args.batch_size), ("scoring", args.scoring))
+                 if value is not None]
+    try:
+        summary = evaluate_run(args.run, args.checkpoints, overrides)
+    except (ConfigError, EvalError) as exc:
+        return _fail(str(exc).splitlines()[0], 2)
+    _emit(summary, "table", None)
+    best = summary.loc[summary.accuracy.idxmax()]
+    print(f"best: {best.checkpoint} (step {int(best.checkpoint_step)}), accuracy {best.accuracy:.4f}")
+    return 0
+
+
 def cmd_runs(args: argparse.Namespace) -> int:
     with _open(args.runs_dir) as db:
         frame = db.sql("SELECT run_id, dataset, steps, checkpoints, last_checkpoint_step, status FROM runs "
@@ -160,12 +188,12 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "query": cmd_query, "trace": cmd_trace, "runs": cmd_runs}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "query": cmd_query, "trace": cmd_trace, "runs": cmd_runs}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command != "train":
+    if args.command not in ("train", "eval"):
         from loratrace.store import StoreError
 
         try:

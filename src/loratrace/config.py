@@ -64,8 +64,6 @@ class DataConfig:
     (JSONL/Parquet file, folder of `<split>.jsonl|parquet`, or a `save_to_disk` folder)."""
     train_split: str = "train"
     """Split trained on."""
-    eval_split: str = "validation"
-    """Held-out split (evaluation)."""
     max_length: int = 256
     """Longest prompt+answer in tokens; longer prompts are cut from the left, the answer is kept."""
     limit: int | None = None
@@ -127,6 +125,20 @@ class TrackingConfig:
 
 
 @dataclass
+class EvalConfig:
+    every_checkpoint: bool = False
+    """Evaluate each checkpoint on `split` as it is written (rank 0, same forward as `loratrace eval`)."""
+    split: str = "validation"
+    """Held-out split scored."""
+    limit: int | None = None
+    """Score only the first N rows of the split."""
+    batch_size: int = 32
+    """Examples per forward pass."""
+    scoring: str = "label"
+    """`label`: log-likelihood of each choice's letter after the prompt; `text`: of the choice's text, per token."""
+
+
+@dataclass
 class LoggingConfig:
     tensorboard: bool = True
     """Write TensorBoard events under tensorboard_logs/."""
@@ -154,6 +166,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     runs_dir: str = "runs"
@@ -189,6 +202,7 @@ CHOICES = {
     "model.tiny_arch": ("llama", "qwen2"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "training.schedule": ("constant", "cosine"),
+    "eval.scoring": ("label", "text"),
     "training.precision": ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true"),
     "logging.swanlab_mode": ("offline", "local", "cloud", "disabled"),
 }
@@ -368,6 +382,8 @@ def validate(cfg: Config) -> None:
     _require(cfg.checkpoint.stage1_every_n_steps >= 0, "checkpoint.stage1_every_n_steps must be >= 0")
     _require(cfg.checkpoint.stage2_every_n_steps >= 1, "checkpoint.stage2_every_n_steps must be at least 1")
     _require(cfg.tracking.flush_every_steps >= 1, "tracking.flush_every_steps must be at least 1")
+    _require(cfg.eval.batch_size >= 1, f"eval.batch_size must be at least 1, got {cfg.eval.batch_size}")
+    _require(cfg.eval.limit is None or cfg.eval.limit >= 1, f"eval.limit must be at least 1, got {cfg.eval.limit}")
     _require(cfg.model.tiny_hidden_size % 4 == 0, "model.tiny_hidden_size must be a multiple of 4")
     _require(cfg.model.tiny_layers >= 1, "model.tiny_layers must be at least 1")
 

@@ -19,6 +19,7 @@ from loratrace import runs
 from loratrace.checkpoints import StepCheckpoint, checkpoint_steps
 from loratrace.config import Config, ConfigError, load_config
 from loratrace.data import CommonsenseData, load_split
+from loratrace.evaluate import CheckpointEvaluator, Evaluator
 from loratrace.export import export_adapter, export_merged, save_base_model
 from loratrace.model import add_lora, build_tiny_model, load_base, trainable_parameter_count
 from loratrace.module import LoRAModule
@@ -76,6 +77,7 @@ def train(cfg: Config, resume_from: str | Path | None = None, progress: bool = T
     examples = load_split(cfg.data.dataset, cfg.data.source, cfg.data.train_split, cfg.data.limit)
     datamodule = CommonsenseData(examples, tokenizer, cfg.data.max_length, cfg.training.batch_size,
                                  cfg.training.seed, cfg.data.num_workers)
+    evaluator = Evaluator(cfg, None, tokenizer) if cfg.eval.every_checkpoint else None  # its split, checked now
     peft_model = add_lora(model, cfg.lora, cfg.training.seed)
     module = LoRAModule(peft_model, cfg.training)
 
@@ -98,6 +100,9 @@ def train(cfg: Config, resume_from: str | Path | None = None, progress: bool = T
                                       examples=_example_rows(cfg, examples, datamodule), stage1_steps=t.stage1_steps))
     callbacks.append(StepCheckpoint(run_dir / "checkpoints", checkpoint_steps(t.max_steps, t.stage1_steps,
                                                                               cfg.checkpoint)))
+    if evaluator is not None:
+        evaluator.run_dir = run_dir
+        callbacks.append(CheckpointEvaluator(evaluator))
     if progress:
         callbacks.append(TQDMProgressBar(refresh_rate=1))
     callbacks += extra

@@ -87,6 +87,22 @@ LINE_CHECKPOINT = pa.schema([
     ("first_checkpoint_path", pa.string()),
 ])
 
+EVALS = pa.schema([
+    ("run_id", pa.string()),
+    ("checkpoint_step", pa.int64()),
+    ("checkpoint_path", pa.string()),
+    ("split", pa.string()),
+    ("scoring", pa.string()),
+    ("example_id", pa.string()),
+    ("line", pa.int64()),
+    ("gold", pa.string()),
+    ("pred", pa.string()),
+    ("correct", pa.bool_()),
+    ("p_gold", pa.float32()),
+    ("choice_logliks", pa.list_(pa.float32())),  # per choice, in choice order
+    ("evaluated_at", pa.timestamp("us", tz="UTC")),
+])
+
 
 def write_atomic(table: pa.Table, path: Path) -> None:
     """Write next to `path` under a name no reader globs (`.tmp-*`), then rename into place: a reader sees the

@@ -43,6 +43,7 @@ TABLES = {  # view name -> (folder or file under tracking/, schema)
     "examples_raw": ("examples.parquet", schema.EXAMPLES),
     "checkpoints_raw": ("checkpoints", schema.CHECKPOINTS),
     "attempts_raw": ("attempts", schema.ATTEMPTS),
+    "evals_raw": ("evals", schema.EVALS),
 }
 
 
@@ -209,6 +210,11 @@ class Runs:
             FROM batches""")
         self.con.execute("CREATE OR REPLACE VIEW examples AS SELECT * FROM examples_raw")
         self.con.execute("CREATE OR REPLACE VIEW attempts AS SELECT * FROM attempts_raw")
+        # Re-evaluating replaces nothing on disk; the latest evaluation of each (checkpoint, split, example) shows.
+        self.con.execute("""
+            CREATE OR REPLACE VIEW evals AS SELECT * FROM evals_raw
+            QUALIFY row_number() OVER (PARTITION BY run_id, checkpoint_step, split, example_id
+                                       ORDER BY evaluated_at DESC) = 1""")
         self.con.execute("""
             CREATE OR REPLACE VIEW step_checkpoint AS
             WITH steps AS (SELECT DISTINCT run_id, step FROM batches)

@@ -1,0 +1,253 @@
+"""Multiple-choice accuracy of a run's checkpoints, per example, written like tracking data (`tracking/evals/`).
+
+Scored the way lm-evaluation-harness scores these sets: for each example the log-likelihood of every choice,
+prediction = the most likely; batched, no generation, deterministic.
+
+    loratrace eval runs/<run>                                   # every checkpoint, validation split
+    loratrace eval runs/<run> --checkpoints last --split test --limit 500
+    evaluate_run("runs/<run>", checkpoints="all")               # the same, as a library call -> summary DataFrame
+
+`scoring="label"` scores each choice's letter after the lettered prompt (one forward per example, the same
+quantity training's p_gold uses); `scoring="text"` scores each choice's text after the prompt, length-normalised
+per token (one forward per choice).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import pyarrow as pa
+import torch
+
+from loratrace import schema
+from loratrace.config import Config, EvalConfig, load_config
+from loratrace.data import LETTERS, DataError, Encoded, collate, encode, load_split
+from loratrace.module import rng_state, set_rng_state
+
+
+class EvalError(ValueError):
+    """A run, split or checkpoint the user asked to evaluate that cannot be."""
+
+
+@dataclass
+class Scored:
+    logliks: list[list[float]]
+    preds: list[int]
+    p_gold: list[float]
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+@torch.no_grad()
+def score_labels(model, encoded: list[Encoded], pad_id: int, batch_size: int, device) -> Scored:
+    """Log-likelihood of each choice letter at the answer position (full-vocabulary softmax)."""
+    out = Scored([], [], [])
+    for start in range(0, len(encoded), batch_size):
+        batch = collate(encoded[start: start + batch_size], pad_id)
+        inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+        logits = model(**inputs).logits
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        answer = logits[rows, batch["answer_pos"].to(device)].float().log_softmax(dim=-1)
+        choice_ids = batch["choice_ids"].to(device)
+        logliks = answer.gather(1, choice_ids.clamp(min=0)).masked_fill(choice_ids < 0, float("-inf")).cpu()
+        for row, n in zip(logliks, (len(e.choice_token_ids) for e in encoded[start: start + batch_size])):
+            values = row[:n]
+            out.logliks.append(values.tolist())
+            out.preds.append(int(values.argmax()))
+        gold = batch["gold"]
+        out.p_gold += logliks.softmax(dim=1).gather(1, gold.unsqueeze(1)).squeeze(1).tolist()
+    return out
+
+
+@torch.no_grad()
+def score_texts(model, tokenizer, examples, max_length: int, batch_size: int, device) -> Scored:
+    """Mean log-likelihood per token of each choice's text after the prompt."""
+    pairs = []  # (example index, prompt ids, continuation ids)
+    for index, example in enumerate(examples):
+        prompt = tokenizer.encode(example.prompt, add_special_tokens=False)
+        for text in example.choices:
+            continuation = tokenizer.encode(" " + str(text).strip(), add_special_tokens=False)[: max_length // 2]
+            room = max_length - len(continuation)
+            pairs.append((index, prompt[max(0, len(prompt) - room):], continuation))
+    scores: list[float] = []
+    pad_id = _pad_id(tokenizer)
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start: start + batch_size]
+        width = max(len(p) + len(c) for _, p, c in chunk)
+        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for i, (_, prompt, continuation) in enumerate(chunk):
+            ids = prompt + continuation
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            mask[i, : len(ids)] = 1
+        logprobs = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float().log_softmax(-1)
+        for i, (_, prompt, continuation) in enumerate(chunk):
+            positions = torch.arange(len(prompt) - 1, len(prompt) + len(continuation) - 1)
+            targets = torch.tensor(continuation, device=logprobs.device)
+            scores.append(float(logprobs[i, positions.to(logprobs.device), targets].mean()))
+    out, cursor = Scored([], [], []), 0
+    for example in examples:
+        values = torch.tensor(scores[cursor: cursor + len(example.choices)])
+        cursor += len(example.choices)
+        out.logliks.append(values.tolist())
+        out.preds.append(int(values.argmax()))
+        out.p_gold.append(float(values.softmax(0)[example.gold]))
+    return out
+
+
+class Evaluator:
+    """Scores one split with whatever weights the model holds now; writes one part per checkpoint evaluated."""
+
+    def __init__(self, cfg: Config, run_dir: Path | None, tokenizer, settings: EvalConfig | None = None):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.run_dir = Path(run_dir) if run_dir is not None else None  # set before the first evaluate()
+        self.settings = settings or cfg.eval
+        try:
+            self.examples = load_split(cfg.data.dataset, cfg.data.source, self.settings.split, self.settings.limit)
+        except DataError as exc:
+            raise EvalError(str(exc)) from None
+        self.encoded = encode(self.examples, tokenizer, cfg.data.max_length)
+
+    def score(self, model) -> Scored:
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        try:
+            if self.settings.scoring == "text":
+                return score_texts(model, self.tokenizer, self.examples, self.cfg.data.max_length,
+                                   self.settings.batch_size, device)
+            return score_labels(model, self.encoded, _pad_id(self.tokenizer), self.settings.batch_size, device)
+        finally:
+            model.train(was_training)
+
+    def evaluate(self, model, checkpoint_step: int, checkpoint_path: str) -> float:
+        """Score, write `tracking/evals/<part>.parquet`, return the accuracy."""
+        scored = self.score(model)
+        now = dt.datetime.now(dt.timezone.utc)
+        rows = [{
+            "run_id": self.run_dir.name, "checkpoint_step": checkpoint_step, "checkpoint_path": checkpoint_path,
+            "split": self.settings.split, "scoring": self.settings.scoring, "example_id": e.example_id,
+            "line": e.line, "gold": e.gold_label, "pred": LETTERS[pred], "correct": pred == e.gold,
+            "p_gold": p_gold, "choice_logliks": logliks, "evaluated_at": now,
+        } for e, pred, p_gold, logliks in zip(self.examples, scored.preds, scored.p_gold, scored.logliks)]
+        name = f"s{checkpoint_step:09d}-{now:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}.parquet"
+        schema.write_atomic(pa.Table.from_pylist(rows, schema=schema.EVALS), self.run_dir / "tracking" / "evals" / name)
+        return sum(r["correct"] for r in rows) / len(rows)
+
+
+class CheckpointEvaluator(L.Callback):
+    """`eval.every_checkpoint=true`: score each checkpoint as StepCheckpoint writes it, with the live weights."""
+
+    def __init__(self, evaluator: Evaluator):
+        self.evaluator = evaluator
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int, path: str) -> None:
+        if not trainer.is_global_zero:
+            return
+        state = rng_state()  # scoring draws nothing, but training's randomness must not depend on that
+        accuracy = self.evaluator.evaluate(pl_module.model, step, path)
+        set_rng_state(state)
+        for logger in trainer.loggers:
+            logger.log_metrics({f"eval/{self.evaluator.settings.split}_accuracy": accuracy}, step=step)
+
+
+# ---------------------------------------------------------------------------------------------- after training
+
+def _load_model(cfg: Config, run_dir: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loratrace.model import add_lora, load_base
+
+    if cfg.model.name == "tiny":
+        base_dir = run_dir / "base_model"
+        if not base_dir.is_dir():
+            raise EvalError(f"{run_dir} has no base_model/ (the tiny preset's base is saved there)")
+        model = AutoModelForCausalLM.from_pretrained(base_dir)
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    else:
+        model, tokenizer = load_base(cfg.model)
+    return add_lora(model, cfg.lora, cfg.training.seed), tokenizer
+
+
+def load_lora_weights(peft_model, checkpoint: Path) -> None:
+    """Put a loratrace `.ckpt`'s LoRA tensors into `peft_model`; a shape or name mismatch is one EvalError line."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    weights = {k.removeprefix("model."): v for k, v in state.items()}
+    own = peft_model.state_dict()
+    expected = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    for key, tensor in weights.items():
+        if key not in own:
+            raise EvalError(f"{checkpoint.name}: tensor {key} has no place in this model (lora config differs)")
+        if own[key].shape != tensor.shape:
+            raise EvalError(f"{checkpoint.name}: tensor {key} has shape {tuple(tensor.shape)}, the model expects "
+                            f"{tuple(own[key].shape)} (lora.r or the base model differ)")
+    if missing := sorted(expected - set(weights)):
+        raise EvalError(f"{checkpoint.name}: no tensor for {missing[0]} (lora.target_modules differ)")
+    peft_model.load_state_dict(weights, strict=False)
+
+
+def select_checkpoints(run_dir: Path, which: str) -> list[tuple[int, Path]]:
+    found = sorted((int(p.stem.rsplit("-", 1)[1]), p) for p in (run_dir / "checkpoints").glob("checkpoint-step-*.ckpt"))
+    if which == "final":
+        return []
+    if not found:
+        raise EvalError(f"{run_dir} has no checkpoints to evaluate")
+    if which == "all":
+        return found
+    if which == "last":
+        return found[-1:]
+    try:
+        wanted = {int(x) for x in which.split(",")}
+    except ValueError:
+        raise EvalError(f"--checkpoints {which!r}: use all, last, final, or steps like 76,100") from None
+    chosen = [(s, p) for s, p in found if s in wanted]
+    if missing := sorted(wanted - {s for s, _ in chosen}):
+        raise EvalError(f"{run_dir} has no checkpoint at step {missing[0]}")
+    return chosen
+
+
+def evaluate_run(run_dir: str | Path, checkpoints: str = "all", overrides: list[str] | tuple = (),
+                 progress: bool = True):
+    """Evaluate checkpoints of a finished (or stopped) run; returns a DataFrame: checkpoint_step, accuracy, delta."""
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise EvalError(f"{run_dir} is not a run folder (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml", list(overrides))
+    chosen = select_checkpoints(run_dir, checkpoints)
+    peft_model, tokenizer = _load_model(cfg, run_dir)
+    evaluator = Evaluator(cfg, run_dir, tokenizer)
+    results = []
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(run_dir / "tensorboard_logs")) if cfg.logging.tensorboard else None
+    for step, path in tqdm(chosen, desc="checkpoints", disable=not progress):
+        load_lora_weights(peft_model, path)
+        accuracy = evaluator.evaluate(peft_model, step, path.relative_to(run_dir).as_posix())
+        results.append((step, path.relative_to(run_dir).as_posix(), accuracy))
+        if writer:
+            writer.add_scalar(f"eval/{evaluator.settings.split}_accuracy", accuracy, step)
+    if checkpoints == "final":
+        from transformers import AutoModelForCausalLM
+
+        final = run_dir / "final_model"
+        if not final.is_dir():
+            raise EvalError(f"{run_dir} has no final_model/")
+        import json
+
+        step = json.loads((run_dir / "run.json").read_text()).get("steps", cfg.training.max_steps)
+        accuracy = evaluator.evaluate(AutoModelForCausalLM.from_pretrained(final), step, "final_model")
+        results.append((step, "final_model", accuracy))
+    if writer:
+        writer.close()
+    frame = pd.DataFrame(results, columns=["checkpoint_step", "checkpoint", "accuracy"])
+    frame["delta"] = frame.accuracy.diff()
+    return frame

@@ -1,0 +1,109 @@
+"""Evaluation: per-example multiple-choice scores of every checkpoint, queryable as the evals view."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import run_cli, small_config
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import loratrace
+from loratrace.evaluate import EvalError, evaluate_run
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(tmp_path_factory):
+    """16 updates, checkpoints 9..16, each scored on 40 validation rows while training."""
+    cfg = small_config(tmp_path_factory.mktemp("eval-runs"), "eval.every_checkpoint=true", "eval.limit=40")
+    return loratrace.train(cfg, progress=False)
+
+
+def raw_evals(run):
+    return pd.read_parquet(run / "tracking" / "evals")
+
+
+def test_every_checkpoint_was_scored_during_training(evaluated_run):
+    rows = raw_evals(evaluated_run)
+    assert sorted(rows.checkpoint_step.unique()) == list(range(9, 17))
+    assert (rows.groupby("checkpoint_step").size() == 40).all()
+    events = EventAccumulator(str(evaluated_run / "tensorboard_logs"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("eval/validation_accuracy")] == list(range(9, 17))
+
+
+def test_accuracy_is_the_mean_of_independently_recomputed_correctness(evaluated_run):
+    summary = evaluate_run(evaluated_run, "last", progress=False)
+    assert list(summary.checkpoint_step) == [16]
+    with loratrace.open_runs(evaluated_run) as db:
+        rows = db.sql("SELECT * FROM evals WHERE checkpoint_step = 16").df()
+    letters = "ABCDEFGHIJ"
+    pred = [letters[int(np.argmax(ll))] for ll in rows.choice_logliks]
+    correct = [p == g for p, g in zip(pred, rows.gold)]
+    assert list(rows.pred) == pred and list(rows.correct) == correct
+    assert summary.accuracy.iloc[0] == pytest.approx(np.mean(correct))
+    p_gold = [np.exp(ll[letters.index(g)]) / np.exp(ll).sum() for ll, g in zip(rows.choice_logliks, rows.gold)]
+    np.testing.assert_allclose(rows.p_gold, p_gold, rtol=1e-4)
+
+
+def test_afterwards_equals_during_training_and_shows_once(evaluated_run):
+    evaluate_run(evaluated_run, "9,12", progress=False)
+    rows = raw_evals(evaluated_run)
+    for step in (9, 12):
+        runs = [g.sort_values("line") for _, g in rows[rows.checkpoint_step == step].groupby("evaluated_at")]
+        assert len(runs) >= 2
+        np.testing.assert_allclose(np.concatenate(list(runs[0].choice_logliks)),
+                                   np.concatenate(list(runs[-1].choice_logliks)), atol=1e-5)
+    with loratrace.open_runs(evaluated_run) as db:
+        assert db.sql("SELECT count(*) FROM evals WHERE checkpoint_step = 9").fetchall() == [(40,)]
+        acc = db.sql("SELECT checkpoint_step, avg(correct::INT) AS acc FROM evals GROUP BY 1 ORDER BY 1").df()
+    assert list(acc.checkpoint_step) == list(range(9, 17))
+
+
+def test_forgetting_between_checkpoints_is_one_query(evaluated_run):
+    sql = """
+        WITH seq AS (SELECT example_id, checkpoint_step, correct,
+                            lag(correct) OVER (PARTITION BY example_id ORDER BY checkpoint_step) AS before
+                     FROM evals)
+        SELECT example_id, checkpoint_step FROM seq WHERE before AND NOT correct ORDER BY 1, 2"""
+    with loratrace.open_runs(evaluated_run, read_only=True) as db:
+        got = [tuple(r) for r in db.sql(sql).fetchall()]
+        latest = db.sql("SELECT example_id, checkpoint_step, correct FROM evals ORDER BY 1, 2").df()
+    expected = []
+    for example_id, group in latest.groupby("example_id"):
+        flags = list(group.correct)
+        expected += [(example_id, s) for s, a, b in zip(group.checkpoint_step[1:], flags, flags[1:]) if a and not b]
+    assert got == sorted(expected)
+
+
+def test_text_scoring_scores_every_choice(evaluated_run):
+    summary = evaluate_run(evaluated_run, "last", ["eval.scoring=text", "eval.limit=10"], progress=False)
+    assert 0 <= summary.accuracy.iloc[0] <= 1
+    rows = raw_evals(evaluated_run)
+    text = rows[rows.scoring == "text"]
+    assert len(text) == 10
+    assert all(len(ll) >= 2 and max(ll) <= 0 for ll in text.choice_logliks)
+
+
+def test_mismatched_lora_is_one_eval_error(evaluated_run):
+    with pytest.raises(EvalError, match="has shape .* the model expects"):
+        evaluate_run(evaluated_run, "last", ["lora.r=4"], progress=False)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--split", "nope"], "the bundled sample has no split 'nope'"),
+    (["--checkpoints", "999"], "has no checkpoint at step 999"),
+])
+def test_cli_errors_exit_2(evaluated_run, args, message):
+    result = run_cli("eval", str(evaluated_run), *args)
+    assert result.returncode == 2 and message in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("loratrace: error:")
+
+
+def test_cli_summary_names_the_best_checkpoint(evaluated_run, tmp_path):
+    result = run_cli("eval", str(evaluated_run), "--checkpoints", "15,16", "--limit", "20")
+    assert result.returncode == 0, result.stderr[-1000:]
+    assert "accuracy" in result.stdout and "delta" in result.stdout and "best: checkpoints/" in result.stdout
+    empty = tmp_path / "empty_run"
+    (empty / "checkpoints").mkdir(parents=True)
+    (empty / "config.yaml").write_text((evaluated_run / "config.yaml").read_text())
+    missing = run_cli("eval", str(empty))
+    assert missing.returncode == 2 and "has no checkpoints to evaluate" in missing.stderr
