@@ -88,6 +88,7 @@ class Runs:
         self._bad: set[str] = set()
         self._checked: dict[str, tuple[int, float]] = {}
         self._indexes: dict[str, str] = {}
+        self._all_indexed = False
         self._create_static_tables()
         self.refresh(force=True)
         if read_only:
@@ -133,14 +134,19 @@ class Runs:
         self._create_lineage()
         self._create_views()
         self._indexes = {}  # run_id -> index file, for indexes that cover exactly the parts on disk now
+        tracked = 0
         for run_dir in self.run_dirs:
-            path = run_dir / "tracking" / INDEX_FILE
+            parts = index_fingerprint(run_dir, files)
+            if not parts:
+                continue  # nothing tracked in this folder
+            tracked += 1
             try:
-                stamp = json.loads(pq.read_metadata(path).metadata[INDEX_KEY])
+                stamp = json.loads(pq.read_metadata(run_dir / "tracking" / INDEX_FILE).metadata[INDEX_KEY])
             except (OSError, KeyError, TypeError, ValueError):
                 continue
-            if stamp["parts"] == index_fingerprint(run_dir, files):
-                self._indexes[stamp["run_id"]] = str(path)
+            if stamp["parts"] == parts:
+                self._indexes[stamp["run_id"]] = str(run_dir / "tracking" / INDEX_FILE)
+        self._all_indexed = len(self._indexes) == tracked
 
     def _create_raw_view(self, view: str, files: list[str], table_schema: pa.Schema) -> None:
         if files:
@@ -286,10 +292,10 @@ class Runs:
         if self._indexes:  # sorted by example_id: row-group statistics let DuckDB read one row group
             listing = ", ".join("'" + f.replace("'", "''") + "'" for f in self._indexes.values())
             parts.append(f"SELECT {columns} FROM read_parquet([{listing}]) s WHERE {where}")
-        unindexed = [r for r in self._run_ids() if r not in self._indexes]
-        if unindexed:
-            params["unindexed"] = unindexed
-            parts.append(f"SELECT {columns} FROM example_trace s WHERE {where} AND list_contains($unindexed, run_id)")
+        if not self._all_indexed:  # runs without a current index: the views, which unnest every batch
+            params["indexed"] = sorted(self._indexes)
+            parts.append(f"SELECT {columns} FROM example_trace s WHERE {where} "
+                         "AND NOT list_contains($indexed::VARCHAR[], run_id)")
         query = " UNION ALL ".join(parts) or f"SELECT {columns} FROM example_trace s WHERE {where}"
         frame = self.con.execute(f"SELECT * FROM ({query}) ORDER BY {TRACE_ORDER}", params).df()
         if frame.empty:
@@ -303,9 +309,6 @@ class Runs:
         """Runs whose samples index is current, so `trace` reads it instead of the views."""
         self.refresh()
         return sorted(self._indexes)
-
-    def _run_ids(self) -> list[str]:
-        return [r[0] for r in self.con.sql("SELECT DISTINCT run_id FROM batches_raw").fetchall()]
 
     def _closest(self, example_id: str | None) -> str:
         if example_id is None:
@@ -348,7 +351,7 @@ def write_samples_index(run_dir: str | Path) -> Path:
         db.con.execute(f"""
             COPY (SELECT {", ".join(TRACE_COLUMNS)} FROM example_trace ORDER BY example_id, {TRACE_ORDER})
             TO '{str(tmp).replace("'", "''")}'
-            (FORMAT parquet, ROW_GROUP_SIZE 8192, COMPRESSION zstd,
+            (FORMAT parquet, ROW_GROUP_SIZE 131072, COMPRESSION zstd,
              KV_METADATA {{'{INDEX_KEY.decode()}': '{stamp.replace("'", "''")}'}})""")
     os.replace(tmp, target)
     return target
