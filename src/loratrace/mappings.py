@@ -10,6 +10,7 @@ refresh at every checkpoint save costs milliseconds, not a re-read of the whole 
 from __future__ import annotations
 
 import bisect
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -19,6 +20,9 @@ from loratrace import schema
 
 
 class Mappings:
+    refresh_share = 0.02
+    """While training, refreshes take at most this share of wall time (`due`); the end always refreshes."""
+
     def __init__(self, tracking_dir: Path, run_id: str, ranges: dict[int, tuple[int, int | None]]):
         self.directory = Path(tracking_dir)
         self.run_id = run_id
@@ -27,6 +31,12 @@ class Mappings:
         self._steps: set[int] = set()
         self._trained: dict[tuple[str, int], set[int]] = {}
         self._checkpoints: dict[int, str] = {}  # step -> path
+        self._finished_at: float | None = None
+        self._duration = 0.0
+
+    def due(self) -> bool:
+        """Whether a refresh now keeps refreshing within `refresh_share` of the time since the last one ended."""
+        return self._finished_at is None or time.monotonic() - self._finished_at >= self._duration / self.refresh_share
 
     def _effective(self, attempt: int, step: int) -> bool:
         if attempt not in self.ranges:
@@ -82,10 +92,13 @@ class Mappings:
 
     def refresh(self) -> None:
         """Index new parts, then rewrite both files atomically (they are derived, not parts: replaced, not added)."""
+        started = time.monotonic()
         self.update()
         step_map, line_map = self.tables()
         schema.write_atomic(step_map, self.directory / "step_checkpoint.parquet")
         schema.write_atomic(line_map, self.directory / "line_checkpoint.parquet")
+        self._finished_at = time.monotonic()
+        self._duration = self._finished_at - started
 
 
 def lineage_ranges(tracking_dir: Path, current_attempt: dict | None = None) -> dict[int, tuple[int, int | None]]:

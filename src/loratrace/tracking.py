@@ -187,9 +187,11 @@ class BatchTracker(Callback):
                "created_at": _now()}
         self._submit(_write_rows, [row], self.directory / "checkpoints" / f"a{self.attempt:03d}-s{step:09d}.parquet",
                      schema.CHECKPOINTS)
-        # The mappings are refreshed on their own thread; a save that comes while the last refresh still runs is
-        # folded into the next one (and the end always refreshes).
-        if self._mapper is not None and self._mappings is not None and (self._mapping is None or self._mapping.done()):
+        # The mappings are refreshed on their own thread, at a save when the last refresh is done and the time since
+        # it ended is long enough that refreshing stays within `Mappings.refresh_share` of the wall time (the seed
+        # saves every update; a refresh each time would compete with the step for the CPU). The end always refreshes.
+        idle = self._mapping is None or self._mapping.done()
+        if self._mapper is not None and self._mappings is not None and idle and self._mappings.due():
             # The refresh must read the parts queued so far; it waits for them on its own thread, not the step's.
             parts_on_disk = self._writer.submit(lambda: None)
             self._mapping = self._mapper.submit(_after, parts_on_disk, self._mappings.refresh)
