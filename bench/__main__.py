@@ -10,6 +10,7 @@ both. Prints a Markdown table; `bench/RESULTS.md` holds the latest one with the 
   trace latency       `trace` over 10M sample rows through the library (goal <= 100 ms), vs grep | jq (>= 50x)
   CLI start-up        `loratrace query "SELECT 1"`, end to end
   evaluation          examples per second scored, batched vs one at a time
+  vs HF Trainer       step time of a plain transformers.Trainer + PEFT script / loratrace's, tracked (>= 1.0)
 """
 
 from __future__ import annotations
@@ -222,6 +223,53 @@ def eval_throughput(runs_dir: Path, limit: int) -> dict:
     return {"batched": batched, "single": single, "ratio": batched / single}
 
 
+def hf_trainer_step_time(runs_dir: Path, model: list[str], steps: int) -> float:
+    """The baseline: a plain `transformers.Trainer` + PEFT script on the same model, data, batch size and steps,
+    saving a full Trainer checkpoint (adapter, optimizer, scheduler, RNG) at every stage-2 step."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from loratrace.data import collate, encode, load_split
+    from loratrace.model import add_lora, load_base
+
+    cfg = load_config(None, [f"runs_dir={runs_dir}", f"training.max_steps={steps}",
+                             f"training.stage1_steps={steps // 2}", *model])
+    base, tokenizer = load_base(cfg.model)
+    encoded = encode(load_split("arc-challenge", "sample", "train"), tokenizer, cfg.data.max_length)
+    peft_model = add_lora(base, cfg.lora, cfg.training.seed)
+    pad_id = tokenizer.pad_token_id
+
+    def collator(batch):
+        full = collate(batch, pad_id)
+        return {k: full[k] for k in ("input_ids", "attention_mask", "labels")}
+
+    times: list[float] = []
+
+    class Tail(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            times.append(time.perf_counter())
+            control.should_save = state.global_step > steps // 2
+
+    args = TrainingArguments(
+        output_dir=str(runs_dir / "hf-baseline"), max_steps=steps, per_device_train_batch_size=cfg.training.batch_size,
+        learning_rate=cfg.training.learning_rate_stage1, lr_scheduler_type="constant", max_grad_norm=1.0,
+        save_strategy="no", logging_strategy="no", report_to=[], use_cpu=True, seed=cfg.training.seed,
+        dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True)
+    Trainer(model=peft_model, args=args, train_dataset=encoded, data_collator=collator, callbacks=[Tail()]).train()
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    return statistics.mean(gaps[5:])
+
+
+def throughput_vs_baseline(runs_dir: Path, model: list[str], steps: int, repeats: int) -> dict:
+    ours_overrides = [f"training.max_steps={steps}", f"training.stage1_steps={steps // 2}", "tracking.enabled=true",
+                      *model]
+    ours, theirs = [], []
+    for _ in range(repeats):  # interleaved
+        theirs.append(hf_trainer_step_time(runs_dir, model, steps))
+        ours.append(_fit_step_time(runs_dir, ours_overrides))
+    return {"ours_ms": statistics.median(ours) * 1e3, "hf_ms": statistics.median(theirs) * 1e3,
+            "ratio": statistics.median(theirs) / statistics.median(ours)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: keeps the harness from rotting")
@@ -238,6 +286,10 @@ def main() -> None:
             r = tracking_overhead(runs_dir, model, steps, repeats)
             rows.append((f"tracking overhead, {name}", f"{r['on_ms']:.1f} ms / {r['off_ms']:.1f} ms",
                          f"{r['ratio']:.3f}", "<= 1.02"))
+        larger = ["model.tiny_hidden_size=512", "model.tiny_layers=6", "training.batch_size=16"]
+        b = throughput_vs_baseline(runs_dir, [] if args.quick else larger, steps, min(repeats, 3))
+        rows.append(("throughput: loratrace (tracked) / HF Trainer + PEFT, same model, data, batch, steps",
+                     f"{b['ours_ms']:.1f} ms / {b['hf_ms']:.1f} ms per step", f"{b['ratio']:.2f}", ">= 1.0"))
         c = checkpoint_bytes(runs_dir, 16 if args.quick else 125)
         rows.append(("checkpoint / (trainable x 12 B), tiny", f"{c['ckpt_bytes']:,} B / {c['trainable'] * 12:,} B",
                      f"{c['ratio']:.2f}", "<= 1.1 + constant"))
