@@ -273,6 +273,11 @@ def encode(examples: list[Example], tokenizer, max_length: int) -> list[Encoded]
     return out
 
 
+def padding_token_id(tokenizer) -> int:
+    """The padding token (the EOS token for tokenizers that have none)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def collate(batch: list[Encoded], pad_id: int) -> dict[str, Any]:
     """Right-padded tensors plus the ids and lines that the tracker needs."""
     import torch
@@ -403,7 +408,7 @@ class CommonsenseData(L.LightningDataModule):
         super().__init__()
         self.examples = examples
         self.encoded = encode(examples, tokenizer, max_length)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = padding_token_id(tokenizer)
         self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
 
     def train_dataloader(self) -> EpochLoader:

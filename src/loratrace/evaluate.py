@@ -22,11 +22,13 @@ from pathlib import Path
 import lightning as L
 import pyarrow as pa
 import torch
+from torch.utils.tensorboard import SummaryWriter
 
 from loratrace import schema
 from loratrace.config import Config, EvalConfig, load_config
-from loratrace.data import LETTERS, DataError, Encoded, collate, encode, load_split
-from loratrace.module import rng_state, set_rng_state
+from loratrace.data import LETTERS, DataError, Encoded, collate, encode, load_split, padding_token_id
+from loratrace.module import lora_mismatch, rng_state, set_rng_state
+from loratrace.runs import read_run_json
 
 
 class EvalError(ValueError):
@@ -38,10 +40,6 @@ class Scored:
     logliks: list[list[float]]
     preds: list[int]
     p_gold: list[float]
-
-
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 @torch.no_grad()
@@ -76,7 +74,7 @@ def score_texts(model, tokenizer, examples, max_length: int, batch_size: int, de
             room = max_length - len(continuation)
             pairs.append((index, prompt[max(0, len(prompt) - room):], continuation))
     scores: list[float] = []
-    pad_id = _pad_id(tokenizer)
+    pad_id = padding_token_id(tokenizer)
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start: start + batch_size]
         width = max(len(p) + len(c) for _, p, c in chunk)
@@ -122,7 +120,7 @@ class Evaluator:
             if self.settings.scoring == "text":
                 return score_texts(model, self.tokenizer, self.examples, self.cfg.data.max_length,
                                    self.settings.batch_size, device)
-            return score_labels(model, self.encoded, _pad_id(self.tokenizer), self.settings.batch_size, device)
+            return score_labels(model, self.encoded, padding_token_id(self.tokenizer), self.settings.batch_size, device)
         finally:
             model.train(was_training)
 
@@ -178,17 +176,10 @@ def _load_model(cfg: Config, run_dir: Path):
 def load_lora_weights(peft_model, checkpoint: Path) -> None:
     """Put a loratrace `.ckpt`'s LoRA tensors into `peft_model`; a shape or name mismatch is one EvalError line."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
-    weights = {k.removeprefix("model."): v for k, v in state.items()}
-    own = peft_model.state_dict()
-    expected = {n for n, p in peft_model.named_parameters() if p.requires_grad}
-    for key, tensor in weights.items():
-        if key not in own:
-            raise EvalError(f"{checkpoint.name}: tensor {key} has no place in this model (lora config differs)")
-        if own[key].shape != tensor.shape:
-            raise EvalError(f"{checkpoint.name}: tensor {key} has shape {tuple(tensor.shape)}, the model expects "
-                            f"{tuple(own[key].shape)} (lora.r or the base model differ)")
-    if missing := sorted(expected - set(weights)):
-        raise EvalError(f"{checkpoint.name}: no tensor for {missing[0]} (lora.target_modules differ)")
+    weights = {k.removeprefix("model."): v for k, v in state.items()}  # LoRAModule keeps the PEFT model as .model
+    problem = lora_mismatch(peft_model, weights)
+    if problem:
+        raise EvalError(f"{checkpoint.name}: {problem}")
     peft_model.load_state_dict(weights, strict=False)
 
 
@@ -226,8 +217,6 @@ def evaluate_run(run_dir: str | Path, checkpoints: str = "all", overrides: list[
     peft_model, tokenizer = _load_model(cfg, run_dir)
     evaluator = Evaluator(cfg, run_dir, tokenizer)
     results = []
-    from torch.utils.tensorboard import SummaryWriter
-
     writer = SummaryWriter(str(run_dir / "tensorboard_logs")) if cfg.logging.tensorboard else None
     for step, path in tqdm(chosen, desc="checkpoints", disable=not progress):
         load_lora_weights(peft_model, path)
@@ -241,9 +230,7 @@ def evaluate_run(run_dir: str | Path, checkpoints: str = "all", overrides: list[
         final = run_dir / "final_model"
         if not final.is_dir():
             raise EvalError(f"{run_dir} has no final_model/")
-        import json
-
-        step = json.loads((run_dir / "run.json").read_text()).get("steps", cfg.training.max_steps)
+        step = read_run_json(run_dir).get("steps", cfg.training.max_steps)
         accuracy = evaluator.evaluate(AutoModelForCausalLM.from_pretrained(final), step, "final_model")
         results.append((step, "final_model", accuracy))
     if writer:

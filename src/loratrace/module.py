@@ -90,6 +90,21 @@ def gradient_norm(parameters) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
+def lora_mismatch(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> str | None:
+    """Why LoRA `weights` (a checkpoint's trainable tensors) cannot go into `model`, or None if they fit."""
+    own = model.state_dict()
+    for key, tensor in weights.items():
+        if key not in own:
+            return f"tensor {key} has no place in this model (lora.target_modules differ)"
+        if own[key].shape != tensor.shape:
+            return (f"tensor {key} has shape {tuple(tensor.shape)}, the model expects {tuple(own[key].shape)} "
+                    "(lora.r or the base model differ)")
+    missing = sorted({n for n, p in model.named_parameters() if p.requires_grad} - set(weights))
+    if missing:
+        return f"lacks LoRA weight {missing[0]} (lora.r or lora.target_modules differ from the run that wrote it)"
+    return None
+
+
 class LoRAModule(L.LightningModule):
     def __init__(self, model: torch.nn.Module, training: TrainingConfig):
         super().__init__()
@@ -177,13 +192,7 @@ class LoRAModule(L.LightningModule):
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        missing = sorted(self.trainable_keys() - set(checkpoint.get("state_dict", {})))
-        if missing:
-            raise CheckpointError(f"checkpoint lacks LoRA weight {missing[0]} (lora.r or lora.target_modules differ "
-                             "from the run that wrote it)")
-        own = self.state_dict()
-        for key, tensor in checkpoint["state_dict"].items():
-            if key in own and own[key].shape != tensor.shape:
-                raise CheckpointError(f"checkpoint tensor {key} has shape {tuple(tensor.shape)}, the model expects "
-                                 f"{tuple(own[key].shape)} (lora.r or the base model differ)")
+        problem = lora_mismatch(self, checkpoint.get("state_dict", {}))
+        if problem:
+            raise CheckpointError(f"checkpoint {problem}")
         self._rng_to_restore = checkpoint.get("rng_states")

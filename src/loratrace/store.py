@@ -151,9 +151,8 @@ class Runs:
     def _create_raw_view(self, view: str, files: list[str], table_schema: pa.Schema) -> None:
         if files:
             columns = ", ".join(f'"{f.name}"' for f in table_schema)
-            listing = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
             self.con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT {columns} "
-                             f"FROM read_parquet([{listing}], union_by_name = true)")
+                             f"FROM read_parquet({_sql_list(files)}, union_by_name = true)")
         else:
             self.con.register(f"{view}_empty", table_schema.empty_table())
             self.con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM {view}_empty")
@@ -290,8 +289,7 @@ class Runs:
         columns = ", ".join(TRACE_COLUMNS)
         parts = []
         if self._indexes:  # sorted by example_id: row-group statistics let DuckDB read one row group
-            listing = ", ".join("'" + f.replace("'", "''") + "'" for f in self._indexes.values())
-            parts.append(f"SELECT {columns} FROM read_parquet([{listing}]) s WHERE {where}")
+            parts.append(f"SELECT {columns} FROM read_parquet({_sql_list(self._indexes.values())}) s WHERE {where}")
         if not self._all_indexed:  # runs without a current index: the views, which unnest every batch
             params["indexed"] = sorted(self._indexes)
             parts.append(f"SELECT {columns} FROM example_trace s WHERE {where} "
@@ -337,9 +335,9 @@ def index_fingerprint(run_dir: Path, files: dict[str, list[str]]) -> list[str]:
 
 
 def write_samples_index(run_dir: str | Path) -> Path:
-    """tracking/samples_index.parquet: every effective sample with its trace columns, sorted by example_id in small
-    row groups, so `trace` reads one row group instead of unnesting every batch. Stamped with the parts it covers:
-    a run that trains on (or is resumed) falls back to the views until the index is written again."""
+    """tracking/samples_index.parquet: every effective sample with its trace columns, sorted by example_id in row
+    groups of 131,072 rows, so `trace` reads one row group instead of unnesting every batch. Stamped with the parts
+    it covers: a run that trains on (or is resumed) falls back to the views until the index is written again."""
     run_dir = Path(run_dir).resolve()
     with Runs([run_dir]) as db:
         run_id = db.con.sql("SELECT any_value(run_id) FROM batches_raw").fetchall()[0][0]
@@ -360,6 +358,11 @@ def write_samples_index(run_dir: str | Path) -> Path:
 def open_runs(paths: str | Path | list = "runs", read_only: bool = False) -> Runs:
     """DuckDB views over every run under `paths` (see module docstring)."""
     return Runs(find_runs(paths), read_only=read_only)
+
+
+def _sql_list(paths) -> str:
+    """A SQL list literal of file paths, quotes escaped."""
+    return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
 
 
 def _first_line(exc: Exception) -> str:

@@ -203,9 +203,10 @@ class BatchTracker(Callback):
         trainer.strategy.barrier("loratrace-tracking-end")  # every rank's last part is on disk
         if self._mappings is not None:
             self._mappings.refresh()
-            from loratrace.store import write_samples_index  # DuckDB: only on the way out
+            if self.directory.name == "tracking":  # a run folder's: the query layer looks there for the index
+                from loratrace.store import write_samples_index  # DuckDB: only on the way out
 
-            write_samples_index(self.directory.parent)
+                write_samples_index(self.directory.parent)
 
     @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
