@@ -226,7 +226,7 @@ def eval_throughput(runs_dir: Path, limit: int) -> dict:
 def hf_trainer_step_time(runs_dir: Path, model: list[str], steps: int) -> float:
     """The baseline: a plain `transformers.Trainer` + PEFT script on the same model, data, batch size and steps,
     saving a full Trainer checkpoint (adapter, optimizer, scheduler, RNG) at every stage-2 step."""
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
     from loratrace.data import collate, encode, load_split
     from loratrace.model import add_lora, load_base
@@ -254,7 +254,9 @@ def hf_trainer_step_time(runs_dir: Path, model: list[str], steps: int) -> float:
         learning_rate=cfg.training.learning_rate_stage1, lr_scheduler_type="constant", max_grad_norm=1.0,
         save_strategy="no", logging_strategy="no", report_to=[], use_cpu=True, seed=cfg.training.seed,
         dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True)
-    Trainer(model=peft_model, args=args, train_dataset=encoded, data_collator=collator, callbacks=[Tail()]).train()
+    trainer = Trainer(model=peft_model, args=args, train_dataset=encoded, data_collator=collator, callbacks=[Tail()])
+    trainer.remove_callback(PrinterCallback)  # its end-of-training dict would land inside the results table
+    trainer.train()
     gaps = [b - a for a, b in zip(times, times[1:])]
     return statistics.mean(gaps[5:])
 
