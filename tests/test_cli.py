@@ -67,11 +67,13 @@ def test_trace_and_runs(small_run):
     assert small_run.name in listing.stdout and "completed" in listing.stdout
 
 
-def test_query_does_not_import_torch(small_run):
+@pytest.mark.parametrize("args", [["query", "SELECT 1"], ["runs"], ["trace", "--line", "0"]])
+def test_query_trace_and_runs_import_neither_torch_nor_transformers(small_run, args):
     import subprocess
     import sys
 
-    code = ("import sys; from loratrace.cli import main; main(['query', 'SELECT 1', '--runs-dir', sys.argv[1]]); "
-            "assert 'torch' not in sys.modules, 'torch imported'")
-    result = subprocess.run([sys.executable, "-c", code, str(small_run.parent)], capture_output=True, text=True)
+    code = ("import sys; from loratrace.cli import main; main(sys.argv[2:] + ['--runs-dir', sys.argv[1]]); "
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'")
+    result = subprocess.run([sys.executable, "-c", code, str(small_run.parent), *args], capture_output=True,
+                            text=True)
     assert result.returncode == 0, result.stderr

@@ -83,6 +83,17 @@ def test_text_scoring_scores_every_choice(evaluated_run):
     assert all(len(ll) >= 2 and max(ll) <= 0 for ll in text.choice_logliks)
 
 
+def test_final_model_scores_like_the_last_checkpoint(evaluated_run):
+    summary = evaluate_run(evaluated_run, "final", ["eval.limit=20"], progress=False)
+    assert list(summary.checkpoint) == ["final_model"] and list(summary.checkpoint_step) == [16]
+    rows = raw_evals(evaluated_run)
+    final = rows[rows.checkpoint_path == "final_model"].sort_values("line")
+    last = rows[(rows.checkpoint_step == 16) & (rows.checkpoint_path != "final_model")]
+    last = last[last.evaluated_at == last.evaluated_at.min()].sort_values("line").head(20)
+    np.testing.assert_allclose(np.concatenate(list(final.choice_logliks)), np.concatenate(list(last.choice_logliks)),
+                               atol=1e-4)  # merged weights vs base + adapter: the same function
+
+
 def test_mismatched_lora_is_one_eval_error(evaluated_run):
     with pytest.raises(EvalError, match="has shape .* the model expects"):
         evaluate_run(evaluated_run, "last", ["lora.r=4"], progress=False)
