@@ -11,6 +11,8 @@ both. Prints a Markdown table; `bench/RESULTS.md` holds the latest one with the 
   CLI start-up        `loratrace query "SELECT 1"`, end to end
   evaluation          examples per second scored, batched vs one at a time
   vs HF Trainer       step time of a plain transformers.Trainer + PEFT script / loratrace's, tracked (>= 1.0)
+  resume cost         start of a resume to its first new update, at step 10 vs 10,000 of one long epoch (~1), and
+                      the same for the HF Trainer's resume, which skips the epoch's trained batches
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -223,10 +226,16 @@ def eval_throughput(runs_dir: Path, limit: int) -> dict:
     return {"batched": batched, "single": single, "ratio": batched / single}
 
 
+def _drop_printer(trainer) -> None:
+    from transformers import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # its end-of-training dict would land inside the results table
+
+
 def hf_trainer_step_time(runs_dir: Path, model: list[str], steps: int) -> float:
     """The baseline: a plain `transformers.Trainer` + PEFT script on the same model, data, batch size and steps,
     saving a full Trainer checkpoint (adapter, optimizer, scheduler, RNG) at every stage-2 step."""
-    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from loratrace.data import collate, encode, load_split
     from loratrace.model import add_lora, load_base
@@ -255,7 +264,7 @@ def hf_trainer_step_time(runs_dir: Path, model: list[str], steps: int) -> float:
         save_strategy="no", logging_strategy="no", report_to=[], use_cpu=True, seed=cfg.training.seed,
         dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True)
     trainer = Trainer(model=peft_model, args=args, train_dataset=encoded, data_collator=collator, callbacks=[Tail()])
-    trainer.remove_callback(PrinterCallback)  # its end-of-training dict would land inside the results table
+    _drop_printer(trainer)
     trainer.train()
     gaps = [b - a for a, b in zip(times, times[1:])]
     return statistics.mean(gaps[5:])
@@ -271,6 +280,115 @@ def throughput_vs_baseline(runs_dir: Path, model: list[str], steps: int, repeats
     return {"ours_ms": statistics.median(ours) * 1e3, "hf_ms": statistics.median(theirs) * 1e3,
             "ratio": statistics.median(theirs) / statistics.median(ours)}
 
+
+# ---------------------------------------------------------------- resume cost
+
+LONG_EPOCH = ["model.tiny_hidden_size=32", "model.tiny_layers=1", "data.max_length=64", "training.batch_size=1",
+              "logging.swanlab=false", "logging.tensorboard=false", "export.merged_model=false",
+              "export.adapter=false"]
+
+
+def long_epoch_data(root: Path, n_rows: int) -> Path:
+    """A folder holding an ARC-format train split of `n_rows` rows (the bundled sample's questions, cycled under new
+    ids), so that one epoch at batch size 1 is longer than the resume points measured."""
+    from loratrace.data import SAMPLE_DIR
+
+    folder = root / "long-epoch"
+    folder.mkdir(exist_ok=True)
+    sample = [json.loads(line) for line in (SAMPLE_DIR / "train.jsonl").read_text().splitlines()]
+    with open(folder / "train.jsonl", "w") as f:
+        for i in range(n_rows):
+            f.write(json.dumps({**sample[i % len(sample)], "id": f"LONG_{i:06d}"}) + "\n")
+    return folder
+
+
+class FirstStep(L.Callback):
+    """The wall clock at the end of the first update of this launch."""
+
+    def __init__(self):
+        self.at: float | None = None
+        self.step: int | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.at is None:
+            self.at, self.step = time.perf_counter(), trainer.global_step
+
+
+def loratrace_resume(runs_dir: Path, data: Path, step: int) -> Callable[[], float]:
+    """Train a tracked run to `step` (one checkpoint there); the returned call times `train(resume_from=...)` from
+    the call to the end of the first new update: model and data set-up, checkpoint load, loader restore, tracker."""
+    overrides = [f"runs_dir={runs_dir}", f"data.source={data}", "tracking.enabled=true", *LONG_EPOCH]
+    cfg = load_config(None, [*overrides, f"training.max_steps={step}", f"training.stage1_steps={step}"])
+    checkpoint = loratrace.train(cfg, progress=False) / "checkpoints" / f"checkpoint-step-{step:03d}.ckpt"
+    resume_cfg = load_config(None, [*overrides, f"training.max_steps={step + 2}", f"training.stage1_steps={step}"])
+
+    def resume() -> float:
+        first = FirstStep()
+        start = time.perf_counter()
+        loratrace.train(resume_cfg, resume_from=checkpoint, progress=False, callbacks=[first])
+        if first.step != step + 1:
+            raise RuntimeError(f"resumed at step {step} but the first new update was {first.step}")
+        return first.at - start
+
+    return resume
+
+
+def hf_resume(runs_dir: Path, data: Path, step: int) -> Callable[[], float]:
+    """The same with a plain `transformers.Trainer` + PEFT script: train to `step` and save a Trainer checkpoint;
+    the returned call times a fresh script (model, data, Trainer) from its start to the end of the first new update
+    after `trainer.train(resume_from_checkpoint=...)`, which skips the epoch's first `step` batches."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from loratrace.data import collate, encode, load_split
+    from loratrace.model import add_lora, load_base
+
+    output = runs_dir / f"hf-resume-{step}"
+    marks: list[tuple[float, int]] = []
+
+    class Marks(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            marks.append((time.perf_counter(), state.global_step))
+            control.should_save = state.global_step == step
+
+    def script(max_steps: int, checkpoint: str | None) -> None:
+        cfg = load_config(None, [f"data.source={data}", *LONG_EPOCH])
+        base, tokenizer = load_base(cfg.model)
+        encoded = encode(load_split(cfg.data.dataset, str(data), "train"), tokenizer, cfg.data.max_length)
+        pad_id = tokenizer.pad_token_id
+        args = TrainingArguments(
+            output_dir=str(output), max_steps=max_steps, per_device_train_batch_size=1, learning_rate=1e-4,
+            lr_scheduler_type="constant", save_strategy="no", logging_strategy="no", report_to=[], use_cpu=True,
+            seed=cfg.training.seed, dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True)
+        trainer = Trainer(model=add_lora(base, cfg.lora, cfg.training.seed), args=args, train_dataset=encoded,
+                          data_collator=lambda batch: {k: v for k, v in collate(batch, pad_id).items()
+                                                       if k in ("input_ids", "attention_mask", "labels")},
+                          callbacks=[Marks()])
+        _drop_printer(trainer)
+        trainer.train(resume_from_checkpoint=checkpoint)
+
+    script(step, None)
+
+    def resume() -> float:
+        marks.clear()
+        start = time.perf_counter()
+        script(step + 2, str(output / f"checkpoint-{step}"))
+        if marks[0][1] != step + 1:
+            raise RuntimeError(f"the Trainer resumed at step {step} but its first new update was {marks[0][1]}")
+        return marks[0][0] - start
+
+    return resume
+
+
+def resume_cost(runs_dir: Path, early: int, late: int, repeats: int) -> dict:
+    """Seconds from a resume's start to its first new update, at `early` and `late` steps of one long epoch."""
+    data = long_epoch_data(runs_dir, late + 500)
+    arms = {"ours_early": loratrace_resume(runs_dir, data, early), "ours_late": loratrace_resume(runs_dir, data, late),
+            "hf_early": hf_resume(runs_dir, data, early), "hf_late": hf_resume(runs_dir, data, late)}
+    times: dict[str, list[float]] = {name: [] for name in arms}
+    for _ in range(repeats):  # interleaved
+        for name, resume in arms.items():
+            times[name].append(resume())
+    return {"early": early, "late": late, **{name: statistics.median(t) for name, t in times.items()}}
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
@@ -302,6 +420,14 @@ def main() -> None:
         rows.append(("grep | jq over the legacy JSONL / trace", f"{t['grep_ms']:.0f} ms / {t['trace_ms']:.1f} ms",
                      f"{t['ratio']:.0f}x", ">= 50x"))
         rows.append(("CLI start-up: `loratrace query 'SELECT 1'`", f"{t['cli_s'] * 1e3:.0f} ms", "", ""))
+        r = resume_cost(runs_dir, 10, 200 if args.quick else 10_000, 1 if args.quick else 3)
+        rows.append((f"resume: start to first new update, at step {r['late']:,} / at step {r['early']} of one epoch",
+                     f"{r['ours_late']:.2f} s / {r['ours_early']:.2f} s", f"{r['ours_late'] / r['ours_early']:.2f}",
+                     "~1"))
+        rows.append((f"resume, HF Trainer + PEFT (skips batches): at step {r['late']:,} / at step {r['early']}",
+                     f"{r['hf_late']:.2f} s / {r['hf_early']:.2f} s", f"{r['hf_late'] / r['hf_early']:.2f}", ""))
+        rows.append((f"resume at step {r['late']:,}: HF Trainer / loratrace",
+                     f"{r['hf_late']:.2f} s / {r['ours_late']:.2f} s", f"{r['hf_late'] / r['ours_late']:.2f}", ""))
         e = eval_throughput(runs_dir, 32 if args.quick else 100)
         rows.append(("evaluation, tiny preset: batched (32) / one by one",
                      f"{e['batched']:.0f} / {e['single']:.0f} examples/s", f"{e['ratio']:.1f}x", ""))
