@@ -81,12 +81,10 @@ def qwen_shape_ratio() -> dict:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from loratrace.config import LoraConfig, TrainingConfig
-    from loratrace.model import add_lora
+    from loratrace.model import SHAPES, add_lora
     from loratrace.module import LoRAModule
 
-    shape = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                        num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
-                        tie_word_embeddings=True)
+    shape = Qwen2Config(**SHAPES["qwen2.5-0.5b"][1])
     with torch.device("meta"):
         meta_model = Qwen2ForCausalLM(shape)
     full_weights = sum(p.numel() * 2 for p in meta_model.state_dict().values())  # bf16

@@ -29,3 +29,15 @@ def test_qwen2_arch_and_lora_freeze_the_base():
     assert trainable and all("lora_" in n for n in trainable)
     # r=4 on q,k,v,o of 2 layers, hidden 64: A is r x in, B is out x r
     assert trainable_parameter_count(peft_model) > 0
+
+
+def test_tiny_shape_builds_the_named_models_shape():
+    from loratrace.config import CHOICES
+    from loratrace.model import SHAPES, build_tiny_model
+
+    assert set(CHOICES["model.tiny_shape"]) == {"none", *SHAPES}
+    with torch.device("meta"):
+        model = build_tiny_model(ModelConfig(tiny_shape="qwen2.5-0.5b"), vocab_size=1024)
+    assert model.config.model_type == "qwen2"
+    assert (model.config.vocab_size, model.config.hidden_size, model.config.num_hidden_layers) == (151936, 896, 24)
+    assert 490e6 < sum(p.numel() for p in model.parameters()) < 500e6  # Qwen2.5-0.5B: 494M with tied embeddings

@@ -41,3 +41,24 @@ def test_answer_statistics_match_a_hand_computation():
     p1 = logits[1, 1, [4, 5, 6]].softmax(-1)[2]
     assert torch.allclose(stats["p_gold"], torch.stack([p0, p1]))
     assert stats["correct"].tolist() == [bool(p0 > 0.5), bool(p1 == logits[1, 1, [4, 5, 6]].softmax(-1).max())]
+
+
+def test_plain_head_path_gives_the_full_forwards_statistics():
+    from loratrace.config import LoraConfig, ModelConfig
+    from loratrace.data import collate, encode, load_split, padding_token_id
+    from loratrace.model import add_lora, load_base
+    from loratrace.module import LoRAModule
+
+    for arch in ("llama", "qwen2"):
+        base, tokenizer = load_base(ModelConfig(tiny_arch=arch))
+        module = LoRAModule(add_lora(base, LoraConfig(), seed=0), TrainingConfig()).eval()
+        assert module._plain_head is not None
+        batch = collate(encode(load_split("arc-challenge", "sample", "train", limit=6), tokenizer, 256),
+                        padding_token_id(tokenizer))
+        with torch.no_grad():
+            sparse = answer_statistics(module.answer_logits(batch), batch)
+            full = answer_statistics(module(batch["input_ids"], batch["attention_mask"]), batch)
+        for key in ("loss", "losses", "p_gold"):
+            assert torch.allclose(sparse[key], full[key], atol=1e-5), key
+        assert torch.equal(sparse["correct"], full["correct"])
+        assert torch.equal(sparse["n_target"], batch["labels"][:, 1:].ne(-100).sum(1))

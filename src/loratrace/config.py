@@ -37,6 +37,9 @@ class ModelConfig:
     """Hidden size of the tiny preset."""
     tiny_layers: int = 2
     """Decoder layers of the tiny preset."""
+    tiny_shape: str = "none"
+    """`qwen2.5-0.5b`: the tiny preset takes that model's shape and vocabulary size (random weights, offline; for
+    benchmarks), overriding tiny_arch, tiny_hidden_size and tiny_layers. The tokenizer stays the preset's."""
     dtype: str = "float32"
     """Weights dtype of the loaded base model: float32, bfloat16 or float16."""
     trust_remote_code: bool = False
@@ -200,6 +203,7 @@ LEGACY_KEYS = {
 
 CHOICES = {
     "model.tiny_arch": ("llama", "qwen2"),
+    "model.tiny_shape": ("none", "qwen2.5-0.5b"),  # model.SHAPES
     "model.dtype": ("float32", "bfloat16", "float16"),
     "training.schedule": ("constant", "cosine"),
     "eval.scoring": ("label", "text"),

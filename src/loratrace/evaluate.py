@@ -22,7 +22,6 @@ from pathlib import Path
 import lightning as L
 import pyarrow as pa
 import torch
-from torch.utils.tensorboard import SummaryWriter
 
 from loratrace import schema
 from loratrace.config import Config, EvalConfig, load_config
@@ -217,7 +216,11 @@ def evaluate_run(run_dir: str | Path, checkpoints: str = "all", overrides: list[
     peft_model, tokenizer = _load_model(cfg, run_dir)
     evaluator = Evaluator(cfg, run_dir, tokenizer)
     results = []
-    writer = SummaryWriter(str(run_dir / "tensorboard_logs")) if cfg.logging.tensorboard else None
+    writer = None
+    if cfg.logging.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package: only when logging to it
+
+        writer = SummaryWriter(str(run_dir / "tensorboard_logs"))
     for step, path in tqdm(chosen, desc="checkpoints", disable=not progress):
         load_lora_weights(peft_model, path)
         accuracy = evaluator.evaluate(peft_model, step, path.relative_to(run_dir).as_posix())

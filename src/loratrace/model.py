@@ -16,6 +16,13 @@ from loratrace.config import LoraConfig, ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TINY_VOCAB = 1024
+SHAPES = {  # real models' configs, for random-weight stand-ins built offline (`model.tiny_shape`)
+    "qwen2.5-0.5b": ("qwen2", {
+        "vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+        "num_attention_heads": 14, "num_key_value_heads": 2, "max_position_embeddings": 32768,
+        "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+    }),
+}
 
 
 class ModelError(ValueError):
@@ -60,8 +67,11 @@ def build_tiny_model(cfg: ModelConfig, vocab_size: int):
         "max_position_embeddings": 1024, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
         "tie_word_embeddings": False,
     }
-    config_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if cfg.tiny_arch == "llama" else (Qwen2Config,
-                                                                                              Qwen2ForCausalLM)
+    arch = cfg.tiny_arch
+    if cfg.tiny_shape != "none":
+        arch, named = SHAPES[cfg.tiny_shape]
+        shape = {**shape, **named}
+    config_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if arch == "llama" else (Qwen2Config, Qwen2ForCausalLM)
     state = torch.random.get_rng_state()
     torch.manual_seed(cfg.tiny_seed)
     try:

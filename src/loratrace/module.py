@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -59,23 +60,48 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def answer_statistics(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per-example answer-token loss, p(gold among the choice labels) and correctness, from one forward's logits."""
+def answer_statistics(logits_at: torch.Tensor | Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                      batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-example answer-token loss, p(gold among the choice labels) and correctness, from one forward.
+
+    `logits_at` is the forward's full logits (batch, seq, vocab), or a function giving the logits at given (rows,
+    positions) only: training needs them at each target token and at each answer position, a few per example.
+    """
+    if isinstance(logits_at, torch.Tensor):
+        full = logits_at
+        logits_at = lambda rows, positions: full[rows, positions]  # noqa: E731
     labels = batch["labels"][:, 1:]
-    shifted = logits[:, :-1].float()
-    token_loss = F.cross_entropy(shifted.transpose(1, 2), labels, ignore_index=-100, reduction="none")
     mask = labels != -100
+    rows, positions = mask.nonzero(as_tuple=True)  # logits at t predict the token at t + 1
+    size = labels.shape[0]
+    answer_rows = torch.arange(size, device=labels.device)
+    logits = logits_at(torch.cat([rows, answer_rows]), torch.cat([positions, batch["answer_pos"]])).float()
+    token_loss = F.cross_entropy(logits[: len(rows)], labels[rows, positions], reduction="none")
     n_target = mask.sum(dim=1)
-    losses = (token_loss * mask).sum(dim=1) / n_target.clamp(min=1)
-    rows = torch.arange(logits.shape[0], device=logits.device)
-    answer_logits = logits[rows, batch["answer_pos"]].float()  # (batch, vocab)
+    losses = torch.zeros(size, device=token_loss.device).index_add(0, rows, token_loss) / n_target.clamp(min=1)
+    answer_logits = logits[len(rows):]  # (batch, vocab)
     choice_ids = batch["choice_ids"]
     choice_logits = answer_logits.gather(1, choice_ids.clamp(min=0)).masked_fill(choice_ids < 0, float("-inf"))
     probs = choice_logits.softmax(dim=1)
     p_gold = probs.gather(1, batch["gold"].unsqueeze(1)).squeeze(1)
     correct = probs.argmax(dim=1) == batch["gold"]
-    loss = (token_loss * mask).sum() / mask.sum().clamp(min=1)  # token-weighted mean over the micro-batch
+    loss = token_loss.sum() / n_target.sum().clamp(min=1)  # token-weighted mean over the micro-batch
     return {"loss": loss, "losses": losses, "p_gold": p_gold, "correct": correct, "n_target": n_target}
+
+
+PLAIN_HEAD = {"llama", "qwen2", "qwen3", "mistral", "phi3", "gemma"}
+"""Model types whose logits are exactly `lm_head(decoder(...).last_hidden_state)` (no soft-capping or scaling)."""
+
+
+def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """(decoder, lm_head) of a (PEFT-wrapped) causal LM of a `PLAIN_HEAD` type, else None (use the full forward)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(getattr(base, "config", None), "model_type", None) not in PLAIN_HEAD:
+        return None
+    try:
+        return base.get_decoder(), base.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
 
 
 class CheckpointError(ValueError):
@@ -116,14 +142,25 @@ class LoRAModule(L.LightningModule):
         self._update_sums = torch.zeros(4)  # loss x target tokens, target tokens, correct, examples: this update
         self._update_lr: float | None = None
         self.last_metrics: dict[str, float] = {}
+        self._plain_head = decoder_and_head(model)
 
     @override
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def answer_logits(self, batch: dict[str, Any]) -> torch.Tensor | Callable:
+        """What `answer_statistics` needs. For a plain-head model, the LM head runs only at the target and answer
+        positions (a few per example, not every token: on a 150k vocabulary that is a quarter of the FLOPs)."""
+        if self._plain_head is None:
+            return self(batch["input_ids"], batch["attention_mask"])
+        decoder, head = self._plain_head
+        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         use_cache=False).last_hidden_state
+        return lambda rows, positions: head(hidden[rows, positions])
 
     @override
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
-        stats = answer_statistics(self(batch["input_ids"], batch["attention_mask"]), batch)
+        stats = answer_statistics(self.answer_logits(batch), batch)
         size = batch["input_ids"].shape[0]
         self.log("loss", stats["loss"], prog_bar=True, logger=False, batch_size=size)  # progress bar only
         n_target = stats["n_target"].sum()
