@@ -31,37 +31,17 @@ import lightning as L
 import torch
 
 import loratrace
+from bench.arms import QUIET, drop_printer, fit_timing, hf_trainer_timing
 from loratrace.config import load_config
-
-
-class StepTimer(L.Callback):
-    """Wall time of each optimizer update inside fit (model building, export and start-up excluded)."""
-
-    def __init__(self):
-        self.times: list[float] = []
-        self._last = None
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        now = time.perf_counter()
-        if self._last is not None:
-            self.times.append(now - self._last)
-        self._last = now
-
-
-def _fit_step_time(runs_dir: Path, overrides: list[str]) -> float:
-    timer = StepTimer()
-    cfg = load_config(None, ["logging.swanlab=false", "logging.tensorboard=false", "export.merged_model=false",
-                             "export.adapter=false", f"runs_dir={runs_dir}", *overrides])
-    loratrace.train(cfg, progress=False, callbacks=[timer])
-    return statistics.mean(timer.times[5:])  # mean: checkpoint and flush steps count in full
 
 
 def tracking_overhead(runs_dir: Path, model: list[str], steps: int, repeats: int) -> dict:
     base = [f"training.max_steps={steps}", f"training.stage1_steps={steps // 2}", *model]
     arms = {"off": [], "on": []}
     for _ in range(repeats):  # interleaved: off, on, off, on ...
-        arms["off"].append(_fit_step_time(runs_dir, base + ["tracking.enabled=false"]))
-        arms["on"].append(_fit_step_time(runs_dir, base + ["tracking.enabled=true", "tracking.flush_every_steps=10"]))
+        for arm, tracking in (("off", ["tracking.enabled=false"]),
+                              ("on", ["tracking.enabled=true", "tracking.flush_every_steps=10"])):
+            arms[arm].append(fit_timing(runs_dir, [*base, *tracking])["step_s"])
     off, on = statistics.median(arms["off"]), statistics.median(arms["on"])
     return {"off_ms": off * 1e3, "on_ms": on * 1e3, "ratio": on / off}
 
@@ -224,57 +204,12 @@ def eval_throughput(runs_dir: Path, limit: int) -> dict:
     return {"batched": batched, "single": single, "ratio": batched / single}
 
 
-def _drop_printer(trainer) -> None:
-    from transformers import PrinterCallback
-
-    trainer.remove_callback(PrinterCallback)  # its end-of-training dict would land inside the results table
-
-
-def hf_trainer_step_time(runs_dir: Path, model: list[str], steps: int) -> float:
-    """The baseline: a plain `transformers.Trainer` + PEFT script on the same model, data, batch size and steps,
-    saving a full Trainer checkpoint (adapter, optimizer, scheduler, RNG) at every stage-2 step."""
-    from transformers import Trainer, TrainerCallback, TrainingArguments
-
-    from loratrace.data import collate, encode, load_split
-    from loratrace.model import add_lora, load_base
-
-    cfg = load_config(None, [f"runs_dir={runs_dir}", f"training.max_steps={steps}",
-                             f"training.stage1_steps={steps // 2}", *model])
-    base, tokenizer = load_base(cfg.model)
-    encoded = encode(load_split("arc-challenge", "sample", "train"), tokenizer, cfg.data.max_length)
-    peft_model = add_lora(base, cfg.lora, cfg.training.seed)
-    pad_id = tokenizer.pad_token_id
-
-    def collator(batch):
-        full = collate(batch, pad_id)
-        return {k: full[k] for k in ("input_ids", "attention_mask", "labels")}
-
-    times: list[float] = []
-
-    class Tail(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            times.append(time.perf_counter())
-            control.should_save = state.global_step > steps // 2
-
-    args = TrainingArguments(
-        output_dir=str(runs_dir / "hf-baseline"), max_steps=steps, per_device_train_batch_size=cfg.training.batch_size,
-        learning_rate=cfg.training.learning_rate_stage1, lr_scheduler_type="constant", max_grad_norm=1.0,
-        save_strategy="no", logging_strategy="no", report_to=[], use_cpu=True, seed=cfg.training.seed,
-        dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True)
-    trainer = Trainer(model=peft_model, args=args, train_dataset=encoded, data_collator=collator, callbacks=[Tail()])
-    _drop_printer(trainer)
-    trainer.train()
-    gaps = [b - a for a, b in zip(times, times[1:])]
-    return statistics.mean(gaps[5:])
-
-
 def throughput_vs_baseline(runs_dir: Path, model: list[str], steps: int, repeats: int) -> dict:
-    ours_overrides = [f"training.max_steps={steps}", f"training.stage1_steps={steps // 2}", "tracking.enabled=true",
-                      *model]
+    shared = [f"training.max_steps={steps}", f"training.stage1_steps={steps // 2}", *model]
     ours, theirs = [], []
     for _ in range(repeats):  # interleaved
-        theirs.append(hf_trainer_step_time(runs_dir, model, steps))
-        ours.append(_fit_step_time(runs_dir, ours_overrides))
+        theirs.append(hf_trainer_timing(runs_dir, shared)["step_s"])
+        ours.append(fit_timing(runs_dir, [*shared, "tracking.enabled=true"])["step_s"])
     return {"ours_ms": statistics.median(ours) * 1e3, "hf_ms": statistics.median(theirs) * 1e3,
             "ratio": statistics.median(theirs) / statistics.median(ours)}
 
@@ -282,8 +217,7 @@ def throughput_vs_baseline(runs_dir: Path, model: list[str], steps: int, repeats
 # ---------------------------------------------------------------- resume cost
 
 LONG_EPOCH = ["model.tiny_hidden_size=32", "model.tiny_layers=1", "data.max_length=64", "training.batch_size=1",
-              "logging.swanlab=false", "logging.tensorboard=false", "export.merged_model=false",
-              "export.adapter=false"]
+              *QUIET]
 
 
 def long_epoch_data(root: Path, n_rows: int) -> Path:
@@ -361,7 +295,7 @@ def hf_resume(runs_dir: Path, data: Path, step: int) -> Callable[[], float]:
                           data_collator=lambda batch: {k: v for k, v in collate(batch, pad_id).items()
                                                        if k in ("input_ids", "attention_mask", "labels")},
                           callbacks=[Marks()])
-        _drop_printer(trainer)
+        drop_printer(trainer)
         trainer.train(resume_from_checkpoint=checkpoint)
 
     script(step, None)

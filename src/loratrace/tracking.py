@@ -204,9 +204,12 @@ class BatchTracker(Callback):
         if self._mappings is not None:
             self._mappings.refresh()
             if self.directory.name == "tracking":  # a run folder's: the query layer looks there for the index
-                from loratrace.store import write_samples_index  # DuckDB: only on the way out
-
-                write_samples_index(self.directory.parent)
+                try:
+                    from loratrace.store import write_samples_index  # DuckDB: only on the way out
+                except ImportError as error:  # tracking itself needs only pyarrow; `trace` falls back to the views
+                    warnings.warn(f"loratrace: samples index not written ({error})", stacklevel=2)
+                else:
+                    write_samples_index(self.directory.parent)
 
     @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
