@@ -171,18 +171,21 @@ def trace_latency(root: Path, n_samples: int) -> dict:
     start = time.perf_counter()
     write_samples_index(run)
     index_s = time.perf_counter() - start
-    db = open_runs(run, read_only=True)
-    target = "EX004242"
-    frame = db.trace(target)
-    trace_s = _best_of(lambda: db.trace(target))
-    db.close()
     jsonl = root / "batch_tracking.jsonl"
-    legacy_jsonl(run, jsonl)
+    legacy_jsonl(run, jsonl)  # meanwhile the run's folders settle, as they have in any finished run
+    target = "EX004242"
     pipeline = f"grep -F '\"{target}\"' {jsonl} | jq -c '{{step, loss}}' > /dev/null"
     grep_s = _best_of(lambda: subprocess.run(pipeline, shell=True, check=True), repeats=3)
+    db = open_runs(run, read_only=True)
+    start = time.perf_counter()
+    frame = db.trace(target)  # the first call opens the index (its footer parsed once per connection)
+    first_s = time.perf_counter() - start
+    trace_s = _best_of(lambda: db.trace(target))
+    db.close()
     cli = [sys.executable, "-m", "loratrace", "query", "SELECT 1", "--runs-dir", str(run)]
     cli_s = _best_of(lambda: subprocess.run(cli, check=True, capture_output=True), repeats=3)
     return {"samples": n_samples, "exposures": len(frame), "index_s": index_s, "trace_ms": trace_s * 1e3,
+            "first_ms": first_s * 1e3,
             "grep_ms": grep_s * 1e3, "ratio": grep_s / trace_s, "cli_s": cli_s}
 
 
@@ -348,7 +351,8 @@ def main() -> None:
         rows.append(("seed tail: stage-2 checkpoints, total", f"{c['files']} files, {c['tail_bytes']:,} B", "", ""))
         t = trace_latency(runs_dir, 200_000 if args.quick else 10_000_000)
         rows.append((f"trace over {t['samples']:,} sample rows (library, index built in {t['index_s']:.1f} s)",
-                     f"{t['trace_ms']:.1f} ms for {t['exposures']} exposures", "", "<= 100 ms"))
+                     f"{t['trace_ms']:.1f} ms for {t['exposures']} exposures (first call {t['first_ms']:.0f} ms)", "",
+                     "<= 100 ms"))
         rows.append(("grep | jq over the legacy JSONL / trace", f"{t['grep_ms']:.0f} ms / {t['trace_ms']:.1f} ms",
                      f"{t['ratio']:.0f}x", ">= 50x"))
         rows.append(("CLI start-up: `loratrace query 'SELECT 1'`", f"{t['cli_s'] * 1e3:.0f} ms", "", ""))

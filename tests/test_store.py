@@ -128,3 +128,47 @@ def test_samples_index_is_written_at_the_end_and_answers_like_the_views(small_ru
             by_views = db.sql(f"SELECT {', '.join(TRACE_COLUMNS)} FROM example_trace WHERE example_id = ? "
                               f"ORDER BY {TRACE_ORDER}", [example_id]).df()
             pd.testing.assert_frame_equal(by_index.reset_index(drop=True), by_views, check_dtype=False)
+
+
+def test_listing_is_skipped_only_while_recent_and_unchanged(two_runs):
+    import time
+
+    from loratrace.store import Runs
+
+    tracking = two_runs / "A" / "tracking"
+    with Runs([two_runs / "A"]) as db:
+        assert not db._unchanged()  # the folders were written just now, inside a clock tick: never trusted
+        time.sleep(0.1)
+        before = db.sql("SELECT count(*) FROM batches_raw").fetchall()[0][0]
+        assert db._unchanged()  # listed after the folders settled, nothing moved: the next call skips the listing
+        schema.write_atomic(pa.Table.from_pylist([_batch("A", 1, 6, ["late"], [6])], schema=schema.BATCHES),
+                            tracking / "batches" / "p9.parquet")
+        assert not db._unchanged()  # the folder's time moved
+        assert db.sql("SELECT count(*) FROM batches_raw").fetchall()[0][0] == before + 1
+        assert db.trace("late").step.tolist() == [6]
+        db.relist_after = 0.0
+        assert not db._unchanged()  # too old a listing is never trusted, whatever the folder times say
+
+
+def test_samples_index_reads_every_row_group_an_id_spans(tmp_path):
+    import pyarrow.parquet as pq
+
+    from loratrace.store import TRACE_COLUMNS, SamplesIndex
+
+    ids = ["a"] * 3 + ["b"] * 6 + ["c"] * 2  # "b" spans three row groups of 3 rows
+    rows = [{c: None for c in TRACE_COLUMNS} | {"run_id": "r", "example_id": e, "step": n, "epoch": 0,
+                                                "micro_batch": 0, "rank": 0, "lr": 0.1} for n, e in enumerate(ids)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "index.parquet", row_group_size=3)
+    index = SamplesIndex(str(tmp_path / "index.parquet"))
+    assert index.rows("b")["step"].to_pylist() == [3, 4, 5, 6, 7, 8]
+    assert index.rows("a")["step"].to_pylist() == [0, 1, 2]
+    assert index.rows("c")["step"].to_pylist() == [9, 10]
+    assert index.rows("0").num_rows == index.rows("bb").num_rows == index.rows("z").num_rows == 0
+
+
+def test_trace_by_line_reads_the_index_too(small_run):
+    with loratrace.open_runs(small_run, read_only=True) as db:
+        assert db.indexed_runs == [small_run.name]
+        example_id, line = db.sql("SELECT example_id, line FROM samples LIMIT 1").fetchall()[0]
+        by_line, by_id = db.trace(line=line), db.trace(example_id)
+        pd.testing.assert_frame_equal(by_line, by_id)

@@ -12,15 +12,18 @@ read (cut short by a crash, say) is skipped with a warning.
 
 from __future__ import annotations
 
+import bisect
 import glob
 import json
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 from typing_extensions import Self
@@ -33,6 +36,7 @@ class StoreError(ValueError):
 
 
 READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN", "PRAGMA"}
+INDEX_ROW_GROUP = 8192  # rows per row group of the samples index: a trace decodes one or two of them
 TRACE_COLUMNS = ("run_id", "example_id", "line", "step", "epoch", "micro_batch", "rank", "position", "loss", "p_gold",
                  "correct", "lr", "checkpoint_step", "checkpoint_path", "first")
 TRACE_ORDER = "run_id, step, micro_batch, rank, position"
@@ -77,6 +81,29 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+class SamplesIndex:
+    """An open samples index: its footer parsed once and each row group's example_id range, so a trace decodes only
+    the row group or two that can hold the id (the file is sorted by example_id)."""
+
+    def __init__(self, path: str):
+        self.file = pq.ParquetFile(path)
+        meta, column = self.file.metadata, self.file.schema_arrow.get_field_index("example_id")
+        stats = [meta.row_group(g).column(column).statistics for g in range(meta.num_row_groups)]
+        if not all(st is not None and st.has_min_max for st in stats):
+            raise ValueError(f"{path}: row groups without example_id statistics")
+        self.low = [st.min for st in stats]
+        self.high = [st.max for st in stats]
+        self.stamp = json.loads((meta.metadata or {}).get(INDEX_KEY, b"null"))  # the run and the parts it covers
+
+    def rows(self, example_id: str) -> pa.Table:
+        first = bisect.bisect_left(self.high, example_id)  # the first row group whose range reaches the id
+        last = first
+        while last < len(self.low) and self.low[last] <= example_id:
+            last += 1
+        table = self.file.read_row_groups(range(first, last), columns=list(TRACE_COLUMNS), use_threads=False)
+        return table.filter(pc.equal(table["example_id"], example_id))
+
+
 class Runs:
     """An in-memory DuckDB connection with loratrace's views over the given runs."""
 
@@ -88,7 +115,11 @@ class Runs:
         self._bad: set[str] = set()
         self._checked: dict[str, tuple[int, float]] = {}
         self._indexes: dict[str, str] = {}
+        self._open_indexes: dict[str, tuple[tuple, SamplesIndex]] = {}  # path -> (stat when opened, reader)
         self._all_indexed = False
+        self._listed: tuple[float, int, tuple] | None = None  # (monotonic and wall time of the last listing, what
+        # it saw)
+        self.relist_after = 1.0  # seconds: repeated calls inside this (a trace loop, say) skip re-listing
         self._create_static_tables()
         self.refresh(force=True)
         if read_only:
@@ -122,17 +153,46 @@ class Runs:
                 good.append(key)
         return good
 
+    def _signature(self) -> tuple:
+        """The modification times of every folder and file the views read: a part added, renamed or replaced
+        changes its folder's."""
+        signature = []
+        for run_dir in self.run_dirs:
+            for name in ("", *(name for name, _ in TABLES.values())):  # "": tracking/ itself, for the index
+                try:
+                    stat = (run_dir / "tracking" / name).stat()
+                    signature.append((stat.st_mtime_ns, stat.st_ino, stat.st_size))
+                except FileNotFoundError:
+                    signature.append(None)
+        return tuple(signature)
+
+    def _unchanged(self) -> bool:
+        """Whether the last listing still holds: it is under `relist_after` seconds old, every folder's time was
+        already settled when it was taken (older than the file system's clock tick: a change inside one tick keeps
+        the time, the rule git uses for racy entries), and no folder's time has moved since. A server whose clock
+        runs behind can defeat the tick rule; the age limit bounds how long a change goes unseen."""
+        if self._listed is None:
+            return False
+        listed_at, listed_wall, signature = self._listed
+        settled = all(entry is None or entry[0] < listed_wall - 50_000_000 for entry in signature)
+        return settled and time.monotonic() - listed_at < self.relist_after and self._signature() == signature
+
     def refresh(self, force: bool = False) -> None:
-        """Re-list the runs' parts; rebuild the views only if the set of files changed."""
+        """Re-list the runs' parts (unless no folder changed); rebuild the views only if the set of files changed, and
+        find which runs' samples indexes cover exactly their parts."""
+        if not force and self._unchanged():
+            return
+        listed_at, listed_wall = time.monotonic(), time.time_ns()
+        signature = self._signature()
         files = {view: [f for d in self.run_dirs for f in self._complete_parts(d / "tracking", name)]
                  for view, (name, _) in TABLES.items()}
-        if files == self._files and not force:
-            return
-        self._files = files
-        for view, (_, table_schema) in TABLES.items():
-            self._create_raw_view(view, files[view], table_schema)
-        self._create_lineage()
-        self._create_views()
+        self._listed = (listed_at, listed_wall, signature)
+        if files != self._files or force:
+            self._files = files
+            for view, (_, table_schema) in TABLES.items():
+                self._create_raw_view(view, files[view], table_schema)
+            self._create_lineage()
+            self._create_views()
         self._indexes = {}  # run_id -> index file, for indexes that cover exactly the parts on disk now
         tracked = 0
         for run_dir in self.run_dirs:
@@ -141,10 +201,10 @@ class Runs:
                 continue  # nothing tracked in this folder
             tracked += 1
             try:
-                stamp = json.loads(pq.read_metadata(run_dir / "tracking" / INDEX_FILE).metadata[INDEX_KEY])
+                stamp = self._open_index(str(run_dir / "tracking" / INDEX_FILE)).stamp
             except (OSError, KeyError, TypeError, ValueError):
                 continue
-            if stamp["parts"] == parts:
+            if stamp and stamp["parts"] == parts:
                 self._indexes[stamp["run_id"]] = str(run_dir / "tracking" / INDEX_FILE)
         self._all_indexed = len(self._indexes) == tracked
 
@@ -287,20 +347,33 @@ class Runs:
             params["run"] = run_id
         self.refresh()
         columns = ", ".join(TRACE_COLUMNS)
-        parts = []
-        if self._indexes:  # sorted by example_id: row-group statistics let DuckDB read one row group
-            parts.append(f"SELECT {columns} FROM read_parquet({_sql_list(self._indexes.values())}) s WHERE {where}")
+        tables, parts = [], []
+        for run, path in self._indexes.items():  # sorted by example_id: read only the row groups that can hold it
+            if example_id is not None and run_id in (None, run):
+                tables.append(self._open_index(path).rows(example_id))
+            elif example_id is None:  # a line: every row group, but DuckDB reads just the line column first
+                parts.append(f"SELECT {columns} FROM read_parquet({_sql_list([path])}) s WHERE {where}")
         if not self._all_indexed:  # runs without a current index: the views, which unnest every batch
             params["indexed"] = sorted(self._indexes)
             parts.append(f"SELECT {columns} FROM example_trace s WHERE {where} "
                          "AND NOT list_contains($indexed::VARCHAR[], run_id)")
-        query = " UNION ALL ".join(parts) or f"SELECT {columns} FROM example_trace s WHERE {where}"
-        frame = self.con.execute(f"SELECT * FROM ({query}) ORDER BY {TRACE_ORDER}", params).df()
+        if parts:
+            tables.append(self.con.execute(" UNION ALL ".join(parts), params).to_arrow_table())
+        table = pa.concat_tables(tables, promote_options="permissive")
+        frame = table.sort_by([(c.strip(), "ascending") for c in TRACE_ORDER.split(",")]).to_pandas()
         if frame.empty:
             what = f"example id {example_id!r}" if example_id is not None else f"line {line}"
             scope = f" in run {run_id}" if run_id else ""
             raise StoreError(f"no run trained {what}{scope}{self._closest(example_id)}")
         return frame
+
+    def _open_index(self, path: str) -> SamplesIndex:
+        stat = os.stat(path)
+        key = (stat.st_mtime_ns, stat.st_ino, stat.st_size)
+        cached = self._open_indexes.get(path)
+        if cached is None or cached[0] != key:
+            cached = self._open_indexes[path] = (key, SamplesIndex(path))
+        return cached[1]
 
     @property
     def indexed_runs(self) -> list[str]:
@@ -336,8 +409,8 @@ def index_fingerprint(run_dir: Path, files: dict[str, list[str]]) -> list[str]:
 
 def write_samples_index(run_dir: str | Path) -> Path:
     """tracking/samples_index.parquet: every effective sample with its trace columns, sorted by example_id in row
-    groups of 131,072 rows, so `trace` reads one row group instead of unnesting every batch. Stamped with the parts
-    it covers: a run that trains on (or is resumed) falls back to the views until the index is written again."""
+    groups of `INDEX_ROW_GROUP` rows, so `trace` reads one row group instead of unnesting every batch. Stamped with
+    the parts it covers: a run that trains on (or is resumed) falls back to the views until the index is rewritten."""
     run_dir = Path(run_dir).resolve()
     with Runs([run_dir]) as db:
         run_id = db.con.sql("SELECT any_value(run_id) FROM batches_raw").fetchall()[0][0]
@@ -349,7 +422,7 @@ def write_samples_index(run_dir: str | Path) -> Path:
         db.con.execute(f"""
             COPY (SELECT {", ".join(TRACE_COLUMNS)} FROM example_trace ORDER BY example_id, {TRACE_ORDER})
             TO '{str(tmp).replace("'", "''")}'
-            (FORMAT parquet, ROW_GROUP_SIZE 131072, COMPRESSION zstd,
+            (FORMAT parquet, ROW_GROUP_SIZE {INDEX_ROW_GROUP}, COMPRESSION zstd,
              KV_METADATA {{'{INDEX_KEY.decode()}': '{stamp.replace("'", "''")}'}})""")
     os.replace(tmp, target)
     return target
