@@ -56,11 +56,11 @@ def checkpoint_bytes(runs_dir: Path, steps: int) -> dict:
             "tail_bytes": sum(sizes), "ratio": max(sizes) / (info["trainable_parameters"] * 12)}
 
 
-def qwen_shape_ratio() -> dict:
+def qwen_shape_ratio(lora_overrides: list[str]) -> dict:
     """Full-model checkpoint (all weights + the same optimizer state) vs loratrace's LoRA-only one, bf16 weights."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from loratrace.config import LoraConfig, TrainingConfig
+    from loratrace.config import TrainingConfig
     from loratrace.model import SHAPES, add_lora
     from loratrace.module import LoRAModule
 
@@ -69,7 +69,8 @@ def qwen_shape_ratio() -> dict:
         meta_model = Qwen2ForCausalLM(shape)
     full_weights = sum(p.numel() * 2 for p in meta_model.state_dict().values())  # bf16
     model = Qwen2ForCausalLM(shape).to(torch.bfloat16)
-    module = LoRAModule(add_lora(model, LoraConfig(r=16, alpha=32), seed=0), TrainingConfig())
+    lora = load_config(None, lora_overrides).lora
+    module = LoRAModule(add_lora(model, lora, seed=0), TrainingConfig())
     trainable = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable)
     for p in trainable:  # materialize Adam's moments as a real step would
@@ -368,9 +369,13 @@ def main() -> None:
         rows.append(("evaluation, tiny preset: batched (32) / one by one",
                      f"{e['batched']:.0f} / {e['single']:.0f} examples/s", f"{e['ratio']:.1f}x", ""))
     if not args.quick:
-        q = qwen_shape_ratio()
-        rows.append(("full-model ckpt / loratrace ckpt, Qwen2.5-0.5B shape",
-                     f"{q['full_bytes']:,} B / {q['lora_bytes']:,} B", f"{q['ratio']:.0f}x", ">= 50x"))
+        for label, lora in (("default LoRA, r=8 on q/k/v/o", []),
+                            ("configs/arc-challenge.yaml's LoRA, r=16 on all 7 linear layers",
+                             ["lora.r=16", "lora.alpha=32", "lora.target_modules=[q_proj,k_proj,v_proj,o_proj,"
+                              "gate_proj,up_proj,down_proj]"])):
+            q = qwen_shape_ratio(lora)
+            rows.append((f"full-model ckpt / loratrace ckpt, Qwen2.5-0.5B shape, {label}",
+                         f"{q['full_bytes']:,} B / {q['lora_bytes']:,} B", f"{q['ratio']:.0f}x", ">= 50x"))
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, python {platform.python_version()}")
     print("| figure | measured | ratio | goal |\n|---|---|---|---|")
