@@ -82,7 +82,7 @@ def main() -> None:
     steps = args.steps or (12 if args.quick else 60)
     repeats = args.repeats or (1 if args.quick else 3)
     model = ["model.tiny_hidden_size=64"] if args.quick else ["model.tiny_shape=qwen2.5-0.5b"]
-    precision = ["model.dtype=bfloat16", "training.precision=bf16-mixed"] if args.device == "cuda" else []
+    precision = ["model.dtype=bfloat16", "training.precision=bf16-mixed"]  # on CPU too: the smoke run checks it
     shared = [*model, *precision, f"training.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}",
               f"training.batch_size={args.batch_size}", f"training.max_steps={steps}",
               f"training.stage1_steps={steps // 2}"]

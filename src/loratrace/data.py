@@ -263,9 +263,11 @@ def encode(examples: list[Example], tokenizer, max_length: int) -> list[Encoded]
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     bos = [tokenizer.bos_token_id] if getattr(tokenizer, "bos_token_id", None) is not None else []
     prompts = tokenizer([e.prompt for e in examples], add_special_tokens=False)["input_ids"]
+    targets = {letter: tokenizer.encode(" " + letter, add_special_tokens=False) + eos
+               for letter in {e.gold_label for e in examples}}  # a handful of labels, not one call per example
     out = []
     for example, prompt in zip(examples, prompts):
-        target = tokenizer.encode(" " + example.gold_label, add_special_tokens=False) + eos
+        target = targets[example.gold_label]
         room = max_length - len(target) - len(bos)
         prompt = bos + prompt[max(0, len(prompt) - room):]
         out.append(Encoded(example.example_id, example.line, prompt + target, len(target),
@@ -333,11 +335,17 @@ class EpochLoader:
         self.epoch = 0
         self.offset = 0  # batches of `epoch` already handed out
         self._started = False
+        self._batches: tuple[int, list[list[int]]] | None = None  # (epoch, its batches): Lightning asks len() often
 
     def __len__(self) -> int:
         return len(self._epoch_batches(self.epoch))
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        if self._batches is None or self._batches[0] != epoch:
+            self._batches = (epoch, self._draw_batches(epoch))
+        return self._batches[1]
+
+    def _draw_batches(self, epoch: int) -> list[list[int]]:
         import torch
 
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
