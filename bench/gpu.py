@@ -95,15 +95,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         runs_dir = Path(tmp)
         full = FullCheckpoint(runs_dir / "full.ckpt")
-        for repeat in range(repeats):  # interleaved
-            arms["off"].append(fit_timing(runs_dir, [*shared, "tracking.enabled=false"]))
-            extra = [full] if repeat == repeats - 1 else []
+        for repeat in range(repeats):  # interleaved; the table is rewritten after each round, so a run cut short
+            arms["off"].append(fit_timing(runs_dir, [*shared, "tracking.enabled=false"]))  # still leaves one
+            extra = [full] if repeat == 0 else []
             arms["on"].append(fit_timing(runs_dir, [*shared, "tracking.enabled=true"], callbacks=extra))
             arms["hf"].append(hf_trainer_timing(runs_dir, shared))
-        run = arms["on"][-1]["run"]
-        info = json.loads((run / "run.json").read_text())
-        ckpt = max(p.stat().st_size for p in (run / "checkpoints").glob("*.ckpt"))
-        full_bytes = full.path.stat().st_size
+            if repeat == 0:
+                run = arms["on"][0]["run"]
+                sizes = {"trainable": json.loads((run / "run.json").read_text())["trainable_parameters"],
+                         "ckpt_bytes": max(p.stat().st_size for p in (run / "checkpoints").glob("*.ckpt")),
+                         "full_bytes": full.path.stat().st_size}
+                full.path.unlink()
+            setting = (f"{'tiny preset' if args.quick else 'Qwen2.5-0.5B shape'}, batch {args.batch_size}, {steps} "
+                       f"updates ({steps // 2} checkpointed), {repeat + 1} of {repeats} runs of each arm, median")
+            report(args.out, cfg, arms, sizes, device_name, peak, setting)
+
+
+def report(out: Path, cfg, arms: dict[str, list[dict]], sizes: dict, device_name: str, peak: float | None,
+           setting: str) -> None:
+    """Write results.md and results.json, and print the table."""
 
     def summary(name: str) -> dict:
         chosen = sorted(arms[name], key=lambda t: t["step_s"])[len(arms[name]) // 2]  # the median run
@@ -112,7 +122,7 @@ def main() -> None:
                 "tflops": flops / 1e12, "mfu": flops / (peak * 1e12) if peak else None}
 
     s = {name: summary(name) for name in arms}
-    trainable = info["trainable_parameters"]
+    ckpt, full_bytes, trainable = sizes["ckpt_bytes"], sizes["full_bytes"], sizes["trainable"]
     rows = [
         ("tracking overhead: update time tracked / untracked",
          f"{s['on']['step_ms']:.1f} ms / {s['off']['step_ms']:.1f} ms",
@@ -128,20 +138,14 @@ def main() -> None:
         mfu = f"{s[name]['mfu']:.1%}" if s[name]["mfu"] is not None else "n/a (peak unknown: --peak-tflops)"
         rows.append((f"{label}: tokens/s, model TFLOP/s, MFU", f"{s[name]['tokens_s']:,.0f} tokens/s, "
                      f"{s[name]['tflops']:.3g} TFLOP/s", mfu, ""))
-    header = (f"`bench/gpu.sh` on {device_name}"
-              + (f" (peak {peak:g} TFLOP/s bf16 dense)" if peak else "")
-              + f"; torch {torch.__version__}, python {platform.python_version()}; "
-              + f"{'tiny preset' if args.quick else 'Qwen2.5-0.5B shape'}, batch {args.batch_size}, {steps} updates "
-              + f"({steps // 2} checkpointed), {repeats} runs of each arm, median")
+    header = (f"`bench/gpu.sh` on {device_name}" + (f" (peak {peak:g} TFLOP/s bf16 dense)" if peak else "")
+              + f"; torch {torch.__version__}, python {platform.python_version()}; {setting}")
     table = "\n".join([header, "", "| figure | measured | ratio | goal |", "|---|---|---|---|",
                        *("| " + " | ".join(row) + " |" for row in rows)])
-    (args.out / "results.md").write_text(table + "\n")
-    (args.out / "results.json").write_text(json.dumps({"device": device_name, "peak_tflops": peak, "arms": s,
-                                                       "ckpt_bytes": ckpt, "full_bytes": full_bytes,
-                                                       "trainable": trainable, "steps": steps, "repeats": repeats,
-                                                       "batch_size": args.batch_size}, indent=2) + "\n")
-    print(table)
-
+    (out / "results.md").write_text(table + "\n")
+    (out / "results.json").write_text(json.dumps({"device": device_name, "peak_tflops": peak, "setting": setting,
+                                                  "arms": s, **sizes}, indent=2) + "\n")
+    print(table, flush=True)
 
 if __name__ == "__main__":
     main()
