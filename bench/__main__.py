@@ -31,7 +31,7 @@ import lightning as L
 import torch
 
 import loratrace
-from bench.arms import QUIET, drop_printer, fit_timing, hf_trainer_timing
+from bench.arms import QUIET, fit_timing, hf_trainer, hf_trainer_timing
 from loratrace.config import load_config
 
 
@@ -272,13 +272,11 @@ def loratrace_resume(runs_dir: Path, data: Path, step: int) -> Callable[[], floa
 
 
 def hf_resume(runs_dir: Path, data: Path, step: int) -> Callable[[], float]:
-    """The same with a plain `transformers.Trainer` + PEFT script: train to `step` and save a Trainer checkpoint;
-    the returned call times a fresh script (model, data, Trainer) from its start to the end of the first new update
-    after `trainer.train(resume_from_checkpoint=...)`, which skips the epoch's first `step` batches."""
-    from transformers import Trainer, TrainerCallback, TrainingArguments
-
-    from loratrace.data import collate, encode, load_split
-    from loratrace.model import add_lora, load_base
+    """The same with a plain `transformers.Trainer` + PEFT script (`bench.arms.hf_trainer`): train to `step` and save
+    a Trainer checkpoint; the returned call times a fresh script (model, data, Trainer) from its start to the end of
+    the first new update after `trainer.train(resume_from_checkpoint=...)`, which skips the epoch's first `step`
+    batches."""
+    from transformers import TrainerCallback
 
     output = runs_dir / f"hf-resume-{step}"
     marks: list[tuple[float, int]] = []
@@ -289,20 +287,9 @@ def hf_resume(runs_dir: Path, data: Path, step: int) -> Callable[[], float]:
             control.should_save = state.global_step == step
 
     def script(max_steps: int, checkpoint: str | None) -> None:
-        cfg = load_config(None, [f"data.source={data}", *LONG_EPOCH])
-        base, tokenizer = load_base(cfg.model)
-        encoded = encode(load_split(cfg.data.dataset, str(data), "train"), tokenizer, cfg.data.max_length)
-        pad_id = tokenizer.pad_token_id
-        args = TrainingArguments(
-            output_dir=str(output), max_steps=max_steps, per_device_train_batch_size=1, learning_rate=1e-4,
-            lr_scheduler_type="constant", save_strategy="no", logging_strategy="no", report_to=[], use_cpu=True,
-            seed=cfg.training.seed, dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True)
-        trainer = Trainer(model=add_lora(base, cfg.lora, cfg.training.seed), args=args, train_dataset=encoded,
-                          data_collator=lambda batch: {k: v for k, v in collate(batch, pad_id).items()
-                                                       if k in ("input_ids", "attention_mask", "labels")},
-                          callbacks=[Marks()])
-        drop_printer(trainer)
-        trainer.train(resume_from_checkpoint=checkpoint)
+        cfg = load_config(None, [f"data.source={data}", *LONG_EPOCH, f"training.max_steps={max_steps}",
+                                 f"training.stage1_steps={max_steps}"])
+        hf_trainer(cfg, output, Marks()).train(resume_from_checkpoint=checkpoint)
 
     script(step, None)
 

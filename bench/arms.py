@@ -11,6 +11,7 @@ between, so neither arm loses its CPU/GPU overlap to the measurement.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -93,44 +94,55 @@ def drop_printer(trainer) -> None:
     trainer.remove_callback(PrinterCallback)  # its end-of-training dict would land inside the results table
 
 
-def hf_trainer_timing(runs_dir: Path, overrides: list[str]) -> dict:
-    """The baseline: a plain `transformers.Trainer` + PEFT script on the same model (dtype, device), data, batch size
-    and steps, with bf16 autocast where loratrace's precision is bf16, saving a full Trainer checkpoint (adapter,
-    optimizer, scheduler, RNG) after every update of the second stage, as loratrace's recipe does."""
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+def hf_trainer(cfg: Config, output_dir: Path, callback, on_batch: Callable[[dict], None] | None = None):
+    """A plain `transformers.Trainer` + PEFT script on the config's model (dtype, device), data, batch size, steps
+    and learning rate, with bf16 autocast where loratrace's precision is bf16. `callback` is a `TrainerCallback`;
+    `on_batch` sees each collated batch, in the order the updates use them."""
+    from transformers import Trainer, TrainingArguments
 
     from loratrace.data import collate, encode, load_split, padding_token_id
     from loratrace.model import add_lora, load_base
 
-    cfg = load_config(None, [f"runs_dir={runs_dir}", *overrides])
     t = cfg.training
     base, tokenizer = load_base(cfg.model)
     encoded = encode(load_split(cfg.data.dataset, cfg.data.source, cfg.data.train_split, cfg.data.limit), tokenizer,
                      cfg.data.max_length)
     pad_id = padding_token_id(tokenizer)
-    clock = Clock(t.max_steps, _cuda(cfg))
-    masks: list[torch.Tensor] = []
 
     def collator(batch):
         full = collate(batch, pad_id)
-        masks.append(full["attention_mask"])  # in the order the updates use them
+        if on_batch is not None:
+            on_batch(full)
         return {k: full[k] for k in ("input_ids", "attention_mask", "labels")}
+
+    args = TrainingArguments(
+        output_dir=str(output_dir), max_steps=t.max_steps, per_device_train_batch_size=t.batch_size,
+        learning_rate=t.learning_rate_stage1, lr_scheduler_type="constant", max_grad_norm=t.max_grad_norm,
+        save_strategy="no", logging_strategy="no", report_to=[], use_cpu=not _cuda(cfg),
+        bf16=t.precision.startswith("bf16"), seed=t.seed, dataloader_num_workers=0, remove_unused_columns=False,
+        disable_tqdm=True)
+    trainer = Trainer(model=add_lora(base, cfg.lora, t.seed), args=args, train_dataset=encoded,
+                      data_collator=collator, callbacks=[callback])
+    drop_printer(trainer)
+    return trainer
+
+
+def hf_trainer_timing(runs_dir: Path, overrides: list[str]) -> dict:
+    """Time `hf_trainer` on the same model, data and steps as loratrace's recipe, saving a full Trainer checkpoint
+    (adapter, optimizer, scheduler, RNG) after every update of the second stage, as loratrace's recipe does."""
+    from transformers import TrainerCallback
+
+    cfg = load_config(None, [f"runs_dir={runs_dir}", *overrides])
+    t = cfg.training
+    clock = Clock(t.max_steps, _cuda(cfg))
+    masks: list[torch.Tensor] = []
 
     class Tail(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             clock.tick(state.global_step)
             control.should_save = state.global_step > t.stage1_steps
 
-    args = TrainingArguments(
-        output_dir=str(Path(runs_dir) / "hf-baseline"), max_steps=t.max_steps,
-        per_device_train_batch_size=t.batch_size, learning_rate=t.learning_rate_stage1, lr_scheduler_type="constant",
-        max_grad_norm=t.max_grad_norm, save_strategy="no", logging_strategy="no", report_to=[],
-        use_cpu=not _cuda(cfg), bf16=t.precision.startswith("bf16"), seed=t.seed, dataloader_num_workers=0,
-        remove_unused_columns=False, disable_tqdm=True)
-    trainer = Trainer(model=add_lora(base, cfg.lora, t.seed), args=args, train_dataset=encoded,
-                      data_collator=collator, callbacks=[Tail()])
-    drop_printer(trainer)
-    trainer.train()
+    hf_trainer(cfg, Path(runs_dir) / "hf-baseline", Tail(), lambda batch: masks.append(batch["attention_mask"])).train()
     for mask in masks[SKIP: t.max_steps]:
         clock.add_batch(mask)
     return clock.result()
