@@ -192,3 +192,17 @@ def test_two_rank_ddp_writes_the_global_batch_once(tmp_path):
         ids = [i for ids in group.example_ids for i in ids]
         assert len(ids) == 16 and len(set(ids)) == 16, step  # 2 ranks x batch 8, no example twice
     assert sorted(rows.step.unique()) == list(range(1, 7))
+
+
+def test_tracking_without_duckdb_keeps_every_row_and_skips_only_the_index(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    monkeypatch.setitem(sys.modules, "loratrace.store", None)  # `from loratrace.store import ...` raises ImportError
+    with pytest.warns(UserWarning, match="samples index not written"):
+        run = loratrace.train(small_config(tmp_path, "training.max_steps=4", "training.stage1_steps=2"),
+                              progress=False)
+    tracking = run / "tracking"
+    assert not (tracking / "samples_index.parquet").exists()
+    steps = sorted(s for p in (tracking / "batches").glob("*.parquet") for s in pq.read_table(p)["step"].to_pylist())
+    assert steps == [1, 2, 3, 4]
+    assert (tracking / "step_checkpoint.parquet").is_file() and (tracking / "line_checkpoint.parquet").is_file()
