@@ -1,6 +1,8 @@
 """Batch tracking: every micro-batch in Parquet, exactly once across crash and resume."""
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -177,6 +179,52 @@ def test_tracker_in_a_plain_lightning_loop_flushes_on_exception(tmp_path):
     assert rows.run_id.unique().tolist() == ["plain"]
 
 
+def test_run_json_holds_what_tracking_cost(default_run):
+    cost = json.loads((default_run / "run.json").read_text())["attempts"][-1]["tracking_cost"]
+    assert cost["updates"] == 125
+    assert 0 < cost["training_thread_s"] < cost["train_wall_s"]
+    assert cost["background_cpu_s"] > 0 and cost["end_s"] > 0  # 50 checkpoints' parts; the index at the end
+    assert cost["training_thread_share"] == pytest.approx(cost["training_thread_s"] / cost["train_wall_s"])
+    assert cost["background_share"] == pytest.approx(cost["background_cpu_s"] / cost["train_wall_s"])
+
+
+class SaveEvery3(L.Callback):
+    def __init__(self, folder):
+        self.folder = folder
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step % 3 == 0:
+            trainer.save_checkpoint(self.folder / f"step{trainer.global_step}.ckpt")
+
+
+def test_cost_counts_a_write_the_step_waits_for_once_and_as_wall_time(tmp_path, monkeypatch):
+    """A checkpoint save waits for its rows (flush then wait, inside the hook): 50 ms of a slow disk each time is
+    the step's cost once, not twice, and none of it is writer CPU."""
+    import loratrace.tracking as tracking
+
+    write = tracking._write_rows
+
+    def slow_disk(rows, path, *args):
+        if path.parent.name == "batches":
+            time.sleep(0.05)
+        write(rows, path, *args)
+
+    monkeypatch.setattr(tracking, "_write_rows", slow_disk)
+    cfg = small_config(tmp_path)
+    model, tokenizer = load_base(cfg.model)
+    data = CommonsenseData(load_split("arc-challenge", "sample", "train"), tokenizer, 256, batch_size=8, seed=1)
+    module = LoRAModule(add_lora(model, cfg.lora, 1), cfg.training)
+    tracker = BatchTracker(tmp_path / "tracking", run_id="plain", flush_every_steps=100)
+    trainer = L.Trainer(max_steps=9, callbacks=[tracker, SaveEvery3(tmp_path)], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, use_distributed_sampler=False)
+    trainer.fit(module, datamodule=data)
+    cost = tracker.cost()
+    assert cost["updates"] == 9
+    assert 0.15 <= cost["training_thread_s"] < 0.28  # three saves waited 50 ms each; counted twice would be 0.30
+    assert cost["background_cpu_s"] < 0.15  # CPU time: the sleeps are not in it
+    assert len(pd.read_parquet(tmp_path / "tracking" / "batches")) == 9
+
+
 def test_two_rank_ddp_writes_the_global_batch_once(tmp_path):
     from conftest import run_cli
 
@@ -184,6 +232,7 @@ def test_two_rank_ddp_writes_the_global_batch_once(tmp_path):
                      "training.devices=2", "training.strategy=ddp", "training.accelerator=cpu",
                      "training.max_steps=6", "training.stage1_steps=3", "logging.swanlab=false", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert re.search(r"cost \d+\.\d% of training time on its thread, \d+\.\d% more CPU", result.stdout)
     (run,) = [p for p in tmp_path.iterdir() if p.is_dir() and (p / "tracking").exists()]
     rows = effective(run)
     assert sorted(set(rows["rank"])) == [0, 1]

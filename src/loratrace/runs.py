@@ -86,10 +86,11 @@ def start_run(run_dir: Path, cfg: Config, resumed_from: str | None) -> dict[str,
     return info
 
 
-def finish_run(run_dir: Path, status: str, **extra: Any) -> None:
+def finish_run(run_dir: Path, status: str, attempt: dict[str, Any] | None = None, **extra: Any) -> None:
+    """Close this launch in run.json: its status, end time and `attempt` facts; `extra` goes on the run."""
     info = read_run_json(run_dir)
     info["status"] = status
     if info.get("attempts"):
-        info["attempts"][-1].update(status=status, ended_at=now().isoformat(timespec="seconds"))
+        info["attempts"][-1].update(status=status, ended_at=now().isoformat(timespec="seconds"), **(attempt or {}))
     info.update(extra)
     write_run_json(run_dir, info)

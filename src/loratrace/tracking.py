@@ -10,12 +10,17 @@ Rows are buffered and flushed as new parts (temporary name, then `os.replace`) a
 `flush_every_steps` updates, at the end and on exceptions; a part is never rewritten. Writing happens on a
 background thread, off the training step's path. The callback's own state (attempt, part counter) travels in the
 checkpoint, so a resume starts attempt a+1 and knows which attempt it continues.
+
+The tracker accounts for its own cost (`cost()`): wall time in its hooks on the training thread, CPU time of its
+writer threads, and the end-of-run work; `train` records it in run.json and prints it.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import socket
+import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -34,6 +39,22 @@ from loratrace.module import gradient_norm
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
+
+
+def _on_training_thread(hook):
+    """Count the hook's wall time as the tracker's cost on the training thread (outermost call only: hooks that
+    call `flush` or `wait` are not counted twice)."""
+    @functools.wraps(hook)
+    def timed(self, *args, **kwargs):
+        if self._in_hook:
+            return hook(self, *args, **kwargs)
+        self._in_hook, start = True, time.perf_counter()
+        try:
+            return hook(self, *args, **kwargs)
+        finally:
+            self._in_hook = False
+            self._training_thread_s += time.perf_counter() - start
+    return timed
 
 
 class BatchTracker(Callback):
@@ -60,6 +81,13 @@ class BatchTracker(Callback):
         self._futures: list[Future] = []
         self._mapping: Future | None = None
         self.rank = 0
+        self._in_hook = False
+        self._training_thread_s = 0.0
+        self._background_cpu_s: list[float] = []  # appended by the writer threads
+        self._end_s = 0.0
+        self._train_started: float | None = None
+        self._train_ended: float | None = None
+        self._updates = 0
 
     @property
     def state_key(self) -> str:
@@ -93,6 +121,7 @@ class BatchTracker(Callback):
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._train_started = time.perf_counter()
         self._last_flush_step = trainer.global_step
         if not trainer.is_global_zero:
             return
@@ -112,6 +141,7 @@ class BatchTracker(Callback):
             self._submit(schema.write_atomic, pa.Table.from_pylist(rows, schema=schema.EXAMPLES), examples_path)
 
     @override
+    @_on_training_thread
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
         # Callback hooks run before the module's: a module that measures the norm itself (LoRAModule) has not done
         # so yet; its value is read at batch end. Any other module's gradients are measured here, before clipping.
@@ -121,6 +151,7 @@ class BatchTracker(Callback):
         self._pending_update = {"grad_norm": grad_norm, "lr": float(optimizer.param_groups[0]["lr"])}
 
     @override
+    @_on_training_thread
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         update, self._pending_update = self._pending_update, None
@@ -131,6 +162,8 @@ class BatchTracker(Callback):
         lr = update["lr"] if stepped else float(trainer.optimizers[0].param_groups[0]["lr"])
         self._rows.append(self._row(trainer, outputs, batch, batch_idx, step, update, lr))
         self._micro_batch = 0 if stepped else self._micro_batch + 1
+        if stepped:
+            self._updates += 1
         if stepped and trainer.global_step - self._last_flush_step >= self.flush_every_steps:
             self.flush()
 
@@ -171,6 +204,7 @@ class BatchTracker(Callback):
         }
 
     @override
+    @_on_training_thread
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         # Durable before the checkpoint exists: a crash right after the .ckpt appears must not lose its rows.
         # loratrace's StepCheckpoint sets `defer_wait` and waits itself just before its file appears, so the part
@@ -179,6 +213,7 @@ class BatchTracker(Callback):
         if not self.defer_wait:
             self.wait()
 
+    @_on_training_thread
     def record_checkpoint(self, trainer: L.Trainer, step: int, path: str, size: int) -> None:
         """Called by whoever wrote a checkpoint file (rank 0): one `checkpoints` row, then the mappings."""
         if not trainer.is_global_zero:
@@ -194,10 +229,17 @@ class BatchTracker(Callback):
         if self._mapper is not None and self._mappings is not None and idle and self._mappings.due():
             # The refresh must read the parts queued so far; it waits for them on its own thread, not the step's.
             parts_on_disk = self._writer.submit(lambda: None)
-            self._mapping = self._mapper.submit(_after, parts_on_disk, self._mappings.refresh)
+            self._mapping = self._mapper.submit(self._cpu_timed, _after, parts_on_disk, self._mappings.refresh)
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._train_ended = time.perf_counter()
+        try:
+            self._finish(trainer)
+        finally:
+            self._end_s = time.perf_counter() - self._train_ended
+
+    def _finish(self, trainer: L.Trainer) -> None:
         self.flush()
         self.close()
         trainer.strategy.barrier("loratrace-tracking-end")  # every rank's last part is on disk
@@ -238,8 +280,16 @@ class BatchTracker(Callback):
             fn(*args)
             return
         self._futures = [f for f in self._futures if not f.done() or f.exception() is not None]
-        self._futures.append(self._writer.submit(fn, *args))  # one thread: parts land in submission order
+        self._futures.append(self._writer.submit(self._cpu_timed, fn, *args))  # one thread: parts land in order
 
+    def _cpu_timed(self, fn, *args) -> None:
+        start = time.thread_time()
+        try:
+            fn(*args)
+        finally:
+            self._background_cpu_s.append(time.thread_time() - start)
+
+    @_on_training_thread
     def wait(self) -> None:
         """Block until every write handed to the writer thread is on disk; re-raise the first write error."""
         futures, self._futures = self._futures, []
@@ -260,6 +310,21 @@ class BatchTracker(Callback):
             warnings.warn(f"loratrace: refreshing the tracking mappings failed: {self._mapping.exception()}",
                           stacklevel=2)
         self.wait()
+
+
+    def cost(self) -> dict[str, float | int]:
+        """What tracking cost this launch, in seconds.
+
+        `training_thread_s`: wall time in the tracker's hooks while training; the step waits for it.
+        `background_cpu_s`: CPU time of its writer threads; off the step's path, but it competes for cores.
+        `end_s`: the end of training (last part, mappings, samples index), on the training thread.
+        The `*_share` figures divide by `train_wall_s`, training's wall time from its first step to its end."""
+        wall = (self._train_ended or time.perf_counter()) - (self._train_started or time.perf_counter())
+        background = sum(self._background_cpu_s)
+        return {"updates": self._updates, "train_wall_s": wall, "training_thread_s": self._training_thread_s,
+                "background_cpu_s": background, "end_s": self._end_s,
+                "training_thread_share": self._training_thread_s / wall if wall > 0 else 0.0,
+                "background_share": background / wall if wall > 0 else 0.0}
 
 
 def _after(done: Future, fn, *args) -> None:
