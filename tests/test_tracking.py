@@ -179,6 +179,31 @@ def test_tracker_in_a_plain_lightning_loop_flushes_on_exception(tmp_path):
     assert rows.run_id.unique().tolist() == ["plain"]
 
 
+class Witness(L.Callback):
+    """What each micro-batch's training_step returned, read on the spot."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seen.append((list(batch["example_id"]), outputs["losses"].tolist(), outputs["loss"].item(),
+                          outputs["p_gold"].tolist()))
+
+
+def test_each_row_holds_its_own_micro_batch_numbers(tmp_path):
+    """Numbers are read a micro-batch late (no GPU sync per step); each row must still get its own."""
+    witness = Witness()
+    run = loratrace.train(small_config(tmp_path, "training.max_steps=5", "training.stage1_steps=2",
+                                       "training.accumulate_grad_batches=2"), progress=False, callbacks=[witness])
+    rows = pd.read_parquet(run / "tracking" / "batches").sort_values(["step", "micro_batch"])
+    assert len(rows) == len(witness.seen) == 10
+    for row, (ids, losses, loss, p_gold) in zip(rows.itertuples(), witness.seen):
+        assert list(row.example_ids) == ids
+        np.testing.assert_allclose(row.losses, losses, rtol=1e-6)
+        np.testing.assert_allclose(row.p_gold, p_gold, rtol=1e-6)
+        assert row.loss == pytest.approx(loss, rel=1e-6)
+
+
 def test_run_json_holds_what_tracking_cost(default_run):
     cost = json.loads((default_run / "run.json").read_text())["attempts"][-1]["tracking_cost"]
     assert cost["updates"] == 125

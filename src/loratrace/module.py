@@ -104,6 +104,29 @@ def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.
         return None
 
 
+class HostValues:
+    """Numbers computed on an accelerator, brought to the host without making the CPU wait for the GPU: the copy is
+    queued behind the work that computes them, and read (`values()`) an update later, when that work is done. A
+    `.cpu()` in every update would instead drain the GPU's queue each time, leaving it idle while Python prepares the
+    next update. On the CPU this is the tensor itself."""
+
+    def __init__(self, tensor: torch.Tensor):
+        tensor = tensor.detach()
+        self._ready = None
+        if tensor.is_cuda:
+            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self._host.copy_(tensor, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host = tensor
+
+    def values(self) -> list:
+        if self._ready is not None:
+            self._ready.synchronize()
+        return self._host.tolist()
+
+
 class CheckpointError(ValueError):
     """A checkpoint that does not fit the model being trained."""
 
@@ -141,6 +164,7 @@ class LoRAModule(L.LightningModule):
         self.grad_norm: torch.Tensor | None = None
         self._update_sums = torch.zeros(4)  # loss x target tokens, target tokens, correct, examples: this update
         self._update_lr: float | None = None
+        self._pending_metrics: tuple[int, HostValues, dict[str, float]] | None = None
         self.last_metrics: dict[str, float] = {}
         self._plain_head = decoder_and_head(model)
 
@@ -162,7 +186,8 @@ class LoRAModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
         stats = answer_statistics(self.answer_logits(batch), batch)
         size = batch["input_ids"].shape[0]
-        self.log("loss", stats["loss"], prog_bar=True, logger=False, batch_size=size)  # progress bar only
+        if self.trainer.progress_bar_callback is not None:  # reading it back syncs with the GPU: only for a bar
+            self.log("loss", stats["loss"], prog_bar=True, logger=False, batch_size=size)
         n_target = stats["n_target"].sum()
         self._update_sums = self._update_sums.to(n_target.device) + torch.stack([
             stats["loss"].detach() * n_target, n_target.float(), stats["correct"].float().sum(),
@@ -188,17 +213,29 @@ class LoRAModule(L.LightningModule):
         if self._update_lr is None:  # a micro-batch that did not finish an update
             return
         # Scalars go to the loggers at step s = updates done, like the tracking rows. (Lightning's own `self.log`
-        # would stamp them with the count before the update: s - 1.)
+        # would stamp them with the count before the update: s - 1.) They are read an update late (`HostValues`).
+        self._log_pending_metrics()
         step = self.global_step
         if step % self.training_config.log_every_n_steps == 0 or step == self.trainer.max_steps:
-            sums = torch.cat([self._update_sums, self.grad_norm.reshape(1).to(self._update_sums)]).cpu().tolist()
-            self.last_metrics = {"train/loss": sums[0] / max(sums[1], 1), "train/accuracy": sums[2] / max(sums[3], 1),
-                                 "train/grad_norm": sums[4], "train/lr": self._update_lr,
-                                 "train/epoch": float(batch.get("epoch", self.current_epoch))}
-            for logger in self.loggers:
-                logger.log_metrics(self.last_metrics, step=step)
+            numbers = HostValues(torch.cat([self._update_sums, self.grad_norm.reshape(1).to(self._update_sums)]))
+            known = {"train/lr": self._update_lr, "train/epoch": float(batch.get("epoch", self.current_epoch))}
+            self._pending_metrics = (step, numbers, known)
         self._update_sums = torch.zeros(4, device=self._update_sums.device)
         self._update_lr = None
+
+    @override
+    def on_train_end(self) -> None:
+        self._log_pending_metrics()
+
+    def _log_pending_metrics(self) -> None:
+        if self._pending_metrics is None:
+            return
+        (step, numbers, known), self._pending_metrics = self._pending_metrics, None
+        sums = numbers.values()
+        self.last_metrics = {"train/loss": sums[0] / max(sums[1], 1), "train/accuracy": sums[2] / max(sums[3], 1),
+                             "train/grad_norm": sums[4], **known}
+        for logger in self.loggers:
+            logger.log_metrics(self.last_metrics, step=step)
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

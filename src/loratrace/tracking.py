@@ -34,7 +34,7 @@ from typing_extensions import override
 
 from loratrace import schema
 from loratrace.mappings import Mappings, lineage_ranges, read_parts
-from loratrace.module import gradient_norm
+from loratrace.module import HostValues, gradient_norm
 
 
 def _now() -> dt.datetime:
@@ -70,6 +70,7 @@ class BatchTracker(Callback):
         self.attempt = 0
         self.parent_attempt: int | None = None
         self._rows: list[dict[str, Any]] = []
+        self._unread: tuple[dict[str, Any], HostValues, list[tuple[str, int]]] | None = None  # the last micro-batch
         self._part = 0
         self._micro_batch = 0
         self._pending_update: dict[str, Any] | None = None
@@ -160,18 +161,19 @@ class BatchTracker(Callback):
             update["grad_norm"] = pl_module.grad_norm
         step = trainer.global_step if stepped else trainer.global_step + 1
         lr = update["lr"] if stepped else float(trainer.optimizers[0].param_groups[0]["lr"])
-        self._rows.append(self._row(trainer, outputs, batch, batch_idx, step, update, lr))
+        self._read_numbers()  # the micro-batch before this one: long computed, its copy to the host done
+        self._unread = self._row(trainer, outputs, batch, batch_idx, step, update, lr)
         self._micro_batch = 0 if stepped else self._micro_batch + 1
         if stepped:
             self._updates += 1
         if stepped and trainer.global_step - self._last_flush_step >= self.flush_every_steps:
             self.flush()
 
-    def _row(self, trainer, outputs, batch, batch_idx, step, update, lr) -> dict[str, Any]:
+    def _row(self, trainer, outputs, batch, batch_idx, step, update, lr):
+        """The micro-batch's row, less its numbers: those come to the host in one transfer, read a micro-batch later
+        (`HostValues`), so that the step never waits for the GPU."""
         outputs = outputs if isinstance(outputs, dict) else {"loss": outputs}
         ids = [str(i) for i in batch["example_id"]]
-        n = len(ids)
-        # One device->host transfer for every number of this micro-batch.
         pieces = [outputs["loss"].detach().float().reshape(1)]
         names = ["loss"]
         for key in ("losses", "p_gold", "correct", "n_tokens", "n_target"):
@@ -182,26 +184,35 @@ class BatchTracker(Callback):
         if update is not None:
             pieces.append(update["grad_norm"].detach().float().reshape(1))
             names.append("grad_norm")
-        flat = torch.cat([p.to(pieces[0].device) for p in pieces]).cpu().tolist()
-        values, cursor = {}, 0
-        for name, piece in zip(names, pieces):
-            values[name] = flat[cursor: cursor + piece.numel()]
-            cursor += piece.numel()
+        numbers = HostValues(torch.cat([p.to(pieces[0].device) for p in pieces]))
         lines = batch["line"]
         lines = lines.tolist() if isinstance(lines, torch.Tensor) else [int(x) for x in lines]
         stage = 1 if self.stage1_steps is None or step <= self.stage1_steps else 2
-        return {
+        row = {
             "run_id": self.run_id, "attempt": self.attempt, "step": step, "micro_batch": self._micro_batch,
             "rank": trainer.global_rank, "epoch": int(batch.get("epoch", trainer.current_epoch)),
             "batch_idx": int(batch.get("batch_in_epoch", batch_idx)), "stage": stage,
-            "example_ids": ids, "lines": lines,
+            "example_ids": ids, "lines": lines, "lr": lr, "wall_time": _now(),
+        }
+        return row, numbers, [(name, piece.numel()) for name, piece in zip(names, pieces)]
+
+    def _read_numbers(self) -> None:
+        """Complete the last micro-batch's row with its numbers and buffer it."""
+        if self._unread is None:
+            return
+        (row, numbers, layout), self._unread = self._unread, None
+        flat, values, cursor = numbers.values(), {}, 0
+        for name, size in layout:
+            values[name] = flat[cursor: cursor + size]
+            cursor += size
+        row.update({
             "losses": values.get("losses"), "p_gold": values.get("p_gold"),
             "correct": [bool(x) for x in values["correct"]] if "correct" in values else None,
             "loss": values["loss"][0], "grad_norm": values["grad_norm"][0] if "grad_norm" in values else None,
-            "lr": lr, "n_tokens": int(sum(values["n_tokens"])) if "n_tokens" in values else None,
-            "n_target_tokens": int(sum(values["n_target"])) if "n_target" in values else n,
-            "wall_time": _now(),
-        }
+            "n_tokens": int(sum(values["n_tokens"])) if "n_tokens" in values else None,
+            "n_target_tokens": int(sum(values["n_target"])) if "n_target" in values else len(row["example_ids"]),
+        })
+        self._rows.append(row)
 
     @override
     @_on_training_thread
@@ -267,6 +278,7 @@ class BatchTracker(Callback):
 
     def flush(self) -> None:
         """Hand the buffered rows to the writer thread as one new part."""
+        self._read_numbers()
         if not self._rows:
             return
         rows, self._rows = self._rows, []
