@@ -31,21 +31,25 @@ import lightning as L
 import torch
 
 import loratrace
-from bench.arms import QUIET, fit_timing, hf_trainer, hf_trainer_timing
+from bench.arms import QUIET, accounted_overhead, accounted_row, fit_timing, hf_trainer, hf_trainer_timing
 from loratrace.config import load_config
 
 
 def tracking_overhead(runs_dir: Path, model: list[str], steps: int, repeats: int) -> dict:
     base = [f"training.max_steps={steps}", f"training.stage1_steps={steps // 2}", *model]
-    arms = {"off": [], "on": []}
+    arms, tracked = {"off": [], "on": []}, []
     for _ in range(repeats):  # interleaved: off, on, off, on ...
         for arm, tracking in (("off", ["tracking.enabled=false"]),
                               ("on", ["tracking.enabled=true", "tracking.flush_every_steps=10"])):
-            arms[arm].append(fit_timing(runs_dir, [*base, *tracking])["step_s"])
+            timing = fit_timing(runs_dir, [*base, *tracking])
+            arms[arm].append(timing["step_s"])
+            if arm == "on":
+                tracked.append(timing["run"])
     # Each tracked run against the untracked run just before it: drift of the machine between pairs cancels out.
     ratios = sorted(on / off for off, on in zip(arms["off"], arms["on"]))
     return {"off_ms": statistics.median(arms["off"]) * 1e3, "on_ms": statistics.median(arms["on"]) * 1e3,
-            "ratio": statistics.median(ratios), "low": ratios[0], "high": ratios[-1], "pairs": len(ratios)}
+            "ratio": statistics.median(ratios), "low": ratios[0], "high": ratios[-1], "pairs": len(ratios),
+            "accounted": accounted_overhead(tracked, statistics.median(arms["off"]))}
 
 
 def checkpoint_bytes(runs_dir: Path, steps: int) -> dict:
@@ -332,6 +336,7 @@ def main() -> None:
             rows.append((f"tracking overhead, {name}: median of {r['pairs']} paired ratios (range)",
                          f"{r['on_ms']:.1f} ms / {r['off_ms']:.1f} ms",
                          f"{r['ratio']:.3f} ({r['low']:.3f}-{r['high']:.3f})", "<= 1.02"))
+            rows.append(accounted_row(name.split(" (")[0], r["accounted"]))
         larger = ["model.tiny_hidden_size=512", "model.tiny_layers=6", "training.batch_size=16"]
         b = throughput_vs_baseline(runs_dir, [] if args.quick else larger, steps, min(repeats, 3))
         rows.append(("throughput: loratrace (tracked) / HF Trainer + PEFT, same model, data, batch, steps",

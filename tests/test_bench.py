@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -13,6 +14,12 @@ def test_bench_harness_runs_at_tiny_size():
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| tracking overhead, tiny preset" in result.stdout
+    accounted = re.search(r"\| tracking overhead by the tracker's accounting, tiny preset: .* \| \(([\d.]+) \+ "
+                          r"([\d.]+) ms\) / ([\d.]+) ms \| ([\d.]+)-([\d.]+) \|", result.stdout)
+    assert accounted, result.stdout
+    thread, writer, untracked, low, high = map(float, accounted.groups())
+    assert thread > 0 and writer > 0 and untracked > 0
+    assert low == pytest.approx(1 + thread / untracked, abs=2e-3) and high > low
     assert "| checkpoint / (trainable x 12 B), tiny" in result.stdout
     assert "| trace over 200,000 sample rows" in result.stdout and "| grep | jq over the legacy JSONL" in result.stdout
     assert "| throughput: loratrace (tracked) / HF Trainer + PEFT" in result.stdout
@@ -34,6 +41,9 @@ def test_gpu_script_runs_on_cpu_at_tiny_size(tmp_path):
     figures = json.loads((tmp_path / "out" / "results.json").read_text())
     assert figures["full_bytes"] > figures["ckpt_bytes"] > figures["trainable"] * 12
     assert all(arm["tokens_s"] > 0 and arm["tflops"] > 0 for arm in figures["arms"].values())
+    accounted = figures["accounted_overhead"]
+    assert 1 < accounted["low"] < accounted["high"] and accounted["thread_ms"] > 0
+    assert "| tracking overhead by the tracker's accounting, tiny preset" in table
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
