@@ -268,6 +268,30 @@ def test_two_rank_ddp_writes_the_global_batch_once(tmp_path):
     assert sorted(rows.step.unique()) == list(range(1, 7))
 
 
+def test_two_rank_ddp_resume_ends_in_the_same_weights(tmp_path):
+    """Each rank's dropout stream moves with its own batches; a resume gives every rank back its own."""
+    import torch
+    from conftest import run_cli
+
+    ddp = ["training.devices=2", "training.strategy=ddp", "training.accelerator=cpu", "logging.swanlab=false",
+           "logging.tensorboard=false", "export.merged_model=false", "export.adapter=false"]
+    result = run_cli("train", "--config", str(ROOT / "configs" / "tiny.yaml"), f"--runs-dir={tmp_path}", *ddp,
+                     "training.max_steps=6", "training.stage1_steps=3", "lora.dropout=0.3", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run,) = [p for p in tmp_path.iterdir() if p.is_dir() and (p / "checkpoints").exists()]
+    load = lambda step: torch.load(run / "checkpoints" / f"checkpoint-step-{step:03d}.ckpt",  # noqa: E731
+                                   weights_only=True)
+    rank0, rank1 = load(4)["rng_states_per_rank"]
+    assert not torch.equal(rank0["torch"], rank1["torch"])  # the ranks' streams have parted: both are needed
+    uninterrupted = load(6)["state_dict"]
+    resumed = run_cli("train", "--resume-from-checkpoint", str(run / "checkpoints" / "checkpoint-step-004.ckpt"),
+                      *ddp, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    again = load(6)["state_dict"]
+    assert again.keys() == uninterrupted.keys()
+    assert all(torch.equal(again[k], uninterrupted[k]) for k in uninterrupted)
+
+
 def test_tracking_without_duckdb_keeps_every_row_and_skips_only_the_index(tmp_path, monkeypatch):
     import pyarrow.parquet as pq
 

@@ -263,10 +263,21 @@ class LoRAModule(L.LightningModule):
         keep = self.trainable_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["rng_states"] = rng_state()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Every rank saves (Lightning calls this hook on all of them; rank 0 writes the file), and each rank's
+            # dropout stream has moved by its own batches' shapes: keep them all, rank r's at index r.
+            per_rank = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(per_rank, checkpoint["rng_states"])
+            checkpoint["rng_states_per_rank"] = per_rank
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         problem = lora_mismatch(self, checkpoint.get("state_dict", {}))
         if problem:
             raise CheckpointError(f"checkpoint {problem}")
-        self._rng_to_restore = checkpoint.get("rng_states")
+        per_rank = checkpoint.get("rng_states_per_rank")
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        if per_rank and rank < len(per_rank):
+            self._rng_to_restore = per_rank[rank]
+        else:  # one process, or more ranks than the run that saved it had
+            self._rng_to_restore = checkpoint.get("rng_states")
