@@ -57,8 +57,11 @@ class StepCheckpoint(Callback):
 
         path = self.directory / checkpoint_name(step)
         tmp = self.directory / f".{path.name}.partial"
-        trackers = [c for c in trainer.callbacks if isinstance(c, BatchTracker)] if trainer.is_global_zero else []
-        for tracker in trackers:  # their rows are written while torch serializes; waited for below
+        trackers = [c for c in trainer.callbacks if isinstance(c, BatchTracker)]
+        for tracker in trackers:  # their rows are written while Lightning gathers the state and torch serializes it
+            tracker.flush()
+        trackers = trackers if trainer.is_global_zero else []
+        for tracker in trackers:  # waited for below
             tracker.defer_wait = True
         try:
             trainer.save_checkpoint(tmp)  # collective: every rank takes part, rank 0 writes
