@@ -103,7 +103,7 @@ def train(cfg: Config, resume_from: str | Path | None = None, progress: bool = T
     tracker = None
     if cfg.tracking.enabled:
         tracker = BatchTracker(run_dir / "tracking", run_id=run_dir.name,
-                                      flush_every_steps=cfg.tracking.flush_every_steps,
+                               flush_every_steps=cfg.tracking.flush_every_steps,
                                examples=_example_rows(cfg, examples, datamodule), stage1_steps=t.stage1_steps)
         callbacks.append(tracker)
     callbacks.append(StepCheckpoint(run_dir / "checkpoints", checkpoint_steps(t.max_steps, t.stage1_steps,

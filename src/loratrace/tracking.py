@@ -42,11 +42,11 @@ def _now() -> dt.datetime:
 
 
 def _on_training_thread(hook):
-    """Count the hook's wall time as the tracker's cost on the training thread (outermost call only: hooks that
-    call `flush` or `wait` are not counted twice)."""
+    """Count the hook's wall time as the tracker's cost on the training thread: outermost calls only (hooks that
+    call `flush` or `wait` are not counted twice), and none after training ended (that is `end_s`)."""
     @functools.wraps(hook)
     def timed(self, *args, **kwargs):
-        if self._in_hook:
+        if self._in_hook or self._train_ended is not None:
             return hook(self, *args, **kwargs)
         self._in_hook, start = True, time.perf_counter()
         try:
@@ -276,6 +276,7 @@ class BatchTracker(Callback):
 
     # ------------------------------------------------------------------ writing
 
+    @_on_training_thread
     def flush(self) -> None:
         """Hand the buffered rows to the writer thread as one new part."""
         self._read_numbers()
