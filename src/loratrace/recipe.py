@@ -144,10 +144,11 @@ def train(cfg: Config, resume_from: str | Path | None = None, progress: bool = T
         export_merged(peft_model, tokenizer, run_dir / "final_model")
     final_loss = module.last_metrics.get("train/loss")
     written = sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-step-*.ckpt"))
-    runs.finish_run(run_dir, "completed", _cost(tracker), steps=trainer.global_step, final_loss=final_loss,
+    cost = _cost(tracker)
+    runs.finish_run(run_dir, "completed", cost, steps=trainer.global_step, final_loss=final_loss,
                     trainable_parameters=trainable, checkpoints=len(written))
     if progress:
-        print_summary(cfg, run_dir, trainer.global_step, final_loss, written, tracker.cost() if tracker else None)
+        print_summary(cfg, run_dir, trainer.global_step, final_loss, written, cost.get("tracking_cost"))
     return run_dir
 
 

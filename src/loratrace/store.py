@@ -81,6 +81,11 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _file_key(stat: os.stat_result) -> tuple[int, int, int]:
+    """What tells one version of a file or folder from the next: a write moves the time or size, a replace the inode."""
+    return stat.st_mtime_ns, stat.st_ino, stat.st_size
+
+
 class SamplesIndex:
     """An open samples index: its footer parsed once and each row group's example_id range, so a trace decodes only
     the row group or two that can hold the id (the file is sorted by example_id)."""
@@ -113,7 +118,7 @@ class Runs:
         self.con = duckdb.connect(":memory:")
         self._files: dict[str, list[str]] = {}
         self._bad: set[str] = set()
-        self._checked: dict[str, tuple[int, float]] = {}
+        self._checked: dict[str, tuple[int, int, int]] = {}  # part -> `_file_key` when its footer was read
         self._indexes: dict[str, str] = {}
         self._open_indexes: dict[str, tuple[tuple, SamplesIndex]] = {}  # path -> (stat when opened, reader)
         self._all_indexed = False
@@ -140,8 +145,8 @@ class Runs:
                 stat = path.stat()
             except FileNotFoundError:
                 continue
-            if self._checked.get(key) != (stat.st_size, stat.st_mtime):
-                self._checked[key] = (stat.st_size, stat.st_mtime)
+            if self._checked.get(key) != _file_key(stat):
+                self._checked[key] = _file_key(stat)
                 try:
                     pq.read_metadata(path)
                     self._bad.discard(key)
@@ -160,8 +165,7 @@ class Runs:
         for run_dir in self.run_dirs:
             for name in ("", *(name for name, _ in TABLES.values())):  # "": tracking/ itself, for the index
                 try:
-                    stat = (run_dir / "tracking" / name).stat()
-                    signature.append((stat.st_mtime_ns, stat.st_ino, stat.st_size))
+                    signature.append(_file_key((run_dir / "tracking" / name).stat()))
                 except FileNotFoundError:
                     signature.append(None)
         return tuple(signature)
@@ -368,8 +372,7 @@ class Runs:
         return frame
 
     def _open_index(self, path: str) -> SamplesIndex:
-        stat = os.stat(path)
-        key = (stat.st_mtime_ns, stat.st_ino, stat.st_size)
+        key = _file_key(os.stat(path))
         cached = self._open_indexes.get(path)
         if cached is None or cached[0] != key:
             cached = self._open_indexes[path] = (key, SamplesIndex(path))

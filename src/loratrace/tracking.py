@@ -324,7 +324,6 @@ class BatchTracker(Callback):
                           stacklevel=2)
         self.wait()
 
-
     def cost(self) -> dict[str, float | int]:
         """What tracking cost this launch, in seconds.
 
