@@ -6,8 +6,9 @@
     loratrace eval RUN [--checkpoints all|last|final|76,100] [--split S] [--limit N]
     loratrace runs
 
-Errors a user can cause end in one line on stderr: exit 2 for a bad config, data set or model (before any work
-starts), exit 1 for a query or lookup that cannot be answered. `query`, `trace` and `runs` never import torch.
+Errors a user can cause (`LoratraceError`) end in one line on stderr: exit 2 for a bad config, data set, model or
+checkpoint (before any work starts), exit 1 for a query or lookup that cannot be answered. `query`, `trace` and
+`runs` never import torch.
 """
 
 from __future__ import annotations
@@ -103,31 +104,24 @@ def _open(runs_dir: str):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from loratrace.config import ConfigError, load_config
-    from loratrace.data import DataError
-    from loratrace.evaluate import EvalError
-    from loratrace.model import ModelError
-    from loratrace.module import CheckpointError
 
     overrides = list(args.overrides)
     if args.track_batches:
         overrides.append("tracking.enabled=true")
     if args.runs_dir:
         overrides.append(f"runs_dir={args.runs_dir}")
-    try:
-        if args.resume_from_checkpoint and args.dataset:
-            raise ConfigError("--dataset cannot be combined with --resume-from-checkpoint")
-        if args.resume_from_checkpoint and not args.config:
-            from loratrace.recipe import resume_run_dir
+    if args.resume_from_checkpoint and args.dataset:
+        raise ConfigError("--dataset cannot be combined with --resume-from-checkpoint")
+    if args.resume_from_checkpoint and not args.config:
+        from loratrace.recipe import resume_run_dir
 
-            args.config = str(resume_run_dir(Path(args.resume_from_checkpoint)) / "config.yaml")
-        names = args.dataset or [None]
-        configs = [load_config(args.config, overrides + ([f"data.dataset={n}"] if n else [])) for n in names]
-        from loratrace.recipe import train
+        args.config = str(resume_run_dir(Path(args.resume_from_checkpoint)) / "config.yaml")
+    names = args.dataset or [None]
+    configs = [load_config(args.config, overrides + ([f"data.dataset={n}"] if n else [])) for n in names]
+    from loratrace.recipe import train
 
-        for cfg in configs:
-            train(cfg, resume_from=args.resume_from_checkpoint)
-    except (ConfigError, DataError, ModelError, CheckpointError, EvalError) as exc:
-        return _fail(str(exc).splitlines()[0], 2)
+    for cfg in configs:
+        train(cfg, resume_from=args.resume_from_checkpoint)
     return 0
 
 
@@ -161,16 +155,12 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from loratrace.config import ConfigError
-    from loratrace.evaluate import EvalError, evaluate_run
+    from loratrace.evaluate import evaluate_run
 
     overrides = [f"eval.{key}={value}" for key, value in (("split", args.split), ("limit", args.limit),
                                                           ("batch_size", args.batch_size), ("scoring", args.scoring))
                  if value is not None]
-    try:
-        summary = evaluate_run(args.run, args.checkpoints, overrides)
-    except (ConfigError, EvalError) as exc:
-        return _fail(str(exc).splitlines()[0], 2)
+    summary = evaluate_run(args.run, args.checkpoints, overrides)
     _emit(summary, "table", None)
     best = summary.loc[summary.accuracy.idxmax()]
     print(f"best: {best.checkpoint} (step {int(best.checkpoint_step)}), accuracy {best.accuracy:.4f}")
@@ -192,17 +182,16 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "query": cmd_query, "trace": c
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.command not in ("train", "eval"):
-        from loratrace.store import StoreError
+    from loratrace.errors import LoratraceError
 
-        try:
-            return COMMANDS[args.command](args)
-        except StoreError as exc:
-            return _fail(str(exc), 1)
-        except BrokenPipeError:
-            return 0
-    return COMMANDS[args.command](args)
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except LoratraceError as exc:
+        message = str(exc).strip()
+        return _fail(message.splitlines()[0] if message else type(exc).__name__, exc.exit_code)
+    except BrokenPipeError:
+        return 0
 
 
 if __name__ == "__main__":

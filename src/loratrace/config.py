@@ -20,8 +20,10 @@ from typing import Any
 
 import yaml
 
+from loratrace.errors import LoratraceError
 
-class ConfigError(ValueError):
+
+class ConfigError(LoratraceError):
     """A config the user wrote (file, override or value) that cannot run."""
 
 

@@ -18,11 +18,13 @@ from typing import Any
 
 import lightning as L
 
+from loratrace.errors import LoratraceError
+
 LETTERS = "ABCDEFGHIJ"
 SAMPLE_DIR = Path(__file__).parent / "sample" / "arc_sample"
 
 
-class DataError(ValueError):
+class DataError(LoratraceError):
     """A data source or row the user pointed at that cannot be used."""
 
 

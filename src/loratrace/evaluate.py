@@ -26,11 +26,12 @@ import torch
 from loratrace import schema
 from loratrace.config import Config, EvalConfig, load_config
 from loratrace.data import LETTERS, DataError, Encoded, collate, encode, load_split, padding_token_id
+from loratrace.errors import LoratraceError
 from loratrace.module import lora_mismatch, rng_state, set_rng_state
 from loratrace.runs import read_run_json
 
 
-class EvalError(ValueError):
+class EvalError(LoratraceError):
     """A run, split or checkpoint the user asked to evaluate that cannot be."""
 
 

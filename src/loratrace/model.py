@@ -13,6 +13,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 
 from loratrace.config import LoraConfig, ModelConfig
+from loratrace.errors import LoratraceError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TINY_VOCAB = 1024
@@ -25,7 +26,7 @@ SHAPES = {  # real models' configs, for random-weight stand-ins built offline (`
 }
 
 
-class ModelError(ValueError):
+class ModelError(LoratraceError):
     """A base model the user named that cannot be loaded."""
 
 

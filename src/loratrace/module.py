@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from typing_extensions import override
 
 from loratrace.config import TrainingConfig
+from loratrace.errors import LoratraceError
 
 
 def learning_rate_at(step: int, t: TrainingConfig) -> float:
@@ -127,7 +128,7 @@ class HostValues:
         return self._host.tolist()
 
 
-class CheckpointError(ValueError):
+class CheckpointError(LoratraceError):
     """A checkpoint that does not fit the model being trained."""
 
 

@@ -29,10 +29,13 @@ import yaml
 from typing_extensions import Self
 
 from loratrace import schema
+from loratrace.errors import LoratraceError
 
 
-class StoreError(ValueError):
+class StoreError(LoratraceError):
     """A query or lookup the user made that cannot be answered."""
+
+    exit_code = 1
 
 
 READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN", "PRAGMA"}

@@ -1,0 +1,14 @@
+"""`LoratraceError`: the base of every error a user can cause (a bad config, data row, checkpoint, query, ...).
+
+Each module raises its own subclass (`ConfigError`, `DataError`, `StoreError`, ...); the CLI catches this base once
+and prints the message's first line, exiting with the subclass's `exit_code`: 2 for input that cannot run (before any
+work starts), 1 for a query or lookup that cannot be answered.
+"""
+
+from __future__ import annotations
+
+
+class LoratraceError(ValueError):
+    """An error the user caused; its message is one line that says what was wrong and what to do."""
+
+    exit_code = 2
