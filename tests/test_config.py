@@ -79,3 +79,40 @@ def test_cli_config_errors_are_one_line_exit_2_and_create_nothing(tmp_path, args
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
     assert not Path(tmp_path / "lightning_logs").exists()
+
+
+def test_legacy_keys_translate_as_a_whole(tmp_path):
+    """A stage-2 length given alone counts from the file's stage 1; a flat learning rate sets both stages."""
+    base = tmp_path / "base.yaml"
+    base.write_text("training:\n  stage1_steps: 40\n  max_steps: 60\n  learning_rate_stage2: 0.003\n")
+    cfg = load_config(base, ["training.stage2.steps=30"], notice=lambda line: None)
+    assert (cfg.training.stage1_steps, cfg.training.max_steps) == (40, 70)
+    cfg = load_config(base, ["training.learning_rate=0.002"], notice=lambda line: None)
+    assert (cfg.training.learning_rate_stage1, cfg.training.learning_rate_stage2) == (0.002, 0.002)
+    # Within one source our own key is more specific than the legacy one; a later override still wins.
+    both = tmp_path / "both.yaml"
+    both.write_text("training:\n  learning_rate: 0.002\n  learning_rate_stage2: 0.0005\n  stage1: {steps: 10}\n"
+                    "  stage2: {steps: 5}\n")
+    cfg = load_config(both, notice=lambda line: None)
+    assert (cfg.training.learning_rate_stage1, cfg.training.learning_rate_stage2) == (0.002, 0.0005)
+    assert cfg.training.max_steps == 15
+    assert load_config(both, ["training.stage1_steps=12"], notice=lambda line: None).training.max_steps == 17
+    assert load_config(both, ["training.max_steps=40"], notice=lambda line: None).training.max_steps == 40
+
+
+@pytest.mark.parametrize("override, message", [
+    ("training.stage2.steps=abc", "training.stage2.steps: expected an integer, got 'abc'"),
+])
+def test_legacy_values_are_checked_like_ours(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override], notice=lambda line: None)
+
+
+def test_config_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("model:\n  name: tiny\n# caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml line 3: not UTF-8 text \(byte 0xe9\)"):
+        load_config(path)
+    result = run_cli("train", "--config", str(path), f"--runs-dir={tmp_path / 'runs'}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("loratrace: error:")

@@ -183,25 +183,27 @@ class Config:
         return dataclasses.asdict(self)
 
 
-# The seed's "traditional" nested keys -> ours. `stage2.steps` is handled apart (it sets max_steps).
+# The seed's "traditional" nested keys -> ours (a key may set several). `training.stage2.steps` is resolved apart: it
+# sets max_steps = stage1_steps + those steps, with stage1_steps as finally resolved.
 LEGACY_KEYS = {
-    "training.per_device_train_batch_size": "training.batch_size",
-    "training.gradient_accumulation_steps": "training.accumulate_grad_batches",
-    "training.stage1.steps": "training.stage1_steps",
-    "training.stage1.learning_rate": "training.learning_rate_stage1",
-    "training.stage2.learning_rate": "training.learning_rate_stage2",
-    "training.learning_rate": "training.learning_rate_stage1",
-    "training.warmup_steps": "training.warmup_steps",
-    "training.lr_scheduler_type": "training.schedule",
-    "training.logging_steps": "training.log_every_n_steps",
-    "lora.lora_alpha": "lora.alpha",
-    "lora.lora_dropout": "lora.dropout",
-    "lora.lora_r": "lora.r",
-    "data.dataset_name": "data.dataset",
-    "data.max_seq_length": "data.max_length",
-    "model.model_name_or_path": "model.name",
-    "model.name_or_path": "model.name",
+    "training.per_device_train_batch_size": ("training.batch_size",),
+    "training.gradient_accumulation_steps": ("training.accumulate_grad_batches",),
+    "training.stage1.steps": ("training.stage1_steps",),
+    "training.stage1.learning_rate": ("training.learning_rate_stage1",),
+    "training.stage2.learning_rate": ("training.learning_rate_stage2",),
+    "training.learning_rate": ("training.learning_rate_stage1", "training.learning_rate_stage2"),
+    "training.lr_scheduler_type": ("training.schedule",),
+    "training.logging_steps": ("training.log_every_n_steps",),
+    "lora.lora_alpha": ("lora.alpha",),
+    "lora.lora_dropout": ("lora.dropout",),
+    "lora.lora_r": ("lora.r",),
+    "data.dataset_name": ("data.dataset",),
+    "data.max_seq_length": ("data.max_length",),
+    "model.model_name_or_path": ("model.name",),
+    "model.name_or_path": ("model.name",),
+    "model": ("model.name",),  # `model: Qwen/Qwen2.5-0.5B` at the top level
 }
+STAGE2_STEPS = "training.stage2.steps"
 
 CHOICES = {
     "model.tiny_arch": ("llama", "qwen2"),
@@ -284,26 +286,41 @@ def _unknown(key: str, keys: dict) -> ConfigError:
     return ConfigError(f"unknown config key {key}{hint}")
 
 
-def migrate_legacy(flat: dict[str, Any], notice=None) -> dict[str, Any]:
-    """Translate the traditional script's nested keys, one notice line per translated key."""
-    out = {}
-    stage2_steps = flat.get("training.stage2.steps")
-    for key, value in flat.items():
-        if key == "training.stage2.steps":
-            continue
-        if key in LEGACY_KEYS and LEGACY_KEYS[key] != key:
+def resolve_keys(sources: list[dict[str, Any]], notice=None) -> dict[str, Any]:
+    """Merge flat key mappings (the file, then each override: a later one wins) into our keys, translating the
+    traditional script's keys as a whole: within one source our own key beats a legacy key that sets the same thing;
+    `training.learning_rate` sets both stages; `training.stage2.steps` sets max_steps from the final stage1_steps
+    (unless a later source sets max_steps itself). One notice line per translated key."""
+    flat: dict[str, Any] = {}
+    given_in: dict[str, int] = {}  # key -> index of the source that set it last
+    stage2: tuple[int, Any] | None = None
+    for index, source in enumerate(sources):
+        direct = {k: v for k, v in source.items() if k not in LEGACY_KEYS and k != STAGE2_STEPS}
+        for key, value in source.items():
+            if key == STAGE2_STEPS:
+                stage2 = (index, value)
+            elif key in LEGACY_KEYS:
+                targets = LEGACY_KEYS[key]
+                if notice and key != "model":
+                    notice(f"note: legacy key {key} read as {' and '.join(targets)}")
+                for target in targets:
+                    if target not in direct:
+                        flat[target], given_in[target] = value, index
+        for key, value in direct.items():
+            flat[key], given_in[key] = value, index
+    if stage2 is not None:
+        index, value = stage2
+        steps = _coerce(STAGE2_STEPS, value, int)
+        if given_in.get("training.max_steps", -1) <= index:
+            stage1 = _coerce("training.stage1_steps", flat.get("training.stage1_steps", TrainingConfig.stage1_steps),
+                             int)
+            if given_in.get("training.max_steps") == index and flat["training.max_steps"] != stage1 + steps:
+                raise ConfigError(f"training.max_steps ({flat['training.max_steps']}) disagrees with "
+                                  f"training.stage1_steps + training.stage2.steps ({stage1} + {steps}); give one")
+            flat["training.max_steps"] = stage1 + steps
             if notice:
-                notice(f"note: legacy key {key} read as {LEGACY_KEYS[key]}")
-            key = LEGACY_KEYS[key]
-        elif key == "model" and isinstance(value, str):
-            key = "model.name"
-        out[key] = value
-    if stage2_steps is not None:
-        stage1 = out.get("training.stage1_steps", TrainingConfig.stage1_steps)
-        out.setdefault("training.max_steps", int(stage1) + int(stage2_steps))
-        if notice:
-            notice("note: legacy key training.stage2.steps read as training.max_steps = stage1 + stage2 steps")
-    return out
+                notice(f"note: legacy key {STAGE2_STEPS} read as training.max_steps = {stage1} + {steps}")
+    return flat
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -335,24 +352,34 @@ def config_from_flat(flat: dict[str, Any]) -> Config:
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (), notice=None) -> Config:
     """Default config <- YAML file <- `key=value` overrides, validated."""
     notice = notice or (lambda line: print(line, file=sys.stderr))
-    flat: dict[str, Any] = {}
+    sources: list[dict[str, Any]] = []
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}{where}: not valid YAML") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
-        flat = migrate_legacy(_flatten(tree), notice)
-    for text in overrides:
-        key, value = parse_override(text)
-        flat.update(migrate_legacy({key: value}, notice))
-    return config_from_flat(flat)
+        sources.append(_flatten(read_yaml_file(Path(path))))
+    sources += [dict([parse_override(text)]) for text in overrides]
+    return config_from_flat(resolve_keys(sources, notice))
+
+
+def read_yaml_file(path: Path) -> dict[str, Any]:
+    """A YAML mapping from `path`; a missing file, bytes that are not UTF-8 or bad YAML are one ConfigError line."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path} line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save it as UTF-8")\
+            from None
+    try:
+        tree = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None)
+        raise ConfigError(f"{path}{where}: not valid YAML" + (f" ({problem})" if problem else "")) from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    return tree
 
 
 def _require(ok: bool, message: str) -> None:
