@@ -2,6 +2,7 @@ import json
 from collections import Counter
 
 import pytest
+from conftest import run_cli
 
 from loratrace.data import REGISTRY, DataError, Encoded, EpochLoader, load_split
 
@@ -104,3 +105,47 @@ def test_loader_state_from_another_seed_is_refused():
     loader = EpochLoader(_encoded(10), 4, seed=1, pad_id=0)
     with pytest.raises(DataError, match="another seed or world size"):
         loader.load_state_dict({"epoch": 0, "offset": 1, "seed": 2, "world_size": 1})
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({**GOOD, "choices": {"text": ["x", "y"], "label": ["A", "B", "C"]}, "answerKey": "C"},
+     "3 choice labels for 2 choice texts"),
+    ({**GOOD, "choices": {"text": ["x", "y"], "label": ["A", "A"]}}, r"repeated choice labels \['A', 'A'\]"),
+])
+def test_labels_that_do_not_match_the_texts_are_refused_at_load(tmp_path, bad, message):
+    path = _write(tmp_path, [GOOD, bad])
+    with pytest.raises(DataError, match=rf"line 2: malformed arc-challenge row: {message}"):
+        load_split("arc-challenge", str(path), "train")
+
+
+def test_repeated_ids_get_positional_ids_with_one_notice(tmp_path):
+    path = _write(tmp_path, [GOOD, GOOD, GOOD | {"id": "q2"}, GOOD])
+    notices = []
+    examples = load_split("arc-challenge", str(path), "train", notice=notices.append)
+    assert [e.example_id for e in examples] == ["q1", "arc-challenge/train/1", "q2", "arc-challenge/train/3"]
+    assert len(notices) == 1
+    assert "2 row(s) repeat an earlier row's id (line 2 repeats 'q1' of line 1)" in notices[0]
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"id": "q1", "question": "caf\xe9"}\n', r"line 1: not UTF-8 text \(byte 0xe9 at column 30\)"),
+    (b'{"id": "q1", "question": "unterminated\n', r"line 1, column 39: not valid JSON \(Invalid control "
+                                                  r"character\)$"),
+    (b'{"id": "q1"} trailing\n', r"line 1, column 14: not valid JSON \(Extra data\)$"),
+])
+def test_unreadable_lines_name_file_line_and_place(tmp_path, content, message):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(json.dumps(GOOD).encode() + b"\n" + content)
+    with pytest.raises(DataError, match=message.replace("line 1", "line 2")):
+        load_split("arc-challenge", str(path), "train")
+
+
+def test_junk_parquet_is_one_line(tmp_path):
+    path = tmp_path / "train.parquet"
+    path.write_bytes(b"PAR1 this is not parquet at all")
+    with pytest.raises(DataError, match=r"train.parquet: not a readable Parquet file"):
+        load_split("arc-challenge", str(path), "train")
+    result = run_cli("train", f"data.source={path}", f"--runs-dir={tmp_path / 'runs'}", "logging.swanlab=false")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("loratrace: error:")
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

@@ -3,8 +3,8 @@
 Every example keeps `example_id` (the data set's own id, else `<dataset>/<split>/<row>`) and `line` (0-based row in
 its source split) from loading to the batch, so the tracker can say exactly which rows trained a step.
 
-    rows = load_split(cfg.data, "train")                     # list[Example], formatted to lettered choices
-    loader = EpochLoader(encoded, batch_size=32, seed=42)    # Lightning saves/restores its position
+    rows = load_split("arc-challenge", "sample", "train")     # list[Example], formatted to lettered choices
+    loader = EpochLoader(encode(rows, tokenizer, 256), batch_size=32, seed=42, pad_id=0)   # resumable position
 """
 
 from __future__ import annotations
@@ -64,6 +64,10 @@ def _arc(row: dict) -> tuple[str | None, str, list[str], int]:
         texts, labels = list(choices.get("text", [])), list(choices.get("label", []))
     if not texts:
         raise ValueError("empty choices")
+    if len(labels) != len(texts):
+        raise ValueError(f"{len(labels)} choice labels for {len(texts)} choice texts")
+    if len(set(map(str, labels))) != len(labels):
+        raise ValueError(f"repeated choice labels {labels}")
     if str(answer) not in [str(label) for label in labels]:
         raise ValueError(f"answer key {answer!r} is not among the labels {labels}")
     return row.get("id"), question, texts, [str(label) for label in labels].index(str(answer))
@@ -144,14 +148,20 @@ def format_prompt(question: str, choices: list[str]) -> str:
 
 def _read_jsonl(path: Path) -> list[dict]:
     rows = []
-    with open(path) as f:
-        for number, text in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path} line {number}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                                f"{exc.start + 1}); save the file as UTF-8") from None
             if not text.strip():
                 raise DataError(f"{path} line {number}: empty line")
             try:
                 row = json.loads(text)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path} line {number}: not valid JSON ({exc.msg})") from None
+                raise DataError(f"{path} line {number}, column {exc.colno}: not valid JSON "
+                                f"({exc.msg.removesuffix(' at')})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path} line {number}: expected a JSON object")
             rows.append(row)
@@ -162,9 +172,13 @@ def _read_file(path: Path) -> list[dict]:
     if path.suffix in (".jsonl", ".json"):
         return _read_jsonl(path)
     if path.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
+        try:
+            return pq.read_table(path).to_pylist()
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError(f"{path}: not a readable Parquet file ({_first_line(exc)})") from None
     raise DataError(f"{path}: unsupported file type (use .jsonl or .parquet)")
 
 
@@ -213,13 +227,14 @@ def raw_rows(dataset: str, source: str, split: str) -> tuple[list[dict], str]:
     raise DataError(f"data.source {source!r} is not sample, hub, or an existing file or folder")
 
 
-def load_split(dataset: str, source: str, split: str, limit: int | None = None) -> list[Example]:
-    """Formatted examples of one split; a malformed row is one DataError naming file and line."""
+def load_split(dataset: str, source: str, split: str, limit: int | None = None, notice=None) -> list[Example]:
+    """Formatted examples of one split; a malformed row is one DataError naming file and line. An id that repeats an
+    earlier row's is replaced by the row's positional id (`<dataset>/<split>/<row>`), with one `notice` line."""
     spec = REGISTRY[dataset]
     rows, origin = raw_rows(dataset, source, split)
     if limit is not None:
         rows = rows[:limit]
-    examples, seen = [], set()
+    examples, seen, repeated = [], {}, []
     for line, row in enumerate(rows):
         try:
             ident, question, choices, gold = spec.formatter(row)
@@ -229,12 +244,29 @@ def load_split(dataset: str, source: str, split: str, limit: int | None = None) 
             raise DataError(f"{origin} line {line + 1}: {len(choices)} choices, at most {len(LETTERS)} supported")
         example_id = str(ident) if ident not in (None, "") else f"{dataset}/{split}/{line}"
         if example_id in seen:  # ids must be unique for tracking; fall back to the positional id
+            repeated.append((line, example_id, seen[example_id]))
             example_id = f"{dataset}/{split}/{line}"
-        seen.add(example_id)
+        seen.setdefault(example_id, line)
         examples.append(Example(example_id, line, format_prompt(question, choices), list(choices), gold))
     if not examples:
         raise DataError(f"{origin}: split {split!r} has no rows")
+    if repeated:
+        line, example_id, earlier = repeated[0]
+        (notice or _stderr)(f"note: {origin}: {len(repeated)} row(s) repeat an earlier row's id (line {line + 1} "
+                            f"repeats {example_id!r} of line {earlier + 1}); each is tracked by its positional id "
+                            f"{dataset}/{split}/<row>")
     return examples
+
+
+def _stderr(line: str) -> None:
+    import sys
+
+    print(line, file=sys.stderr)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # ---------------------------------------------------------------- tokenization
