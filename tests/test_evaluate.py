@@ -118,3 +118,35 @@ def test_cli_summary_names_the_best_checkpoint(evaluated_run, tmp_path):
     (empty / "config.yaml").write_text((evaluated_run / "config.yaml").read_text())
     missing = run_cli("eval", str(empty))
     assert missing.returncode == 2 and "has no checkpoints to evaluate" in missing.stderr
+
+
+def test_truncated_checkpoint_is_one_line_exit_2(evaluated_run, tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text((evaluated_run / "config.yaml").read_text())
+    (run / "base_model").symlink_to(evaluated_run / "base_model")
+    data = (evaluated_run / "checkpoints" / "checkpoint-step-016.ckpt").read_bytes()
+    (run / "checkpoints" / "checkpoint-step-016.ckpt").write_bytes(data[: len(data) // 2])
+    result = run_cli("eval", str(run), "--checkpoints", "last", "--limit", "4")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("loratrace: error:") and "checkpoint-step-016.ckpt: not a readable checkpoint" in last
+
+
+def test_final_model_eval_logs_its_own_tensorboard_tag_and_leaves_no_empty_event_file(evaluated_run, tmp_path):
+    import shutil
+
+    logs = evaluated_run / "tensorboard_logs"
+    before = set(logs.glob("events.out.tfevents.*"))
+    evaluate_run(evaluated_run, "final", ["eval.limit=8"], progress=False)
+    new = set(logs.glob("events.out.tfevents.*")) - before
+    assert len(new) == 1
+    events = EventAccumulator(str(next(iter(new))))
+    events.Reload()
+    assert [e.step for e in events.Scalars("eval/validation_accuracy_final_model")] == [16]
+    # A refused `--checkpoints final` (no final_model/) writes nothing, not even an empty event file.
+    copy = tmp_path / "run"
+    shutil.copytree(evaluated_run, copy, ignore=shutil.ignore_patterns("final_model", "tensorboard_logs"))
+    with pytest.raises(EvalError, match="has no final_model/"):
+        evaluate_run(copy, "final", progress=False)
+    assert not (copy / "tensorboard_logs").exists()

@@ -88,13 +88,109 @@ def test_resume_with_ckpt_path_ends_in_the_same_weights(tmp_path):
         assert torch.allclose(a["state_dict"][key], b["state_dict"][key], atol=1e-6), key
     attempts = json.loads((resumed / "run.json").read_text())["attempts"]
     assert len(attempts) == 2 and attempts[1]["resumed_from"].endswith("checkpoint-step-011.ckpt")
+    # TensorBoard shows each step once, as the batches view does: the first attempt's steps 12..16 are purged.
+    events = EventAccumulator(str(resumed / "tensorboard_logs"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 17))
 
 
-def test_mismatched_lora_checkpoint_is_one_line_exit_2(tmp_path, small_run):
+def _snapshot(run):
+    """Every file of a run folder with its bytes' hash: a refused command must change none."""
+    import hashlib
+
+    return {p.relative_to(run).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def finished_run(tmp_path):
+    return loratrace.train(small_config(tmp_path, "training.max_steps=10", "training.stage1_steps=8"), progress=False)
+
+
+def test_refused_resumes_change_nothing_and_the_run_still_resumes(finished_run):
     from conftest import run_cli
 
-    ckpt = small_run / "checkpoints" / "checkpoint-step-016.ckpt"
-    result = run_cli("train", "--config", str(small_run / "config.yaml"), "lora.r=4", "--resume-from-checkpoint",
-                     str(ckpt))
+    checkpoints = finished_run / "checkpoints"
+    truncated = checkpoints / "checkpoint-step-009.ckpt"
+    truncated.write_bytes(truncated.read_bytes()[:5000])
+    before = _snapshot(finished_run)
+    cases = [(["lora.r=4"], checkpoints / "checkpoint-step-010.ckpt", "checkpoint tensor"),
+             ([], truncated, "not a readable checkpoint"),
+             (["training.seed=7"], checkpoints / "checkpoint-step-010.ckpt", "was trained with training.seed=42")]
+    for overrides, ckpt, message in cases:
+        result = run_cli("train", "--config", str(finished_run / "config.yaml"), *overrides,
+                         "--resume-from-checkpoint", str(ckpt))
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("loratrace: error:") and message in last, last
+        assert _snapshot(finished_run) == before, overrides
+    info = json.loads((finished_run / "run.json").read_text())
+    assert info["status"] == "completed" and len(info["attempts"]) == 1
+    # the run is intact: a plain resume (longer, recorded as a config change) works
+    cfg = load_config(finished_run / "config.yaml", ["training.max_steps=12"])
+    loratrace.train(cfg, resume_from=checkpoints / "checkpoint-step-010.ckpt", progress=False)
+    info = json.loads((finished_run / "run.json").read_text())
+    assert info["status"] == "completed" and info["steps"] == 12
+    assert info["attempts"][1]["config_changes"] == {"training.max_steps": [10, 12]}
+
+
+def test_resume_after_tracking_was_deleted_is_refused(finished_run):
+    import shutil
+
+    from conftest import run_cli
+
+    shutil.rmtree(finished_run / "tracking")
+    before = _snapshot(finished_run)
+    ckpt = str(finished_run / "checkpoints" / "checkpoint-step-009.ckpt")
+    result = run_cli("train", "--resume-from-checkpoint", ckpt)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("loratrace: error: checkpoint tensor")
+    assert "are gone; resuming would record a false lineage" in result.stderr.strip().splitlines()[-1]
+    assert _snapshot(finished_run) == before
+    untracked = run_cli("train", "--resume-from-checkpoint", ckpt, "tracking.enabled=false")
+    assert untracked.returncode == 0, untracked.stderr[-2000:]
+
+
+def test_adapter_names_its_base_so_auto_peft_loads_it_offline(default_run):
+    from peft import AutoPeftModelForCausalLM
+
+    config = json.loads((default_run / "final_adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((default_run / "base_model").resolve())
+    model = AutoPeftModelForCausalLM.from_pretrained(default_run / "final_adapter").eval()
+    tokenizer = AutoTokenizer.from_pretrained(default_run / "final_model")
+    merged = AutoModelForCausalLM.from_pretrained(default_run / "final_model").eval()
+    assert torch.allclose(_logits(model, tokenizer), _logits(merged, tokenizer), atol=1e-5)
+
+
+def test_a_cli_run_prints_progress_on_stderr_the_summary_on_stdout_and_no_noise(tmp_path):
+    from conftest import ROOT, SMALL, run_cli
+
+    overrides = [o for o in SMALL if not o.startswith("logging.swanlab")] + ["logging.swanlab_mode=offline",
+                                                                                "training.max_steps=10"]
+    result = run_cli("train", "--config", str(ROOT / "configs" / "tiny.yaml"), *overrides,
+                     f"--runs-dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout.strip().splitlines()
+    assert out[0].startswith("run ") and any(line.startswith("tracking ") for line in out)
+    assert not any("Epoch" in line or "swanlab:" in line for line in out), out
+    err = result.stderr
+    for noise in ("weights_only", "Tip:", "GPU available", "TPU available", "Warning", "warn(", "swanlab:"):
+        assert noise not in err, (noise, err[-3000:])
+    assert "Epoch" in err  # the bar is there, on stderr
+
+
+def test_disabled_features_leave_no_empty_folders(tmp_path):
+    cfg = small_config(tmp_path, "training.max_steps=3", "training.stage1_steps=2", "tracking.enabled=false",
+                       "logging.tensorboard=false", "export.merged_model=false", "export.adapter=false")
+    run = loratrace.train(cfg, progress=False)
+    assert sorted(p.name for p in run.iterdir()) == ["base_model", "checkpoints", "config.yaml", "run.json"]
+
+
+def test_version_and_bare_command():
+    from conftest import run_cli
+
+    from loratrace import __version__
+
+    version = run_cli("--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"loratrace {__version__}"
+    bare = run_cli()
+    assert bare.returncode == 0 and "usage: loratrace" in bare.stdout and "train" in bare.stdout

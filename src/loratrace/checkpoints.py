@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
@@ -81,3 +82,12 @@ class StepCheckpoint(Callback):
                 if isinstance(callback, CheckpointEvaluator):
                     callback.evaluate(trainer, trainer.lightning_module, step, relative)
         return path
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A `.ckpt` loaded on the CPU, memory-mapped; a truncated or foreign file raises ValueError with one line."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, EOFError, UnpicklingError, ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path}: not a readable checkpoint ({first})") from None

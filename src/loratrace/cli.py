@@ -21,8 +21,11 @@ FORMATS = ("table", "csv", "json", "parquet")
 
 
 def _parser() -> argparse.ArgumentParser:
+    from loratrace import __version__
+
     parser = argparse.ArgumentParser(prog="loratrace", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"loratrace {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     train = sub.add_parser("train", help="fine-tune with LoRA and write a run folder",
                            description="Fine-tune with LoRA; writes runs/<dataset>_<method>_<time>/.")
@@ -184,12 +187,18 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "query": cmd_query, "trace": c
 def main(argv: list[str] | None = None) -> int:
     from loratrace.errors import LoratraceError
 
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # a bare `loratrace`: what it can do, not an error
+        parser.print_help()
+        return 0
     try:
         return COMMANDS[args.command](args)
     except LoratraceError as exc:
         message = str(exc).strip()
         return _fail(message.splitlines()[0] if message else type(exc).__name__, exc.exit_code)
+    except KeyboardInterrupt:  # Ctrl+C outside training (loading, exporting); training stops cleanly by itself
+        return _fail("interrupted", 130)
     except BrokenPipeError:
         return 0
 

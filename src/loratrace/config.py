@@ -216,12 +216,13 @@ CHOICES = {
 }
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+def flatten_keys(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as dotted keys: {'training': {'seed': 1}} -> {'training.seed': 1}."""
     flat = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict) and value:
-            flat.update(_flatten(value, name + "."))
+            flat.update(flatten_keys(value, name + "."))
         else:
             flat[name] = value
     return flat
@@ -354,7 +355,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
     notice = notice or (lambda line: print(line, file=sys.stderr))
     sources: list[dict[str, Any]] = []
     if path is not None:
-        sources.append(_flatten(read_yaml_file(Path(path))))
+        sources.append(flatten_keys(read_yaml_file(Path(path))))
     sources += [dict([parse_override(text)]) for text in overrides]
     return config_from_flat(resolve_keys(sources, notice))
 

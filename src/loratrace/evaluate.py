@@ -24,6 +24,7 @@ import pyarrow as pa
 import torch
 
 from loratrace import schema
+from loratrace.checkpoints import read_checkpoint
 from loratrace.config import Config, EvalConfig, load_config
 from loratrace.data import LETTERS, DataError, Encoded, collate, encode, load_split, padding_token_id
 from loratrace.errors import LoratraceError
@@ -175,7 +176,10 @@ def _load_model(cfg: Config, run_dir: Path):
 
 def load_lora_weights(peft_model, checkpoint: Path) -> None:
     """Put a loratrace `.ckpt`'s LoRA tensors into `peft_model`; a shape or name mismatch is one EvalError line."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    try:
+        state = read_checkpoint(checkpoint).get("state_dict", {})
+    except ValueError as exc:
+        raise EvalError(str(exc)) from None
     weights = {k.removeprefix("model."): v for k, v in state.items()}  # LoRAModule keeps the PEFT model as .model
     problem = lora_mismatch(peft_model, weights)
     if problem:
@@ -216,29 +220,32 @@ def evaluate_run(run_dir: str | Path, checkpoints: str = "all", overrides: list[
     chosen = select_checkpoints(run_dir, checkpoints)
     peft_model, tokenizer = _load_model(cfg, run_dir)
     evaluator = Evaluator(cfg, run_dir, tokenizer)
+    final = run_dir / "final_model"
+    if checkpoints == "final" and not final.is_dir():
+        raise EvalError(f"{run_dir} has no final_model/")
     results = []
-    writer = None
-    if cfg.logging.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package: only when logging to it
-
-        writer = SummaryWriter(str(run_dir / "tensorboard_logs"))
     for step, path in tqdm(chosen, desc="checkpoints", disable=not progress):
         load_lora_weights(peft_model, path)
         accuracy = evaluator.evaluate(peft_model, step, path.relative_to(run_dir).as_posix())
         results.append((step, path.relative_to(run_dir).as_posix(), accuracy))
-        if writer:
-            writer.add_scalar(f"eval/{evaluator.settings.split}_accuracy", accuracy, step)
     if checkpoints == "final":
         from transformers import AutoModelForCausalLM
 
-        final = run_dir / "final_model"
-        if not final.is_dir():
-            raise EvalError(f"{run_dir} has no final_model/")
         step = read_run_json(run_dir).get("steps", cfg.training.max_steps)
         accuracy = evaluator.evaluate(AutoModelForCausalLM.from_pretrained(final), step, "final_model")
         results.append((step, "final_model", accuracy))
-    if writer:
-        writer.close()
+    if cfg.logging.tensorboard and results:
+        _log_accuracies(run_dir, evaluator.settings, results)
     frame = pd.DataFrame(results, columns=["checkpoint_step", "checkpoint", "accuracy"])
     frame["delta"] = frame.accuracy.diff()
     return frame
+
+
+def _log_accuracies(run_dir: Path, settings: EvalConfig, results: list[tuple[int, str, float]]) -> None:
+    """TensorBoard scalars, one tag per split and scoring; final_model's apart from the checkpoints' (same step)."""
+    from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package: only when logging to it
+
+    tag = f"eval/{settings.split}_accuracy" + ("" if settings.scoring == "label" else f"_{settings.scoring}")
+    with SummaryWriter(str(run_dir / "tensorboard_logs")) as writer:
+        for step, what, accuracy in results:
+            writer.add_scalar(tag + ("_final_model" if what == "final_model" else ""), accuracy, step)

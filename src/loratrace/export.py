@@ -15,7 +15,12 @@ def save_base_model(model, tokenizer, directory: Path) -> None:
     tokenizer.save_pretrained(directory)
 
 
-def export_adapter(peft_model, tokenizer, directory: Path) -> None:
+def export_adapter(peft_model, tokenizer, directory: Path, base_path: Path | None = None) -> None:
+    """`base_path`: where the base model lives when it has no hub id (the tiny preset's `base_model/`), recorded as
+    `base_model_name_or_path` so `AutoPeftModelForCausalLM.from_pretrained(directory)` finds it."""
+    if base_path is not None:
+        for config in peft_model.peft_config.values():
+            config.base_model_name_or_path = str(Path(base_path).resolve())
     peft_model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
 

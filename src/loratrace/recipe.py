@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import os
 import sys
 import warnings
@@ -14,16 +16,19 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.loggers import TensorBoardLogger
+from typing_extensions import override
 
 from loratrace import runs
-from loratrace.checkpoints import StepCheckpoint, checkpoint_steps
-from loratrace.config import Config, ConfigError, load_config
+from loratrace.checkpoints import StepCheckpoint, checkpoint_steps, read_checkpoint
+from loratrace.config import Config, ConfigError
 from loratrace.data import CommonsenseData, load_split
 from loratrace.evaluate import CheckpointEvaluator, Evaluator
 from loratrace.export import export_adapter, export_merged, save_base_model
+from loratrace.interrupt import RunInterrupted, StopOnSignal, interrupted_message
 from loratrace.model import add_lora, load_base, trainable_parameter_count
-from loratrace.module import LoRAModule
+from loratrace.module import CheckpointError, LoRAModule, lora_mismatch
 from loratrace.tracking import BatchTracker
 
 RUN_DIR_ENV = "LORATRACE_RUN_DIR"  # DDP children re-run the command: they join the folder rank 0 made
@@ -37,17 +42,13 @@ def resume_run_dir(checkpoint: Path) -> Path:
     return checkpoint.parent.parent
 
 
-def config_for_resume(checkpoint: str | Path, cfg: Config | None) -> Config:
-    """The config a resume runs with: the one given, else the run's own config.yaml."""
-    if cfg is not None:
-        return cfg
-    return load_config(resume_run_dir(Path(checkpoint)) / "config.yaml")
-
-
-def _loggers(cfg: Config, run_dir: Path) -> list:
+def _loggers(cfg: Config, run_dir: Path, resumed_step: int) -> list:
     loggers = []
     if cfg.logging.tensorboard:
-        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard_logs", version=""))
+        # purge_step: TensorBoard's readers drop the earlier attempt's points from the resumed step on, so every
+        # step shows once, as in the `batches` view.
+        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard_logs", version="",
+                                         purge_step=resumed_step + 1 if resumed_step else None))
     if cfg.logging.swanlab and cfg.logging.swanlab_mode != "disabled":
         from swanlab.integration.pytorch_lightning import SwanLabLogger
 
@@ -65,10 +66,16 @@ def _example_rows(cfg: Config, examples, datamodule) -> list[dict]:
 
 def train(cfg: Config, resume_from: str | Path | None = None, progress: bool = True,
           callbacks: list | None = None) -> Path:
-    """Train one run; returns its folder. Everything that can fail on user input fails before the folder exists.
+    """Train one run; returns its folder. Everything that can fail on user input fails before the folder exists (or,
+    for a resume, before anything in it changes).
 
     `callbacks` are added to loratrace's own (tracker, checkpoints, progress bar), e.g. a profiler or a timer.
     """
+    with quiet_libraries():
+        return _train(cfg, resume_from, progress, callbacks)
+
+
+def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callbacks: list | None) -> Path:
     checkpoint = Path(resume_from) if resume_from else None
     existing = resume_run_dir(checkpoint) if checkpoint else None
     L.seed_everything(cfg.training.seed, verbose=False)
@@ -80,58 +87,65 @@ def train(cfg: Config, resume_from: str | Path | None = None, progress: bool = T
                                  cfg.training.seed, cfg.data.num_workers)
     evaluator = Evaluator(cfg, None, tokenizer) if cfg.eval.every_checkpoint else None  # its split, checked now
     child = os.environ.get(RUN_DIR_ENV) and int(os.environ.get("LOCAL_RANK", "0")) > 0
-    # The tiny preset has no hub home: its base goes into the run folder, copied before LoRA wraps it (a copy is
-    # 20x faster than building the random weights again: 0.5 s against 10 s for the Qwen2.5-0.5B shape on 2 cores).
+    # The tiny preset has no hub home: its base goes into the run folder, copied before LoRA wraps it.
     keep_base = not child and cfg.model.name == "tiny" and not (existing and (existing / "base_model").exists())
     base_copy = copy.deepcopy(model) if keep_base else None
     peft_model = add_lora(model, cfg.lora, cfg.training.seed)
     module = LoRAModule(peft_model, cfg.training)
+    resumed_step = validate_resume(checkpoint, module, cfg) if checkpoint else 0
 
     # run folder
     if child:
         run_dir = Path(os.environ[RUN_DIR_ENV])
     else:
         run_dir = existing or runs.new_run_dir(cfg)
-        os.environ[RUN_DIR_ENV] = str(run_dir)
         runs.start_run(run_dir, cfg, str(checkpoint) if checkpoint else None)
         if base_copy is not None:
             save_base_model(base_copy, tokenizer, run_dir / "base_model")
             base_copy = None
 
     t = cfg.training
-    extra, callbacks = list(callbacks or []), []
     tracker = None
+    own_callbacks: list = []
     if cfg.tracking.enabled:
         tracker = BatchTracker(run_dir / "tracking", run_id=run_dir.name,
                                flush_every_steps=cfg.tracking.flush_every_steps,
                                examples=_example_rows(cfg, examples, datamodule), stage1_steps=t.stage1_steps)
-        callbacks.append(tracker)
-    callbacks.append(StepCheckpoint(run_dir / "checkpoints", checkpoint_steps(t.max_steps, t.stage1_steps,
-                                                                              cfg.checkpoint)))
+        own_callbacks.append(tracker)
+    step_checkpoint = StepCheckpoint(run_dir / "checkpoints",
+                                     checkpoint_steps(t.max_steps, t.stage1_steps, cfg.checkpoint))
+    own_callbacks.append(step_checkpoint)
     if evaluator is not None:
         evaluator.run_dir = run_dir
-        callbacks.append(CheckpointEvaluator(evaluator))
+        own_callbacks.append(CheckpointEvaluator(evaluator))
+    stop = StopOnSignal(run_dir / "checkpoints", step_checkpoint.save)
+    own_callbacks.append(stop)
     if progress:
-        callbacks.append(TQDMProgressBar(refresh_rate=1))
-    callbacks += extra
+        own_callbacks.append(ProgressBar())
     trainer = L.Trainer(
         max_steps=t.max_steps, max_epochs=-1, accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.max_grad_norm or None, gradient_clip_algorithm="norm", precision=t.precision,
-        accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, logger=_loggers(cfg, run_dir) or False,
-        callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False,
+        accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
+        logger=_loggers(cfg, run_dir, resumed_step) or False, callbacks=own_callbacks + list(callbacks or []),
+        enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False,
         default_root_dir=str(run_dir), log_every_n_steps=t.log_every_n_steps, use_distributed_sampler=False,
         num_sanity_val_steps=0, limit_val_batches=0,
     )
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        with _run_dir_for_children(run_dir, t.devices):
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(checkpoint) if checkpoint else None)
-    except BaseException:
+    except BaseException as error:
+        stop.restore()
+        status = "interrupted" if stop.signum is not None else "failed"
         if trainer.is_global_zero:
-            runs.finish_run(run_dir, "failed", _cost(tracker))
-        raise
-    if trainer.interrupted:
-        runs.finish_run(run_dir, "interrupted", _cost(tracker))
+            runs.finish_run(run_dir, status, _cost(tracker), steps=trainer.global_step)
+        if stop.signum is not None:
+            raise RunInterrupted(interrupted_message(stop.signum, trainer.global_step, run_dir / "checkpoints"),
+                                 stop.signum) from None
+        raise error
+    _finish_swanlab(trainer)
+    if trainer.interrupted:  # stopped from inside (a callback set should_stop): resumable like a signal
+        runs.finish_run(run_dir, "interrupted", _cost(tracker), steps=trainer.global_step)
         return run_dir
     if not trainer.is_global_zero:
         return run_dir
@@ -139,7 +153,8 @@ def train(cfg: Config, resume_from: str | Path | None = None, progress: bool = T
     # export
     trainable = trainable_parameter_count(peft_model)  # before merging folds the adapters away
     if cfg.export.adapter:
-        export_adapter(peft_model, tokenizer, run_dir / "final_adapter")
+        base_path = run_dir / "base_model" if cfg.model.name == "tiny" else None
+        export_adapter(peft_model, tokenizer, run_dir / "final_adapter", base_path)
     if cfg.export.merged_model:
         export_merged(peft_model, tokenizer, run_dir / "final_model")
     final_loss = module.last_metrics.get("train/loss")
@@ -150,6 +165,100 @@ def train(cfg: Config, resume_from: str | Path | None = None, progress: bool = T
     if progress:
         print_summary(cfg, run_dir, trainer.global_step, final_loss, written, cost.get("tracking_cost"))
     return run_dir
+
+
+def validate_resume(checkpoint: Path, module: LoRAModule, cfg: Config) -> int:
+    """The step a resume continues from, once the checkpoint is known to fit: readable, LoRA tensors of this model's
+    shapes, the same data order, and (for a tracked run) the tracking history it continues still on disk. Runs before
+    anything in the run folder changes, so a refused resume leaves the run as it was."""
+    try:
+        state = read_checkpoint(checkpoint)
+    except ValueError as exc:
+        raise CheckpointError(f"{exc}; resume from another checkpoint-step-*.ckpt") from None
+    problem = lora_mismatch(module, state.get("state_dict", {}))
+    if problem:
+        raise CheckpointError(f"checkpoint {problem}")
+    loader = _loader_state(state)
+    if loader and (loader.get("seed", cfg.training.seed) != cfg.training.seed
+                   or loader.get("world_size", cfg.training.devices) != cfg.training.devices):
+        raise CheckpointError(f"{checkpoint.name} was trained with training.seed={loader.get('seed')} on "
+                              f"{loader.get('world_size')} device(s); resume with the config it was trained with")
+    tracked = next((v for k, v in state.get("callbacks", {}).items() if k.startswith("BatchTracker[")), None)
+    tracking = checkpoint.parent.parent / "tracking"
+    if cfg.tracking.enabled and tracked is not None and \
+            not (tracking / "attempts" / f"a{int(tracked['attempt']):03d}.parquet").exists():
+        raise CheckpointError(f"{checkpoint.name} continues tracked attempt {tracked['attempt']}, but its records in "
+                              f"{tracking} are gone; resuming would record a false lineage (restore tracking/, or "
+                              "resume with tracking.enabled=false)")
+    return int(state.get("global_step", 0))
+
+
+def _loader_state(state: dict) -> dict | None:
+    """The EpochLoader's saved position (seed, world size), wherever Lightning keeps it."""
+    loader = state.get("loops", {}).get("fit_loop", {}).get("state_dict", {}).get("combined_loader")
+    if isinstance(loader, list):
+        loader = loader[0] if loader else None
+    return loader if isinstance(loader, dict) else None
+
+
+@contextlib.contextmanager
+def _run_dir_for_children(run_dir: Path, devices: int):
+    """Lightning's DDP launcher starts the other ranks by running the command again: they find rank 0's folder in
+    the environment they inherit. Set only while fitting, and only when there are other ranks."""
+    if devices <= 1 or RUN_DIR_ENV in os.environ:
+        yield
+        return
+    os.environ[RUN_DIR_ENV] = str(run_dir)
+    try:
+        yield
+    finally:
+        os.environ.pop(RUN_DIR_ENV, None)
+
+
+def _finish_swanlab(trainer: L.Trainer) -> None:
+    """Close SwanLab's run now, not at interpreter exit: its closing lines would follow the summary, and a second run
+    in the same process (`--dataset a --dataset b`) needs the first one finished."""
+    if any(type(logger).__name__ == "SwanLabLogger" for logger in trainer.loggers):
+        import swanlab
+
+        swanlab.finish()
+
+
+@contextlib.contextmanager
+def quiet_libraries():
+    """While training: Lightning's hardware lines and tips, deprecation notices from the libraries' own calls, and
+    SwanLab's banner say nothing a loratrace user can act on; the summary says where everything went."""
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = rank_zero.level
+    rank_zero.setLevel(logging.WARNING)
+    swanlab_console = None
+    try:
+        from swanlab.sdk.internal.pkg import console as swanlab_console  # private: guarded below
+        was_quiet, swanlab_console.c.quiet = swanlab_console.c.quiet, True
+    except (ImportError, AttributeError):
+        swanlab_console = None
+    try:
+        with warnings.catch_warnings():
+            for message in (".*does not have many workers.*", ".*is_gradient_checkpointing.*is deprecated.*",
+                            ".*isinstance\\(treespec, LeafSpec\\).*"):
+                warnings.filterwarnings("ignore", message)
+            yield
+    finally:
+        rank_zero.setLevel(level)
+        if swanlab_console is not None:
+            swanlab_console.c.quiet = was_quiet
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's bar, on stderr: stdout carries only the summary, so `loratrace train > summary.txt` works."""
+
+    def __init__(self):
+        super().__init__(refresh_rate=1)
+
+    @override
+    def init_train_tqdm(self) -> Tqdm:
+        return Tqdm(desc=self.train_description, position=2 * self.process_position, disable=self.is_disabled,
+                    leave=True, dynamic_ncols=True, file=sys.stderr, smoothing=0, bar_format=self.BAR_FORMAT)
 
 
 def _cost(tracker: BatchTracker | None) -> dict:

@@ -15,7 +15,6 @@ from typing import Any
 from loratrace.config import Config, save_config
 
 PACKAGES = ("loratrace", "torch", "lightning", "transformers", "peft", "datasets", "swanlab", "pyarrow", "duckdb")
-SUBFOLDERS = ("checkpoints", "tensorboard_logs", "swanlab_logs", "tracking")
 
 
 def now() -> dt.datetime:
@@ -35,8 +34,7 @@ def new_run_dir(cfg: Config, when: dt.datetime | None = None) -> Path:
         except FileExistsError:
             n += 1
             candidate = base.with_name(f"{base.name}_{n}")
-    for name in SUBFOLDERS:
-        (candidate / name).mkdir()
+    (candidate / "checkpoints").mkdir()  # the rest appear when something writes there: no empty folders
     return candidate
 
 
@@ -72,7 +70,9 @@ def write_run_json(run_dir: Path, info: dict[str, Any]) -> None:
 
 
 def start_run(run_dir: Path, cfg: Config, resumed_from: str | None) -> dict[str, Any]:
-    """Write config.yaml and add this launch to run.json's attempts."""
+    """Write config.yaml and add this launch to run.json's attempts. A resume with a changed config records what
+    changed (`config_changes`: key -> [before, now]) in its attempt, and config.yaml then holds the config in force."""
+    changes = _config_changes(run_dir / "config.yaml", cfg) if resumed_from else {}
     save_config(cfg, run_dir / "config.yaml")
     info = read_run_json(run_dir) or {
         "run_id": run_dir.name, "dataset": cfg.data.dataset, "method": cfg.method,
@@ -81,7 +81,7 @@ def start_run(run_dir: Path, cfg: Config, resumed_from: str | None) -> dict[str,
     info.update(status="running", versions=versions(), git_sha=git_sha(), host=socket.gethostname(),
                 python=platform.python_version(), base_model=cfg.model.name)
     info["attempts"].append({"started_at": now().isoformat(timespec="seconds"), "resumed_from": resumed_from,
-                             "status": "running"})
+                             "status": "running", **({"config_changes": changes} if changes else {})})
     write_run_json(run_dir, info)
     return info
 
@@ -94,3 +94,17 @@ def finish_run(run_dir: Path, status: str, attempt: dict[str, Any] | None = None
         info["attempts"][-1].update(status=status, ended_at=now().isoformat(timespec="seconds"), **(attempt or {}))
     info.update(extra)
     write_run_json(run_dir, info)
+
+
+def _config_changes(path: Path, cfg: Config) -> dict[str, list]:
+    """Dotted keys whose value in `cfg` differs from the config saved at `path`: key -> [saved, now]."""
+    import yaml
+
+    from loratrace.config import flatten_keys
+
+    try:
+        saved = flatten_keys(yaml.safe_load(path.read_text()) or {})
+    except (OSError, ValueError):
+        return {}
+    current = flatten_keys(cfg.to_dict())
+    return {key: [saved.get(key), value] for key, value in current.items() if saved.get(key) != value}
