@@ -237,6 +237,10 @@ def quiet_libraries():
         was_quiet, swanlab_console.c.quiet = swanlab_console.c.quiet, True
     except (ImportError, AttributeError):
         swanlab_console = None
+    from transformers.utils import logging as transformers_logging
+
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # "Writing model shards" for a one-file adapter
     try:
         with warnings.catch_warnings():
             for message in (".*does not have many workers.*", ".*is_gradient_checkpointing.*is deprecated.*",
@@ -245,6 +249,8 @@ def quiet_libraries():
             yield
     finally:
         rank_zero.setLevel(level)
+        if bars:
+            transformers_logging.enable_progress_bar()
         if swanlab_console is not None:
             swanlab_console.c.quiet = was_quiet
 
@@ -259,6 +265,11 @@ class ProgressBar(TQDMProgressBar):
     def init_train_tqdm(self) -> Tqdm:
         return Tqdm(desc=self.train_description, position=2 * self.process_position, disable=self.is_disabled,
                     leave=True, dynamic_ncols=True, file=sys.stderr, smoothing=0, bar_format=self.BAR_FORMAT)
+
+    @override
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if self._train_progress_bar is not None:  # end its line: the message that follows starts on its own
+            self.train_progress_bar.close()
 
 
 def _cost(tracker: BatchTracker | None) -> dict:

@@ -1,0 +1,47 @@
+"""SIGTERM (a scheduler's pre-emption) and Ctrl+C stop a run cleanly: resumable, true status, non-zero exit."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ROOT, SMALL, run_cli
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_mid_run_leaves_a_resumable_interrupted_run(tmp_path, signum, code):
+    args = ["--config", str(ROOT / "configs" / "tiny.yaml"), *SMALL, "training.max_steps=2000",
+            "training.stage1_steps=1990", f"--runs-dir={tmp_path}"]
+    process = subprocess.Popen([sys.executable, "-m", "loratrace", "train", *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob("*/tracking/batches/*.parquet")):  # some steps are done and flushed
+            assert time.monotonic() < deadline and process.poll() is None, "training did not start"
+            time.sleep(0.2)
+        process.send_signal(signum)
+        out, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == code, err[-2000:]
+    (run,) = tmp_path.iterdir()
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "interrupted" and info["attempts"][-1]["status"] == "interrupted"
+    step = info["steps"]
+    assert 0 < step < 2000
+    last = err.strip().splitlines()[-1]
+    expected = run / "checkpoints" / f"checkpoint-step-{step:03d}.ckpt"
+    assert last == (f"loratrace: error: interrupted by {signal.Signals(signum).name} after step {step}; "
+                    f"resume with: loratrace train --resume-from-checkpoint {expected}")
+    assert "Traceback" not in err
+    # The stop's checkpoint resumes, and the rows tracked up to it are all there, each step once.
+    finished = run_cli("train", "--resume-from-checkpoint", str(expected), "training.max_steps=" + str(step + 2),
+                       "training.stage1_steps=" + str(step + 1))
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    result = run_cli("query", "SELECT count(DISTINCT step) AS steps, count(*) AS rows FROM batches", "--format", "csv",
+                     "--runs-dir", str(tmp_path))
+    assert result.stdout.splitlines()[1] == f"{step + 2},{step + 2}"
+    assert json.loads((run / "run.json").read_text())["status"] == "completed"
