@@ -24,14 +24,17 @@ def _write_run(root, run_id, batches, checkpoints, attempts):
     tracking = root / run_id / "tracking"
     (root / run_id / "run.json").parent.mkdir(parents=True)
     (root / run_id / "run.json").write_text(f'{{"run_id": "{run_id}", "dataset": "arc-challenge"}}')
-    for n, rows in enumerate(batches):
-        schema.write_atomic(pa.Table.from_pylist(rows, schema=schema.BATCHES), tracking / "batches" / f"p{n}.parquet")
+    for n, rows in enumerate(batches):  # the names the tracker writes: only those are read
+        schema.write_atomic(pa.Table.from_pylist(rows, schema=schema.BATCHES),
+                            tracking / "batches" / schema.batches_part_name(rows[0]["attempt"], 0, n))
     ckpts = [{"run_id": run_id, "attempt": a, "step": s, "path": f"checkpoints/checkpoint-step-{s:03d}.ckpt",
               "bytes": 10, "created_at": T0} for a, s in checkpoints]
-    schema.write_atomic(pa.Table.from_pylist(ckpts, schema=schema.CHECKPOINTS), tracking / "checkpoints" / "c.parquet")
+    schema.write_atomic(pa.Table.from_pylist(ckpts, schema=schema.CHECKPOINTS),
+                        tracking / "checkpoints" / schema.checkpoints_part_name(0, 0))
     rows = [{"run_id": run_id, "attempt": a, "parent_attempt": p, "started_at": T0, "resumed_from": None,
              "resumed_step": r, "world_size": 1, "host": "h"} for a, p, r in attempts]
-    schema.write_atomic(pa.Table.from_pylist(rows, schema=schema.ATTEMPTS), tracking / "attempts" / "a.parquet")
+    schema.write_atomic(pa.Table.from_pylist(rows, schema=schema.ATTEMPTS),
+                        tracking / "attempts" / schema.attempts_part_name(0))
 
 
 @pytest.fixture
@@ -76,7 +79,7 @@ def test_trace_unknown_id_suggests_the_closest(two_runs):
 
 
 def test_truncated_part_is_skipped_with_a_warning(two_runs):
-    part = two_runs / "A" / "tracking" / "batches" / "p1.parquet"
+    part = two_runs / "A" / "tracking" / "batches" / schema.batches_part_name(1, 0, 1)
     part.write_bytes(part.read_bytes()[:100])
     with pytest.warns(UserWarning, match="skipping unreadable tracking part"):
         db = loratrace.open_runs(two_runs / "A")
@@ -107,13 +110,13 @@ def test_views_over_a_real_run_see_new_parts(small_run, tmp_path):
         assert before == 16
         extra = [_batch(small_run.name, 0, 99, ["new"], [0])]
         schema.write_atomic(pa.Table.from_pylist(extra, schema=schema.BATCHES),
-                            small_run / "tracking" / "batches" / "zz-extra.parquet")
+                            small_run / "tracking" / "batches" / schema.batches_part_name(0, 0, 999))
         try:
             assert db.sql("SELECT count(*) FROM batches").fetchall()[0][0] == 17
             assert db.indexed_runs == []  # the index no longer covers every part: trace falls back to the views
             assert db.trace("new").step.tolist() == [99]
         finally:
-            (small_run / "tracking" / "batches" / "zz-extra.parquet").unlink()
+            (small_run / "tracking" / "batches" / schema.batches_part_name(0, 0, 999)).unlink()
 
 
 def test_samples_index_is_written_at_the_end_and_answers_like_the_views(small_run):
@@ -142,7 +145,7 @@ def test_listing_is_skipped_only_while_recent_and_unchanged(two_runs):
         before = db.sql("SELECT count(*) FROM batches_raw").fetchall()[0][0]
         assert db._unchanged()  # listed after the folders settled, nothing moved: the next call skips the listing
         schema.write_atomic(pa.Table.from_pylist([_batch("A", 1, 6, ["late"], [6])], schema=schema.BATCHES),
-                            tracking / "batches" / "p9.parquet")
+                            tracking / "batches" / schema.batches_part_name(1, 0, 9))
         assert not db._unchanged()  # the folder's time moved
         assert db.sql("SELECT count(*) FROM batches_raw").fetchall()[0][0] == before + 1
         assert db.trace("late").step.tolist() == [6]
