@@ -20,10 +20,15 @@ def _batch(run_id, attempt, step, ids, lines):
             "lr": 1e-4, "n_tokens": 10, "n_target_tokens": len(ids), "wall_time": T0}
 
 
-def _write_run(root, run_id, batches, checkpoints, attempts):
+def _write_run(root, run_id, batches, checkpoints, attempts, untrained=("w",)):
     tracking = root / run_id / "tracking"
     (root / run_id / "run.json").parent.mkdir(parents=True)
     (root / run_id / "run.json").write_text(f'{{"run_id": "{run_id}", "dataset": "arc-challenge"}}')
+    examples = {(i, n) for rows in batches for row in rows for i, n in zip(row["example_ids"], row["lines"])}
+    examples |= {(example_id, 100 + n) for n, example_id in enumerate(untrained)}
+    schema.write_atomic(pa.Table.from_pylist([{"run_id": run_id, "example_id": i, "line": n, "split": "train"}
+                                              for i, n in sorted(examples)], schema=schema.EXAMPLES),
+                        tracking / schema.EXAMPLES_FILE)
     for n, rows in enumerate(batches):  # the names the tracker writes: only those are read
         schema.write_atomic(pa.Table.from_pylist(rows, schema=schema.BATCHES),
                             tracking / "batches" / schema.batches_part_name(rows[0]["attempt"], 0, n))
@@ -175,3 +180,109 @@ def test_trace_by_line_reads_the_index_too(small_run):
         example_id, line = db.sql("SELECT example_id, line FROM samples LIMIT 1").fetchall()[0]
         by_line, by_id = db.trace(line=line), db.trace(example_id)
         pd.testing.assert_frame_equal(by_line, by_id)
+
+
+# ---------------------------------------------------------------------------------------------- issue #11
+
+def test_foreign_files_are_reported_once_and_never_counted(two_runs):
+    import warnings
+
+    from loratrace.store import StoreWarning
+
+    tracking = two_runs / "A" / "tracking"
+    part = next((tracking / "batches").glob("a000-*.parquet"))
+    foreign = [tracking / "batches" / "a000-r00-000000 (copy).parquet", tracking / "batches" / "old.parquet",
+               tracking / "checkpoints" / "c.parquet", tracking / "attempts" / "backup.parquet",
+               tracking / "evals" / "mine.parquet", tracking / "batches" / "notes.txt"]
+    (tracking / "evals").mkdir()
+    for path in foreign:
+        path.write_bytes(part.read_bytes())  # readable Parquet with the right schema: only its name is wrong
+    with pytest.warns(StoreWarning) as caught:
+        db = loratrace.open_runs(two_runs)
+    reported = [str(w.message) for w in caught]
+    for path in foreign:
+        assert sum(str(path) in message for message in reported) == 1, (path, reported)
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        assert db.sql("SELECT count(*) FROM batches WHERE run_id = 'A'").fetchall() == [(5,)]
+        assert db.sql("SELECT count(*) FROM batches_all").fetchall() == [(9,)]
+        assert db.sql("SELECT count(*) FROM checkpoints").fetchall() == [(3,)]
+        assert db.sql("SELECT count(*) FROM attempts").fetchall() == [(3,)]
+        assert db.sql("SELECT count(*) FROM evals").fetchall() == [(0,)]
+    assert [w for w in again if issubclass(w.category, StoreWarning)] == []  # reported once, not at every query
+    db.close()
+
+
+def test_a_foreign_copy_of_a_part_does_not_stale_the_samples_index(small_run):
+    part = sorted((small_run / "tracking" / "batches").iterdir())[0]
+    copy = part.with_name("copy-of-" + part.name)
+    copy.write_bytes(part.read_bytes())
+    try:
+        with pytest.warns(UserWarning, match="not a file name the tracker writes"):
+            db = loratrace.open_runs(small_run, read_only=True)
+        assert db.sql("SELECT count(*) FROM batches").fetchall() == [(16,)]
+        assert db.indexed_runs == [small_run.name]
+        db.close()
+    finally:
+        copy.unlink()
+
+
+def test_a_deleted_examples_file_is_reported(two_runs):
+    (two_runs / "B" / "tracking" / "examples.parquet").unlink()
+    with pytest.warns(UserWarning, match=r"B/tracking/examples.parquet is missing: the examples view has no rows"):
+        db = loratrace.open_runs(two_runs)
+    assert db.sql("SELECT DISTINCT run_id FROM examples").fetchall() == [("A",)]
+    db.close()
+
+
+def test_trace_of_an_example_never_trained_says_so(two_runs):
+    with loratrace.open_runs(two_runs) as db:
+        with pytest.raises(StoreError, match=r"^example id 'w' is in the examples of run A, B but was never trained "
+                                             r"\(so far\)$"):
+            db.trace("w")
+        with pytest.raises(StoreError, match=r"^line 100 is in the examples of run A, B but was never trained"):
+            db.trace(line=100)
+        with pytest.raises(StoreError, match=r"^run B did not train example id 'x1' \(run A did\)$"):
+            db.trace("x1", run_id="B")
+
+
+def test_trace_without_runs_or_tracked_rows_is_one_error(tmp_path):
+    with loratrace.open_runs(tmp_path) as db, pytest.raises(StoreError, match=f"^no runs under {tmp_path}$"):
+        db.trace("x")
+    (tmp_path / "R" / "tracking" / "batches").mkdir(parents=True)  # a run in its first seconds
+    (tmp_path / "R" / "run.json").write_text('{"run_id": "R"}')
+    with loratrace.open_runs(tmp_path) as db, pytest.raises(StoreError, match="^no tracked batches yet under"):
+        db.trace("x")
+
+
+def test_runs_view_has_every_runs_config_keys_and_sees_new_runs(two_runs):
+    (two_runs / "A" / "config.yaml").write_text("training:\n  max_steps: 5\n")
+    (two_runs / "B" / "config.yaml").write_text("training:\n  max_steps: 2\nlate:\n  key: v\n")
+    for read_only in (False, True):
+        with loratrace.open_runs(two_runs, read_only=read_only) as db:
+            rows = db.sql("SELECT run_id, training_max_steps, late_key FROM runs WHERE run_id < 'C' ORDER BY 1")
+            rows = rows.fetchall()
+            assert rows == [("A", "5", None), ("B", "2", "v")]
+            run_id = f"C{int(read_only)}"
+            _write_run(two_runs, run_id, [[_batch(run_id, 0, 1, ["c"], [0])]], checkpoints=[(0, 1)],
+                       attempts=[(0, None, 0)])
+            assert db.sql("SELECT run_id, steps FROM runs ORDER BY run_id").fetchall()[-1] == (run_id, 1)
+            assert db.sql("SELECT count(*) FROM batches WHERE run_id = ?", [run_id]).fetchall() == [(1,)]
+            assert db.trace("c", run_id=run_id).step.tolist() == [1]
+
+
+def test_evals_keep_final_model_last_checkpoint_and_scorings_apart(small_run, tmp_path):
+    import shutil
+
+    from loratrace.evaluate import evaluate_run
+
+    run = tmp_path / small_run.name
+    shutil.copytree(small_run, run)
+    for which, overrides in (("last", []), ("final", []), ("last", ["eval.scoring=text"]), ("last", [])):
+        evaluate_run(run, which, ["eval.limit=4", *overrides], progress=False)
+    with loratrace.open_runs(run) as db:
+        groups = db.sql("SELECT checkpoint_path, checkpoint_step, scoring, count(*) FROM evals "
+                        "GROUP BY ALL ORDER BY ALL").fetchall()
+        assert groups == [("checkpoints/checkpoint-step-016.ckpt", 16, "label", 4),
+                          ("checkpoints/checkpoint-step-016.ckpt", 16, "text", 4), ("final_model", 16, "label", 4)]
+        assert db.sql("SELECT count(*) FROM evals_raw").fetchall() == [(16,)]  # the re-run replaced the first
