@@ -290,11 +290,10 @@ class Runs:
                          "AND NOT list_contains($indexed::VARCHAR[], run_id)")
         if parts:
             tables.append(self.con.sql(" UNION ALL ".join(parts), params=params).to_arrow_table())
-        table = pa.concat_tables(tables, promote_options="permissive")
-        table = table.sort_by([(c.strip(), "ascending") for c in TRACE_ORDER.split(",")])
-        if table.num_rows == 0:
+        if not tables or sum(t.num_rows for t in tables) == 0:
             raise StoreError(self._miss(example_id, line, run_id))
-        return table
+        table = pa.concat_tables(tables, promote_options="permissive")
+        return table.sort_by([(c.strip(), "ascending") for c in TRACE_ORDER.split(",")])
 
     @property
     def where(self) -> str:
@@ -304,6 +303,8 @@ class Runs:
 
     def _miss(self, example_id: str | None, line: int | None, run_id: str | None) -> str:
         what = f"example id {example_id!r}" if example_id is not None else f"line {line}"
+        if run_id and not self.con.execute("SELECT 1 FROM runs_info WHERE run_id = ?", [run_id]).fetchall():
+            return f"no run {run_id} under {self.where}"
         column, key = ("example_id", example_id) if example_id is not None else ("line", int(line))
         scope = " AND run_id = $run" if run_id else ""
         params = {"key": key, **({"run": run_id} if run_id else {})}
