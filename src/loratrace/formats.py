@@ -9,7 +9,8 @@ scalars, microsecond timestamps, float32 and float64 values exactly, any string)
            offset; lists as arrays, NULL as null at any depth; bytes as base64 text; decimals as strings.
   csv      RFC 4180: a header row, a field quoted when it holds a comma, quote or line break, quotes doubled. NULL is
            an empty field, an empty string is "" (DuckDB: read_csv(..., allow_quoted_nulls = false); pandas reads both
-           as missing, and needs keep_default_na=False, na_values=[""] to keep a text such as NULL or NA). Lists and structs are their JSON text as above (json.loads or a DuckDB cast reads them back).
+           as missing, and needs keep_default_na=False, na_values=[""] to keep a text such as NULL or NA). Lists and
+           structs are their JSON text as above (json.loads or a DuckDB cast reads them back).
   table    for reading, not parsing: at most `TABLE_ROWS` rows (first and last half), cells cut at `TABLE_CELL` chars,
            floats to 6 significant digits, NULL as NULL. An empty result prints the header alone.
 """

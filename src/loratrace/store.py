@@ -79,8 +79,8 @@ class Runs:
         self.con = duckdb.connect(":memory:")
         self.files: dict[str, list[str]] = {}  # view -> the parts it reads
         self._reported: set[str] = set()  # files already reported as foreign, unreadable or missing
-        self._checked: dict[str, tuple | None] = {}  # part -> `_file_key` when its footer was read (None: unreadable)
-        self._indexes: dict[str, str] = {}
+        self._checked: dict[str, tuple] = {}  # part -> (`_file_key` when its footer was read, its columns or None)
+        self._indexes: dict[str, str] | None = None  # found when `trace` first needs them (`_find_indexes`)
         self._open_indexes: dict[str, tuple[tuple, SamplesIndex]] = {}  # path -> (stat when opened, reader)
         self._all_indexed = False
         self._listed: tuple[float, int, tuple] | None = None  # monotonic and wall time of the last listing, what it saw
@@ -118,15 +118,14 @@ class Runs:
             stat_key = _key_of(path)
             if stat_key is None:
                 continue
-            if key not in self._checked or self._checked[key] != stat_key:
+            if key not in self._checked or self._checked[key][0] != stat_key:
                 try:
-                    _read_footer(path)
-                    self._checked[key] = stat_key
+                    self._checked[key] = (stat_key, _columns(path))
                     self._reported.discard(key)
                 except Exception:
-                    self._checked[key] = None
+                    self._checked[key] = (stat_key, None)
                     self._report(key, f"skipping unreadable tracking part {path}")
-            if self._checked.get(key) is not None:
+            if self._checked[key][1] is not None:
                 good.append(key)
         return good
 
@@ -180,9 +179,11 @@ class Runs:
                 self._create_raw_view(view, files[view], table_schema)
             self._create_lineage()
             self._create_views()
-        self._find_indexes()
+        self._indexes = None
 
-    def _find_indexes(self) -> None:
+    def _find_indexes(self) -> dict[str, str]:
+        if self._indexes is not None:
+            return self._indexes
         self._indexes = {}  # run_id -> index file, for indexes that cover exactly the parts on disk now
         tracked = 0
         for run_dir in self.run_dirs:
@@ -197,12 +198,16 @@ class Runs:
             if stamp and stamp["parts"] == parts:
                 self._indexes[stamp["run_id"]] = str(run_dir / "tracking" / INDEX_FILE)
         self._all_indexed = len(self._indexes) == tracked
+        return self._indexes
 
     def _create_raw_view(self, view: str, files: list[str], table_schema: pa.Schema) -> None:
         if files:
             columns = ", ".join(_quoted(f.name) for f in table_schema)
+            # union_by_name only when the parts' columns differ (an older tracker's, say): it makes DuckDB read every
+            # footer at each bind of every view built on this one, a third of a second over a long run
+            mixed = len({self._checked[f][1] for f in files}) > 1
             self.con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT {columns} "
-                             f"FROM read_parquet({_sql_list(files)}, union_by_name = true)")
+                             f"FROM read_parquet({_sql_list(files)}{', union_by_name = true' if mixed else ''})")
         else:
             self._create_table(f"{view}_empty", [(f.name, _duckdb_type(f.type)) for f in table_schema], [])
             self.con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM {view}_empty")
@@ -224,11 +229,15 @@ class Runs:
         for run_id, run_attempts in by_run.items():
             for attempt, (lower, upper) in schema.effective_ranges(run_attempts).items():
                 rows.append({"run_id": run_id, "attempt": attempt, "lo": lower, "hi": upper})
-        # A run without attempt records (written by hand or by an older tool): every row is effective.
-        known = set(by_run)
-        for row in self.con.sql("SELECT DISTINCT run_id FROM batches_raw").fetchall():
-            if row[0] not in known:
-                rows.append({"run_id": row[0], "attempt": None, "lo": 0, "hi": None})
+        # A run folder without attempt records (written by hand or by an older tool): every row is effective. Only
+        # its batch parts are read for their run_id: scanning every part would cost each query's start-up.
+        recorded = {a.split("/tracking/")[0] for a in self.files["attempts_raw"]}
+        unrecorded = [f for f in self.files["batches_raw"] if f.split("/tracking/")[0] not in recorded]
+        if unrecorded:
+            found = self.con.sql(f"SELECT DISTINCT run_id FROM read_parquet({_sql_list(unrecorded)})").fetchall()
+            for (run_id,) in found:
+                if run_id not in by_run:
+                    rows.append({"run_id": run_id, "attempt": None, "lo": 0, "hi": None})
         self._create_table("lineage", [("run_id", "VARCHAR"), ("attempt", "INTEGER"), ("lo", "BIGINT"),
                                        ("hi", "BIGINT")], [[r["run_id"], r["attempt"], r["lo"], r["hi"]] for r in rows])
 
@@ -279,7 +288,8 @@ class Runs:
                              "first checkpoint or after tracking.flush_every_steps updates")
         columns = ", ".join(TRACE_COLUMNS)
         tables, parts = [], []
-        for run, path in self._indexes.items():  # sorted by example_id: read only the row groups that can hold it
+        # a run's samples index is sorted by example_id: read only the row groups that can hold it
+        for run, path in self._find_indexes().items():
             if example_id is not None and run_id in (None, run):
                 tables.append(self._open_index(path).rows(example_id))
             elif example_id is None:  # a line: every row group, but DuckDB reads just the line column first
@@ -331,7 +341,7 @@ class Runs:
     def indexed_runs(self) -> list[str]:
         """Runs whose samples index is current, so `trace` reads it instead of the views."""
         self.refresh()
-        return sorted(self._indexes)
+        return sorted(self._find_indexes())
 
     def _closest(self, example_id: str | None) -> str:
         if example_id is None:
@@ -369,10 +379,11 @@ def _duckdb_type(kind: pa.DataType) -> str:
     return DUCKDB_TYPES[kind]
 
 
-def _read_footer(path: Path) -> None:
+def _columns(path: Path) -> tuple:
+    """The (name, type) of each column in a part's footer; raises if the footer cannot be read."""
     import pyarrow.parquet as pq
 
-    pq.read_metadata(path)
+    return tuple((f.name, str(f.type)) for f in pq.read_metadata(path).schema.to_arrow_schema())
 
 
 def _quoted(name: str) -> str:
