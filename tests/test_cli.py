@@ -67,13 +67,99 @@ def test_trace_and_runs(small_run):
     assert small_run.name in listing.stdout and "completed" in listing.stdout
 
 
-@pytest.mark.parametrize("args", [["query", "SELECT 1"], ["runs"], ["trace", "--line", "0"]])
-def test_query_trace_and_runs_import_neither_torch_nor_transformers(small_run, args):
+@pytest.mark.parametrize("args", [["query", "SELECT 1"], ["runs"], ["trace", "--line", "0"],
+                                  ["trace", "--example-id", "LTSYN_TRA_0001", "--format", "json"],
+                                  ["query", "SELECT * FROM batches", "--format", "csv"],
+                                  ["query", "SELECT * FROM checkpoints", "--format", "json"]])
+def test_query_trace_and_runs_import_neither_torch_nor_transformers_nor_pandas(small_run, args):
     import subprocess
     import sys
 
     code = ("import sys; from loratrace.cli import main; main(sys.argv[2:] + ['--runs-dir', sys.argv[1]]); "
-            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'")
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'; "
+            "assert 'pandas' not in sys.modules, 'pandas'")
     result = subprocess.run([sys.executable, "-c", code, str(small_run.parent), *args], capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stderr
+
+
+# ---------------------------------------------------------------------------------------------- issue #11
+
+def _one_error_line(result, code: int = 1) -> str:
+    assert result.returncode == code, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("loratrace: error: "), result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["query", "SELECT CAST('abc' AS INTEGER)"], "SQL error: Conversion Error"),
+    (["query", "SELECT step FROM batches WHERE step <= ?", "-p", "abc"], "SQL error: Conversion Error"),
+    (["query", "SELECT 1", "-o", "no/such/folder/x.csv", "--format", "csv"], "folder"),
+    (["trace", "--example-id", "LTSYN_TRA_0001", "--run", "nope"], "no run nope under"),
+])
+def test_failures_while_running_are_one_line(small_run, tmp_path, args, message):
+    result = run_cli(*args, "--runs-dir", str(small_run.parent), cwd=tmp_path)
+    assert message in _one_error_line(result)
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_trace_and_runs_over_folders_without_tracked_runs(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _one_error_line(run_cli("runs", "--runs-dir", str(empty))) == f"loratrace: error: no runs under {empty}"
+    assert "no runs under" in _one_error_line(run_cli("trace", "--line", "0", "--runs-dir", str(empty)))
+    (empty / "fresh" / "tracking" / "batches").mkdir(parents=True)  # the first seconds of a tracked run
+    (empty / "fresh" / "run.json").write_text('{"run_id": "fresh", "status": "running"}')
+    assert "no tracked batches yet" in _one_error_line(run_cli("trace", "--example-id", "x", "--runs-dir",
+                                                                str(empty)))
+    listing = run_cli("runs", "--runs-dir", str(empty))
+    assert listing.returncode == 0 and "fresh" in listing.stdout and "running" in listing.stdout
+
+
+def test_trace_of_an_example_in_the_run_that_never_trained(small_run):
+    runs = str(small_run.parent)
+    untrained = run_cli("query", "SELECT example_id FROM examples WHERE example_id NOT IN (SELECT example_id FROM "
+                        "samples) ORDER BY 1 LIMIT 1", "--format", "csv", "--runs-dir", runs).stdout.splitlines()[1]
+    line = _one_error_line(run_cli("trace", "--example-id", untrained, "--runs-dir", runs))
+    assert line == (f"loratrace: error: example id {untrained!r} is in the examples of run {small_run.name} but was "
+                    "never trained (so far)")
+
+
+def test_warnings_are_one_clean_line_on_stderr(small_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "runs" / small_run.name
+    shutil.copytree(small_run, run)
+    part = sorted((run / "tracking" / "batches").iterdir())[-1]
+    part.write_bytes(part.read_bytes()[:50])  # cut short by a crash
+    (run / "tracking" / "batches" / "notes.parquet").write_text("not mine")
+    example = pq_first_example(run)
+    result = run_cli("trace", "--example-id", example, "--runs-dir", str(run.parent))
+    assert result.returncode == 0, result.stderr
+    assert sorted(result.stderr.splitlines()) == [
+        f"loratrace: warning: ignoring {run}/tracking/batches/notes.parquet: not a file name the tracker writes",
+        f"loratrace: warning: skipping unreadable tracking part {part}"]
+    assert "warning" not in result.stdout.lower() and "warn(" not in result.stderr
+
+
+def pq_first_example(run) -> str:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(sorted((run / "tracking" / "batches").iterdir())[0])["example_ids"][0][0].as_py()
+
+
+def test_query_help_lists_every_view_and_the_formats():
+    from loratrace.views import VIEW_NAMES
+
+    text = run_cli("query", "--help").stdout
+    assert all(view in text for view in VIEW_NAMES)
+    assert "JSON Lines: one JSON object per row" in text and "lists and structs are JSON text" in text
+
+
+def test_an_empty_result_prints_its_header(small_run):
+    result = run_cli("query", "SELECT step, loss FROM batches WHERE false", "--runs-dir", str(small_run.parent))
+    assert result.returncode == 0 and result.stdout.split() == ["step", "loss"]
+    csv = run_cli("query", "SELECT step, loss FROM batches WHERE false", "--format", "csv", "--runs-dir",
+                  str(small_run.parent))
+    assert csv.stdout.splitlines() == ["step,loss"]

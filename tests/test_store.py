@@ -20,18 +20,26 @@ def _batch(run_id, attempt, step, ids, lines):
             "lr": 1e-4, "n_tokens": 10, "n_target_tokens": len(ids), "wall_time": T0}
 
 
-def _write_run(root, run_id, batches, checkpoints, attempts):
+def _write_run(root, run_id, batches, checkpoints, attempts, untrained=("w",)):
     tracking = root / run_id / "tracking"
     (root / run_id / "run.json").parent.mkdir(parents=True)
     (root / run_id / "run.json").write_text(f'{{"run_id": "{run_id}", "dataset": "arc-challenge"}}')
-    for n, rows in enumerate(batches):
-        schema.write_atomic(pa.Table.from_pylist(rows, schema=schema.BATCHES), tracking / "batches" / f"p{n}.parquet")
+    examples = {(i, n) for rows in batches for row in rows for i, n in zip(row["example_ids"], row["lines"])}
+    examples |= {(example_id, 100 + n) for n, example_id in enumerate(untrained)}
+    schema.write_atomic(pa.Table.from_pylist([{"run_id": run_id, "example_id": i, "line": n, "split": "train"}
+                                              for i, n in sorted(examples)], schema=schema.EXAMPLES),
+                        tracking / schema.EXAMPLES_FILE)
+    for n, rows in enumerate(batches):  # the names the tracker writes: only those are read
+        schema.write_atomic(pa.Table.from_pylist(rows, schema=schema.BATCHES),
+                            tracking / "batches" / schema.batches_part_name(rows[0]["attempt"], 0, n))
     ckpts = [{"run_id": run_id, "attempt": a, "step": s, "path": f"checkpoints/checkpoint-step-{s:03d}.ckpt",
               "bytes": 10, "created_at": T0} for a, s in checkpoints]
-    schema.write_atomic(pa.Table.from_pylist(ckpts, schema=schema.CHECKPOINTS), tracking / "checkpoints" / "c.parquet")
+    schema.write_atomic(pa.Table.from_pylist(ckpts, schema=schema.CHECKPOINTS),
+                        tracking / "checkpoints" / schema.checkpoints_part_name(0, 0))
     rows = [{"run_id": run_id, "attempt": a, "parent_attempt": p, "started_at": T0, "resumed_from": None,
              "resumed_step": r, "world_size": 1, "host": "h"} for a, p, r in attempts]
-    schema.write_atomic(pa.Table.from_pylist(rows, schema=schema.ATTEMPTS), tracking / "attempts" / "a.parquet")
+    schema.write_atomic(pa.Table.from_pylist(rows, schema=schema.ATTEMPTS),
+                        tracking / "attempts" / schema.attempts_part_name(0))
 
 
 @pytest.fixture
@@ -76,7 +84,7 @@ def test_trace_unknown_id_suggests_the_closest(two_runs):
 
 
 def test_truncated_part_is_skipped_with_a_warning(two_runs):
-    part = two_runs / "A" / "tracking" / "batches" / "p1.parquet"
+    part = two_runs / "A" / "tracking" / "batches" / schema.batches_part_name(1, 0, 1)
     part.write_bytes(part.read_bytes()[:100])
     with pytest.warns(UserWarning, match="skipping unreadable tracking part"):
         db = loratrace.open_runs(two_runs / "A")
@@ -107,13 +115,13 @@ def test_views_over_a_real_run_see_new_parts(small_run, tmp_path):
         assert before == 16
         extra = [_batch(small_run.name, 0, 99, ["new"], [0])]
         schema.write_atomic(pa.Table.from_pylist(extra, schema=schema.BATCHES),
-                            small_run / "tracking" / "batches" / "zz-extra.parquet")
+                            small_run / "tracking" / "batches" / schema.batches_part_name(0, 0, 999))
         try:
             assert db.sql("SELECT count(*) FROM batches").fetchall()[0][0] == 17
             assert db.indexed_runs == []  # the index no longer covers every part: trace falls back to the views
             assert db.trace("new").step.tolist() == [99]
         finally:
-            (small_run / "tracking" / "batches" / "zz-extra.parquet").unlink()
+            (small_run / "tracking" / "batches" / schema.batches_part_name(0, 0, 999)).unlink()
 
 
 def test_samples_index_is_written_at_the_end_and_answers_like_the_views(small_run):
@@ -142,7 +150,7 @@ def test_listing_is_skipped_only_while_recent_and_unchanged(two_runs):
         before = db.sql("SELECT count(*) FROM batches_raw").fetchall()[0][0]
         assert db._unchanged()  # listed after the folders settled, nothing moved: the next call skips the listing
         schema.write_atomic(pa.Table.from_pylist([_batch("A", 1, 6, ["late"], [6])], schema=schema.BATCHES),
-                            tracking / "batches" / "p9.parquet")
+                            tracking / "batches" / schema.batches_part_name(1, 0, 9))
         assert not db._unchanged()  # the folder's time moved
         assert db.sql("SELECT count(*) FROM batches_raw").fetchall()[0][0] == before + 1
         assert db.trace("late").step.tolist() == [6]
@@ -172,3 +180,109 @@ def test_trace_by_line_reads_the_index_too(small_run):
         example_id, line = db.sql("SELECT example_id, line FROM samples LIMIT 1").fetchall()[0]
         by_line, by_id = db.trace(line=line), db.trace(example_id)
         pd.testing.assert_frame_equal(by_line, by_id)
+
+
+# ---------------------------------------------------------------------------------------------- issue #11
+
+def test_foreign_files_are_reported_once_and_never_counted(two_runs):
+    import warnings
+
+    from loratrace.store import StoreWarning
+
+    tracking = two_runs / "A" / "tracking"
+    part = next((tracking / "batches").glob("a000-*.parquet"))
+    foreign = [tracking / "batches" / "a000-r00-000000 (copy).parquet", tracking / "batches" / "old.parquet",
+               tracking / "checkpoints" / "c.parquet", tracking / "attempts" / "backup.parquet",
+               tracking / "evals" / "mine.parquet", tracking / "batches" / "notes.txt"]
+    (tracking / "evals").mkdir()
+    for path in foreign:
+        path.write_bytes(part.read_bytes())  # readable Parquet with the right schema: only its name is wrong
+    with pytest.warns(StoreWarning) as caught:
+        db = loratrace.open_runs(two_runs)
+    reported = [str(w.message) for w in caught]
+    for path in foreign:
+        assert sum(str(path) in message for message in reported) == 1, (path, reported)
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        assert db.sql("SELECT count(*) FROM batches WHERE run_id = 'A'").fetchall() == [(5,)]
+        assert db.sql("SELECT count(*) FROM batches_all").fetchall() == [(9,)]
+        assert db.sql("SELECT count(*) FROM checkpoints").fetchall() == [(3,)]
+        assert db.sql("SELECT count(*) FROM attempts").fetchall() == [(3,)]
+        assert db.sql("SELECT count(*) FROM evals").fetchall() == [(0,)]
+    assert [w for w in again if issubclass(w.category, StoreWarning)] == []  # reported once, not at every query
+    db.close()
+
+
+def test_a_foreign_copy_of_a_part_does_not_stale_the_samples_index(small_run):
+    part = sorted((small_run / "tracking" / "batches").iterdir())[0]
+    copy = part.with_name("copy-of-" + part.name)
+    copy.write_bytes(part.read_bytes())
+    try:
+        with pytest.warns(UserWarning, match="not a file name the tracker writes"):
+            db = loratrace.open_runs(small_run, read_only=True)
+        assert db.sql("SELECT count(*) FROM batches").fetchall() == [(16,)]
+        assert db.indexed_runs == [small_run.name]
+        db.close()
+    finally:
+        copy.unlink()
+
+
+def test_a_deleted_examples_file_is_reported(two_runs):
+    (two_runs / "B" / "tracking" / "examples.parquet").unlink()
+    with pytest.warns(UserWarning, match=r"B/tracking/examples.parquet is missing: the examples view has no rows"):
+        db = loratrace.open_runs(two_runs)
+    assert db.sql("SELECT DISTINCT run_id FROM examples").fetchall() == [("A",)]
+    db.close()
+
+
+def test_trace_of_an_example_never_trained_says_so(two_runs):
+    with loratrace.open_runs(two_runs) as db:
+        with pytest.raises(StoreError, match=r"^example id 'w' is in the examples of run A, B but was never trained "
+                                             r"\(so far\)$"):
+            db.trace("w")
+        with pytest.raises(StoreError, match=r"^line 100 is in the examples of run A, B but was never trained"):
+            db.trace(line=100)
+        with pytest.raises(StoreError, match=r"^run B did not train example id 'x1' \(run A did\)$"):
+            db.trace("x1", run_id="B")
+
+
+def test_trace_without_runs_or_tracked_rows_is_one_error(tmp_path):
+    with loratrace.open_runs(tmp_path) as db, pytest.raises(StoreError, match=f"^no runs under {tmp_path}$"):
+        db.trace("x")
+    (tmp_path / "R" / "tracking" / "batches").mkdir(parents=True)  # a run in its first seconds
+    (tmp_path / "R" / "run.json").write_text('{"run_id": "R"}')
+    with loratrace.open_runs(tmp_path) as db, pytest.raises(StoreError, match="^no tracked batches yet under"):
+        db.trace("x")
+
+
+def test_runs_view_has_every_runs_config_keys_and_sees_new_runs(two_runs):
+    (two_runs / "A" / "config.yaml").write_text("training:\n  max_steps: 5\n")
+    (two_runs / "B" / "config.yaml").write_text("training:\n  max_steps: 2\nlate:\n  key: v\n")
+    for read_only in (False, True):
+        with loratrace.open_runs(two_runs, read_only=read_only) as db:
+            rows = db.sql("SELECT run_id, training_max_steps, late_key FROM runs WHERE run_id < 'C' ORDER BY 1")
+            rows = rows.fetchall()
+            assert rows == [("A", "5", None), ("B", "2", "v")]
+            run_id = f"C{int(read_only)}"
+            _write_run(two_runs, run_id, [[_batch(run_id, 0, 1, ["c"], [0])]], checkpoints=[(0, 1)],
+                       attempts=[(0, None, 0)])
+            assert db.sql("SELECT run_id, steps FROM runs ORDER BY run_id").fetchall()[-1] == (run_id, 1)
+            assert db.sql("SELECT count(*) FROM batches WHERE run_id = ?", [run_id]).fetchall() == [(1,)]
+            assert db.trace("c", run_id=run_id).step.tolist() == [1]
+
+
+def test_evals_keep_final_model_last_checkpoint_and_scorings_apart(small_run, tmp_path):
+    import shutil
+
+    from loratrace.evaluate import evaluate_run
+
+    run = tmp_path / small_run.name
+    shutil.copytree(small_run, run)
+    for which, overrides in (("last", []), ("final", []), ("last", ["eval.scoring=text"]), ("last", [])):
+        evaluate_run(run, which, ["eval.limit=4", *overrides], progress=False)
+    with loratrace.open_runs(run) as db:
+        groups = db.sql("SELECT checkpoint_path, checkpoint_step, scoring, count(*) FROM evals "
+                        "GROUP BY ALL ORDER BY ALL").fetchall()
+        assert groups == [("checkpoints/checkpoint-step-016.ckpt", 16, "label", 4),
+                          ("checkpoints/checkpoint-step-016.ckpt", 16, "text", 4), ("final_model", 16, "label", 4)]
+        assert db.sql("SELECT count(*) FROM evals_raw").fetchall() == [(16,)]  # the re-run replaced the first

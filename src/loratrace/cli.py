@@ -18,6 +18,20 @@ import sys
 from pathlib import Path
 
 FORMATS = ("table", "csv", "json", "parquet")
+VIEWS = ("runs", "batches", "batches_all", "samples", "examples", "checkpoints", "attempts", "step_checkpoint",
+         "example_checkpoint", "metrics", "example_trace", "evals")  # views.VIEW_NAMES, without importing DuckDB
+QUERY_DESCRIPTION = f"""SQL over the views {', '.join(VIEWS)} (DESIGN.md, README "Query views").
+
+The connection is read-only: one SELECT (or EXPLAIN [ANALYZE] SELECT, or a reporting PRAGMA such as
+PRAGMA show_tables); SQL reads files only under the runs folder; a refused or failing query is one line, exit 1.
+
+Formats (every value comes back from csv, json and parquet as the views hold it):
+  table    for reading: at most 200 rows, cells cut at 60 characters, floats to 6 significant digits, NULL as NULL
+  csv      RFC 4180 with a header row; NULL is an empty field, an empty string is ""; lists and structs are JSON text
+           (e.g. ["a", null]); float32 values written as their exact double
+  json     JSON Lines: one JSON object per row, keys in column order; lists as arrays (null inside kept); timestamps
+           ISO 8601 with microseconds and offset; NaN/Infinity as bare words (Python's json and DuckDB read them)
+  parquet  the result as an Arrow table (needs --output)"""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,13 +54,13 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--runs-dir", default="runs", help="runs folder, one run folder, or a glob (default: runs)")
 
     query = sub.add_parser("query", help="run SQL over the tracking views (read-only)",
-                           description="SQL over the views runs, batches, batches_all, samples, examples, "
-                                       "checkpoints, step_checkpoint, example_checkpoint, metrics, attempts.")
+                           description=QUERY_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     query.add_argument("sql", help="the query, or - to read it from stdin")
     query.add_argument("-p", "--param", action="append", default=[], metavar="VALUE",
                        help="value for the next ? placeholder (repeatable)")
-    query.add_argument("--format", choices=FORMATS, default="table", help="output format (default: table)")
-    query.add_argument("--output", "-o", help="write to this file instead of stdout (needed for parquet)")
+    query.add_argument("--format", choices=FORMATS, default="table", help="output format (default: table; see above)")
+    query.add_argument("--output", "-o", help="write to this file instead of stdout (needed for parquet); its folder "
+                                              "must exist")
     add_runs_dir(query)
 
     trace = sub.add_parser("trace", help="every step and checkpoint that trained one example",
@@ -79,29 +93,29 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
-def _emit(frame, fmt: str, output: str | None) -> None:
-    if fmt == "parquet":
-        frame.to_parquet(output, index=False)
-        return
-    if fmt == "csv":
-        text = frame.to_csv(index=False)
-    elif fmt == "json":
-        text = frame.to_json(orient="records", lines=True, date_format="iso")
-    else:
-        import pandas as pd
+def _emit(table, fmt: str, output: str | None) -> None:
+    """Print or write a result (an Arrow table, or a DataFrame) in one of FORMATS; see formats.py."""
+    import pyarrow as pa
 
-        with pd.option_context("display.max_rows", 200, "display.max_columns", 50, "display.width", 200,
-                               "display.max_colwidth", 60):
-            text = frame.to_string(index=False) + "\n"
-    if output:
-        Path(output).write_text(text)
-    else:
-        sys.stdout.write(text)
+    from loratrace import formats
+
+    if not isinstance(table, pa.Table):
+        table = pa.Table.from_pandas(table, preserve_index=False)
+    formats.write(table, fmt, output)
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line on stderr: never the source line that raised it, never on stdout."""
+    text = str(message).strip()
+    print(f"loratrace: warning: {text.splitlines()[0] if text else category.__name__}", file=sys.stderr)
 
 
 def _open(runs_dir: str):
+    import warnings
+
     from loratrace.store import open_runs
 
+    warnings.showwarning = _warning_line
     return open_runs(runs_dir, read_only=True)
 
 
@@ -129,31 +143,34 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
+    from loratrace.formats import check_output
+
     sql = sys.stdin.read() if args.sql == "-" else args.sql
     if args.format == "parquet" and not args.output:
         return _fail("--format parquet needs --output FILE", 2)
+    check_output(args.output)  # before the query runs: nothing is half done
     with _open(args.runs_dir) as db:
-        frame = db.sql(sql, params=args.param or None).df()
-    _emit(frame, args.format, args.output)
+        table = db.fetch_table(sql, params=args.param or None)
+    _emit(table, args.format, args.output)
     return 0
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    import pandas as pd
-
     with _open(args.runs_dir) as db:
-        frame = db.trace(example_id=args.example_id, line=args.line, run_id=args.run)
-    if args.format == "table":
-        for run_id, rows in frame.groupby("run_id", sort=False):
-            first = rows[rows["first"]].iloc[0]
-            where = (f"checkpoint-step {int(first.checkpoint_step)} ({first.checkpoint_path})"
-                     if not pd.isna(first.checkpoint_step) else "no checkpoint yet")
-            print(f"{run_id}: {rows.example_id.iloc[0]} (line {rows.line.iloc[0]}) trained at {len(rows)} step(s); "
-                  f"first included in {where}")
-        columns = ["run_id", "step", "epoch", "loss", "p_gold", "correct", "checkpoint_step", "first"]
-        _emit(frame[columns], "table", None)
-    else:
-        _emit(frame, args.format, None)
+        table = db.trace_table(example_id=args.example_id, line=args.line, run_id=args.run)
+    if args.format != "table":
+        _emit(table, args.format, None)
+        return 0
+    rows = table.to_pylist()
+    for run_id in dict.fromkeys(r["run_id"] for r in rows):
+        mine = [r for r in rows if r["run_id"] == run_id]
+        first = next(r for r in mine if r["first"])
+        where = (f"checkpoint-step {first['checkpoint_step']} ({first['checkpoint_path']})"
+                 if first["checkpoint_step"] is not None else "no checkpoint yet")
+        print(f"{run_id}: {first['example_id']} (line {first['line']}) trained at {len(mine)} step(s); "
+              f"first included in {where}")
+    columns = ["run_id", "step", "epoch", "loss", "p_gold", "correct", "checkpoint_step", "first"]
+    _emit(table.select(columns), "table", None)
     return 0
 
 
@@ -171,13 +188,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
+    from loratrace.store import StoreError
+
     with _open(args.runs_dir) as db:
-        frame = db.sql("SELECT run_id, dataset, steps, checkpoints, last_checkpoint_step, status FROM runs "
-                       "ORDER BY run_id").df()
-    if frame.empty:
-        print(f"no runs under {args.runs_dir}", file=sys.stderr)
-        return 0
-    _emit(frame, args.format, None)
+        table = db.fetch_table("SELECT run_id, dataset, steps, checkpoints, last_checkpoint_step, status FROM runs "
+                               "ORDER BY run_id")
+    if table.num_rows == 0:
+        raise StoreError(f"no runs under {args.runs_dir}")
+    _emit(table, args.format, None)
     return 0
 
 

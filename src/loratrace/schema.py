@@ -6,6 +6,7 @@ Each file carries `loratrace.schema_version` in its Parquet metadata; readers ca
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from pathlib import Path
 
@@ -148,3 +149,35 @@ def effective_ranges(attempts: list[dict]) -> dict[int, tuple[int, int | None]]:
         upper, parent = lower, row.get("parent_attempt")
         current = None if parent is None else int(parent)
     return ranges
+
+
+# ---------------------------------------------------------------------------------------------- part file names
+# The names the tracker (and `loratrace eval`) write under tracking/, and the only names the query layer reads: any
+# other file in these folders is foreign (a copy, an editor's backup, a half-finished download) and is ignored.
+
+EXAMPLES_FILE = "examples.parquet"
+
+
+def batches_part_name(attempt: int, rank: int, part: int) -> str:
+    return f"a{attempt:03d}-r{rank:02d}-{part:06d}.parquet"
+
+
+def checkpoints_part_name(attempt: int, step: int) -> str:
+    return f"a{attempt:03d}-s{step:09d}.parquet"
+
+
+def attempts_part_name(attempt: int) -> str:
+    return f"a{attempt:03d}.parquet"
+
+
+def evals_part_name(checkpoint_step: int, evaluated_at, token: str) -> str:
+    """`evaluated_at`: a datetime; `token`: 8 hex digits that keep two evaluations in the same second apart."""
+    return f"s{checkpoint_step:09d}-{evaluated_at:%Y%m%dT%H%M%S}-{token}.parquet"
+
+
+PART_NAMES = {  # folder under tracking/ -> the names written there (more digits once a counter outgrows its width)
+    "batches": re.compile(r"a\d{3,}-r\d{2,}-\d{6,}\.parquet"),
+    "checkpoints": re.compile(r"a\d{3,}-s\d{9,}\.parquet"),
+    "attempts": re.compile(r"a\d{3,}\.parquet"),
+    "evals": re.compile(r"s\d{9,}-\d{8}T\d{6}-[0-9a-f]{8}\.parquet"),
+}

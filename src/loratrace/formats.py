@@ -1,0 +1,189 @@
+"""Output formats of `loratrace query`, `trace` and `runs`: an Arrow table as table, csv, json or parquet, no pandas.
+
+The three machine formats give back every value the views hold (lists with NULLs inside, lists of any length, NULL
+scalars, microsecond timestamps, float32 and float64 values exactly, any string):
+  parquet  the Arrow table as it is.
+  json     JSON Lines: one JSON object per row, keys in column order. Floats in the shortest text that reads back as
+           the same double (a float32 as its exact double value), NaN/Infinity/-Infinity as bare words (Python's json
+           and DuckDB's read_json read them; strict JSON parsers do not); timestamps ISO 8601 with microseconds and
+           offset; lists as arrays, NULL as null at any depth; bytes as base64 text; decimals as strings.
+  csv      RFC 4180: a header row, a field quoted when it holds a comma, quote or line break, quotes doubled. NULL is
+           an empty field, an empty string is "" (DuckDB: read_csv(..., allow_quoted_nulls = false); pandas reads both
+           as missing, and needs keep_default_na=False, na_values=[""] to keep a text such as NULL or NA). Lists and
+           structs are their JSON text as above (json.loads or a DuckDB cast reads them back).
+  table    for reading, not parsing: at most `TABLE_ROWS` rows (first and last half), cells cut at `TABLE_CELL` chars,
+           floats to 6 significant digits, NULL as NULL. An empty result prints the header alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import decimal
+import json
+import math
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+
+from loratrace.errors import LoratraceError
+
+FORMATS = ("table", "csv", "json", "parquet")
+TABLE_ROWS = 200
+TABLE_CELL = 60
+
+
+class OutputError(LoratraceError):
+    """An output file that cannot be written (its folder is missing, say)."""
+
+    exit_code = 1
+
+
+def check_output(output: str | None) -> None:
+    """Fail before any work when `output`'s folder does not exist."""
+    if output and not Path(output).resolve().parent.is_dir():
+        raise OutputError(f"--output {output}: folder {Path(output).resolve().parent} does not exist")
+
+
+def write(table: pa.Table, fmt: str, output: str | None = None) -> None:
+    """Write `table` in `fmt` to the file `output` (complete or not at all: a temporary name, then a rename), or to
+    stdout."""
+    check_output(output)
+    if fmt == "parquet":
+        if not output:
+            raise OutputError("--format parquet needs --output FILE")
+        data = _parquet_bytes(table)
+    else:
+        text = {"table": render_table, "csv": render_csv, "json": render_json}[fmt](table)
+        if not output:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            return
+        data = text.encode()
+    target = Path(output)
+    tmp = target.parent / f".tmp-{uuid.uuid4().hex}-{target.name}.partial"
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    import pyarrow.parquet as pq
+
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    return buffer.getvalue().to_pybytes()
+
+
+# ---------------------------------------------------------------------------------------------- json and csv
+
+def jsonable(value):
+    """A value of `Table.to_pylist()` as what `json.dumps` writes in the json format (see the module docstring)."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, dt.datetime):
+        return value.isoformat(timespec="microseconds")
+    if isinstance(value, (dt.date, dt.time)):
+        return value.isoformat()
+    if isinstance(value, dt.timedelta):
+        return f"PT{value.total_seconds():.6f}S"
+    if isinstance(value, (bytes, bytearray)):
+        return base64.b64encode(value).decode()
+    if isinstance(value, (decimal.Decimal, uuid.UUID)):
+        return str(value)
+    return value
+
+
+def _rows(table: pa.Table):
+    """Rows as dicts of Python values. A time-zone-aware timestamp column is read as its UTC instant (pyarrow would
+    import pandas to convert a time zone) and comes back as a UTC datetime."""
+    aware = [f.name for f in table.schema if pa.types.is_timestamp(f.type) and f.type.tz]
+    for name in aware:
+        kind = table.schema.field(name).type
+        table = table.set_column(table.schema.get_field_index(name), name, table[name].cast(pa.timestamp(kind.unit)))
+    for batch in table.to_batches(max_chunksize=65536):
+        for row in batch.to_pylist():
+            for name in aware:
+                if row[name] is not None:
+                    row[name] = row[name].replace(tzinfo=dt.timezone.utc)
+            yield row
+
+
+def render_json(table: pa.Table) -> str:
+    return "".join(json.dumps(jsonable(row), ensure_ascii=False) + "\n" for row in _rows(table))
+
+
+def _csv_field(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple, dict, bytes, bytearray, decimal.Decimal, dt.timedelta)):
+        value = json.dumps(jsonable(value), ensure_ascii=False)
+    elif isinstance(value, bool):
+        value = "true" if value else "false"
+    elif isinstance(value, float):
+        value = repr(value)  # the shortest text that reads back as the same double: a float32 as its exact double
+    elif isinstance(value, (dt.datetime, dt.date, dt.time)):
+        value = jsonable(value)
+    else:
+        value = str(value)
+    if value == "" or any(c in value for c in ',"\r\n'):
+        return '"' + value.replace('"', '""') + '"'
+    return value
+
+
+def render_csv(table: pa.Table) -> str:
+    lines = [",".join(_csv_field(name) for name in table.column_names)]
+    lines += [",".join(_csv_field(v) for v in row.values()) for row in _rows(table)]
+    return "\r\n".join(lines) + "\r\n"
+
+
+# ---------------------------------------------------------------------------------------------- table
+
+def _cell(value, nested: bool = False) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.6g}" if math.isfinite(value) else str(value)
+    if isinstance(value, dt.datetime):
+        return value.isoformat(sep=" ", timespec="microseconds" if value.microsecond else "seconds")
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_cell(v, True) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_cell(v, True)}" for k, v in value.items()) + "}"
+    text = str(value).replace("\n", "\\n")
+    return repr(text) if nested and isinstance(value, str) else text
+
+
+def render_table(table: pa.Table) -> str:
+    """Columns padded to their widest cell, numbers right-aligned, no index; cut as the module docstring says."""
+    names = table.column_names
+    if table.num_rows > TABLE_ROWS:
+        half = TABLE_ROWS // 2
+        shown = [*_rows(table.slice(0, half)), None, *_rows(table.slice(table.num_rows - half))]
+    else:
+        shown = list(_rows(table))
+    numeric = [pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t) for t in table.schema.types]
+
+    def cut(text: str) -> str:
+        return text if len(text) <= TABLE_CELL else text[:TABLE_CELL - 3] + "..."
+
+    cells = [[cut(_cell(row[n])) for n in names] if row is not None else ["..."] * len(names) for row in shown]
+    widths = [max([len(name)] + [len(r[i]) for r in cells]) for i, name in enumerate(names)]
+
+    def line(values: list[str]) -> str:
+        return "  ".join(v.rjust(w) if right else v.ljust(w)
+                         for v, w, right in zip(values, widths, numeric)).rstrip() + "\n"
+
+    text = line(names) + "".join(line(r) for r in cells)
+    if table.num_rows > TABLE_ROWS:
+        text += f"({table.num_rows:,} rows, {TABLE_ROWS} shown)\n"
+    return text

@@ -1,0 +1,68 @@
+"""The SQL of the views (DESIGN.md, "Query layer"), created in this order over the raw views of store.py
+(`batches_raw`, `examples_raw`, `checkpoints_raw`, `attempts_raw`, `evals_raw`) and its `runs_info` and `lineage`.
+"""
+
+from __future__ import annotations
+
+from loratrace.samples_index import TRACE_COLUMNS
+
+# A row is effective when its attempt owns its step in the run's lineage (schema.effective_ranges).
+EFFECTIVE = ("l.run_id = {t}.run_id AND (l.attempt IS NULL OR l.attempt = {t}.attempt) "
+             "AND {t}.step > l.lo AND (l.hi IS NULL OR {t}.step <= l.hi)")
+TRACE_SELECT = ", ".join("e." + c if c in ("checkpoint_step", "checkpoint_path", "first") else "s." + c
+                         for c in TRACE_COLUMNS)
+
+VIEWS = [
+    f"""CREATE OR REPLACE VIEW batches_all AS
+        SELECT b.*, NOT EXISTS (SELECT 1 FROM lineage l WHERE {EFFECTIVE.format(t='b')}) AS orphaned
+        FROM batches_raw b""",
+    "CREATE OR REPLACE VIEW batches AS SELECT * EXCLUDE (orphaned) FROM batches_all WHERE NOT orphaned",
+    f"""CREATE OR REPLACE VIEW checkpoints AS
+        SELECT c.run_id, c.attempt, c.step, c.path, c.bytes, c.created_at, r.dir || '/' || c.path AS file
+        FROM checkpoints_raw c LEFT JOIN runs_info r USING (run_id)
+        WHERE EXISTS (SELECT 1 FROM lineage l WHERE {EFFECTIVE.format(t='c')})""",
+    """CREATE OR REPLACE VIEW samples AS
+        SELECT run_id, attempt, step, micro_batch, rank, epoch, batch_idx, stage, lr,
+               unnest(range(len(example_ids))) AS position,
+               unnest(example_ids) AS example_id, unnest(lines) AS line,
+               unnest(losses) AS loss, unnest(p_gold) AS p_gold, unnest(correct) AS correct
+        FROM batches""",
+    "CREATE OR REPLACE VIEW examples AS SELECT * FROM examples_raw",
+    "CREATE OR REPLACE VIEW attempts AS SELECT * FROM attempts_raw",
+    # Re-evaluating replaces nothing on disk; the latest evaluation of each (run, what was scored: a checkpoint file
+    # or final_model, split, scoring, example) shows. final_model and the last checkpoint share a step, and label
+    # and text scoring are different measurements: neither hides the other.
+    """CREATE OR REPLACE VIEW evals AS SELECT * FROM evals_raw
+        QUALIFY row_number() OVER (PARTITION BY run_id, checkpoint_path, split, scoring, example_id
+                                   ORDER BY evaluated_at DESC) = 1""",
+    """CREATE OR REPLACE VIEW step_checkpoint AS
+        WITH steps AS (SELECT DISTINCT run_id, step FROM batches)
+        SELECT s.run_id, s.step, c.step AS checkpoint_step, c.path AS checkpoint_path
+        FROM steps s ASOF LEFT JOIN checkpoints c ON s.run_id = c.run_id AND c.step >= s.step""",
+    """CREATE OR REPLACE VIEW example_checkpoint AS
+        WITH seen AS (SELECT DISTINCT run_id, example_id, line, step FROM samples)
+        SELECT s.run_id, s.example_id, s.line, s.step, c.step AS checkpoint_step, c.path AS checkpoint_path,
+               row_number() OVER (PARTITION BY s.run_id, s.example_id, s.line ORDER BY s.step) = 1 AS first
+        FROM seen s ASOF LEFT JOIN checkpoints c ON s.run_id = c.run_id AND c.step >= s.step""",
+    f"""CREATE OR REPLACE VIEW example_trace AS
+        SELECT {TRACE_SELECT}
+        FROM samples s JOIN example_checkpoint e USING (run_id, example_id, line, step)""",
+    """CREATE OR REPLACE VIEW metrics AS
+        WITH per_step AS (
+            SELECT run_id, step,
+                   sum(loss * n_target_tokens) / sum(n_target_tokens) AS "train/loss",
+                   max(grad_norm) AS "train/grad_norm", max(lr) AS "train/lr",
+                   avg(list_avg(correct::INT[])) AS "train/accuracy"
+            FROM batches GROUP BY run_id, step)
+        UNPIVOT per_step ON "train/loss", "train/grad_norm", "train/lr", "train/accuracy"
+        INTO NAME name VALUE value""",
+    """CREATE OR REPLACE VIEW runs AS
+        SELECT r.*, s.steps, s.examples_seen, c.checkpoints, c.last_checkpoint_step
+        FROM runs_info r
+        LEFT JOIN (SELECT run_id, max(step) AS steps, sum(len(example_ids)) AS examples_seen
+                   FROM batches GROUP BY run_id) s USING (run_id)
+        LEFT JOIN (SELECT run_id, count(*) AS checkpoints, max(step) AS last_checkpoint_step
+                   FROM checkpoints GROUP BY run_id) c USING (run_id)""",
+]
+VIEW_NAMES = ("runs", "batches", "batches_all", "samples", "examples", "checkpoints", "attempts", "step_checkpoint",
+              "example_checkpoint", "metrics", "example_trace", "evals")
