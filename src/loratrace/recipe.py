@@ -24,7 +24,7 @@ from loratrace.evaluate import CheckpointEvaluator, Evaluator
 from loratrace.export import export_adapter, export_merged, save_base_model
 from loratrace.model import add_lora, load_base, trainable_parameter_count
 from loratrace.module import LoRAModule
-from loratrace.tracking import BatchTracker
+from loratrace.tracking import BatchTracker, index_samples
 
 RUN_DIR_ENV = "LORATRACE_RUN_DIR"  # DDP children re-run the command: they join the folder rank 0 made
 
@@ -106,11 +106,12 @@ def train(cfg: Config, resume_from: str | Path | None = None, progress: bool = T
                                flush_every_steps=cfg.tracking.flush_every_steps,
                                examples=_example_rows(cfg, examples, datamodule), stage1_steps=t.stage1_steps)
         callbacks.append(tracker)
-    callbacks.append(StepCheckpoint(run_dir / "checkpoints", checkpoint_steps(t.max_steps, t.stage1_steps,
-                                                                              cfg.checkpoint)))
+    listeners = [tracker] if tracker is not None else []  # told of every checkpoint: rows first, then scores
     if evaluator is not None:
         evaluator.run_dir = run_dir
-        callbacks.append(CheckpointEvaluator(evaluator))
+        listeners.append(CheckpointEvaluator(evaluator))
+    callbacks.append(StepCheckpoint(run_dir / "checkpoints", checkpoint_steps(t.max_steps, t.stage1_steps,
+                                                                              cfg.checkpoint), listeners))
     if progress:
         callbacks.append(TQDMProgressBar(refresh_rate=1))
     callbacks += extra
@@ -118,7 +119,7 @@ def train(cfg: Config, resume_from: str | Path | None = None, progress: bool = T
         max_steps=t.max_steps, max_epochs=-1, accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.max_grad_norm or None, gradient_clip_algorithm="norm", precision=t.precision,
         accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, logger=_loggers(cfg, run_dir) or False,
-        callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False,
+        callbacks=callbacks, enable_checkpointing=True, enable_progress_bar=progress, enable_model_summary=False,
         default_root_dir=str(run_dir), log_every_n_steps=t.log_every_n_steps, use_distributed_sampler=False,
         num_sanity_val_steps=0, limit_val_batches=0,
     )
@@ -135,6 +136,7 @@ def train(cfg: Config, resume_from: str | Path | None = None, progress: bool = T
         return run_dir
     if not trainer.is_global_zero:
         return run_dir
+    index_s = index_samples(run_dir) if tracker is not None else 0.0  # the run's end: `trace`'s index
 
     # export
     trainable = trainable_parameter_count(peft_model)  # before merging folds the adapters away
@@ -144,7 +146,7 @@ def train(cfg: Config, resume_from: str | Path | None = None, progress: bool = T
         export_merged(peft_model, tokenizer, run_dir / "final_model")
     final_loss = module.last_metrics.get("train/loss")
     written = sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-step-*.ckpt"))
-    cost = _cost(tracker)
+    cost = _cost(tracker, index_s)
     runs.finish_run(run_dir, "completed", cost, steps=trainer.global_step, final_loss=final_loss,
                     trainable_parameters=trainable, checkpoints=len(written))
     if progress:
@@ -152,8 +154,12 @@ def train(cfg: Config, resume_from: str | Path | None = None, progress: bool = T
     return run_dir
 
 
-def _cost(tracker: BatchTracker | None) -> dict:
-    return {"tracking_cost": tracker.cost()} if tracker is not None else {}
+def _cost(tracker: BatchTracker | None, index_s: float = 0.0) -> dict:
+    if tracker is None:
+        return {}
+    cost = tracker.cost()
+    cost["end_s"] += index_s  # the run's end: the samples index counts as tracking's end
+    return {"tracking_cost": cost}
 
 
 def print_summary(cfg: Config, run_dir: Path, steps: int, final_loss: float | None, written: list[str],
