@@ -40,6 +40,7 @@ def assert_same_rows(a: pd.DataFrame, b: pd.DataFrame):
     np.testing.assert_allclose(a.lr, b.lr)
 
 
+@pytest.mark.slow
 def test_tracked_default_run(default_run):
     tracking = default_run / "tracking"
     rows = pd.read_parquet(tracking / "batches")
@@ -62,6 +63,7 @@ def test_tracked_default_run(default_run):
     assert all(line_of[i] == line for ids, lines in zip(rows.example_ids, rows.lines) for i, line in zip(ids, lines))
 
 
+@pytest.mark.slow
 def test_mappings_agree_with_checkpoints(default_run):
     tracking = default_run / "tracking"
     checkpoints = pd.read_parquet(tracking / "checkpoints")
@@ -110,6 +112,7 @@ def test_resume_inside_an_epoch_and_at_its_boundary_with_accumulation(tmp_path):
         pd.testing.assert_frame_equal(ours, theirs)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_reads_like_an_uninterrupted_run(tmp_path):
     extra = ["training.max_steps=40", "training.stage1_steps=10"]
     straight = loratrace.train(small_config(tmp_path / "straight", *extra), progress=False)
@@ -197,6 +200,7 @@ def test_each_row_holds_its_own_micro_batch_numbers(tmp_path):
         assert row.loss == pytest.approx(loss, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_run_json_holds_what_tracking_cost(default_run):
     cost = json.loads((default_run / "run.json").read_text())["attempts"][-1]["tracking_cost"]
     assert cost["updates"] == 125
@@ -244,6 +248,7 @@ def test_cost_counts_a_write_the_step_waits_for_once_and_as_wall_time(tmp_path, 
     assert len(pd.read_parquet(tmp_path / "tracking" / "batches")) == 9
 
 
+@pytest.mark.slow
 def test_two_rank_ddp_writes_the_global_batch_once(tmp_path):
     from conftest import run_cli
 
@@ -262,6 +267,7 @@ def test_two_rank_ddp_writes_the_global_batch_once(tmp_path):
     assert sorted(rows.step.unique()) == list(range(1, 7))
 
 
+@pytest.mark.slow
 def test_two_rank_ddp_resume_ends_in_the_same_weights(tmp_path):
     """Each rank's dropout stream moves with its own batches; a resume gives every rank back its own."""
     import torch

@@ -150,7 +150,8 @@ class LoRAModule(L.LightningModule):
 
     def answer_logits(self, batch: dict[str, Any]) -> torch.Tensor | Callable:
         """What `answer_statistics` needs. For a plain-head model, the LM head runs only at the target and answer
-        positions (a few per example, not every token: on a 150k vocabulary that is a quarter of the FLOPs)."""
+        positions, a few per example, not at every token (on a large vocabulary the head is a good share of the
+        model's FLOPs: bench/RESULTS.md)."""
         if self._plain_head is None:
             return self(batch["input_ids"], batch["attention_mask"])
         decoder, head = self._plain_head

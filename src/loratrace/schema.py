@@ -117,8 +117,8 @@ def write_atomic(table: pa.Table, path: Path) -> None:
     small = table.nbytes < COMPRESS_FROM_BYTES
     try:
         if small:
-            # The one-row parts of a checkpoint save: zstd's per-column set-up would be 40% of the write, and
-            # encoding into memory then writing the bytes saves a third of what writing through a path costs.
+            # The one-row parts of a checkpoint save: zstd's per-column set-up would dominate the write, and one
+            # `write` of bytes encoded in memory is cheaper than writing through a path (figures: bench/RESULTS.md).
             buffer = pa.BufferOutputStream()
             pq.write_table(table, buffer, compression="none")
             with open(tmp, "wb") as file:
