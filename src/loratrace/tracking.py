@@ -8,12 +8,13 @@ train. An update that such a micro-batch ends still counts as a step, without a 
 
     trainer = L.Trainer(callbacks=[BatchTracker("runs/x/tracking", run_id="x")])
 
-Rows are buffered and flushed as new parts (temporary name, then `os.replace`) on a `BackgroundWriter`, off the
-step: every `flush_every_steps` updates, at every checkpoint save, at the end and on exceptions; a part is never
-rewritten. Checkpoints get a `checkpoints` row each: the tracker listens to loratrace's `StepCheckpoint`
-(`StepCheckpoint(..., listeners=[tracker])`), and notices the files Lightning's `ModelCheckpoint` saves. Either way
-the rows a checkpoint includes are on disk before its file appears. The attempt number travels in the checkpoint,
-so a resume starts attempt a+1 and knows which attempt it continues.
+Rows are buffered and flushed as new parts (`PartWriter`: temporary name, then `os.replace`, on its own thread,
+off the step): every `flush_every_steps` updates, at every checkpoint save, at the end and on exceptions; a part is
+never rewritten. Each checkpoint file gets a `checkpoints` row: the tracker listens to loratrace's `StepCheckpoint`
+(`StepCheckpoint(..., listeners=[tracker])`) and notices the files Lightning's `ModelCheckpoint` saves (a file that
+`save_top_k` later deletes keeps its row). Either way the rows a checkpoint includes are on disk before its file
+appears. The attempt number travels in the checkpoint, so a resume starts attempt a+1 and knows its parent.
+The samples index `trace` reads is written by whoever ends the run (`index_samples`; `loratrace.train` does).
 
 The tracker accounts for its own cost (`cost()`): wall time in its hooks on the training thread, CPU time of its
 writer threads, and its end-of-training work; `train` records it in run.json and prints it.
@@ -268,7 +269,7 @@ class _Rows:
         outputs = outputs if isinstance(outputs, Mapping) else {"loss": outputs}
         if outputs.get("loss") is not None:  # Lightning passes {} for a training_step that returned None
             numbers = {key: outputs[key] for key in NUMBERS if isinstance(outputs.get(key), torch.Tensor)}
-            if update is not None:
+            if update is not None and update["grad_norm"] is not None:
                 numbers["grad_norm"] = update["grad_norm"]
             lines = batch["line"]
             row = {
