@@ -176,7 +176,8 @@ def _best_of(fn, repeats: int = 5) -> float:
 def trace_latency(root: Path, n_samples: int) -> dict:
     import subprocess
 
-    from loratrace.store import open_runs, write_samples_index
+    from loratrace.samples_index import write_samples_index
+    from loratrace.store import open_runs
 
     run = synthetic_run(root, n_samples)
     start = time.perf_counter()

@@ -4,13 +4,14 @@ import pytest
 import torch
 
 from loratrace.config import TrainingConfig
-from loratrace.module import answer_statistics, learning_rate_at, stage_of
+from loratrace.module import answer_statistics, learning_rate_at
+from loratrace.step_outputs import stage_of
 
 
 def test_two_stage_constant_schedule():
     t = TrainingConfig(max_steps=125, stage1_steps=75, learning_rate_stage1=1e-4, learning_rate_stage2=2e-5)
     assert [learning_rate_at(s, t) for s in (1, 75, 76, 125)] == [1e-4, 1e-4, 2e-5, 2e-5]
-    assert (stage_of(75, t), stage_of(76, t)) == (1, 2)
+    assert (stage_of(75, t.stage1_steps), stage_of(76, t.stage1_steps)) == (1, 2)
 
 
 def test_warmup_and_cosine_inside_each_stage():

@@ -13,6 +13,7 @@ import loratrace
 from loratrace.config import load_config
 
 
+@pytest.mark.slow
 def test_default_job_writes_the_seed_layout(default_run):
     names = sorted(p.name for p in (default_run / "checkpoints").iterdir())
     assert names == [f"checkpoint-step-{s:03d}.ckpt" for s in range(76, 126)]
@@ -24,6 +25,7 @@ def test_default_job_writes_the_seed_layout(default_run):
     assert info["versions"]["torch"] and info["versions"]["lightning"]
 
 
+@pytest.mark.slow
 def test_tensorboard_has_the_loss_at_every_step(default_run):
     events = EventAccumulator(str(default_run / "tensorboard_logs"))
     events.Reload()
@@ -32,11 +34,13 @@ def test_tensorboard_has_the_loss_at_every_step(default_run):
     assert lrs[1] == pytest.approx(1e-4) and lrs[125] == pytest.approx(1e-4)
 
 
+@pytest.mark.slow
 def test_swanlab_wrote_its_offline_run(default_run):
     files = list((default_run / "swanlab_logs").rglob("*.swanlab"))
     assert files and files[0].stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_config_yaml_reloads_equal(default_run):
     cfg = load_config(default_run / "config.yaml")
     assert cfg == load_config(None, ["tracking.enabled=true", f"runs_dir={cfg.runs_dir}"])
@@ -49,6 +53,7 @@ def _logits(model, tokenizer):
         return model(input_ids=ids).logits
 
 
+@pytest.mark.slow
 def test_final_model_and_adapter_give_the_trained_logits(default_run):
     tokenizer = AutoTokenizer.from_pretrained(default_run / "final_model")
     merged = AutoModelForCausalLM.from_pretrained(default_run / "final_model").eval()
@@ -67,6 +72,7 @@ def test_final_model_and_adapter_give_the_trained_logits(default_run):
     assert not torch.allclose(_logits(untrained, tokenizer), _logits(merged, tokenizer), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_checkpoint_holds_only_lora_and_is_small(default_run):
     ckpt = default_run / "checkpoints" / "checkpoint-step-100.ckpt"
     state = torch.load(ckpt, weights_only=True)

@@ -2,17 +2,27 @@
 
 Stage 2 saves every `stage2_every_n_steps` updates (the seed: every step, 76..125); stage 1 optionally every
 `stage1_every_n_steps`; the last update always. A file is written under a temporary name and renamed into place,
-so a crash never leaves a half-written `.ckpt` under the final name. The `BatchTracker`, if present, is told.
+so a crash never leaves a half-written `.ckpt` under the final name.
+
+Whoever must know about a checkpoint subscribes as a `CheckpointListener`; the writer calls them, they never call
+back into it:
+
+    StepCheckpoint(run_dir / "checkpoints", steps, listeners=[tracker, evaluator])
+
+It is a Lightning `Checkpoint`, so Lightning runs its hooks after every other callback's (as it does for
+`ModelCheckpoint`): a tracker has taken the micro-batch's row before the save, whatever the order of `callbacks`.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Checkpoint
 from typing_extensions import override
 
 from loratrace.config import CheckpointConfig
@@ -30,12 +40,24 @@ def checkpoint_steps(max_steps: int, stage1_steps: int, cfg: CheckpointConfig) -
     return sorted(steps)
 
 
-class StepCheckpoint(Callback):
-    def __init__(self, directory: str | Path, steps: list[int]):
+class CheckpointListener(Protocol):
+    """What a checkpoint writer tells, in this order."""
+
+    def checkpoint_saving(self, trainer: L.Trainer, step: int) -> Callable[[], None] | None:
+        """On every rank, before Lightning gathers the state: hand over what the checkpoint must include. A callable
+        returned is called on rank 0 before the file appears under its name, and returns once that is durable."""
+
+    def checkpoint_saved(self, trainer: L.Trainer, step: int, path: str, size: int) -> None:
+        """On rank 0, once the file is in place: `path` relative to the run folder, `size` in bytes."""
+
+
+class StepCheckpoint(Checkpoint):
+    def __init__(self, directory: str | Path, steps: list[int], listeners: Sequence[CheckpointListener] = ()):
         if not steps:
             raise ValueError("StepCheckpoint needs at least one step")
         self.directory = Path(directory)
         self.steps = set(steps)
+        self.listeners = list(listeners)
         self._step_before_batch = -1
 
     @property
@@ -54,33 +76,19 @@ class StepCheckpoint(Callback):
             self.save(trainer, step)
 
     def save(self, trainer: L.Trainer, step: int) -> Path:
-        from loratrace.tracking import BatchTracker
-
         path = self.directory / checkpoint_name(step)
         tmp = self.directory / f".{path.name}.partial"
-        trackers = [c for c in trainer.callbacks if isinstance(c, BatchTracker)]
-        for tracker in trackers:  # their rows are written while Lightning gathers the state and torch serializes it
-            tracker.flush()
-        trackers = trackers if trainer.is_global_zero else []
-        for tracker in trackers:  # waited for below
-            tracker.defer_wait = True
-        try:
-            trainer.save_checkpoint(tmp)  # collective: every rank takes part, rank 0 writes
-        finally:
-            for tracker in trackers:
-                tracker.defer_wait = False
+        # The listeners' writes (the tracker's rows) proceed while Lightning gathers the state and torch serializes it.
+        durable = [wait for listener in self.listeners if (wait := listener.checkpoint_saving(trainer, step))]
+        trainer.save_checkpoint(tmp, weights_only=False)  # collective: every rank takes part, rank 0 writes
         if trainer.is_global_zero:
-            for tracker in trackers:
-                tracker.wait()  # the rows this checkpoint includes are on disk before the checkpoint is
+            for wait in durable:
+                wait()  # what this checkpoint includes is on disk before the checkpoint is
             os.replace(tmp, path)
             relative = path.relative_to(self.directory.parent).as_posix()
-            for tracker in trackers:
-                tracker.record_checkpoint(trainer, step, relative, path.stat().st_size)
-            from loratrace.evaluate import CheckpointEvaluator
-
-            for callback in trainer.callbacks:
-                if isinstance(callback, CheckpointEvaluator):
-                    callback.evaluate(trainer, trainer.lightning_module, step, relative)
+            size = path.stat().st_size
+            for listener in self.listeners:
+                listener.checkpoint_saved(trainer, step, relative, size)
         return path
 
 

@@ -14,7 +14,6 @@ per token (one forward per choice).
 
 from __future__ import annotations
 
-import datetime as dt
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +27,8 @@ from loratrace.checkpoints import read_checkpoint
 from loratrace.config import Config, EvalConfig, load_config
 from loratrace.data import LETTERS, DataError, Encoded, collate, encode, load_split, padding_token_id
 from loratrace.errors import LoratraceError
-from loratrace.module import lora_mismatch, rng_state, set_rng_state
-from loratrace.runs import read_run_json
+from loratrace.module import choice_scores, gold_probability, lora_mismatch, rng_state, set_rng_state
+from loratrace.runs import read_run_json, utc_now
 
 
 class EvalError(LoratraceError):
@@ -53,14 +52,12 @@ def score_labels(model, encoded: list[Encoded], pad_id: int, batch_size: int, de
         logits = model(**inputs).logits
         rows = torch.arange(logits.shape[0], device=logits.device)
         answer = logits[rows, batch["answer_pos"].to(device)].float().log_softmax(dim=-1)
-        choice_ids = batch["choice_ids"].to(device)
-        logliks = answer.gather(1, choice_ids.clamp(min=0)).masked_fill(choice_ids < 0, float("-inf")).cpu()
+        logliks = choice_scores(answer, batch["choice_ids"].to(device)).cpu()
         for row, n in zip(logliks, (len(e.choice_token_ids) for e in encoded[start: start + batch_size])):
             values = row[:n]
             out.logliks.append(values.tolist())
             out.preds.append(int(values.argmax()))
-        gold = batch["gold"]
-        out.p_gold += logliks.softmax(dim=1).gather(1, gold.unsqueeze(1)).squeeze(1).tolist()
+        out.p_gold += gold_probability(logliks, batch["gold"])[0].tolist()
     return out
 
 
@@ -128,29 +125,33 @@ class Evaluator:
     def evaluate(self, model, checkpoint_step: int, checkpoint_path: str) -> float:
         """Score, write `tracking/evals/<part>.parquet`, return the accuracy."""
         scored = self.score(model)
-        now = dt.datetime.now(dt.timezone.utc)
+        now = utc_now()
         rows = [{
             "run_id": self.run_dir.name, "checkpoint_step": checkpoint_step, "checkpoint_path": checkpoint_path,
             "split": self.settings.split, "scoring": self.settings.scoring, "example_id": e.example_id,
             "line": e.line, "gold": e.gold_label, "pred": LETTERS[pred], "correct": pred == e.gold,
             "p_gold": p_gold, "choice_logliks": logliks, "evaluated_at": now,
         } for e, pred, p_gold, logliks in zip(self.examples, scored.preds, scored.p_gold, scored.logliks)]
-        name = f"s{checkpoint_step:09d}-{now:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}.parquet"
+        name = schema.evals_part_name(checkpoint_step, now, uuid.uuid4().hex[:8])
         schema.write_atomic(pa.Table.from_pylist(rows, schema=schema.EVALS), self.run_dir / "tracking" / "evals" / name)
         return sum(r["correct"] for r in rows) / len(rows)
 
 
-class CheckpointEvaluator(L.Callback):
-    """`eval.every_checkpoint=true`: score each checkpoint as StepCheckpoint writes it, with the live weights."""
+class CheckpointEvaluator:
+    """`eval.every_checkpoint=true`: score each checkpoint with the live weights once StepCheckpoint has written it
+    (a `CheckpointListener`: `StepCheckpoint(..., listeners=[CheckpointEvaluator(evaluator)])`)."""
 
     def __init__(self, evaluator: Evaluator):
         self.evaluator = evaluator
 
-    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int, path: str) -> None:
+    def checkpoint_saving(self, trainer: L.Trainer, step: int) -> None:
+        """Nothing to hand over: evaluation reads the checkpoint's weights after it is written."""
+
+    def checkpoint_saved(self, trainer: L.Trainer, step: int, path: str, size: int) -> None:
         if not trainer.is_global_zero:
             return
         state = rng_state()  # scoring draws nothing, but training's randomness must not depend on that
-        accuracy = self.evaluator.evaluate(pl_module.model, step, path)
+        accuracy = self.evaluator.evaluate(trainer.lightning_module.model, step, path)
         set_rng_state(state)
         for logger in trainer.loggers:
             logger.log_metrics({f"eval/{self.evaluator.settings.split}_accuracy": accuracy}, step=step)

@@ -19,6 +19,7 @@ from typing_extensions import override
 
 from loratrace.config import TrainingConfig
 from loratrace.errors import LoratraceError
+from loratrace.step_outputs import HostValues, StepOutputs, gradient_norm
 
 
 def learning_rate_at(step: int, t: TrainingConfig) -> float:
@@ -36,10 +37,6 @@ def learning_rate_at(step: int, t: TrainingConfig) -> float:
         span = max(1, length - t.warmup_steps)
         return peak * 0.5 * (1 + math.cos(math.pi * (position - t.warmup_steps) / span))
     return peak
-
-
-def stage_of(step: int, t: TrainingConfig) -> int:
-    return 1 if step <= t.stage1_steps else 2
 
 
 def rng_state() -> dict[str, Any]:
@@ -80,14 +77,22 @@ def answer_statistics(logits_at: torch.Tensor | Callable[[torch.Tensor, torch.Te
     token_loss = F.cross_entropy(logits[: len(rows)], labels[rows, positions], reduction="none")
     n_target = mask.sum(dim=1)
     losses = torch.zeros(size, device=token_loss.device).index_add(0, rows, token_loss) / n_target.clamp(min=1)
-    answer_logits = logits[len(rows):]  # (batch, vocab)
-    choice_ids = batch["choice_ids"]
-    choice_logits = answer_logits.gather(1, choice_ids.clamp(min=0)).masked_fill(choice_ids < 0, float("-inf"))
-    probs = choice_logits.softmax(dim=1)
-    p_gold = probs.gather(1, batch["gold"].unsqueeze(1)).squeeze(1)
-    correct = probs.argmax(dim=1) == batch["gold"]
+    p_gold, correct = gold_probability(choice_scores(logits[len(rows):], batch["choice_ids"]), batch["gold"])
     loss = token_loss.sum() / n_target.sum().clamp(min=1)  # token-weighted mean over the micro-batch
     return {"loss": loss, "losses": losses, "p_gold": p_gold, "correct": correct, "n_target": n_target}
+
+
+def choice_scores(answer_logits: torch.Tensor, choice_ids: torch.Tensor) -> torch.Tensor:
+    """(batch, choices): each choice label's score at the answer position, -inf for padding choices (id < 0).
+    Logits or log-probabilities alike: `gold_probability` depends only on their differences."""
+    return answer_logits.gather(1, choice_ids.clamp(min=0)).masked_fill(choice_ids < 0, float("-inf"))
+
+
+def gold_probability(scores: torch.Tensor, gold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """p(gold among the choice labels), a softmax over the choices' scores, and whether gold scored highest: the one
+    rule behind training's `p_gold`/`correct` and evaluation's."""
+    probs = scores.softmax(dim=1)
+    return probs.gather(1, gold.unsqueeze(1)).squeeze(1), probs.argmax(dim=1) == gold
 
 
 PLAIN_HEAD = {"llama", "qwen2", "qwen3", "mistral", "phi3", "gemma"}
@@ -105,39 +110,8 @@ def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.
         return None
 
 
-class HostValues:
-    """Numbers computed on an accelerator, brought to the host without making the CPU wait for the GPU: the copy is
-    queued behind the work that computes them, and read (`values()`) an update later, when that work is done. A
-    `.cpu()` in every update would instead drain the GPU's queue each time, leaving it idle while Python prepares the
-    next update. On the CPU this is the tensor itself."""
-
-    def __init__(self, tensor: torch.Tensor):
-        tensor = tensor.detach()
-        self._ready = None
-        if tensor.is_cuda:
-            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-            self._host.copy_(tensor, non_blocking=True)
-            self._ready = torch.cuda.Event()
-            self._ready.record()
-        else:
-            self._host = tensor
-
-    def values(self) -> list:
-        if self._ready is not None:
-            self._ready.synchronize()
-        return self._host.tolist()
-
-
 class CheckpointError(LoratraceError):
     """A checkpoint that does not fit the model being trained."""
-
-
-def gradient_norm(parameters) -> torch.Tensor:
-    """Global L2 norm of the gradients of `parameters` (those that have one)."""
-    grads = [p.grad.detach().float() for p in parameters if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
 def lora_mismatch(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> str | None:
@@ -163,9 +137,10 @@ class LoRAModule(L.LightningModule):
         self.strict_loading = False  # checkpoints hold the trainable tensors only
         self._rng_to_restore: dict[str, Any] | None = None
         self.grad_norm: torch.Tensor | None = None
-        self._update_sums = torch.zeros(4)  # loss x target tokens, target tokens, correct, examples: this update
+        self._update_sums: dict[str, torch.Tensor] = {}  # this update's, summed over its micro-batches
+        self._update_examples = 0
         self._update_lr: float | None = None
-        self._pending_metrics: tuple[int, HostValues, dict[str, float]] | None = None
+        self._pending_metrics: tuple[int, HostValues, int, dict[str, float]] | None = None  # logged an update late
         self.last_metrics: dict[str, float] = {}
         self._plain_head = decoder_and_head(model)
 
@@ -175,7 +150,8 @@ class LoRAModule(L.LightningModule):
 
     def answer_logits(self, batch: dict[str, Any]) -> torch.Tensor | Callable:
         """What `answer_statistics` needs. For a plain-head model, the LM head runs only at the target and answer
-        positions (a few per example, not every token: on a 150k vocabulary that is a quarter of the FLOPs)."""
+        positions, a few per example, not at every token (on a large vocabulary the head is a good share of the
+        model's FLOPs: bench/RESULTS.md)."""
         if self._plain_head is None:
             return self(batch["input_ids"], batch["attention_mask"])
         decoder, head = self._plain_head
@@ -184,15 +160,16 @@ class LoRAModule(L.LightningModule):
         return lambda rows, positions: head(hidden[rows, positions])
 
     @override
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> StepOutputs:
         stats = answer_statistics(self.answer_logits(batch), batch)
         size = batch["input_ids"].shape[0]
         if self.trainer.progress_bar_callback is not None:  # reading it back syncs with the GPU: only for a bar
             self.log("loss", stats["loss"], prog_bar=True, logger=False, batch_size=size)
         n_target = stats["n_target"].sum()
-        self._update_sums = self._update_sums.to(n_target.device) + torch.stack([
-            stats["loss"].detach() * n_target, n_target.float(), stats["correct"].float().sum(),
-            torch.full((), float(size), device=n_target.device)])
+        for name, value in (("loss_x_target", stats["loss"].detach() * n_target), ("target", n_target),
+                            ("correct", stats["correct"].sum())):
+            self._update_sums[name] = self._update_sums[name] + value if name in self._update_sums else value
+        self._update_examples += size
         # Small per-example vectors for the tracker, detached: they cost one transfer, not a second forward.
         return {
             "loss": stats["loss"],
@@ -218,11 +195,10 @@ class LoRAModule(L.LightningModule):
         self._log_pending_metrics()
         step = self.global_step
         if step % self.training_config.log_every_n_steps == 0 or step == self.trainer.max_steps:
-            numbers = HostValues(torch.cat([self._update_sums, self.grad_norm.reshape(1).to(self._update_sums)]))
+            numbers = HostValues({**self._update_sums, "grad_norm": self.grad_norm})
             known = {"train/lr": self._update_lr, "train/epoch": float(batch.get("epoch", self.current_epoch))}
-            self._pending_metrics = (step, numbers, known)
-        self._update_sums = torch.zeros(4, device=self._update_sums.device)
-        self._update_lr = None
+            self._pending_metrics = (step, numbers, self._update_examples, known)
+        self._update_sums, self._update_examples, self._update_lr = {}, 0, None
 
     @override
     def on_train_end(self) -> None:
@@ -231,10 +207,11 @@ class LoRAModule(L.LightningModule):
     def _log_pending_metrics(self) -> None:
         if self._pending_metrics is None:
             return
-        (step, numbers, known), self._pending_metrics = self._pending_metrics, None
-        sums = numbers.values()
-        self.last_metrics = {"train/loss": sums[0] / max(sums[1], 1), "train/accuracy": sums[2] / max(sums[3], 1),
-                             "train/grad_norm": sums[4], **known}
+        (step, numbers, examples, known), self._pending_metrics = self._pending_metrics, None
+        sums = {name: values[0] for name, values in numbers.values().items()}
+        self.last_metrics = {"train/loss": sums["loss_x_target"] / max(sums["target"], 1),
+                             "train/accuracy": sums["correct"] / max(examples, 1), "train/grad_norm": sums["grad_norm"],
+                             **known}
         for logger in self.loggers:
             logger.log_metrics(self.last_metrics, step=step)
 

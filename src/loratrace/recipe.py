@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.loggers import TensorBoardLogger
 from typing_extensions import override
 
-from loratrace import runs
+from loratrace import runs, schema
 from loratrace.checkpoints import StepCheckpoint, checkpoint_steps, read_checkpoint
 from loratrace.config import Config, ConfigError
 from loratrace.data import CommonsenseData, load_split
@@ -29,7 +29,7 @@ from loratrace.export import export_adapter, export_merged, save_base_model
 from loratrace.interrupt import RunInterrupted, StopOnSignal, interrupted_message
 from loratrace.model import add_lora, load_base, trainable_parameter_count
 from loratrace.module import CheckpointError, LoRAModule, lora_mismatch
-from loratrace.tracking import BatchTracker
+from loratrace.tracking import BatchTracker, index_samples
 
 RUN_DIR_ENV = "LORATRACE_RUN_DIR"  # DDP children re-run the command: they join the folder rank 0 made
 
@@ -112,12 +112,13 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
                                flush_every_steps=cfg.tracking.flush_every_steps,
                                examples=_example_rows(cfg, examples, datamodule), stage1_steps=t.stage1_steps)
         own_callbacks.append(tracker)
-    step_checkpoint = StepCheckpoint(run_dir / "checkpoints",
-                                     checkpoint_steps(t.max_steps, t.stage1_steps, cfg.checkpoint))
-    own_callbacks.append(step_checkpoint)
+    listeners = [tracker] if tracker is not None else []  # told of every checkpoint: rows first, then scores
     if evaluator is not None:
         evaluator.run_dir = run_dir
-        own_callbacks.append(CheckpointEvaluator(evaluator))
+        listeners.append(CheckpointEvaluator(evaluator))
+    step_checkpoint = StepCheckpoint(run_dir / "checkpoints",
+                                     checkpoint_steps(t.max_steps, t.stage1_steps, cfg.checkpoint), listeners)
+    own_callbacks.append(step_checkpoint)
     stop = StopOnSignal(run_dir / "checkpoints", step_checkpoint.save)
     own_callbacks.append(stop)
     if progress:
@@ -127,7 +128,7 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
         gradient_clip_val=t.max_grad_norm or None, gradient_clip_algorithm="norm", precision=t.precision,
         accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
         logger=_loggers(cfg, run_dir, resumed_step) or False, callbacks=own_callbacks + list(callbacks or []),
-        enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False,
+        enable_checkpointing=True, enable_progress_bar=progress, enable_model_summary=False,
         default_root_dir=str(run_dir), log_every_n_steps=t.log_every_n_steps, use_distributed_sampler=False,
         num_sanity_val_steps=0, limit_val_batches=0,
     )
@@ -149,6 +150,7 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
         return run_dir
     if not trainer.is_global_zero:
         return run_dir
+    index_s = index_samples(run_dir) if tracker is not None else 0.0  # the run's end: `trace`'s index
 
     # export
     trainable = trainable_parameter_count(peft_model)  # before merging folds the adapters away
@@ -159,7 +161,7 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
         export_merged(peft_model, tokenizer, run_dir / "final_model")
     final_loss = module.last_metrics.get("train/loss")
     written = sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-step-*.ckpt"))
-    cost = _cost(tracker)
+    cost = _cost(tracker, index_s)
     runs.finish_run(run_dir, "completed", cost, steps=trainer.global_step, final_loss=final_loss,
                     trainable_parameters=trainable, checkpoints=len(written))
     if progress:
@@ -186,7 +188,7 @@ def validate_resume(checkpoint: Path, module: LoRAModule, cfg: Config) -> int:
     tracked = next((v for k, v in state.get("callbacks", {}).items() if k.startswith("BatchTracker[")), None)
     tracking = checkpoint.parent.parent / "tracking"
     if cfg.tracking.enabled and tracked is not None and \
-            not (tracking / "attempts" / f"a{int(tracked['attempt']):03d}.parquet").exists():
+            not (tracking / "attempts" / schema.attempts_part_name(int(tracked["attempt"]))).exists():
         raise CheckpointError(f"{checkpoint.name} continues tracked attempt {tracked['attempt']}, but its records in "
                               f"{tracking} are gone; resuming would record a false lineage (restore tracking/, or "
                               "resume with tracking.enabled=false)")
@@ -272,8 +274,12 @@ class ProgressBar(TQDMProgressBar):
             self.train_progress_bar.close()
 
 
-def _cost(tracker: BatchTracker | None) -> dict:
-    return {"tracking_cost": tracker.cost()} if tracker is not None else {}
+def _cost(tracker: BatchTracker | None, index_s: float = 0.0) -> dict:
+    if tracker is None:
+        return {}
+    cost = tracker.cost()
+    cost["end_s"] += index_s  # the run's end: the samples index counts as tracking's end
+    return {"tracking_cost": cost}
 
 
 def print_summary(cfg: Config, run_dir: Path, steps: int, final_loss: float | None, written: list[str],

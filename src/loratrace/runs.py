@@ -17,7 +17,8 @@ from loratrace.config import Config, save_config
 PACKAGES = ("loratrace", "torch", "lightning", "transformers", "peft", "datasets", "swanlab", "pyarrow", "duckdb")
 
 
-def now() -> dt.datetime:
+def utc_now() -> dt.datetime:
+    """The one clock of every timestamp loratrace writes (run.json, tracking and evaluation rows): aware, UTC."""
     return dt.datetime.now(dt.timezone.utc)
 
 
@@ -76,11 +77,11 @@ def start_run(run_dir: Path, cfg: Config, resumed_from: str | None) -> dict[str,
     save_config(cfg, run_dir / "config.yaml")
     info = read_run_json(run_dir) or {
         "run_id": run_dir.name, "dataset": cfg.data.dataset, "method": cfg.method,
-        "created_at": now().isoformat(timespec="seconds"), "attempts": [],
+        "created_at": utc_now().isoformat(timespec="seconds"), "attempts": [],
     }
     info.update(status="running", versions=versions(), git_sha=git_sha(), host=socket.gethostname(),
                 python=platform.python_version(), base_model=cfg.model.name)
-    info["attempts"].append({"started_at": now().isoformat(timespec="seconds"), "resumed_from": resumed_from,
+    info["attempts"].append({"started_at": utc_now().isoformat(timespec="seconds"), "resumed_from": resumed_from,
                              "status": "running", **({"config_changes": changes} if changes else {})})
     write_run_json(run_dir, info)
     return info
@@ -91,7 +92,7 @@ def finish_run(run_dir: Path, status: str, attempt: dict[str, Any] | None = None
     info = read_run_json(run_dir)
     info["status"] = status
     if info.get("attempts"):
-        info["attempts"][-1].update(status=status, ended_at=now().isoformat(timespec="seconds"), **(attempt or {}))
+        info["attempts"][-1].update(status=status, ended_at=utc_now().isoformat(timespec="seconds"), **(attempt or {}))
     info.update(extra)
     write_run_json(run_dir, info)
 

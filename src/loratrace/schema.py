@@ -118,8 +118,8 @@ def write_atomic(table: pa.Table, path: Path) -> None:
     small = table.nbytes < COMPRESS_FROM_BYTES
     try:
         if small:
-            # The one-row parts of a checkpoint save: zstd's per-column set-up would be 40% of the write, and
-            # encoding into memory then writing the bytes saves a third of what writing through a path costs.
+            # The one-row parts of a checkpoint save: zstd's per-column set-up would dominate the write, and one
+            # `write` of bytes encoded in memory is cheaper than writing through a path (figures: bench/RESULTS.md).
             buffer = pa.BufferOutputStream()
             pq.write_table(table, buffer, compression="none")
             with open(tmp, "wb") as file:
@@ -162,8 +162,9 @@ def batches_part_name(attempt: int, rank: int, part: int) -> str:
     return f"a{attempt:03d}-r{rank:02d}-{part:06d}.parquet"
 
 
-def checkpoints_part_name(attempt: int, step: int) -> str:
-    return f"a{attempt:03d}-s{step:09d}.parquet"
+def checkpoints_part_name(attempt: int, step: int, count: int = 0) -> str:
+    """`count`: a second and later part for the same step (another checkpoint callback saving at that step too)."""
+    return f"a{attempt:03d}-s{step:09d}{f'-{count}' if count else ''}.parquet"
 
 
 def attempts_part_name(attempt: int) -> str:
@@ -177,7 +178,14 @@ def evals_part_name(checkpoint_step: int, evaluated_at, token: str) -> str:
 
 PART_NAMES = {  # folder under tracking/ -> the names written there (more digits once a counter outgrows its width)
     "batches": re.compile(r"a\d{3,}-r\d{2,}-\d{6,}\.parquet"),
-    "checkpoints": re.compile(r"a\d{3,}-s\d{9,}\.parquet"),
+    "checkpoints": re.compile(r"a\d{3,}-s\d{9,}(-\d+)?\.parquet"),
     "attempts": re.compile(r"a\d{3,}\.parquet"),
     "evals": re.compile(r"s\d{9,}-\d{8}T\d{6}-[0-9a-f]{8}\.parquet"),
 }
+
+
+def tracker_parts(folder: Path) -> list[Path]:
+    """The parts the tracker wrote in `folder` (one of PART_NAMES' folders), sorted by name; nothing else."""
+    pattern = PART_NAMES[Path(folder).name]
+    return sorted(p for p in Path(folder).glob("*.parquet") if pattern.fullmatch(p.name)) if Path(folder).is_dir() \
+        else []

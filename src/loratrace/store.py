@@ -26,14 +26,7 @@ from typing_extensions import Self
 from loratrace import sandbox, schema
 from loratrace.errors import LoratraceError
 from loratrace.run_folders import as_list, find_runs, folders_of_runs, runs_info
-from loratrace.samples_index import (  # noqa: F401  (write_samples_index: imported from here by the tracker)
-    INDEX_FILE,
-    TRACE_COLUMNS,
-    TRACE_ORDER,
-    SamplesIndex,
-    index_fingerprint,
-    write_samples_index,
-)
+from loratrace.samples_index import INDEX_FILE, TRACE_COLUMNS, TRACE_ORDER, SamplesIndex, index_fingerprint
 from loratrace.views import VIEWS
 
 
