@@ -226,7 +226,7 @@ def eval_throughput(runs_dir: Path, limit: int) -> dict:
     model, tokenizer = _load_model(cfg, run)
     speeds = {}
     for batch_size in (32, 1, 32, 1):  # interleaved
-        evaluator = Evaluator(cfg, run, tokenizer, cfg.eval.__class__(limit=limit, batch_size=batch_size))
+        evaluator = Evaluator(cfg, tokenizer, cfg.eval.__class__(limit=limit, batch_size=batch_size))
         start = time.perf_counter()
         evaluator.score(model)
         speeds.setdefault(batch_size, []).append(limit / (time.perf_counter() - start))

@@ -100,9 +100,8 @@ def score_texts(model, tokenizer, examples, max_length: int, batch_size: int, de
 class Evaluator:
     """Scores one split with whatever weights the model holds now; writes one part per checkpoint evaluated."""
 
-    def __init__(self, cfg: Config, run_dir: Path | None, tokenizer, settings: EvalConfig | None = None):
+    def __init__(self, cfg: Config, tokenizer, settings: EvalConfig | None = None):
         self.cfg, self.tokenizer = cfg, tokenizer
-        self.run_dir = Path(run_dir) if run_dir is not None else None  # set before the first evaluate()
         self.settings = settings or cfg.eval
         try:
             self.examples = load_split(cfg.data.dataset, cfg.data.source, self.settings.split, self.settings.limit)
@@ -122,27 +121,27 @@ class Evaluator:
         finally:
             model.train(was_training)
 
-    def evaluate(self, model, checkpoint_step: int, checkpoint_path: str) -> float:
+    def evaluate(self, model, run_dir: Path, checkpoint_step: int, checkpoint_path: str) -> float:
         """Score, write `tracking/evals/<part>.parquet`, return the accuracy."""
         scored = self.score(model)
         now = utc_now()
         rows = [{
-            "run_id": self.run_dir.name, "checkpoint_step": checkpoint_step, "checkpoint_path": checkpoint_path,
+            "run_id": run_dir.name, "checkpoint_step": checkpoint_step, "checkpoint_path": checkpoint_path,
             "split": self.settings.split, "scoring": self.settings.scoring, "example_id": e.example_id,
             "line": e.line, "gold": e.gold_label, "pred": LETTERS[pred], "correct": pred == e.gold,
             "p_gold": p_gold, "choice_logliks": logliks, "evaluated_at": now,
         } for e, pred, p_gold, logliks in zip(self.examples, scored.preds, scored.p_gold, scored.logliks)]
         name = schema.evals_part_name(checkpoint_step, now, uuid.uuid4().hex[:8])
-        schema.write_atomic(pa.Table.from_pylist(rows, schema=schema.EVALS), self.run_dir / "tracking" / "evals" / name)
+        schema.write_atomic(pa.Table.from_pylist(rows, schema=schema.EVALS), run_dir / "tracking" / "evals" / name)
         return sum(r["correct"] for r in rows) / len(rows)
 
 
 class CheckpointEvaluator:
     """`eval.every_checkpoint=true`: score each checkpoint with the live weights once StepCheckpoint has written it
-    (a `CheckpointListener`: `StepCheckpoint(..., listeners=[CheckpointEvaluator(evaluator)])`)."""
+    (a `CheckpointListener`: `StepCheckpoint(..., listeners=[CheckpointEvaluator(evaluator, run_dir)])`)."""
 
-    def __init__(self, evaluator: Evaluator):
-        self.evaluator = evaluator
+    def __init__(self, evaluator: Evaluator, run_dir: Path):
+        self.evaluator, self.run_dir = evaluator, Path(run_dir)
 
     def checkpoint_saving(self, trainer: L.Trainer, step: int) -> None:
         """Nothing to hand over: evaluation reads the checkpoint's weights after it is written."""
@@ -151,10 +150,10 @@ class CheckpointEvaluator:
         if not trainer.is_global_zero:
             return
         state = rng_state()  # scoring draws nothing, but training's randomness must not depend on that
-        accuracy = self.evaluator.evaluate(trainer.lightning_module.model, step, path)
+        accuracy = self.evaluator.evaluate(trainer.lightning_module.model, self.run_dir, step, path)
         set_rng_state(state)
         for logger in trainer.loggers:
-            logger.log_metrics({f"eval/{self.evaluator.settings.split}_accuracy": accuracy}, step=step)
+            logger.log_metrics({accuracy_tag(self.evaluator.settings): accuracy}, step=step)
 
 
 # ---------------------------------------------------------------------------------------------- after training
@@ -220,20 +219,20 @@ def evaluate_run(run_dir: str | Path, checkpoints: str = "all", overrides: list[
     cfg = load_config(run_dir / "config.yaml", list(overrides))
     chosen = select_checkpoints(run_dir, checkpoints)
     peft_model, tokenizer = _load_model(cfg, run_dir)
-    evaluator = Evaluator(cfg, run_dir, tokenizer)
+    evaluator = Evaluator(cfg, tokenizer)
     final = run_dir / "final_model"
     if checkpoints == "final" and not final.is_dir():
         raise EvalError(f"{run_dir} has no final_model/")
     results = []
     for step, path in tqdm(chosen, desc="checkpoints", disable=not progress):
         load_lora_weights(peft_model, path)
-        accuracy = evaluator.evaluate(peft_model, step, path.relative_to(run_dir).as_posix())
+        accuracy = evaluator.evaluate(peft_model, run_dir, step, path.relative_to(run_dir).as_posix())
         results.append((step, path.relative_to(run_dir).as_posix(), accuracy))
     if checkpoints == "final":
         from transformers import AutoModelForCausalLM
 
         step = read_run_json(run_dir).get("steps", cfg.training.max_steps)
-        accuracy = evaluator.evaluate(AutoModelForCausalLM.from_pretrained(final), step, "final_model")
+        accuracy = evaluator.evaluate(AutoModelForCausalLM.from_pretrained(final), run_dir, step, "final_model")
         results.append((step, "final_model", accuracy))
     if cfg.logging.tensorboard and results:
         _log_accuracies(run_dir, evaluator.settings, results)
@@ -246,7 +245,12 @@ def _log_accuracies(run_dir: Path, settings: EvalConfig, results: list[tuple[int
     """TensorBoard scalars, one tag per split and scoring; final_model's apart from the checkpoints' (same step)."""
     from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package: only when logging to it
 
-    tag = f"eval/{settings.split}_accuracy" + ("" if settings.scoring == "label" else f"_{settings.scoring}")
     with SummaryWriter(str(run_dir / "tensorboard_logs")) as writer:
         for step, what, accuracy in results:
-            writer.add_scalar(tag + ("_final_model" if what == "final_model" else ""), accuracy, step)
+            writer.add_scalar(accuracy_tag(settings, final_model=what == "final_model"), accuracy, step)
+
+
+def accuracy_tag(settings: EvalConfig, final_model: bool = False) -> str:
+    """The logged name of an accuracy: one per split and scoring, final_model's apart (it shares the last step)."""
+    return (f"eval/{settings.split}_accuracy" + ("" if settings.scoring == "label" else f"_{settings.scoring}")
+            + ("_final_model" if final_model else ""))

@@ -85,7 +85,7 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
     examples = load_split(cfg.data.dataset, cfg.data.source, cfg.data.train_split, cfg.data.limit)
     datamodule = CommonsenseData(examples, tokenizer, cfg.data.max_length, cfg.training.batch_size,
                                  cfg.training.seed, cfg.data.num_workers)
-    evaluator = Evaluator(cfg, None, tokenizer) if cfg.eval.every_checkpoint else None  # its split, checked now
+    evaluator = Evaluator(cfg, tokenizer) if cfg.eval.every_checkpoint else None  # its split, checked now
     child = os.environ.get(RUN_DIR_ENV) and int(os.environ.get("LOCAL_RANK", "0")) > 0
     # The tiny preset has no hub home: its base goes into the run folder, copied before LoRA wraps it.
     keep_base = not child and cfg.model.name == "tiny" and not (existing and (existing / "base_model").exists())
@@ -114,8 +114,7 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
         own_callbacks.append(tracker)
     listeners = [tracker] if tracker is not None else []  # told of every checkpoint: rows first, then scores
     if evaluator is not None:
-        evaluator.run_dir = run_dir
-        listeners.append(CheckpointEvaluator(evaluator))
+        listeners.append(CheckpointEvaluator(evaluator, run_dir))
     step_checkpoint = StepCheckpoint(run_dir / "checkpoints",
                                      checkpoint_steps(t.max_steps, t.stage1_steps, cfg.checkpoint), listeners)
     own_callbacks.append(step_checkpoint)
