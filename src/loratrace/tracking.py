@@ -27,7 +27,7 @@ import os
 import socket
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -202,7 +202,7 @@ class BatchTracker(Callback):
     # ------------------------------------------------------------------ a StepCheckpoint listener
 
     @_on_training_thread
-    def checkpoint_saving(self, trainer: L.Trainer, step: int):
+    def checkpoint_saving(self, trainer: L.Trainer, step: int) -> Callable[[], None] | None:
         """Hand the rows to the writer, to be written while the checkpoint is; rank 0's writer waits for them."""
         self.flush()
         if not trainer.is_global_zero:
