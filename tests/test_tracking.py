@@ -19,7 +19,8 @@ from conftest import ROOT, small_config
 
 import loratrace
 from loratrace.config import load_config, save_config
-from loratrace.data import CommonsenseData, load_split
+from loratrace.data import load_split
+from loratrace.loader import CommonsenseData
 from loratrace.model import add_lora, load_base
 from loratrace.module import LoRAModule
 from loratrace.tracking import BatchTracker

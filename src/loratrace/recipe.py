@@ -23,10 +23,11 @@ from typing_extensions import override
 from loratrace import runs, schema
 from loratrace.checkpoints import StepCheckpoint, checkpoint_steps, read_checkpoint
 from loratrace.config import Config, ConfigError
-from loratrace.data import CommonsenseData, load_split
+from loratrace.data import load_split
 from loratrace.evaluate import CheckpointEvaluator, Evaluator
 from loratrace.export import export_adapter, export_merged, save_base_model
 from loratrace.interrupt import RunInterrupted, StopOnSignal, interrupted_message
+from loratrace.loader import CommonsenseData
 from loratrace.model import add_lora, load_base, trainable_parameter_count
 from loratrace.module import CheckpointError, LoRAModule, lora_mismatch
 from loratrace.tracking import BatchTracker, index_samples
