@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from loratrace.config import flatten_keys
 from loratrace.errors import LoratraceError
 
 RUN_COLUMNS = ("run_id", "dir", "dataset", "method", "created_at", "status")  # then every run's config, flattened
@@ -57,14 +58,10 @@ def _is_run(path: Path) -> bool:
     return path.is_dir() and any((path / name).exists() for name in ("run.json", "config.yaml", "tracking"))
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}_"))
-        else:
-            out[f"{prefix}{key}"] = ",".join(map(str, value)) if isinstance(value, list) else value
-    return out
+def _config_columns(config: dict) -> dict[str, Any]:
+    """A run's config as `runs` view columns: dotted keys with `_` for `.`, lists joined by commas."""
+    return {key.replace(".", "_"): ",".join(map(str, value)) if isinstance(value, list) else value
+            for key, value in flatten_keys(config).items() if value != {}}
 
 
 def runs_info(run_dirs: list[Path]) -> tuple[list[str], list[list[str | None]]]:
@@ -75,7 +72,7 @@ def runs_info(run_dirs: list[Path]) -> tuple[list[str], list[list[str | None]]]:
         info = _read_json(run_dir / "run.json")
         config = _read_yaml(run_dir / "config.yaml")
         rows.append({
-            **_flatten(config),
+            **_config_columns(config),
             "run_id": info.get("run_id", run_dir.name), "dir": str(run_dir),
             "dataset": info.get("dataset", config.get("data", {}).get("dataset")),
             "method": info.get("method", config.get("method")),

@@ -25,6 +25,7 @@ from typing_extensions import Self
 
 from loratrace import sandbox, schema
 from loratrace.errors import LoratraceError
+from loratrace.mappings import first_checkpoint
 from loratrace.run_folders import as_list, find_runs, folders_of_runs, runs_info
 from loratrace.samples_index import INDEX_FILE, TRACE_COLUMNS, TRACE_ORDER, SamplesIndex, index_fingerprint
 from loratrace.views import VIEWS
@@ -70,6 +71,8 @@ class Runs:
         self.sources = sources
         self.read_only = read_only
         self.con = duckdb.connect(":memory:")
+        self.con.create_function("first_checkpoint", first_checkpoint, ["BIGINT", "BIGINT[]"], "BIGINT",
+                                 null_handling="special", side_effects=False)  # the views' step -> checkpoint rule
         self.files: dict[str, list[str]] = {}  # view -> the parts it reads
         self._reported: set[str] = set()  # files already reported as foreign, unreadable or missing
         self._checked: dict[str, tuple] = {}  # part -> (`_file_key` when its footer was read, its columns or None)

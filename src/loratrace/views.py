@@ -35,15 +35,22 @@ VIEWS = [
     """CREATE OR REPLACE VIEW evals AS SELECT * FROM evals_raw
         QUALIFY row_number() OVER (PARTITION BY run_id, checkpoint_path, split, scoring, example_id
                                    ORDER BY evaluated_at DESC) = 1""",
+    # Step -> first checkpoint: `first_checkpoint` is mappings.first_checkpoint, registered by store.py, the one rule
+    # the tracker's mapping files use too. It runs once per (run, step); examples join to its answer.
     """CREATE OR REPLACE VIEW step_checkpoint AS
-        WITH steps AS (SELECT DISTINCT run_id, step FROM batches)
-        SELECT s.run_id, s.step, c.step AS checkpoint_step, c.path AS checkpoint_path
-        FROM steps s ASOF LEFT JOIN checkpoints c ON s.run_id = c.run_id AND c.step >= s.step""",
+        WITH steps AS (SELECT DISTINCT run_id, step FROM batches),
+             saved AS (SELECT run_id, list(DISTINCT step ORDER BY step) AS saved_steps
+                       FROM checkpoints GROUP BY run_id),
+             paths AS (SELECT run_id, step, min(path) AS path FROM checkpoints GROUP BY run_id, step),
+             first AS (SELECT s.run_id, s.step, first_checkpoint(s.step, coalesce(v.saved_steps, [])) AS checkpoint_step
+                       FROM steps s LEFT JOIN saved v USING (run_id))
+        SELECT f.run_id, f.step, f.checkpoint_step, p.path AS checkpoint_path
+        FROM first f LEFT JOIN paths p ON p.run_id = f.run_id AND p.step = f.checkpoint_step""",
     """CREATE OR REPLACE VIEW example_checkpoint AS
         WITH seen AS (SELECT DISTINCT run_id, example_id, line, step FROM samples)
-        SELECT s.run_id, s.example_id, s.line, s.step, c.step AS checkpoint_step, c.path AS checkpoint_path,
+        SELECT s.run_id, s.example_id, s.line, s.step, c.checkpoint_step, c.checkpoint_path,
                row_number() OVER (PARTITION BY s.run_id, s.example_id, s.line ORDER BY s.step) = 1 AS first
-        FROM seen s ASOF LEFT JOIN checkpoints c ON s.run_id = c.run_id AND c.step >= s.step""",
+        FROM seen s JOIN step_checkpoint c USING (run_id, step)""",
     f"""CREATE OR REPLACE VIEW example_trace AS
         SELECT {TRACE_SELECT}
         FROM samples s JOIN example_checkpoint e USING (run_id, example_id, line, step)""",
