@@ -23,8 +23,8 @@ def small_config(runs_dir: Path, *extra: str):
     return load_config(ROOT / "configs" / "tiny.yaml", [*SMALL, f"runs_dir={runs_dir}", *extra])
 
 
-def run_cli(*args: str, cwd: Path | None = None, stdin: str | None = None, timeout: int = 300):
-    """The installed console entry point, as a user runs it."""
+def run_cli(*args: str, cwd: Path | None = None, stdin: str | None = None, timeout: int = 3600):
+    """The installed console entry point, as a user runs it (`timeout` only stops a hung command)."""
     return subprocess.run([sys.executable, "-m", "loratrace", *args], capture_output=True, text=True, cwd=cwd,
                           input=stdin, timeout=timeout)
 

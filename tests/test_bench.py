@@ -9,9 +9,10 @@ import torch
 from conftest import ROOT
 
 
+@pytest.mark.slow
 def test_bench_harness_runs_at_tiny_size():
     result = subprocess.run([sys.executable, "-m", "bench", "--quick"], capture_output=True, text=True, cwd=ROOT,
-                            timeout=300)
+                            timeout=3600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| tracking overhead, tiny preset" in result.stdout
     accounted = re.search(r"\| tracking overhead by the tracker's accounting, tiny preset: .* \| \(([\d.]+) \+ "
@@ -28,9 +29,10 @@ def test_bench_harness_runs_at_tiny_size():
     assert "| evaluation, tiny preset: batched (32) / one by one" in result.stdout
 
 
+@pytest.mark.slow
 def test_gpu_script_runs_on_cpu_at_tiny_size(tmp_path):
     result = subprocess.run(["bash", "bench/gpu.sh", str(tmp_path / "out"), "--device", "cpu", "--quick"],
-                            capture_output=True, text=True, cwd=ROOT, timeout=300,
+                            capture_output=True, text=True, cwd=ROOT, timeout=3600,
                             env={**os.environ, "PYTHON": sys.executable})
     assert result.returncode == 0, result.stderr[-2000:]
     table = (tmp_path / "out" / "results.md").read_text()
