@@ -1,30 +1,77 @@
 # %% [markdown]
 # # Exploring a tracked run
 #
-# A jupytext "percent" script: open it as a notebook (`jupytext --to notebook analysis/explore_run.py`) or run it:
+# A jupytext "percent" script. Run it as a script:
 #
-#     python analysis/explore_run.py runs/<run> --out analysis/figures
+#     python analysis/explore_run.py runs/<run> --out figures/
+#
+# or open it as a notebook (`jupytext --to notebook analysis/explore_run.py`, then run it in Jupyter): the figures
+# show inline, and the run is `RUNS` below, else `$LORATRACE_RUNS`, else the newest run under `runs/`.
 #
 # Every analysis is one query through the public API (`loratrace.open_runs`), the same SQL a notebook would use.
 
 # %%
 import argparse
+import os
+import sys
 from pathlib import Path
 
 import matplotlib
 
-matplotlib.use("Agg")
+import loratrace
+
+IN_NOTEBOOK = "ipykernel" in sys.modules  # a kernel's argv is its own, and its figures show inline
+if not IN_NOTEBOOK:
+    matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-import loratrace  # noqa: E402
+# %% tags=["parameters"]
+RUNS = None  # a run folder, a folder of runs, or a glob; None: $LORATRACE_RUNS, else the newest run under runs/
+OUT = None  # a folder for the PNG files and the TracInCP csv; None: figures only inline (as a script: --out)
 
-parser = argparse.ArgumentParser()
-parser.add_argument("runs", nargs="?", default="runs", help="a run folder, a folder of runs, or a glob")
-parser.add_argument("--out", default="analysis/figures", help="where the figures go")
-args = parser.parse_args()
-out = Path(args.out)
-out.mkdir(parents=True, exist_ok=True)
-db = loratrace.open_runs(args.runs)
+# %%
+def newest_run(runs_dir: Path) -> Path:
+    """The run created last under `runs_dir` (by run.json's created_at, as the runs view reads it)."""
+    with loratrace.open_runs(runs_dir) as every_run:
+        newest = every_run.sql("SELECT run_id FROM runs ORDER BY created_at DESC, run_id DESC LIMIT 1").fetchall()
+    if not newest:
+        raise SystemExit(f"no runs under {runs_dir}: train one (loratrace train --track-batches) or set RUNS")
+    return runs_dir / newest[0][0]
+
+
+def default_runs() -> Path:
+    """$LORATRACE_RUNS, else the newest run under runs/ (from the repository root or from analysis/)."""
+    if os.environ.get("LORATRACE_RUNS"):
+        return Path(os.environ["LORATRACE_RUNS"])
+    for runs_dir in (Path("runs"), Path("../runs")):
+        if runs_dir.is_dir():
+            return newest_run(runs_dir)
+    raise SystemExit("no runs/ folder here or one level up: set RUNS or $LORATRACE_RUNS to a run folder")
+
+
+if not IN_NOTEBOOK:
+    parser = argparse.ArgumentParser(description="Figures and TracInCP inputs for tracked runs.")
+    parser.add_argument("runs", nargs="?", help="a run folder, a folder of runs, or a glob (default: the newest run "
+                                                 "under runs/)")
+    parser.add_argument("--out", default="analysis/figures", help="where the figures go (default: analysis/figures)")
+    args = parser.parse_args()
+    RUNS, OUT = args.runs, args.out
+runs = RUNS or default_runs()
+out = Path(OUT) if OUT else None
+if out is not None:
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def finish(fig, name: str) -> None:
+    """Lay the figure out and save it as `name`.png when there is an output folder; in a notebook it shows inline."""
+    fig.tight_layout()
+    if out is not None:
+        fig.savefig(out / f"{name}.png")
+    if not IN_NOTEBOOK:
+        plt.close(fig)
+
+
+db = loratrace.open_runs(runs)
 print(db.sql("SELECT run_id, dataset, steps, checkpoints, status FROM runs").df().to_string(index=False))
 
 # %% [markdown]
@@ -40,8 +87,7 @@ for run_id, rows in per_step.groupby("run_id"):
     ax_norm.plot(rows.step, rows.grad_norm, label=run_id)
 ax_loss.set(xlabel="step", ylabel="loss", title="training loss")
 ax_norm.set(xlabel="step", ylabel="grad-norm (before clipping)", title="gradient norm")
-fig.tight_layout()
-fig.savefig(out / "loss_grad_norm.png")
+finish(fig, "loss_grad_norm")
 
 # %% [markdown]
 # ## Per-example loss trajectories (the five most-seen examples)
@@ -55,8 +101,7 @@ for example_id, rows in trajectories.groupby("example_id"):
     ax.plot(rows.step, rows.loss, marker="o", label=example_id)
 ax.set(xlabel="step", ylabel="answer loss", title="per-example loss")
 ax.legend(fontsize=7)
-fig.tight_layout()
-fig.savefig(out / "example_trajectories.png")
+finish(fig, "example_trajectories")
 
 # %% [markdown]
 # ## Which checkpoint first saw each example
@@ -67,8 +112,7 @@ first_seen = db.sql("SELECT checkpoint_step, count(*) AS examples FROM example_c
 fig, ax = plt.subplots(figsize=(6, 3.5))
 ax.bar(first_seen.checkpoint_step.fillna(-1).astype(int), first_seen.examples)
 ax.set(xlabel="first checkpoint including the example (-1: none yet)", ylabel="examples", title="first seen")
-fig.tight_layout()
-fig.savefig(out / "first_seen.png")
+finish(fig, "first_seen")
 
 # %% [markdown]
 # ## Dataset cartography: confidence and variability of p(gold) across epochs
@@ -83,8 +127,7 @@ fig, ax = plt.subplots(figsize=(5, 4))
 points = ax.scatter(cartography.variability, cartography.confidence, c=cartography.correctness, cmap="viridis", s=8)
 fig.colorbar(points, label="correctness")
 ax.set(xlabel="variability", ylabel="confidence", title="data map")
-fig.tight_layout()
-fig.savefig(out / "cartography.png")
+finish(fig, "cartography")
 
 # %% [markdown]
 # ## Forgetting events: correct -> incorrect between consecutive trainings on an example
@@ -100,8 +143,7 @@ fig, ax = plt.subplots(figsize=(5, 3.5))
 counts = forgetting.forgetting_events.value_counts().sort_index()
 ax.bar(counts.index, counts.values)
 ax.set(xlabel="forgetting events", ylabel="examples", title="forgetting")
-fig.tight_layout()
-fig.savefig(out / "forgetting.png")
+finish(fig, "forgetting")
 
 # %% [markdown]
 # ## TracInCP inputs: each checkpoint with the learning rate that produced it
@@ -111,5 +153,6 @@ tracin = db.sql("""
     SELECT c.run_id, c.step AS checkpoint_step, c.file, any_value(b.lr) AS lr
     FROM checkpoints c JOIN batches b USING (run_id, step) GROUP BY ALL ORDER BY c.run_id, c.step""").df()
 print(tracin.to_string(index=False))
-tracin.to_csv(out / "tracincp_checkpoints.csv", index=False)
-print(f"figures in {out}")
+if out is not None:
+    tracin.to_csv(out / "tracincp_checkpoints.csv", index=False)
+    print(f"figures in {out}")

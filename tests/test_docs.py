@@ -1,18 +1,128 @@
-"""The README's research queries run, one query each, and answer what they claim on a real tracked run."""
+"""Every README code block runs: its research queries, its Python, and its shell commands (in a scratch folder whose
+runs/ holds real runs; a command that cannot run here is listed in NOT_RUN with why, and still parses)."""
 
+import ast
+import json
 import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
 
+import pandas as pd
 import pytest
 from conftest import ROOT
 
 import loratrace
+from loratrace.config import load_config
 
-QUERIES = re.findall(r"```sql\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+README = (ROOT / "README.md").read_text()
+BLOCKS = re.findall(r"```(\w*)\n(.*?)```", README, re.S)
+QUERIES = [body for lang, body in BLOCKS if lang == "sql"]
+PYTHON = [body for lang, body in BLOCKS if lang == "python"]
+LISTINGS = ("runs/<dataset>_<method>_<YYYYMMDD_HHMMSS>/", "pyproject.toml")  # plain blocks that list files
+SHELL_LINES = [line for lang, body in BLOCKS if lang == "" and not body.startswith(LISTINGS)
+               for line in body.splitlines() if line.strip()]
 
 
-def test_the_readme_has_the_research_queries():
-    assert len(QUERIES) == 6
+def segments(line: str) -> list[str]:
+    """The commands of one README line: its comment dropped (as bash does), split at `&&`."""
+    return [part.strip() for part in re.sub(r"\s+#.*$", "", line).split("&&") if part.strip()]
 
+
+COMMANDS = [command for line in SHELL_LINES for command in segments(line)]
+NOT_RUN = {  # README commands these tests do not run, and why (a `loratrace train` among them is still parsed)
+    "python3 -m venv .venv": "makes the venv the tests already run in",
+    ". .venv/bin/activate": "the tests' venv is already active",
+    'pip install -e ".[dev]"': "installs from PyPI; the tests run against the installed package",
+    "python -m pytest -q": "the test suite itself",
+    "loratrace train --config configs/arc-challenge.yaml --track-batches training.batch_size=16":
+        "Qwen2.5-0.5B and ARC-Challenge come from the Hugging Face hub: needs network",
+    "swanlab watch runs/<run>/swanlab_logs":
+        "a server that runs until stopped: tests/test_swanlab.py starts it and reads a local run's loss back",
+}
+DEFAULT_JOBS = {  # the embedded default job, 125 updates (~80 s each on 2 cores): run in the slow tests
+    "loratrace train", "loratrace train --track-batches", "loratrace train --dataset arc-challenge --dataset arc-easy",
+    "loratrace train eval.every_checkpoint=true",
+}
+RUN_HERE = list(dict.fromkeys(c for c in COMMANDS if c.startswith("loratrace ") and c not in NOT_RUN
+                            and c not in DEFAULT_JOBS))
+TRAIN = [c for c in COMMANDS if c.startswith("loratrace train")]
+EXPECT = {  # what each read command prints, beyond exit code 0
+    "query": r"step", "trace": r"\w+ \(line \d+\) trained at [1-9]\d* step", "runs": r"completed",
+    "eval": r"best: \S+\.ckpt \(step \d+\), accuracy",
+}
+
+
+def bash(command: str, cwd, timeout: int = 600) -> subprocess.CompletedProcess:
+    """A README line as a user's shell runs it, `loratrace` being this interpreter's `python -m loratrace`."""
+    script = f'loratrace() {{ "{sys.executable}" -m loratrace "$@"; }}\n{command}\n'
+    return subprocess.run(["bash", "-c", script], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def run_states(root) -> dict:
+    """Each run folder under root/runs/ with its status and number of launches, from run.json."""
+    return {p.name: (info["status"], len(info["attempts"]))
+            for p in sorted((root / "runs").iterdir()) if (info := _run_json(p))}
+
+
+def _run_json(run_dir) -> dict | None:
+    return json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else None
+
+
+def scratch(tmp_path):
+    """A folder where the README's relative paths resolve: configs/ from the repository, runs/ empty."""
+    (tmp_path / "configs").symlink_to(ROOT / "configs", target_is_directory=True)
+    (tmp_path / "runs").mkdir()
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, default_run):
+    """runs/ holds a copy of the default job and a small tracked run made by the CLI: `runs/<run>` is the small one."""
+    root = scratch(tmp_path_factory.mktemp("readme"))
+    shutil.copytree(default_run, root / "runs" / default_run.name)
+    made = bash("loratrace train --config configs/tiny.yaml --track-batches training.max_steps=8 "
+                "training.stage1_steps=5 logging.swanlab=false", root)
+    assert made.returncode == 0, made.stderr[-2000:]
+    small = next(p for p in (root / "runs").iterdir() if p.name != default_run.name)
+    (root / "query.sql").write_text("SELECT step, loss FROM batches ORDER BY step\n")
+    return root, small
+
+
+def substitute(command: str, small) -> str:
+    """The README's placeholders -> the small run: its folder, and its first checkpoint for a resume."""
+    first = sorted((small / "checkpoints").glob("checkpoint-step-*.ckpt"))[0].name
+    command = re.sub(r"checkpoint-step-\d+\.ckpt", first, command.replace("runs/<run>", f"runs/{small.name}"))
+    assert not re.search(r"<\w+>", command), command
+    return command
+
+
+def parsed_train(argv: list[str], monkeypatch) -> list:
+    """What `loratrace train ARGS` would train, (config, resume_from) per run, without training: argparse and config
+    loading only."""
+    import loratrace.cli
+    import loratrace.recipe
+
+    calls = []
+    monkeypatch.setattr(loratrace.recipe, "train", lambda cfg, resume_from=None: calls.append((cfg, resume_from)))
+    assert loratrace.cli.main(argv) == 0
+    return calls
+
+
+# ---- the blocks are all accounted for ----
+
+def test_the_readme_has_the_blocks_these_tests_run():
+    assert len(QUERIES) == 6 and len(PYTHON) == 1
+    assert sum(body.startswith(LISTINGS) for lang, body in BLOCKS if lang == "") == len(LISTINGS)
+    assert {lang for lang, _ in BLOCKS} <= {"", "sql", "python"}
+    unlisted = [c for c in COMMANDS if not c.startswith("loratrace ") and c not in NOT_RUN]
+    assert unlisted == [], "a README command that is neither run here nor listed in NOT_RUN with why"
+    assert len(RUN_HERE) >= 8 and DEFAULT_JOBS <= set(COMMANDS)
+
+
+# ---- SQL ----
 
 @pytest.mark.parametrize("sql", QUERIES, ids=[f"query{i}" for i in range(len(QUERIES))])
 def test_readme_query_runs_read_only(small_run, sql):
@@ -22,8 +132,6 @@ def test_readme_query_runs_read_only(small_run, sql):
 
 
 def test_exposure_and_forgetting_agree_with_pandas(small_run):
-    import pandas as pd
-
     rows = pd.read_parquet(small_run / "tracking" / "batches").sort_values(["step", "micro_batch", "rank"])
     seen, forgotten, last = {}, {}, {}
     for ids, correct in zip(rows.example_ids, rows.correct):
@@ -37,3 +145,102 @@ def test_exposure_and_forgetting_agree_with_pandas(small_run):
         events = db.sql(QUERIES[3]).df()
     assert exposures == seen
     assert {k: v for k, v in zip(events.example_id, events.forgetting_events) if v} == forgotten
+
+
+# ---- Python ----
+
+NOTEBOOK = '''import ast, sys
+scope = {}
+for node in ast.parse(sys.stdin.read()).body:  # statement by statement; an expression's value is shown, as in Jupyter
+    if isinstance(node, ast.Expr):
+        value = eval(compile(ast.Expression(node.value), "README.md", "eval"), scope)
+        print("shown", type(value).__name__, len(value))
+    else:
+        exec(compile(ast.Module([node], []), "README.md", "exec"), scope)
+'''
+
+
+@pytest.mark.parametrize("code", PYTHON, ids=[f"python{i}" for i in range(len(PYTHON))])
+def test_readme_python_runs(code, tmp_path):
+    """Run in a scratch folder (configs/ from the repository, runs/ there), each shown value a non-empty frame."""
+    before = sorted(p.name for p in (ROOT / "runs").iterdir())
+    result = subprocess.run([sys.executable, "-c", NOTEBOOK], input=code, cwd=scratch(tmp_path), capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    shown = [line.split() for line in result.stdout.splitlines() if line.startswith("shown ")]
+    assert len(shown) == sum(isinstance(node, ast.Expr) for node in ast.parse(code).body) > 0
+    assert all(kind == "DataFrame" and int(rows) > 0 for _, kind, rows in shown), shown
+    assert len(run_states(tmp_path)) == 1
+    assert sorted(p.name for p in (ROOT / "runs").iterdir()) == before  # nothing written into the repository
+
+
+# ---- shell ----
+
+@pytest.mark.parametrize("command", RUN_HERE)
+def test_readme_command_runs(workdir, command):
+    root, small = workdir
+    before = run_states(root)
+    result = bash(substitute(command, small), root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    after = run_states(root)
+    verb = command.split()[1]
+    if verb == "train":  # a new run, or one more launch of the resumed one, and every run completed
+        assert after != before and all(status == "completed" for status, _ in after.values()), after
+    else:
+        assert after == before and re.search(EXPECT[verb], result.stdout), result.stdout[-2000:]
+
+
+@pytest.mark.parametrize("command", TRAIN)
+def test_readme_train_command_parses(workdir, command, monkeypatch):
+    """Every `loratrace train` line, those not run here too: its arguments and config load, and say what it trains."""
+    root, small = workdir
+    monkeypatch.chdir(root)
+    argv = shlex.split(substitute(command, small))[1:]
+    args, calls = argv[1:], parsed_train(argv, monkeypatch)
+    datasets = [args[i + 1] for i, arg in enumerate(args) if arg == "--dataset"]
+    assert [cfg.data.dataset for cfg, _ in calls] == (datasets or [calls[0][0].data.dataset])
+    for cfg, resume_from in calls:
+        assert cfg.tracking.enabled or "--track-batches" not in args
+        assert resume_from == (args[args.index("--resume-from-checkpoint") + 1] if "--resume-from-checkpoint" in args
+                               else None)
+        for key, value in (arg.split("=", 1) for arg in args if "=" in arg):
+            section, field = key.split(".")
+            assert str(getattr(getattr(cfg, section), field)).lower() == value.lower(), key
+    if "configs/arc-challenge.yaml" in command:
+        assert calls[0][0].model.name == "Qwen/Qwen2.5-0.5B" and calls[0][0].data.source == "hub"
+
+
+def test_first_command_is_the_default_job_and_trains_the_example_it_traces(default_run, monkeypatch, tmp_path):
+    """The setup line's `loratrace train --track-batches` is the default_run fixture's job, and the example its
+    `loratrace trace` names is one that job trained (a change of default model or sample must keep it so)."""
+    train, trace = [c for c in segments(SHELL_LINES[0]) if c.startswith("loratrace ")]
+    (cfg, _), = parsed_train(shlex.split(train)[1:], monkeypatch)
+    recorded = load_config(default_run / "config.yaml")
+    assert replace(cfg, runs_dir=recorded.runs_dir) == recorded
+    example_id = re.search(r"--example-id (\S+)", trace)[1]
+    result = bash(f"{trace} --runs-dir {default_run}", tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert re.search(rf"{example_id} \(line \d+\) trained at [1-9]\d* step", result.stdout), result.stdout[:2000]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("line", [line for line in SHELL_LINES if DEFAULT_JOBS & set(segments(line))])
+def test_readme_default_job_line_runs(line, tmp_path):
+    """The lines that train the full default job, as written (their loratrace commands; setup is NOT_RUN)."""
+    commands = [c for c in segments(line) if c.startswith("loratrace ")]
+    result = bash(" && ".join(commands), scratch(tmp_path), timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    if "loratrace trace" in line:
+        assert re.search(EXPECT["trace"], result.stdout), result.stdout[-2000:]
+    assert_default_jobs(tmp_path / "runs", line)
+
+
+def assert_default_jobs(runs, line: str) -> None:
+    """One completed 125-step run per data set the line names, with 50 scored checkpoints if it asks for them."""
+    infos = [_run_json(p) for p in sorted(runs.iterdir())]
+    datasets = re.findall(r"--dataset (\S+)", line) or ["arc-challenge"]
+    assert [(i["dataset"], i["status"], i["steps"], len(i["attempts"])) for i in infos] == \
+        [(name, "completed", 125, 1) for name in datasets]
+    if "eval.every_checkpoint=true" in line:
+        with loratrace.open_runs(runs) as db:
+            assert db.sql("SELECT count(DISTINCT checkpoint_step) AS n FROM evals").df().n[0] == 50

@@ -298,7 +298,14 @@ def print_summary(cfg: Config, run_dir: Path, steps: int, final_loss: float | No
                          f"{c['background_share']:.1%} more CPU on the writer's; {c['end_s']:.1f} s at the end")
     if cfg.logging.tensorboard:
         lines.append(f"tensorboard  tensorboard --logdir {run_dir / 'tensorboard_logs'}")
-    if cfg.logging.swanlab and cfg.logging.swanlab_mode != "disabled":
-        lines.append(f"swanlab      swanlab watch {run_dir / 'swanlab_logs'}   (needs swanlab[dashboard])")
+    swanlab_dir = run_dir / "swanlab_logs"
+    swanlab = {  # what shows the run in the mode it was written in: offline files cannot be watched, only synced
+        "local": f"swanlab watch {swanlab_dir}   (SwanLab's dashboard; needs swanlab[dashboard])",
+        "offline": f"swanlab sync {swanlab_dir}/run-*   (uploads after swanlab login; for a local dashboard train "
+                   f"with logging.swanlab_mode=local)",
+        "cloud": f"project {cfg.logging.project} on SwanLab cloud (the run's link is printed above)",
+    }.get(cfg.logging.swanlab_mode)
+    if cfg.logging.swanlab and swanlab:
+        lines.append(f"swanlab      {swanlab}")
     lines.append(f"model        {run_dir / 'final_model'}  adapter {run_dir / 'final_adapter'}")
     print("\n".join(lines), file=sys.stdout)
