@@ -108,8 +108,6 @@ def test_swanlab_watch_serves_a_local_runs_loss(tmp_path):
     assert values == pytest.approx(list(per_step), rel=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="recipe.train never calls swanlab.finish(): SwanLab's run stays open until the "
-                                       "process exits, and the next train() in the process logs into it")
 def test_each_run_of_one_command_has_its_own_swanlab_run(tmp_path):
     """`--dataset A --dataset B` trains two runs in one process: each one's metrics go to its own swanlab_logs/."""
     result = run_cli("train", "--config", str(ROOT / "configs" / "tiny.yaml"), "training.max_steps=2",

@@ -2,8 +2,8 @@
 
     import loratrace
     run_dir = loratrace.train(loratrace.load_config("configs/tiny.yaml", ["training.max_steps=20"]))
-    db = loratrace.open_runs("runs/")
-    db.trace("LTSYN_TRA_0001")
+    db = loratrace.open_runs(run_dir)
+    db.trace(db.sql("SELECT example_id FROM samples LIMIT 1").df().example_id[0])
 
 Names are imported on first use, so `loratrace query` starts without torch.
 """

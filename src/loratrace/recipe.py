@@ -137,6 +137,7 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(checkpoint) if checkpoint else None)
     except BaseException as error:
         stop.restore()
+        _finish_swanlab(trainer)
         status = "interrupted" if stop.signum is not None else "failed"
         if trainer.is_global_zero:
             runs.finish_run(run_dir, status, _cost(tracker), steps=trainer.global_step)
@@ -220,7 +221,7 @@ def _run_dir_for_children(run_dir: Path, devices: int):
 def _finish_swanlab(trainer: L.Trainer) -> None:
     """Close SwanLab's run now, not at interpreter exit: its closing lines would follow the summary, and a second run
     in the same process (`--dataset a --dataset b`) needs the first one finished."""
-    if any(type(logger).__name__ == "SwanLabLogger" for logger in trainer.loggers):
+    if trainer.is_global_zero and any(type(logger).__name__ == "SwanLabLogger" for logger in trainer.loggers):
         import swanlab
 
         swanlab.finish()
