@@ -139,16 +139,24 @@ def test_samples_index_is_written_at_the_end_and_answers_like_the_views(small_ru
 
 
 def test_listing_is_skipped_only_while_recent_and_unchanged(two_runs):
+    import os
     import time
 
     from loratrace.store import Runs
 
     tracking = two_runs / "A" / "tracking"
+    folders = [tracking, *(p for p in tracking.iterdir() if p.is_dir())]
+
+    def stamp_folders(seconds_from_now: float) -> None:  # folder times set by hand: no race with the clock
+        for folder in folders:
+            os.utime(folder, (time.time() + seconds_from_now,) * 2)
+
+    stamp_folders(+10)  # not yet settled when listed (as for a write inside the file system's clock tick)
     with Runs([two_runs / "A"]) as db:
         db.relist_after = 3600.0  # "recent" whatever this machine's speed; the age rule is checked last
-        assert not db._unchanged()  # the folders were written just now, inside a clock tick: never trusted
-        time.sleep(0.1)
-        before = db.sql("SELECT count(*) FROM batches_raw").fetchall()[0][0]
+        assert not db._unchanged()  # an unsettled folder time is never trusted
+        stamp_folders(-10)
+        before = db.sql("SELECT count(*) FROM batches_raw").fetchall()[0][0]  # re-lists: the times moved
         assert db._unchanged()  # listed after the folders settled, nothing moved: the next call skips the listing
         schema.write_atomic(pa.Table.from_pylist([_batch("A", 1, 6, ["late"], [6])], schema=schema.BATCHES),
                             tracking / "batches" / schema.batches_part_name(1, 0, 9))
