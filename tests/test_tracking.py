@@ -296,7 +296,7 @@ def test_two_rank_ddp_resume_ends_in_the_same_weights(tmp_path):
 def test_tracking_without_duckdb_keeps_every_row_and_skips_only_the_index(tmp_path, monkeypatch):
     import pyarrow.parquet as pq
 
-    monkeypatch.setitem(sys.modules, "loratrace.store", None)  # `from loratrace.store import ...` raises ImportError
+    monkeypatch.setitem(sys.modules, "duckdb", None)  # `import duckdb` raises ImportError, as where it is missing
     with pytest.warns(UserWarning, match="samples index not written"):
         run = loratrace.train(small_config(tmp_path, "training.max_steps=4", "training.stage1_steps=2"),
                               progress=False)

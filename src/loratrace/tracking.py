@@ -363,6 +363,8 @@ def index_samples(run_dir: Path) -> float:
     Returns the seconds it took."""
     started = time.perf_counter()
     try:
+        import duckdb  # noqa: F401 - the index is built with DuckDB; tracking itself needs only pyarrow
+
         from loratrace.samples_index import write_samples_index
     except ImportError as error:
         warnings.warn(f"loratrace: samples index not written ({error})", stacklevel=2)
