@@ -1,10 +1,12 @@
-"""Pre-trains the `tiny` preset's base once, offline: `python -m loratrace.sample.pretrain_tiny` (minutes on 2 cores).
+"""Pre-trains the `tiny` preset's base once, offline: `python -m loratrace.sample.pretrain_tiny` (1 thread; about 5
+minutes on an idle core).
 
 The corpus is generated here from the facts in `knowledge.py` with a fixed seed: plain statements ("A whale is a
 mammal.", "To measure mass, use a balance.") and lettered or numbered lists followed by where an item is ("So whale
 is item B."). It holds no question and no "Answer:": the bundled sample's questions are never seen (a test checks).
-The base therefore knows the facts and can read a list, but has never answered a multiple-choice question; the
-default LoRA job teaches it that, and the sample's validation split measures how well.
+The base therefore knows the facts and has read lists, but has never answered a multiple-choice question (probed,
+it completes "A whale is a" with " mammal" but finds an item's letter in a list only by elimination); the default
+LoRA job teaches it to answer with the right letter, and the sample's validation split measures how well.
 
 Writes `tiny_base/` beside this file: the Hugging Face model (Llama, the tiny preset's default shape) and its
 byte-level BPE tokenizer, trained on the same corpus, plus `pretraining.json`: seed, corpus checksum, the loss
@@ -31,7 +33,7 @@ BATCH_SIZE = 32
 LEARNING_RATE = 3e-3
 WARMUP_STEPS = 100
 DOCUMENTS = 40_000
-HIDDEN_SIZE, LAYERS = 128, 2
+HIDDEN_SIZE, LAYERS = 128, 2  # = ModelConfig's tiny_hidden_size / tiny_layers defaults (a test checks)
 RECORDED_LOSSES = 10  # the first losses, kept in pretraining.json so a test can re-run the start exactly
 
 
