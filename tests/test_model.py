@@ -41,3 +41,26 @@ def test_tiny_shape_builds_the_named_models_shape():
     assert model.config.model_type == "qwen2"
     assert (model.config.vocab_size, model.config.hidden_size, model.config.num_hidden_layers) == (151936, 896, 24)
     assert 490e6 < sum(p.numel() for p in model.parameters()) < 500e6  # Qwen2.5-0.5B: 494M with tied embeddings
+
+
+def test_tiny_preset_is_the_shipped_pretrained_base_unless_a_shape_key_is_set(monkeypatch):
+    from safetensors.torch import load_file
+
+    from loratrace.model import PRETRAINED_DIR
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, tokenizer = load_base(ModelConfig())
+    shipped = load_file(PRETRAINED_DIR / "model.safetensors")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, shipped[name]), name
+    # it knows the facts it was pre-trained on: "A whale is a" -> " mammal"
+    ids = [tokenizer.bos_token_id, *tokenizer.encode("A whale is a", add_special_tokens=False)]
+    with torch.no_grad():
+        probs = model(torch.tensor([ids])).logits[0, -1].softmax(-1)
+    assert probs[tokenizer.encode(" mammal", add_special_tokens=False)[0]] > 0.5
+    for random_base in (ModelConfig(tiny_pretrained=False), ModelConfig(tiny_seed=1), ModelConfig(tiny_layers=3)):
+        other, _ = load_base(random_base)
+        assert not torch.equal(other.lm_head.weight[:10, :10], model.lm_head.weight[:10, :10])
+    # the shape keys' defaults describe the shipped base
+    assert (model.config.hidden_size, model.config.num_hidden_layers) == (ModelConfig().tiny_hidden_size,
+                                                                          ModelConfig().tiny_layers)

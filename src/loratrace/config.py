@@ -30,18 +30,23 @@ class ConfigError(LoratraceError):
 @dataclass
 class ModelConfig:
     name: str = "tiny"
-    """Base model: `tiny` (offline random-initialised preset), a Hugging Face hub id, or a local folder."""
+    """Base model: `tiny` (offline preset, see tiny_pretrained), a Hugging Face hub id, or a local folder."""
+    tiny_pretrained: bool = True
+    """true: the tiny preset is the small Llama shipped with loratrace (hidden 128, 2 layers), pre-trained offline on
+    generated facts by `python -m loratrace.sample.pretrain_tiny`, as long as tiny_arch, tiny_seed,
+    tiny_hidden_size, tiny_layers and tiny_shape keep their defaults; setting any of them, or false, builds a random
+    base of that shape (the seed's behaviour)."""
     tiny_arch: str = "llama"
-    """Architecture of the tiny preset: `llama` or `qwen2`."""
+    """Architecture of a random tiny base: `llama` or `qwen2`."""
     tiny_seed: int = 0
-    """Seed of the tiny preset's weights and tokenizer: the same seed gives the same base model."""
-    tiny_hidden_size: int = 64
-    """Hidden size of the tiny preset."""
+    """Seed of a random tiny base's weights and tokenizer: the same seed gives the same base model."""
+    tiny_hidden_size: int = 128
+    """Hidden size of a random tiny base (the default is the shipped base's)."""
     tiny_layers: int = 2
-    """Decoder layers of the tiny preset."""
+    """Decoder layers of a random tiny base."""
     tiny_shape: str = "none"
-    """`qwen2.5-0.5b`: the tiny preset takes that model's shape and vocabulary size (random weights, offline; for
-    benchmarks), overriding tiny_arch, tiny_hidden_size and tiny_layers. The tokenizer stays the preset's."""
+    """`qwen2.5-0.5b`: a random tiny base with that model's shape and vocabulary size (offline; for benchmarks),
+    overriding tiny_arch, tiny_hidden_size and tiny_layers. The tokenizer stays the preset's."""
     dtype: str = "float32"
     """Weights dtype of the loaded base model: float32, bfloat16 or float16."""
     trust_remote_code: bool = False
@@ -50,9 +55,9 @@ class ModelConfig:
 
 @dataclass
 class LoraConfig:
-    r: int = 8
-    """LoRA rank."""
-    alpha: int = 16
+    r: int = 16
+    """LoRA rank (the embedded default's; the hub configs set the seed's own)."""
+    alpha: int = 32
     """LoRA scaling numerator (`lora_alpha`)."""
     dropout: float = 0.05
     """Dropout on the LoRA branch."""
@@ -85,9 +90,10 @@ class TrainingConfig:
     """Optimizer updates in total (both stages)."""
     stage1_steps: int = 75
     """Updates in stage 1; stage 2 runs the remaining `max_steps - stage1_steps`."""
-    learning_rate_stage1: float = 1e-4
-    """Peak learning rate of stage 1."""
-    learning_rate_stage2: float = 1e-4
+    learning_rate_stage1: float = 3e-3
+    """Peak learning rate of stage 1 (the embedded default's, for the tiny base; the seed's 1e-4 is in the hub
+    configs)."""
+    learning_rate_stage2: float = 3e-3
     """Peak learning rate of stage 2."""
     accumulate_grad_batches: int = 1
     """Micro-batches per optimizer update."""

@@ -1,7 +1,10 @@
 """Base model + tokenizer (hub id, local folder, or the offline `tiny` preset) wrapped with PEFT LoRA.
 
-The `tiny` preset needs no network: a small random-initialised Llama/Qwen2 config and a byte-level BPE tokenizer
-trained in memory on the bundled sample's text. Both are seeded, so the same `model.tiny_seed` gives the same model.
+The `tiny` preset needs no network. By default it is the small Llama shipped in `sample/tiny_base/` (a few MB),
+pre-trained once on a generated corpus of facts by `python -m loratrace.sample.pretrain_tiny`. Setting a shape key
+(`model.tiny_arch`, `tiny_hidden_size`, `tiny_layers`, `tiny_seed`, `tiny_shape`) or `model.tiny_pretrained=false`
+builds a random-initialised base instead, with a byte-level BPE tokenizer trained in memory on the bundled sample's
+text; both are seeded, so the same `model.tiny_seed` gives the same model.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from peft import get_peft_model
 from loratrace.config import LoraConfig, ModelConfig
 from loratrace.errors import LoratraceError
 
+PRETRAINED_DIR = Path(__file__).parent / "sample" / "tiny_base"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TINY_VOCAB = 1024
 SHAPES = {  # real models' configs, for random-weight stand-ins built offline (`model.tiny_shape`)
@@ -82,8 +86,31 @@ def build_tiny_model(cfg: ModelConfig, vocab_size: int):
     return model.to(DTYPES[cfg.dtype])
 
 
+def uses_pretrained_tiny(cfg: ModelConfig) -> bool:
+    """The shipped base has the default shape: any shape key set away from its default asks for a random base."""
+    shape_keys = ("tiny_arch", "tiny_seed", "tiny_hidden_size", "tiny_layers", "tiny_shape")
+    default = ModelConfig()
+    return cfg.name == "tiny" and cfg.tiny_pretrained and all(
+        getattr(cfg, key) == getattr(default, key) for key in shape_keys)
+
+
+def load_pretrained_tiny(dtype: str = "float32"):
+    """(model, tokenizer) of the shipped pre-trained tiny base, read from the package, offline."""
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    if not (PRETRAINED_DIR / "model.safetensors").is_file():
+        raise ModelError(f"the shipped tiny base is missing from {PRETRAINED_DIR}; reinstall loratrace or run "
+                         "python -m loratrace.sample.pretrain_tiny (or set model.tiny_pretrained=false)")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(PRETRAINED_DIR, local_files_only=True)
+    tokenizer.padding_side = "right"
+    model = AutoModelForCausalLM.from_pretrained(PRETRAINED_DIR, dtype=DTYPES[dtype], local_files_only=True)
+    return model, tokenizer
+
+
 def load_base(cfg: ModelConfig):
-    """(model, tokenizer) for `cfg.name`: tiny preset, local folder or hub id."""
+    """(model, tokenizer) for `cfg.name`: tiny preset (shipped pre-trained or random), local folder or hub id."""
+    if uses_pretrained_tiny(cfg):
+        return load_pretrained_tiny(cfg.dtype)
     if cfg.name == "tiny":
         tokenizer = build_tiny_tokenizer()
         return build_tiny_model(cfg, len(tokenizer)), tokenizer
