@@ -93,6 +93,7 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
     base_copy = copy.deepcopy(model) if keep_base else None
     peft_model = add_lora(model, cfg.lora, cfg.training.seed)
     module = LoRAModule(peft_model, cfg.training)
+    module.train()  # as the HF Trainer does: from_pretrained returns a model in eval mode (dropout off)
     resumed_step = validate_resume(checkpoint, module, cfg) if checkpoint else 0
 
     # run folder
