@@ -96,6 +96,7 @@ def _one_error_line(result, code: int = 1) -> str:
     (["query", "SELECT CAST('abc' AS INTEGER)"], "SQL error: Conversion Error"),
     (["query", "SELECT step FROM batches WHERE step <= ?", "-p", "abc"], "SQL error: Conversion Error"),
     (["query", "SELECT 1", "-o", "no/such/folder/x.csv", "--format", "csv"], "folder"),
+    (["query", "SELECT 1", "-o", ".", "--format", "csv"], "--output ."),
     (["trace", "--example-id", "LTSYN_TRA_0001", "--run", "nope"], "no run nope under"),
 ])
 def test_failures_while_running_are_one_line(small_run, tmp_path, args, message):

@@ -108,6 +108,8 @@ WRAPPERS = [  # writes, settings and reads outside the runs, however wrapped
     "SELECT * FROM read_csv('https://example.com/x.csv')",
     "SELECT * FROM query('COPY (SELECT 1) TO ''{run}/q.csv''')",
     "SELECT * FROM query_table('{outside}/data.parquet')",
+    "SELECT * FROM read_text('{run}/link.json')",
+    "SELECT * FROM read_json('{run}/link.json')",
 ]
 READING = [  # each keeps working on the read-only connection, and writes nothing
     "SELECT count(*) FROM batches",
@@ -138,6 +140,7 @@ def places(two_runs, tmp_path_factory, monkeypatch):  # noqa: F811
     outside = tmp_path_factory.mktemp("outside")
     pq.write_table(pa.table({"secret": [1]}), outside / "data.parquet")
     (outside / "data.json").write_text('{"secret": 1}\n')
+    (two_runs / "A" / "link.json").symlink_to(outside / "data.json")  # inside the runs, pointing out
     monkeypatch.chdir(outside)
     return {"runs": two_runs, "run": two_runs / "A", "outside": outside, "outside_name": outside.name}
 

@@ -283,10 +283,16 @@ def test_runs_view_has_every_runs_config_keys_and_sees_new_runs(two_runs):
 def test_evals_keep_final_model_last_checkpoint_and_scorings_apart(small_run, tmp_path):
     import shutil
 
+    from conftest import small_config
+
+    from loratrace.config import save_config
     from loratrace.evaluate import evaluate_run
 
     run = tmp_path / small_run.name
     shutil.copytree(small_run, run)
+    # The config small_run was trained with: a failed resume elsewhere in the suite (test_recipe's lora.r=4) rewrites
+    # the shared run's config.yaml.
+    save_config(small_config(tmp_path), run / "config.yaml")
     for which, overrides in (("last", []), ("final", []), ("last", ["eval.scoring=text"]), ("last", [])):
         evaluate_run(run, which, ["eval.limit=4", *overrides], progress=False)
     with loratrace.open_runs(run) as db:

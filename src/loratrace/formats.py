@@ -68,6 +68,8 @@ def write(table: pa.Table, fmt: str, output: str | None = None) -> None:
     try:
         tmp.write_bytes(data)
         os.replace(tmp, target)
+    except OSError as exc:  # a folder in the way, no permission, a full disk
+        raise OutputError(f"--output {output}: {exc.strerror or exc}") from None
     finally:
         tmp.unlink(missing_ok=True)
 
