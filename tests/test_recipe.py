@@ -31,7 +31,7 @@ def test_tensorboard_has_the_loss_at_every_step(default_run):
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 126))
     lrs = {e.step: e.value for e in events.Scalars("train/lr")}
-    assert lrs[1] == pytest.approx(1e-4) and lrs[125] == pytest.approx(1e-4)
+    assert lrs[1] == pytest.approx(3e-3) and lrs[125] == pytest.approx(3e-3)  # the embedded default's (issue #11)
 
 
 @pytest.mark.slow
