@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import sys
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +19,8 @@ from typing import Any
 
 import yaml
 
-from loratrace.errors import LoratraceError
-
-
-class ConfigError(LoratraceError):
-    """A config the user wrote (file, override or value) that cannot run."""
+from loratrace.errors import ConfigError
+from loratrace.overrides import coerce, flatten_keys, parse_override, read_yaml_file, resolve_keys
 
 
 @dataclass
@@ -189,28 +185,6 @@ class Config:
         return dataclasses.asdict(self)
 
 
-# The seed's "traditional" nested keys -> ours (a key may set several). `training.stage2.steps` is resolved apart: it
-# sets max_steps = stage1_steps + those steps, with stage1_steps as finally resolved.
-LEGACY_KEYS = {
-    "training.per_device_train_batch_size": ("training.batch_size",),
-    "training.gradient_accumulation_steps": ("training.accumulate_grad_batches",),
-    "training.stage1.steps": ("training.stage1_steps",),
-    "training.stage1.learning_rate": ("training.learning_rate_stage1",),
-    "training.stage2.learning_rate": ("training.learning_rate_stage2",),
-    "training.learning_rate": ("training.learning_rate_stage1", "training.learning_rate_stage2"),
-    "training.lr_scheduler_type": ("training.schedule",),
-    "training.logging_steps": ("training.log_every_n_steps",),
-    "lora.lora_alpha": ("lora.alpha",),
-    "lora.lora_dropout": ("lora.dropout",),
-    "lora.lora_r": ("lora.r",),
-    "data.dataset_name": ("data.dataset",),
-    "data.max_seq_length": ("data.max_length",),
-    "model.model_name_or_path": ("model.name",),
-    "model.name_or_path": ("model.name",),
-    "model": ("model.name",),  # `model: Qwen/Qwen2.5-0.5B` at the top level
-}
-STAGE2_STEPS = "training.stage2.steps"
-
 CHOICES = {
     "model.tiny_arch": ("llama", "qwen2"),
     "model.tiny_shape": ("none", "qwen2.5-0.5b"),  # model.SHAPES
@@ -220,18 +194,6 @@ CHOICES = {
     "training.precision": ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true"),
     "logging.swanlab_mode": ("offline", "local", "cloud", "disabled"),
 }
-
-
-def flatten_keys(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """A nested mapping as dotted keys: {'training': {'seed': 1}} -> {'training.seed': 1}."""
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flatten_keys(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
 
 
 def known_keys(cls: type = Config, prefix: str = "") -> dict[str, Any]:
@@ -247,98 +209,10 @@ def known_keys(cls: type = Config, prefix: str = "") -> dict[str, Any]:
     return keys
 
 
-def _coerce(key: str, value: Any, hint: Any) -> Any:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(key, value, args[0])
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(key, v, item) for v in value]
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if hint is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    return value
-
-
 def _unknown(key: str, keys: dict) -> ConfigError:
     close = difflib.get_close_matches(key, list(keys), n=1, cutoff=0.5)
     hint = f" (did you mean {close[0]}?)" if close else ""
     return ConfigError(f"unknown config key {key}{hint}")
-
-
-def resolve_keys(sources: list[dict[str, Any]], notice=None) -> dict[str, Any]:
-    """Merge flat key mappings (the file, then each override: a later one wins) into our keys, translating the
-    traditional script's keys as a whole: within one source our own key beats a legacy key that sets the same thing;
-    `training.learning_rate` sets both stages; `training.stage2.steps` sets max_steps from the final stage1_steps
-    (unless a later source sets max_steps itself). One notice line per translated key."""
-    flat: dict[str, Any] = {}
-    given_in: dict[str, int] = {}  # key -> index of the source that set it last
-    stage2: tuple[int, Any] | None = None
-    for index, source in enumerate(sources):
-        direct = {k: v for k, v in source.items() if k not in LEGACY_KEYS and k != STAGE2_STEPS}
-        for key, value in source.items():
-            if key == STAGE2_STEPS:
-                stage2 = (index, value)
-            elif key in LEGACY_KEYS:
-                targets = LEGACY_KEYS[key]
-                if notice and key != "model":
-                    notice(f"note: legacy key {key} read as {' and '.join(targets)}")
-                for target in targets:
-                    if target not in direct:
-                        flat[target], given_in[target] = value, index
-        for key, value in direct.items():
-            flat[key], given_in[key] = value, index
-    if stage2 is not None:
-        index, value = stage2
-        steps = _coerce(STAGE2_STEPS, value, int)
-        if given_in.get("training.max_steps", -1) <= index:
-            stage1 = _coerce("training.stage1_steps", flat.get("training.stage1_steps", TrainingConfig.stage1_steps),
-                             int)
-            if given_in.get("training.max_steps") == index and flat["training.max_steps"] != stage1 + steps:
-                raise ConfigError(f"training.max_steps ({flat['training.max_steps']}) disagrees with "
-                                  f"training.stage1_steps + training.stage2.steps ({stage1} + {steps}); give one")
-            flat["training.max_steps"] = stage1 + steps
-            if notice:
-                notice(f"note: legacy key {STAGE2_STEPS} read as training.max_steps = {stage1} + {steps}")
-    return flat
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} is not key=value (e.g. training.max_steps=20)")
-    key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.strip(), value
 
 
 def config_from_flat(flat: dict[str, Any]) -> Config:
@@ -351,7 +225,7 @@ def config_from_flat(flat: dict[str, Any]) -> Config:
         target = cfg
         for part in parents:
             target = getattr(target, part)
-        setattr(target, leaf, _coerce(key, value, keys[key]))
+        setattr(target, leaf, coerce(key, value, keys[key]))
     validate(cfg)
     return cfg
 
@@ -363,30 +237,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
     if path is not None:
         sources.append(flatten_keys(read_yaml_file(Path(path))))
     sources += [dict([parse_override(text)]) for text in overrides]
-    return config_from_flat(resolve_keys(sources, notice))
-
-
-def read_yaml_file(path: Path) -> dict[str, Any]:
-    """A YAML mapping from `path`; a missing file, bytes that are not UTF-8 or bad YAML are one ConfigError line."""
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise ConfigError(f"{path} line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save it as UTF-8")\
-            from None
-    try:
-        tree = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        problem = getattr(exc, "problem", None)
-        raise ConfigError(f"{path}{where}: not valid YAML" + (f" ({problem})" if problem else "")) from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
-    return tree
+    return config_from_flat(resolve_keys(sources, notice, stage1_default=TrainingConfig.stage1_steps))
 
 
 def _require(ok: bool, message: str) -> None:

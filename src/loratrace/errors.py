@@ -12,3 +12,7 @@ class LoratraceError(ValueError):
     """An error the user caused; its message is one line that says what was wrong and what to do."""
 
     exit_code = 2
+
+
+class ConfigError(LoratraceError):
+    """A config the user wrote (file, override or value) that cannot run (raised by config.py and overrides.py)."""

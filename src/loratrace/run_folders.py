@@ -11,8 +11,8 @@ from typing import Any
 
 import yaml
 
-from loratrace.config import flatten_keys
 from loratrace.errors import LoratraceError
+from loratrace.overrides import flatten_keys
 
 RUN_COLUMNS = ("run_id", "dir", "dataset", "method", "created_at", "status")  # then every run's config, flattened
 

@@ -101,7 +101,7 @@ def _config_changes(path: Path, cfg: Config) -> dict[str, list]:
     """Dotted keys whose value in `cfg` differs from the config saved at `path`: key -> [saved, now]."""
     import yaml
 
-    from loratrace.config import flatten_keys
+    from loratrace.overrides import flatten_keys
 
     try:
         saved = flatten_keys(yaml.safe_load(path.read_text()) or {})
