@@ -17,7 +17,6 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
-from lightning.pytorch.loggers import TensorBoardLogger
 from typing_extensions import override
 
 from loratrace import runs, schema
@@ -28,6 +27,7 @@ from loratrace.evaluate import CheckpointEvaluator, Evaluator
 from loratrace.export import export_adapter, export_merged, save_base_model
 from loratrace.interrupt import RunInterrupted, StopOnSignal, interrupted_message
 from loratrace.loader import CommonsenseData
+from loratrace.loggers import build_loggers, check_loggers, close_wandb, finish_loggers, mlflow_tracking_uri
 from loratrace.model import add_lora, load_base, trainable_parameter_count
 from loratrace.module import CheckpointError, LoRAModule, lora_mismatch
 from loratrace.tracking import BatchTracker, index_samples
@@ -41,22 +41,6 @@ def resume_run_dir(checkpoint: Path) -> Path:
     if checkpoint.parent.name != "checkpoints":
         raise ConfigError(f"{checkpoint} is not inside a run's checkpoints/ folder")
     return checkpoint.parent.parent
-
-
-def _loggers(cfg: Config, run_dir: Path, resumed_step: int) -> list:
-    loggers = []
-    if cfg.logging.tensorboard:
-        # purge_step: TensorBoard's readers drop the earlier attempt's points from the resumed step on, so every
-        # step shows once, as in the `batches` view.
-        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard_logs", version="",
-                                         purge_step=resumed_step + 1 if resumed_step else None))
-    if cfg.logging.swanlab and cfg.logging.swanlab_mode != "disabled":
-        from swanlab.integration.pytorch_lightning import SwanLabLogger
-
-        loggers.append(SwanLabLogger(project=cfg.logging.project, experiment_name=run_dir.name,
-                                     log_dir=str(run_dir / "swanlab_logs"), mode=cfg.logging.swanlab_mode,
-                                     config=cfg.to_dict()))
-    return loggers
 
 
 def _example_rows(cfg: Config, examples, datamodule) -> list[dict]:
@@ -80,6 +64,7 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
     checkpoint = Path(resume_from) if resume_from else None
     existing = resume_run_dir(checkpoint) if checkpoint else None
     L.seed_everything(cfg.training.seed, verbose=False)
+    check_loggers(cfg)  # a logger that cannot start is one line now, not a crash once training is under way
 
     # data and model: all user errors surface here, before anything is written
     model, tokenizer = load_base(cfg.model)
@@ -127,7 +112,7 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
         max_steps=t.max_steps, max_epochs=-1, accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.max_grad_norm or None, gradient_clip_algorithm="norm", precision=t.precision,
         accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
-        logger=_loggers(cfg, run_dir, resumed_step) or False, callbacks=own_callbacks + list(callbacks or []),
+        logger=build_loggers(cfg, run_dir, resumed_step) or False, callbacks=own_callbacks + list(callbacks or []),
         enable_checkpointing=True, enable_progress_bar=progress, enable_model_summary=False,
         default_root_dir=str(run_dir), log_every_n_steps=t.log_every_n_steps, use_distributed_sampler=False,
         num_sanity_val_steps=0, limit_val_batches=0,
@@ -137,6 +122,7 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(checkpoint) if checkpoint else None)
     except BaseException as error:
         stop.restore()
+        close_wandb(trainer.loggers)
         status = "interrupted" if stop.signum is not None else "failed"
         if trainer.is_global_zero:
             runs.finish_run(run_dir, status, _cost(tracker), steps=trainer.global_step)
@@ -146,9 +132,11 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
         raise error
     _finish_swanlab(trainer)
     if trainer.interrupted:  # stopped from inside (a callback set should_stop): resumable like a signal
+        close_wandb(trainer.loggers)
         runs.finish_run(run_dir, "interrupted", _cost(tracker), steps=trainer.global_step)
         return run_dir
     if not trainer.is_global_zero:
+        close_wandb(trainer.loggers)
         return run_dir
     index_s = index_samples(run_dir) if tracker is not None else 0.0  # the run's end: `trace`'s index
 
@@ -159,6 +147,7 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
         export_adapter(peft_model, tokenizer, run_dir / "final_adapter", base_path)
     if cfg.export.merged_model:
         export_merged(peft_model, tokenizer, run_dir / "final_model")
+    finish_loggers(trainer.loggers, cfg, run_dir)
     final_loss = module.last_metrics.get("train/loss")
     written = sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-step-*.ckpt"))
     cost = _cost(tracker, index_s)
@@ -300,5 +289,12 @@ def print_summary(cfg: Config, run_dir: Path, steps: int, final_loss: float | No
         lines.append(f"tensorboard  tensorboard --logdir {run_dir / 'tensorboard_logs'}")
     if cfg.logging.swanlab and cfg.logging.swanlab_mode != "disabled":
         lines.append(f"swanlab      swanlab watch {run_dir / 'swanlab_logs'}   (needs swanlab[dashboard])")
+    if cfg.logging.mlflow:
+        lines.append(f"mlflow       mlflow ui --backend-store-uri {mlflow_tracking_uri(cfg)}")
+    if cfg.logging.wandb:
+        lines.append(f"wandb        {run_dir / 'wandb'}" + ("   (wandb sync wandb/offline-run-*)"
+                                                         if cfg.logging.wandb_mode == "offline" else ""))
+    if cfg.logging.csv:
+        lines.append(f"csv          {run_dir / 'csv_logs' / 'metrics.csv'}")
     lines.append(f"model        {run_dir / 'final_model'}  adapter {run_dir / 'final_adapter'}")
     print("\n".join(lines), file=sys.stdout)
