@@ -4,6 +4,8 @@
     run_dir = loratrace.train(loratrace.load_config("configs/tiny.yaml", ["training.max_steps=20"]))
     db = loratrace.open_runs("runs/")
     db.trace("LTSYN_TRA_0001")
+    loratrace.compare(["runs/a", "runs/b"]).data_order        # DataFrames: config, metrics, evals, examples, ...
+    loratrace.write_report(["runs/a", "runs/b"], "report.html")
 
 Names are imported on first use, so `loratrace query` starts without torch.
 """
@@ -20,6 +22,8 @@ _EXPORTS = {
     "Config": "loratrace.config",
     "open_runs": "loratrace.store",
     "BatchTracker": "loratrace.tracking",
+    "compare": "loratrace.comparison",
+    "write_report": "loratrace.report",
 }
 
 
@@ -29,4 +33,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'loratrace' has no attribute {name!r}")
 
 
-__all__ = ["BatchTracker", "Config", "load_config", "open_runs", "train"]
+__all__ = ["BatchTracker", "Config", "compare", "load_config", "open_runs", "train", "write_report"]
