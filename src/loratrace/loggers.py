@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import importlib.util
+import logging
 import os
 from pathlib import Path
 
@@ -23,6 +24,10 @@ from loratrace.errors import LoratraceError
 
 RUN_TAG = "loratrace.run_id"  # MLflow tag naming the run folder: a resume finds its MLflow run by it
 PACKAGES = {"mlflow": "mlflow", "wandb": "wandb", "swanlab": "swanlab", "tensorboard": "tensorboard"}
+
+
+# Lines a loratrace user cannot act on: MLflow creating its tables, Lightning creating the experiment.
+QUIET = {"mlflow": logging.WARNING, "alembic": logging.WARNING, "lightning.pytorch.loggers.mlflow": logging.ERROR}
 
 
 class LoggerError(LoratraceError):
@@ -80,9 +85,10 @@ def _check_mlflow(cfg: Config) -> None:
     # A remote server that does not answer fails now, once, instead of after minutes of retries at fit start.
     with _environment(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10"):
         try:
-            from mlflow import MlflowClient
+            from mlflow import MlflowClient  # importing sets MLflow's own log level: quieted after it
 
-            client = MlflowClient(tracking_uri=uri)
+            with quiet_loggers():
+                client = MlflowClient(tracking_uri=uri)  # a new SQLite store creates its tables here
             if uri.split(":", 1)[0] in ("http", "https", "databricks"):
                 client.search_experiments(max_results=1)
         except Exception as error:  # noqa: BLE001 - MLflow raises many types for a bad URI; all end the same way
@@ -102,6 +108,19 @@ def _environment(**values: str):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@contextlib.contextmanager
+def quiet_loggers():
+    """While training: the loggers' set-up chatter off (`QUIET`), levels restored after."""
+    saved = {name: logging.getLogger(name).level for name in QUIET}
+    for name, level in QUIET.items():
+        logging.getLogger(name).setLevel(level)
+    try:
+        yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def build_loggers(cfg: Config, run_dir: Path, resumed_step: int) -> list:
@@ -128,9 +147,12 @@ def build_loggers(cfg: Config, run_dir: Path, resumed_step: int) -> list:
         import wandb
         from lightning.pytorch.loggers import WandbLogger
 
-        loggers.append(WandbLogger(name=run_dir.name, save_dir=str(run_dir), project=g.project,
-                                   offline=g.wandb_mode == "offline", config=cfg.to_dict(),
-                                   settings=wandb.Settings(silent=True, console="off")))
+        logger = WandbLogger(name=run_dir.name, save_dir=str(run_dir), project=g.project,
+                             offline=g.wandb_mode == "offline", config=cfg.to_dict(),
+                             settings=wandb.Settings(silent=True, console="off"))
+        # Lightning always passes W&B's deprecated `anonymous` setting, and W&B then warns on stderr.
+        getattr(logger, "_wandb_init", {}).pop("anonymous", None)
+        loggers.append(logger)
     if g.csv:
         loggers.append(_csv_logger(run_dir, resumed_step))
     return loggers

@@ -27,7 +27,14 @@ from loratrace.evaluate import CheckpointEvaluator, Evaluator
 from loratrace.export import export_adapter, export_merged, save_base_model
 from loratrace.interrupt import RunInterrupted, StopOnSignal, interrupted_message
 from loratrace.loader import CommonsenseData
-from loratrace.loggers import build_loggers, check_loggers, close_wandb, finish_loggers, mlflow_tracking_uri
+from loratrace.loggers import (
+    build_loggers,
+    check_loggers,
+    close_wandb,
+    finish_loggers,
+    mlflow_tracking_uri,
+    quiet_loggers,
+)
 from loratrace.model import add_lora, load_base, trainable_parameter_count
 from loratrace.module import CheckpointError, LoRAModule, lora_mismatch
 from loratrace.tracking import BatchTracker, index_samples
@@ -233,7 +240,7 @@ def quiet_libraries():
     bars = transformers_logging.is_progress_bar_enabled()
     transformers_logging.disable_progress_bar()  # "Writing model shards" for a one-file adapter
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), quiet_loggers():
             for message in (".*does not have many workers.*", ".*is_gradient_checkpointing.*is deprecated.*",
                             ".*isinstance\\(treespec, LeafSpec\\).*"):
                 warnings.filterwarnings("ignore", message)
