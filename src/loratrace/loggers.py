@@ -223,6 +223,19 @@ def close_wandb(loggers: list) -> None:
         wandb.finish()
 
 
+def logger_summary(cfg: Config, run_dir: Path) -> list[str]:
+    """The run summary's lines for MLflow, W&B and CSV: where each logger's record is and what opens it."""
+    g, lines = cfg.logging, []
+    if g.mlflow:
+        lines.append(f"mlflow       mlflow ui --backend-store-uri {mlflow_tracking_uri(cfg)}")
+    if g.wandb:
+        lines.append(f"wandb        {run_dir / 'wandb'}" +
+                     (f"   (wandb sync {run_dir / 'wandb'}/offline-run-*)" if g.wandb_mode == "offline" else ""))
+    if g.csv:
+        lines.append(f"csv          {run_dir / 'csv_logs' / 'metrics.csv'}")
+    return lines
+
+
 def log_accuracies_after_training(cfg: Config, run_dir: Path, points: list[tuple[str, int, float]]) -> list[str]:
     """`loratrace eval`'s accuracies (tag, step, value) to the run's file-based loggers: TensorBoard, CSV and MLflow.
     W&B's offline run and SwanLab's are closed files that a later process cannot append to; the evals view holds the

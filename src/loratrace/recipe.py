@@ -27,14 +27,7 @@ from loratrace.evaluate import CheckpointEvaluator, Evaluator
 from loratrace.export import export_adapter, export_merged, save_base_model
 from loratrace.interrupt import RunInterrupted, StopOnSignal, interrupted_message
 from loratrace.loader import CommonsenseData
-from loratrace.loggers import (
-    build_loggers,
-    check_loggers,
-    close_wandb,
-    finish_loggers,
-    mlflow_tracking_uri,
-    quiet_loggers,
-)
+from loratrace.loggers import build_loggers, check_loggers, close_wandb, finish_loggers, logger_summary, quiet_loggers
 from loratrace.model import add_lora, load_base, trainable_parameter_count
 from loratrace.module import CheckpointError, LoRAModule, lora_mismatch
 from loratrace.tracking import BatchTracker, index_samples
@@ -129,10 +122,10 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(checkpoint) if checkpoint else None)
     except BaseException as error:
         stop.restore()
-        close_wandb(trainer.loggers)
         status = "interrupted" if stop.signum is not None else "failed"
         if trainer.is_global_zero:
             runs.finish_run(run_dir, status, _cost(tracker), steps=trainer.global_step)
+        close_wandb(trainer.loggers)
         if stop.signum is not None:
             raise RunInterrupted(interrupted_message(stop.signum, trainer.global_step, run_dir / "checkpoints"),
                                  stop.signum) from None
@@ -296,12 +289,6 @@ def print_summary(cfg: Config, run_dir: Path, steps: int, final_loss: float | No
         lines.append(f"tensorboard  tensorboard --logdir {run_dir / 'tensorboard_logs'}")
     if cfg.logging.swanlab and cfg.logging.swanlab_mode != "disabled":
         lines.append(f"swanlab      swanlab watch {run_dir / 'swanlab_logs'}   (needs swanlab[dashboard])")
-    if cfg.logging.mlflow:
-        lines.append(f"mlflow       mlflow ui --backend-store-uri {mlflow_tracking_uri(cfg)}")
-    if cfg.logging.wandb:
-        lines.append(f"wandb        {run_dir / 'wandb'}" + ("   (wandb sync wandb/offline-run-*)"
-                                                         if cfg.logging.wandb_mode == "offline" else ""))
-    if cfg.logging.csv:
-        lines.append(f"csv          {run_dir / 'csv_logs' / 'metrics.csv'}")
     lines.append(f"model        {run_dir / 'final_model'}  adapter {run_dir / 'final_adapter'}")
+    lines += logger_summary(cfg, run_dir)
     print("\n".join(lines), file=sys.stdout)
