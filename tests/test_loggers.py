@@ -160,3 +160,32 @@ def test_a_logger_that_cannot_start_is_one_line_before_training(tmp_path, prelud
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("loratrace: error: ") and message in lines[0], result.stderr
     assert not runs.exists()  # no run folder, no store
+
+
+def test_a_resume_keeps_each_step_once_in_the_csv_and_continues_the_mlflow_run(tmp_path):
+    from mlflow import MlflowClient
+
+    from loratrace.loggers import mlflow_tracking_uri
+
+    cfg = small_config(tmp_path, "logging.csv=true", "logging.mlflow=true", "training.max_steps=6",
+                       "training.stage1_steps=3", "export.merged_model=false")
+    run_dir = loratrace.train(cfg, progress=False)
+    metrics = run_dir / "csv_logs" / "metrics.csv"
+    with open(metrics, newline="") as file:
+        before = {int(r["step"]): r["train/loss"] for r in csv.DictReader(file) if r.get("train/loss")}
+    loratrace.train(cfg, resume_from=run_dir / "checkpoints" / "checkpoint-step-004.ckpt", progress=False)
+    with open(metrics, newline="") as file:
+        steps = [int(r["step"]) for r in csv.DictReader(file) if r.get("train/loss")]
+    assert steps == [1, 2, 3, 4, 5, 6]  # steps 5 and 6 of the first launch dropped, logged again by the resume
+    with open(metrics, newline="") as file:
+        after = {int(r["step"]): r["train/loss"] for r in csv.DictReader(file) if r.get("train/loss")}
+    assert {s: after[s] for s in range(1, 5)} == {s: before[s] for s in range(1, 5)}
+    client = MlflowClient(tracking_uri=mlflow_tracking_uri(cfg))
+    experiment = client.get_experiment_by_name(cfg.logging.project)
+    found = client.search_runs([experiment.experiment_id], filter_string=f"tags.`loratrace.run_id` = '{run_dir.name}'")
+    assert len(found) == 1
+    with loratrace.open_runs(run_dir) as db:
+        loss = dict(db.sql("SELECT step, value FROM metrics WHERE name = 'train/loss'").fetchall())
+    history = client.get_metric_history(found[0].info.run_id, "train/loss")
+    latest = {m.step: m.value for m in sorted(history, key=lambda m: m.timestamp)}
+    _same(latest, loss)
