@@ -119,3 +119,16 @@ def test_the_report_renders_in_headless_chromium(reports, which):
     assert errors == [] and outside == [] and links == []  # drawn, the page still links to nothing outside
     assert drawn == [[plot, True] for plot in expected]
     assert (ARTIFACTS / f"report-{which}.png").stat().st_size > 10_000
+
+
+def test_the_compare_and_report_bench_runs_at_small_size(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "bench.reports", "--steps", "120", "--out", str(tmp_path)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| runs | 2 synthetic runs, 120 steps x 32 examples each (7,680 sample rows) |" in result.stdout
+    size = (tmp_path / "report.html").stat().st_size
+    assert f"| report file size | {size:,} B" in result.stdout
+    assert _parsed(tmp_path / "report.html").links == []
