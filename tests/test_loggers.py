@@ -143,19 +143,23 @@ def test_eval_afterwards_reaches_csv_and_mlflow(logged_run):
     assert [(m.step, m.value) for m in history] == [(8, pytest.approx(accuracy))]
 
 
-@pytest.mark.parametrize("prelude, override, message", [
-    ("", "logging.mlflow_tracking_uri=bogus://nowhere", "logging.mlflow_tracking_uri='bogus://nowhere': MLflow cannot"),
-    ("sys.modules['wandb'] = None; ", "logging.wandb=true", "logging.wandb=true needs the wandb package"),
+@pytest.mark.parametrize("prelude, overrides, message", [
+    ("", ["logging.mlflow=true", "logging.mlflow_tracking_uri=bogus://nowhere"],
+     "logging.mlflow_tracking_uri='bogus://nowhere': MLflow cannot"),
+    ("sys.modules['wandb'] = None; ", ["logging.wandb=true"], "logging.wandb=true needs the wandb package"),
+    ("", ["logging.wandb=true", "logging.wandb_mode=online"], "logging.wandb_mode=online needs a W&B login"),
 ])
-def test_a_logger_that_cannot_start_is_one_line_before_training(tmp_path, prelude, override, message):
+def test_a_logger_that_cannot_start_is_one_line_before_training(tmp_path, prelude, overrides, message):
+    import os
     import subprocess
     import sys
 
     runs = tmp_path / "runs"
     code = f"import sys; {prelude}from loratrace.cli import main; sys.exit(main(sys.argv[1:]))"
-    result = subprocess.run([sys.executable, "-c", code, "train", "logging.mlflow=true", override,
-                             f"runs_dir={runs}", "training.max_steps=2",
-                             "training.stage1_steps=1"], capture_output=True, text=True, timeout=300)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")} | {"HOME": str(tmp_path)}  # no login
+    result = subprocess.run([sys.executable, "-c", code, "train", *overrides, f"runs_dir={runs}",
+                             "training.max_steps=2", "training.stage1_steps=1"], capture_output=True, text=True,
+                            timeout=300, env=env, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("loratrace: error: ") and message in lines[0], result.stderr

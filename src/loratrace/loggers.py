@@ -23,7 +23,7 @@ from loratrace.config import Config, flatten_keys
 from loratrace.errors import LoratraceError
 
 RUN_TAG = "loratrace.run_id"  # MLflow tag naming the run folder: a resume finds its MLflow run by it
-PACKAGES = {"mlflow": "mlflow", "wandb": "wandb", "swanlab": "swanlab", "tensorboard": "tensorboard"}
+PACKAGES = ("mlflow", "wandb", "swanlab", "tensorboard")  # loggers whose package has the logger's name
 
 
 # Lines a loratrace user cannot act on: MLflow creating its tables, Lightning creating the experiment.
@@ -56,17 +56,16 @@ def enabled(cfg: Config) -> list[str]:
 def check_loggers(cfg: Config) -> None:
     """Fail in one line, before anything is written, when an enabled logger cannot start."""
     for name in enabled(cfg):
-        package = PACKAGES.get(name)
-        if package and not _installed(package):
+        if name in PACKAGES and not _installed(name):
             extra = "loggers" if name in ("mlflow", "wandb") else "dev"
-            raise LoggerError(f"logging.{name}=true needs the {package} package: pip install 'loratrace[{extra}]' "
+            raise LoggerError(f"logging.{name}=true needs the {name} package: pip install 'loratrace[{extra}]' "
                               f"(or set logging.{name}=false)")
     if cfg.logging.mlflow:
         _check_mlflow(cfg)
     if cfg.logging.wandb and cfg.logging.wandb_mode == "online":
         import wandb
 
-        if not wandb.api.api_key:
+        if not wandb.login(prompt=False, verify=False):  # a key in the environment or ~/.netrc; no network
             raise LoggerError("logging.wandb_mode=online needs a W&B login: run `wandb login` first "
                               "(or keep logging.wandb_mode=offline and `wandb sync` later)")
 

@@ -64,7 +64,6 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
     checkpoint = Path(resume_from) if resume_from else None
     existing = resume_run_dir(checkpoint) if checkpoint else None
     L.seed_everything(cfg.training.seed, verbose=False)
-    check_loggers(cfg)  # a logger that cannot start is one line now, not a crash once training is under way
 
     # data and model: all user errors surface here, before anything is written
     model, tokenizer = load_base(cfg.model)
@@ -79,6 +78,7 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
     peft_model = add_lora(model, cfg.lora, cfg.training.seed)
     module = LoRAModule(peft_model, cfg.training)
     resumed_step = validate_resume(checkpoint, module, cfg) if checkpoint else 0
+    check_loggers(cfg)  # a logger that cannot start is one line now, not a crash once training is under way
 
     # run folder
     if child:
