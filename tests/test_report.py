@@ -66,8 +66,9 @@ def test_the_report_is_one_file_that_links_to_nothing(reports, three_runs):
     assert "training.seed" in text and "tracking.enabled" in text  # config differences
 
 
-def test_missing_data_is_said_not_drawn(reports):
+def test_missing_data_is_said_not_drawn(reports, three_runs):
     untracked = reports["untracked"].read_text()
+    assert f"<td>{three_runs['untracked'].name}</td><td>completed</td><td>6</td>" in untracked  # from run.json
     assert _parsed(reports["untracked"]).plots == []
     for missing in ("no tracking data for", "no evaluations: run `loratrace eval RUN`", "no tracking cost recorded"):
         assert missing in untracked

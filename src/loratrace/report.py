@@ -71,7 +71,7 @@ def _gather(db, run_dirs: list[Path]) -> dict:
     tracked = set(db.sql("SELECT DISTINCT run_id FROM batches").df().run_id)
     return {
         "run_ids": run_ids, "run_dirs": run_dirs, "tracked": [r for r in run_ids if r in tracked],
-        "runs": runs.set_index("run_id").reindex(run_ids).reset_index(),
+        "runs": _with_run_json(runs.set_index("run_id").reindex(run_ids).reset_index(), run_dirs),
         "config": config_differences(run_dirs) if len(run_dirs) > 1 else None,
         "stage1": {d.name: _config_value(d, "training", "stage1_steps") for d in run_dirs},
         "metrics": db.sql("SELECT run_id, step, name, value FROM metrics ORDER BY run_id, name, step").df(),
@@ -83,6 +83,16 @@ def _gather(db, run_dirs: list[Path]) -> dict:
         "forgetting": db.sql(FORGETTING).df(),
         "cost": _tracking_cost(run_dirs),
     }
+
+
+def _with_run_json(runs: pd.DataFrame, run_dirs: list[Path]) -> pd.DataFrame:
+    """An untracked run's steps and checkpoints from its run.json (the views count them from tracking data)."""
+    from loratrace.runs import read_run_json
+
+    for key in ("steps", "checkpoints"):
+        recorded = [read_run_json(d).get(key) for d in run_dirs]
+        runs[key] = [v if pd.notna(v) else r for v, r in zip(runs[key].astype(object), recorded)]
+    return runs
 
 
 def _config_value(run_dir: Path, section: str, key: str):
