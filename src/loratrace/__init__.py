@@ -4,6 +4,8 @@
     run_dir = loratrace.train(loratrace.load_config("configs/tiny.yaml", ["training.max_steps=20"]))
     db = loratrace.open_runs(run_dir)
     db.trace(db.sql("SELECT example_id FROM samples LIMIT 1").df().example_id[0])
+    loratrace.compare([run_dir, other_run_dir]).data_order     # DataFrames: config, metrics, evals, examples, ...
+    loratrace.write_report([run_dir, other_run_dir], "report.html")
 
 Names are imported on first use, so `loratrace query` starts without torch.
 """
@@ -20,6 +22,8 @@ _EXPORTS = {
     "Config": "loratrace.config",
     "open_runs": "loratrace.store",
     "BatchTracker": "loratrace.tracking",
+    "compare": "loratrace.comparison",
+    "write_report": "loratrace.report",
 }
 
 
@@ -29,4 +33,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'loratrace' has no attribute {name!r}")
 
 
-__all__ = ["BatchTracker", "Config", "load_config", "open_runs", "train"]
+__all__ = ["BatchTracker", "Config", "compare", "load_config", "open_runs", "train", "write_report"]

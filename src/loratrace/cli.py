@@ -5,10 +5,12 @@
     loratrace trace --example-id ID | --line N [--run RUN_ID]
     loratrace eval RUN [--checkpoints all|last|final|76,100] [--split S] [--limit N]
     loratrace runs
+    loratrace compare RUN RUN... [--format table|csv|json] [--section NAME ...] [--top N] [--output FILE]
+    loratrace report RUN... -o report.html
 
 Errors a user can cause (`LoratraceError`) end in one line on stderr: exit 2 for a bad config, data set, model or
 checkpoint (before any work starts), exit 1 for a query or lookup that cannot be answered. `query`, `trace` and
-`runs` never import torch.
+`runs` never import torch; `compare` and `report` read the same views (with pandas, and plotly for the report).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import sys
 from pathlib import Path
 
 FORMATS = ("table", "csv", "json", "parquet")
+COMPARE_SECTIONS = ("runs", "config", "metrics", "evals", "data_order", "examples", "forgetting")  # comparison.SECTIONS
 VIEWS = ("runs", "batches", "batches_all", "samples", "examples", "checkpoints", "attempts", "step_checkpoint",
          "example_checkpoint", "metrics", "example_trace", "evals")  # views.VIEW_NAMES, without importing DuckDB
 QUERY_DESCRIPTION = f"""SQL over the views {', '.join(VIEWS)} (DESIGN.md, README "Query views").
@@ -85,7 +88,36 @@ def _parser() -> argparse.ArgumentParser:
                           description="List the runs under --runs-dir.")
     runs.add_argument("--format", choices=FORMATS[:3], default="table", help="output format (default: table)")
     add_runs_dir(runs)
+
+    compare = sub.add_parser("compare", help="runs side by side: config, metrics, evals, data order, examples",
+                             description=COMPARE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    compare.add_argument("runs", nargs="+", metavar="RUN", help="run folders (the first is the reference), folders "
+                                                                "of runs, or globs")
+    compare.add_argument("--format", choices=FORMATS[:3], default="table",
+                         help="table (default), csv (needs one --section) or json (JSON Lines, a section key each)")
+    compare.add_argument("--section", action="append", choices=COMPARE_SECTIONS,
+                         help="only this table (repeatable; default: all)")
+    compare.add_argument("--top", type=int, default=20, help="forgetting: examples per run to list (default 20)")
+    compare.add_argument("--output", "-o", help="write to this file instead of stdout")
+
+    report = sub.add_parser("report", help="one self-contained HTML report of one or more runs",
+                            description="Write one HTML file (plotly inlined: opens offline, links to nothing outside "
+                                        "it): curves, evals, cartography, forgetting, tracking cost, config "
+                                        "differences; several runs overlaid.")
+    report.add_argument("runs", nargs="+", metavar="RUN", help="run folders, folders of runs, or globs")
+    report.add_argument("--output", "-o", default="report.html", help="the HTML file (default: report.html)")
+    report.add_argument("--title", help="the report's title (default: the run ids)")
     return parser
+
+
+COMPARE_DESCRIPTION = """Compare runs against the first (the reference), from the query views:
+  runs        status, steps, checkpoints of each run
+  config      the config keys that differ (values as JSON text, one column per run)
+  metrics     train/loss, grad_norm, lr, accuracy at the same steps, one column per run
+  evals       accuracy per checkpoint (and final_model), per split and scoring
+  data_order  same examples in the same order? the first step where the runs diverge
+  examples    examples correct at the last evaluated checkpoint in one run and wrong in the other
+  forgetting  examples whose forgetting-event counts differ most (--top per run)"""
 
 
 def _fail(message: str, code: int) -> int:
@@ -199,7 +231,46 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "query": cmd_query, "trace": cmd_trace, "runs": cmd_runs}
+def cmd_compare(args: argparse.Namespace) -> int:
+    import pyarrow as pa
+
+    from loratrace import formats
+    from loratrace.comparison import compare
+    from loratrace.config import ConfigError
+
+    names = list(dict.fromkeys(args.section or COMPARE_SECTIONS))
+    if args.format == "csv" and len(names) != 1:
+        raise ConfigError("--format csv writes one table: name it with --section (e.g. --section config)")
+    if args.top < 1:
+        raise ConfigError(f"--top must be at least 1, got {args.top}")
+    formats.check_output(args.output)
+    sections = compare(args.runs, top=args.top).sections()
+    tables = {name: pa.Table.from_pandas(sections[name], preserve_index=False) for name in names}
+    if args.format == "csv":
+        text = formats.render_csv(tables[names[0]])
+    elif args.format == "json":
+        text = "".join(formats.render_json(table.add_column(0, "section", pa.array([name] * table.num_rows,
+                                                                                      pa.string())))
+                       for name, table in tables.items())
+    else:
+        text = "".join(f"== {name} ==\n" + (formats.render_table(table) if table.num_rows else "(none)\n") + "\n"
+                       for name, table in tables.items())
+    formats.write_text(text, args.output)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from loratrace.formats import check_output
+    from loratrace.report import write_report
+
+    check_output(args.output)
+    path = write_report(args.runs, args.output, title=args.title)
+    print(f"report  {path}  ({path.stat().st_size / 1e6:.1f} MB, opens offline)")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "query": cmd_query, "trace": cmd_trace, "runs": cmd_runs,
+            "compare": cmd_compare, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

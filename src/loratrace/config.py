@@ -154,7 +154,18 @@ class LoggingConfig:
     swanlab_mode: str = "offline"
     """SwanLab mode: offline, local (needs swanlab[dashboard]) or cloud (needs a login)."""
     project: str = "loratrace"
-    """SwanLab project name."""
+    """Project name: SwanLab's project, MLflow's experiment, W&B's project."""
+    mlflow: bool = False
+    """Log to MLflow (needs `pip install loratrace[loggers]`): params = the resolved config, metrics per step, the
+    final adapter and config.yaml as artifacts."""
+    mlflow_tracking_uri: str = ""
+    """MLflow tracking URI; empty = a local store `<runs_dir>/mlruns` (`mlflow ui --backend-store-uri` on it)."""
+    wandb: bool = False
+    """Log to Weights & Biases (needs `pip install loratrace[loggers]`), files under the run's wandb/."""
+    wandb_mode: str = "offline"
+    """W&B mode: offline (`wandb sync` later) or online (needs `wandb login` first)."""
+    csv: bool = False
+    """Write Lightning's CSVLogger layout under csv_logs/ (metrics.csv, hparams.yaml)."""
 
 
 @dataclass
@@ -193,6 +204,7 @@ CHOICES = {
     "eval.scoring": ("label", "text"),
     "training.precision": ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true"),
     "logging.swanlab_mode": ("offline", "local", "cloud", "disabled"),
+    "logging.wandb_mode": ("offline", "online"),
 }
 
 

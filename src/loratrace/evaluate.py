@@ -27,6 +27,7 @@ from loratrace.checkpoints import read_checkpoint
 from loratrace.config import Config, EvalConfig, load_config
 from loratrace.data import LETTERS, DataError, Encoded, collate, encode, load_split, padding_token_id
 from loratrace.errors import LoratraceError
+from loratrace.loggers import log_accuracies_after_training
 from loratrace.module import choice_scores, gold_probability, lora_mismatch, rng_state, set_rng_state
 from loratrace.runs import read_run_json, utc_now
 
@@ -234,20 +235,13 @@ def evaluate_run(run_dir: str | Path, checkpoints: str = "all", overrides: list[
         step = read_run_json(run_dir).get("steps", cfg.training.max_steps)
         accuracy = evaluator.evaluate(AutoModelForCausalLM.from_pretrained(final), run_dir, step, "final_model")
         results.append((step, "final_model", accuracy))
-    if cfg.logging.tensorboard and results:
-        _log_accuracies(run_dir, evaluator.settings, results)
+    if results:
+        tags = [accuracy_tag(evaluator.settings, final_model=what == "final_model") for _, what, _ in results]
+        log_accuracies_after_training(cfg, run_dir, [(tag, step, accuracy)
+                                                     for tag, (step, _, accuracy) in zip(tags, results)])
     frame = pd.DataFrame(results, columns=["checkpoint_step", "checkpoint", "accuracy"])
     frame["delta"] = frame.accuracy.diff()
     return frame
-
-
-def _log_accuracies(run_dir: Path, settings: EvalConfig, results: list[tuple[int, str, float]]) -> None:
-    """TensorBoard scalars, one tag per split and scoring; final_model's apart from the checkpoints' (same step)."""
-    from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package: only when logging to it
-
-    with SummaryWriter(str(run_dir / "tensorboard_logs")) as writer:
-        for step, what, accuracy in results:
-            writer.add_scalar(accuracy_tag(settings, final_model=what == "final_model"), accuracy, step)
 
 
 def accuracy_tag(settings: EvalConfig, final_model: bool = False) -> str:

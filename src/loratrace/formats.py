@@ -57,13 +57,23 @@ def write(table: pa.Table, fmt: str, output: str | None = None) -> None:
             raise OutputError("--format parquet needs --output FILE")
         data = _parquet_bytes(table)
     else:
-        text = {"table": render_table, "csv": render_csv, "json": render_json}[fmt](table)
-        if not output:
-            sys.stdout.write(text)
-            sys.stdout.flush()
-            return
-        data = text.encode()
-    target = Path(output)
+        write_text({"table": render_table, "csv": render_csv, "json": render_json}[fmt](table), output)
+        return
+    _replace(Path(output), data)
+
+
+def write_text(text: str, output: str | None = None) -> None:
+    """Text to stdout, or to the file `output`, complete or not at all."""
+    if not output:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    check_output(output)
+    _replace(Path(output), text.encode())
+
+
+def _replace(target: Path, data: bytes) -> None:
+    """`data` into `target` under a temporary name, then a rename: a reader sees the old file or the new one."""
     tmp = target.parent / f".tmp-{uuid.uuid4().hex}-{target.name}.partial"
     try:
         tmp.write_bytes(data)

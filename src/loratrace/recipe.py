@@ -17,7 +17,6 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
-from lightning.pytorch.loggers import TensorBoardLogger
 from typing_extensions import override
 
 from loratrace import runs, schema
@@ -28,6 +27,7 @@ from loratrace.evaluate import CheckpointEvaluator, Evaluator
 from loratrace.export import export_adapter, export_merged, save_base_model
 from loratrace.interrupt import RunInterrupted, StopOnSignal, interrupted_message
 from loratrace.loader import CommonsenseData
+from loratrace.loggers import build_loggers, check_loggers, close_wandb, finish_loggers, logger_summary, quiet_loggers
 from loratrace.model import add_lora, load_base, trainable_parameter_count
 from loratrace.module import CheckpointError, LoRAModule, lora_mismatch
 from loratrace.tracking import BatchTracker, index_samples
@@ -41,22 +41,6 @@ def resume_run_dir(checkpoint: Path) -> Path:
     if checkpoint.parent.name != "checkpoints":
         raise ConfigError(f"{checkpoint} is not inside a run's checkpoints/ folder")
     return checkpoint.parent.parent
-
-
-def _loggers(cfg: Config, run_dir: Path, resumed_step: int) -> list:
-    loggers = []
-    if cfg.logging.tensorboard:
-        # purge_step: TensorBoard's readers drop the earlier attempt's points from the resumed step on, so every
-        # step shows once, as in the `batches` view.
-        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard_logs", version="",
-                                         purge_step=resumed_step + 1 if resumed_step else None))
-    if cfg.logging.swanlab and cfg.logging.swanlab_mode != "disabled":
-        from swanlab.integration.pytorch_lightning import SwanLabLogger
-
-        loggers.append(SwanLabLogger(project=cfg.logging.project, experiment_name=run_dir.name,
-                                     log_dir=str(run_dir / "swanlab_logs"), mode=cfg.logging.swanlab_mode,
-                                     config=cfg.to_dict()))
-    return loggers
 
 
 def _example_rows(cfg: Config, examples, datamodule) -> list[dict]:
@@ -95,6 +79,7 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
     module = LoRAModule(peft_model, cfg.training)
     module.train()  # as the HF Trainer does: from_pretrained returns a model in eval mode (dropout off)
     resumed_step = validate_resume(checkpoint, module, cfg) if checkpoint else 0
+    check_loggers(cfg)  # a logger that cannot start is one line now, not a crash once training is under way
 
     # run folder
     if child:
@@ -128,7 +113,7 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
         max_steps=t.max_steps, max_epochs=-1, accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.max_grad_norm or None, gradient_clip_algorithm="norm", precision=t.precision,
         accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
-        logger=_loggers(cfg, run_dir, resumed_step) or False, callbacks=own_callbacks + list(callbacks or []),
+        logger=build_loggers(cfg, run_dir, resumed_step) or False, callbacks=own_callbacks + list(callbacks or []),
         enable_checkpointing=True, enable_progress_bar=progress, enable_model_summary=False,
         default_root_dir=str(run_dir), log_every_n_steps=t.log_every_n_steps, use_distributed_sampler=False,
         num_sanity_val_steps=0, limit_val_batches=0,
@@ -142,15 +127,18 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
         status = "interrupted" if stop.signum is not None else "failed"
         if trainer.is_global_zero:
             runs.finish_run(run_dir, status, _cost(tracker), steps=trainer.global_step)
+        close_wandb(trainer.loggers)
         if stop.signum is not None:
             raise RunInterrupted(interrupted_message(stop.signum, trainer.global_step, run_dir / "checkpoints"),
                                  stop.signum) from None
         raise error
     _finish_swanlab(trainer)
     if trainer.interrupted:  # stopped from inside (a callback set should_stop): resumable like a signal
+        close_wandb(trainer.loggers)
         runs.finish_run(run_dir, "interrupted", _cost(tracker), steps=trainer.global_step)
         return run_dir
     if not trainer.is_global_zero:
+        close_wandb(trainer.loggers)
         return run_dir
     index_s = index_samples(run_dir) if tracker is not None else 0.0  # the run's end: `trace`'s index
 
@@ -161,6 +149,7 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
         export_adapter(peft_model, tokenizer, run_dir / "final_adapter", base_path)
     if cfg.export.merged_model:
         export_merged(peft_model, tokenizer, run_dir / "final_model")
+    finish_loggers(trainer.loggers, cfg, run_dir)
     final_loss = module.last_metrics.get("train/loss")
     written = sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-step-*.ckpt"))
     cost = _cost(tracker, index_s)
@@ -246,7 +235,7 @@ def quiet_libraries():
     bars = transformers_logging.is_progress_bar_enabled()
     transformers_logging.disable_progress_bar()  # "Writing model shards" for a one-file adapter
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), quiet_loggers():
             for message in (".*does not have many workers.*", ".*is_gradient_checkpointing.*is deprecated.*",
                             ".*isinstance\\(treespec, LeafSpec\\).*"):
                 warnings.filterwarnings("ignore", message)
@@ -310,4 +299,5 @@ def print_summary(cfg: Config, run_dir: Path, steps: int, final_loss: float | No
     if cfg.logging.swanlab and swanlab:
         lines.append(f"swanlab      {swanlab}")
     lines.append(f"model        {run_dir / 'final_model'}  adapter {run_dir / 'final_adapter'}")
+    lines += logger_summary(cfg, run_dir)
     print("\n".join(lines), file=sys.stdout)
