@@ -79,7 +79,7 @@ def _replace(target: Path, data: bytes) -> None:
         tmp.write_bytes(data)
         os.replace(tmp, target)
     except OSError as exc:  # a folder in the way, no permission, a full disk
-        raise OutputError(f"--output {output}: {exc.strerror or exc}") from None
+        raise OutputError(f"--output {target}: {exc.strerror or exc}") from None
     finally:
         tmp.unlink(missing_ok=True)
 
