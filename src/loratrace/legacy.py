@@ -25,10 +25,24 @@ import pyarrow as pa
 
 from loratrace import legacy_mappings, runs, schema
 from loratrace.checkpoints import checkpoint_name
-from loratrace.config import Config, ConfigError, config_from_flat, flatten_keys, known_keys, read_yaml_file, \
-    resolve_keys, save_config
-from loratrace.legacy_checkpoint import LegacyError, LoaderPosition, convert_trainer_checkpoint, \
-    is_trainer_checkpoint, trainable_shapes, write_checkpoint
+from loratrace.config import (
+    Config,
+    ConfigError,
+    config_from_flat,
+    flatten_keys,
+    known_keys,
+    read_yaml_file,
+    resolve_keys,
+    save_config,
+)
+from loratrace.legacy_checkpoint import (
+    LegacyError,
+    LoaderPosition,
+    convert_trainer_checkpoint,
+    is_trainer_checkpoint,
+    trainable_shapes,
+    write_checkpoint,
+)
 from loratrace.step_outputs import stage_of
 
 ALIASES = {"global_step": "step", "indices": "sample_indices", "batch_indices": "sample_indices",
@@ -378,6 +392,9 @@ def _build(legacy: LegacyRun, run_dir: Path, run_id: str) -> dict[str, Any]:
     tracking = run_dir / "tracking"
     write_tracking(tracking, run_id, legacy, examples, checkpoint_rows)
     report["mappings"] = legacy_mappings.recompute_and_compare(tracking, run_id, legacy.source, legacy.dataset)
+    from loratrace.samples_index import write_samples_index  # `trace`'s index, as the end of a run writes it
+
+    write_samples_index(run_dir)
     models = legacy.source / "models"
     if is_trainer_checkpoint(models):
         shutil.copytree(models, run_dir / "final_adapter")
