@@ -38,6 +38,7 @@ from loratrace.config import (
 from loratrace.legacy_checkpoint import (
     LegacyError,
     LoaderPosition,
+    StateNotCarried,
     convert_trainer_checkpoint,
     is_trainer_checkpoint,
     trainable_shapes,
@@ -316,12 +317,17 @@ def convert_checkpoints(legacy: LegacyRun, run_dir: Path, run_id: str, examples,
         folder = folders.get(step)
         if folder is None:
             not_converted[f"checkpoint-{step}"] = "named in the checkpoint mapping, folder deleted"
-        elif not is_trainer_checkpoint(folder) or not (folder / "optimizer.pt").is_file():
-            not_converted[f"checkpoint-{step}"] = "no adapter weights or no optimizer.pt: not resumable"
+        elif not is_trainer_checkpoint(folder):
+            not_converted[f"checkpoint-{step}"] = "no adapter weights in the folder"
         else:
             position = loader_position(legacy.rows, step, len(examples) if examples else None,
                                        legacy.cfg.training.batch_size)
-            state = convert_trainer_checkpoint(folder, legacy.cfg, shapes, position, tracked_run_id=run_id)
+            try:
+                state = convert_trainer_checkpoint(folder, legacy.cfg, shapes, position, tracked_run_id=run_id)
+            except StateNotCarried as exc:
+                not_converted[f"checkpoint-{step}"] = str(exc)
+                rows.append(row)
+                continue
             row["bytes"] = write_checkpoint(state, run_dir / "checkpoints" / name)
             row["created_at"] = dt.datetime.fromtimestamp(folder.stat().st_mtime, dt.timezone.utc)
             converted.append(name)

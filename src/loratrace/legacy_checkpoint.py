@@ -33,6 +33,11 @@ class LegacyError(LoratraceError):
     """A legacy folder or Trainer checkpoint that cannot be converted as asked."""
 
 
+class StateNotCarried(LegacyError):
+    """A Trainer checkpoint whose training state loratrace cannot continue (an optimizer that is not AdamW, ...): the
+    import reports it and converts the rest; a resume from it stops with this line."""
+
+
 def is_trainer_checkpoint(folder: Path) -> bool:
     folder = Path(folder)
     return folder.is_dir() and any((folder / name).is_file() for name in ADAPTER_FILES)
@@ -114,8 +119,8 @@ def _adamw_state(folder: Path, trainable: list[str]) -> dict:
     if not groups or foreign or any("betas" not in g for g in groups) or \
             any(g.get("decoupled_weight_decay") is False and g.get("weight_decay") for g in groups):
         what = f"its state has {', '.join(foreign)}" if foreign else "its parameter groups are not AdamW's"
-        raise LegacyError(f"{folder / 'optimizer.pt'} is not AdamW state ({what}); loratrace trains with AdamW and "
-                          "cannot carry this optimizer over: resume from weights only is not supported")
+        raise StateNotCarried(f"{folder / 'optimizer.pt'} is not AdamW state ({what}); loratrace trains with AdamW "
+                              "and cannot carry this optimizer over")
     ordered = [index for group in groups for index in group["params"]]
     if len(ordered) != len(trainable):
         raise LegacyError(f"{folder / 'optimizer.pt'} holds {len(ordered)} parameters, the configured model trains "
@@ -124,8 +129,8 @@ def _adamw_state(folder: Path, trainable: list[str]) -> dict:
     hyper = {k: v for k, v in used[0].items() if k != "params"}
     differing = [k for g in used[1:] for k, v in g.items() if k != "params" and v != hyper.get(k)]
     if differing:
-        raise LegacyError(f"{folder / 'optimizer.pt'}: its parameter groups differ in {differing[0]}; loratrace's "
-                          "optimizer has one group")
+        raise StateNotCarried(f"{folder / 'optimizer.pt'}: its parameter groups differ in {differing[0]}; "
+                              "loratrace's optimizer has one group")
     hyper["fused"] = None  # loratrace's AdamW is not fused; the moments carry over as they are
     return {"state": {position: state[index] for position, index in enumerate(ordered) if index in state},
             "param_groups": [{**hyper, "params": list(range(len(ordered)))}]}
@@ -204,7 +209,7 @@ def convert_trainer_checkpoint(folder: Path, cfg: Config, trainable: dict[str, t
     if not is_trainer_checkpoint(folder):
         raise LegacyError(f"{folder}: not a Trainer checkpoint folder (no adapter_model.safetensors or .bin)")
     if not (folder / "optimizer.pt").is_file():
-        raise LegacyError(f"{folder}: no optimizer.pt; a resume needs the optimizer's state")
+        raise StateNotCarried(f"{folder}: no optimizer.pt; a resume needs the optimizer's state")
     step = checkpoint_step(folder)
     weights = adapter_weights(folder)
     missing = sorted(set(trainable) - set(weights))
@@ -251,8 +256,12 @@ def write_checkpoint(state: dict, path: Path) -> int:
 def trainable_shapes(cfg: Config) -> dict[str, tuple]:
     """The configured model's trainable tensor names under `model.` -> shape, in its optimizer's order (builds the
     model)."""
+    import warnings
+
     from loratrace.model import add_lora, load_base
 
-    model, _ = load_base(cfg.model)
-    peft_model = add_lora(model, cfg.lora, cfg.training.seed)
+    with warnings.catch_warnings():  # PEFT's own deprecated call: nothing a user can act on (as while training)
+        warnings.filterwarnings("ignore", ".*is_gradient_checkpointing.*is deprecated.*")
+        model, _ = load_base(cfg.model)
+        peft_model = add_lora(model, cfg.lora, cfg.training.seed)
     return {f"model.{name}": tuple(p.shape) for name, p in peft_model.named_parameters() if p.requires_grad}

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from loratrace.checkpoints import checkpoint_name
-from loratrace.config import ConfigError, load_config
+from loratrace.config import ConfigError, load_config, parse_override
 from loratrace.legacy_checkpoint import (
     LegacyError,
     LoaderPosition,
@@ -43,20 +43,24 @@ def checkpoint_to_resume(folder: Path, config_path: str | None, overrides: list[
         raise LegacyError(f"{folder} is a folder but not a Trainer checkpoint (no adapter_model.safetensors or .bin); "
                           "give a checkpoint-N/ folder or a .ckpt file")
     step = checkpoint_step(folder)
-    cfg = load_config(config_path, overrides)
     source = legacy_run_of(folder)
-    if source is not None:
-        report = legacy.import_legacy(source, cfg.runs_dir)
+    if source is not None:  # the imported run's config.yaml is the default config of the resume: read it after
+        given = dict(parse_override(text) for text in overrides)
+        runs_dir = given.get("runs_dir") or (load_config(config_path, overrides).runs_dir if config_path else "runs")
+        report = legacy.import_legacy(source, runs_dir)
         run_dir = Path(report["run_dir"])
         if not report.get("existing"):
             notice(legacy.summary(report))
         ckpt = run_dir / "checkpoints" / checkpoint_name(step)
         if not ckpt.is_file():
-            raise LegacyError(f"{folder} could not be converted (see {run_dir / legacy.REPORT_FILE}); resume from "
-                              "another checkpoint")
+            import json
+
+            why = json.loads((run_dir / legacy.REPORT_FILE).read_text())["checkpoints"].get("not_converted", {})
+            raise LegacyError(why.get(folder.name, f"{folder} was not converted (see {run_dir / legacy.REPORT_FILE})"))
         return ckpt
     if config_path is None:
         raise ConfigError(f"{folder} is not inside a legacy run folder: give --config for the run it continues")
+    cfg = load_config(config_path, overrides)
     state = convert_trainer_checkpoint(folder, cfg, trainable_shapes(cfg), LoaderPosition())
     run_dir = runs.new_run_dir(cfg)
     ckpt = run_dir / "checkpoints" / checkpoint_name(step)
