@@ -345,3 +345,13 @@ def test_a_trainer_checkpoint_outside_a_legacy_run_needs_a_config(legacy_folder,
         from loratrace.legacy_resume import checkpoint_to_resume
 
         checkpoint_to_resume(tmp_path, None, [])
+    # with the config it was trained with (the legacy keys are translated): a new run, continuing at step 10
+    result = run_cli("train", "--resume-from-checkpoint", str(lone), "--config",
+                     str(legacy_folder / "training_config.yaml"), "--track-batches", "--runs-dir",
+                     str(tmp_path / "runs"), "logging.swanlab=false", "export.merged_model=false")
+    assert result.returncode == 0, result.stderr
+    assert "the data order is loratrace's own from epoch 0" in result.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert batches(run_dir).step.tolist() == [10, 11, 12]
+    attempts = pd.read_parquet(run_dir / "tracking" / "attempts")
+    assert attempts.resumed_step.tolist() == [9] and attempts.parent_attempt.isna().all()

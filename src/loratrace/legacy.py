@@ -12,6 +12,7 @@ the run's `import_report.json`. Importing a folder already imported reports that
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import re
@@ -365,17 +366,19 @@ def import_legacy(source: str | Path, runs_dir: str | Path = "runs", force: bool
         return {"source": str(source), "run_dir": str(existing), "existing": True}
     legacy = read_legacy_run(source)
     final = _free_name(runs_dir / run_name(legacy))
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    building = runs_dir / f".import-{uuid.uuid4().hex[:8]}-{final.name}"
-    building.mkdir()
+    # Built one level down (`runs/.importing/<token>/<name>`), where listing the runs folder does not find it.
+    scratch = runs_dir / ".importing" / uuid.uuid4().hex[:12]
+    building = scratch / final.name
+    building.mkdir(parents=True)
     try:
         report = _build(legacy, building, final.name)
         if final.exists():
             raise LegacyError(f"{final} appeared while importing; import again")
         building.rename(final)
-    except BaseException:
-        shutil.rmtree(building, ignore_errors=True)
-        raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            scratch.parent.rmdir()  # only when no other import is under way
     report["run_dir"] = str(final)
     return report
 
