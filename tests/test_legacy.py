@@ -127,6 +127,7 @@ def test_the_run_folder_is_complete(legacy_folder, imported):
     cfg = load_config(imported / "config.yaml")
     assert (cfg.training.batch_size, cfg.training.max_steps, cfg.training.stage1_steps) == (4, 12, 8)
     assert (cfg.training.learning_rate_stage1, cfg.training.learning_rate_stage2) == (1e-3, 5e-4)
+    assert cfg.tracking.enabled and cfg.runs_dir == str(imported.parent)
     from peft import PeftModel
     from safetensors.torch import load_file
 
@@ -209,6 +210,24 @@ def test_a_last_line_cut_short_is_dropped_and_reported(legacy_copy, tmp_path):
     assert batches(run_dir).step.tolist() == list(range(1, 12))  # step 12 not invented
     assert report(run_dir)["quirks"]["truncated_last_line"]["line"] == 12
     assert report(run_dir)["mappings"]["disagreements_total"] > 0  # the mapping files knew step 12
+
+
+def test_repeated_steps_unusable_lines_and_other_oddities_are_reported(legacy_copy, tmp_path):
+    rows = jsonl(legacy_copy)
+    rows[2]["line_numbers"] = [n + 1 for n in rows[2]["line_numbers"]]  # disagrees with sample_indices
+    rows.insert(5, dict(rows[4], loss=9.0))  # step 5 logged twice (the script restarted): the last line counts
+    rows.insert(7, {"epoch": 0, "loss": 1.0})  # no step, no indices: cannot be placed
+    rewrite_jsonl(legacy_copy, rows)
+    config = legacy_copy / "training_config.yaml"
+    config.write_text(config.read_text() + "output_dir: /somewhere/else\n")
+    run_dir = Path(import_legacy(legacy_copy, tmp_path / "runs")["run_dir"])
+    quirks = report(run_dir)["quirks"]
+    assert quirks["repeated_steps"] == [5] and quirks["unusable_lines"] == [8]
+    assert quirks["line_numbers_disagree"] == {"steps": 1, "kept": "sample_indices"}
+    assert quirks["config_keys_dropped"] == ["output_dir"]
+    got = batches(run_dir)
+    assert got.step.tolist() == list(range(1, 13)) and got.loss[4] == 9.0
+    assert list(got.lines[2]) == rows[2]["sample_indices"]
 
 
 def test_a_deleted_checkpoint_keeps_its_row_and_is_reported(legacy_copy, tmp_path):

@@ -365,6 +365,7 @@ def import_legacy(source: str | Path, runs_dir: str | Path = "runs", force: bool
     if existing is not None and not force:
         return {"source": str(source), "run_dir": str(existing), "existing": True}
     legacy = read_legacy_run(source)
+    legacy.cfg.runs_dir = str(runs_dir)  # its config.yaml resumes into the folder it was imported to
     final = _free_name(runs_dir / run_name(legacy))
     # Built one level down (`runs/.importing/<token>/<name>`), where listing the runs folder does not find it.
     scratch = runs_dir / ".importing" / uuid.uuid4().hex[:12]
