@@ -162,12 +162,14 @@ def _rng_states(folder: Path) -> dict | None:
 
 
 def _fit_loop(step: int, position: LoaderPosition, loader: dict) -> dict:
-    """The fit loop's counters as Lightning saves them in `on_train_batch_end` of update `step` (accumulation 1)."""
+    """The fit loop's counters as Lightning saves them in `on_train_batch_end` of update `step` (accumulation 1). The
+    `current` (this epoch's) counters are all 0 when the position in the epoch is unknown: a fresh epoch."""
     done_in_epoch = position.batch_in_epoch + 1
 
     def batches(total: int, current: int) -> dict:
         return {"total": {"ready": total, "completed": total - 1, "started": total, "processed": total},
-                "current": {"ready": current, "completed": current - 1, "started": current, "processed": current},
+                "current": {"ready": current, "completed": max(current - 1, 0), "started": current,
+                            "processed": current},
                 "is_last_batch": False}
 
     def two(total: int, current: int) -> dict:
@@ -178,6 +180,7 @@ def _fit_loop(step: int, position: LoaderPosition, loader: dict) -> dict:
                 "current": {"ready": current, "completed": current, "started": current}}
 
     epoch = position.epoch
+    nothing = dict.fromkeys(("ready", "completed", "started", "processed"), 0)  # no validation runs
     return {
         "state_dict": {"combined_loader": [loader]},
         "epoch_loop.state_dict": {"_batches_that_stepped": step - 1},
@@ -189,9 +192,8 @@ def _fit_loop(step: int, position: LoaderPosition, loader: dict) -> dict:
         "epoch_loop.manual_optimization.state_dict": {},
         "epoch_loop.manual_optimization.optim_step_progress": two(0, 0),
         "epoch_loop.val_loop.state_dict": {},
-        "epoch_loop.val_loop.batch_progress": {**batches(1, 1), "total": dict.fromkeys(
-            ("ready", "completed", "started", "processed"), 0), "current": dict.fromkeys(
-            ("ready", "completed", "started", "processed"), 0)},
+        "epoch_loop.val_loop.batch_progress": {"total": dict(nothing), "current": dict(nothing),
+                                               "is_last_batch": False},
         "epoch_progress": {"total": {"ready": epoch + 1, "completed": epoch, "started": epoch + 1, "processed": epoch},
                            "current": {"ready": epoch + 1, "completed": epoch, "started": epoch + 1,
                                        "processed": epoch}},
