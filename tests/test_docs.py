@@ -32,6 +32,8 @@ def segments(line: str) -> list[str]:
 
 
 COMMANDS = [command for line in SHELL_LINES for command in segments(line)]
+LEGACY_FOLDER = ("needs a folder of the traditional script (not parsed either: its paths must exist): "
+                 "tests/test_legacy.py imports and resumes one that tests/legacy_script.py writes with a real Trainer")
 NOT_RUN = {  # README commands these tests do not run, and why (a `loratrace train` among them is still parsed)
     "python3 -m venv .venv": "makes the venv the tests already run in",
     ". .venv/bin/activate": "the tests' venv is already active",
@@ -41,6 +43,13 @@ NOT_RUN = {  # README commands these tests do not run, and why (a `loratrace tra
         "Qwen2.5-0.5B and ARC-Challenge come from the Hugging Face hub: needs network",
     "swanlab watch runs/<run>/swanlab_logs":
         "a server that runs until stopped: tests/test_swanlab.py starts it and reads a local run's loss back",
+    **{command: LEGACY_FOLDER for command in (
+           "loratrace import-legacy experiments/icoding/arc-challenge/icoding_20250720_143052_lora",
+           "loratrace import-legacy experiments/icoding/ --runs-dir runs",
+           "loratrace train --resume-from-checkpoint "
+           "experiments/icoding/arc-challenge/icoding_20250720_143052_lora/checkpoints/checkpoint-100",
+           "loratrace train --resume-from-checkpoint path/to/hf-trainer-output/checkpoint-500 "
+           "--config configs/arc-challenge.yaml")},
 }
 DEFAULT_JOBS = {  # the embedded default job, 125 updates (~80 s each on 2 cores): run in the slow tests
     "loratrace train", "loratrace train --track-batches", "loratrace train --dataset arc-challenge --dataset arc-easy",
@@ -48,7 +57,7 @@ DEFAULT_JOBS = {  # the embedded default job, 125 updates (~80 s each on 2 cores
 }
 RUN_HERE = list(dict.fromkeys(c for c in COMMANDS if c.startswith("loratrace ") and c not in NOT_RUN
                             and c not in DEFAULT_JOBS))
-TRAIN = [c for c in COMMANDS if c.startswith("loratrace train")]
+TRAIN = [c for c in COMMANDS if c.startswith("loratrace train") and NOT_RUN.get(c) != LEGACY_FOLDER]
 EXPECT = {  # what each read command prints, beyond exit code 0
     "query": r"step", "trace": r"\w+ \(line \d+\) trained at [1-9]\d* step", "runs": r"completed",
     "eval": r"best: \S+\.ckpt \(step \d+\), accuracy",

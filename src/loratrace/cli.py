@@ -7,6 +7,7 @@
     loratrace runs
     loratrace compare RUN RUN... [--format table|csv|json] [--section NAME ...] [--top N] [--output FILE]
     loratrace report RUN... -o report.html
+    loratrace import-legacy PATH... [--runs-dir DIR] [--force]
 
 Errors a user can cause (`LoratraceError`) end in one line on stderr: exit 2 for a bad config, data set, model or
 checkpoint (before any work starts), exit 1 for a query or lookup that cannot be answered. `query`, `trace` and
@@ -49,7 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="YAML config (default: the embedded default: tiny model, bundled sample)")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. training.max_steps=20")
     train.add_argument("--track-batches", action="store_true", help="record every batch in tracking/ (Parquet)")
-    train.add_argument("--resume-from-checkpoint", metavar="CKPT", help="continue a run from one of its .ckpt files")
+    train.add_argument("--resume-from-checkpoint", metavar="CKPT",
+                       help="continue a run from one of its .ckpt files, or from a Hugging Face Trainer checkpoint-N/ "
+                            "folder (a legacy run's is imported first)")
     train.add_argument("--dataset", action="append", metavar="NAME", help="train one run per data set, in turn")
     train.add_argument("--runs-dir", help="folder for run folders (config key runs_dir)")
 
@@ -83,6 +86,13 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, help="score only the first N rows")
     evaluate.add_argument("--batch-size", type=int, help="examples per forward pass")
     evaluate.add_argument("--scoring", choices=("label", "text"), help="choice letters (default) or choice texts")
+
+    imports = sub.add_parser("import-legacy", help="convert traditional-script experiment folders into run folders",
+                             description="Convert legacy run folders (logs/batch_tracking_<dataset>.jsonl, JSON "
+                                         "mappings, Trainer checkpoints) into run folders; the source is only read.")
+    imports.add_argument("paths", nargs="+", metavar="PATH", help="a legacy run folder, or a folder of them")
+    imports.add_argument("--runs-dir", default="runs", help="where the run folders go (default: runs)")
+    imports.add_argument("--force", action="store_true", help="import again a folder imported before (a second copy)")
 
     runs = sub.add_parser("runs", help="one line per run: id, dataset, steps, checkpoints, status",
                           description="List the runs under --runs-dir.")
@@ -161,6 +171,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"runs_dir={args.runs_dir}")
     if args.resume_from_checkpoint and args.dataset:
         raise ConfigError("--dataset cannot be combined with --resume-from-checkpoint")
+    if args.resume_from_checkpoint and Path(args.resume_from_checkpoint).is_dir():  # a Trainer checkpoint-N/ folder
+        from loratrace.legacy_resume import checkpoint_to_resume
+
+        args.resume_from_checkpoint = str(checkpoint_to_resume(Path(args.resume_from_checkpoint), args.config,
+                                                               overrides))
     if args.resume_from_checkpoint and not args.config:
         from loratrace.recipe import resume_run_dir
 
@@ -219,6 +234,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_legacy(args: argparse.Namespace) -> int:
+    from loratrace.legacy import find_legacy_runs, import_legacy, summary
+
+    for folder in find_legacy_runs(args.paths):  # every path checked before the first import starts
+        print(summary(import_legacy(folder, args.runs_dir, force=args.force)))
+    return 0
+
+
 def cmd_runs(args: argparse.Namespace) -> int:
     from loratrace.store import StoreError
 
@@ -270,7 +293,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "query": cmd_query, "trace": cmd_trace, "runs": cmd_runs,
-            "compare": cmd_compare, "report": cmd_report}
+            "compare": cmd_compare, "report": cmd_report, "import-legacy": cmd_import_legacy}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,10 @@ class EpochLoader:
 
     The epoch rolls over in `__iter__`, not after the generator's last `yield`: Lightning stops pulling a sized loader
     after `len(loader)` batches, so code there would never run.
+
+    A run continued from a legacy checkpoint (`loratrace.legacy`) finishes the legacy epoch first: `legacy` (in the
+    state) names that epoch, the batch it resumes at and the batches (example positions) that finish it; they stand in
+    for the seeded permutation of that epoch only, and are saved with the place, so a later resume stays exact.
     """
 
     def __init__(self, examples: list[Encoded], batch_size: int, seed: int, pad_id: int,
@@ -37,13 +41,28 @@ class EpochLoader:
         self.offset = 0  # batches of `epoch` already handed out
         self._started = False
         self._batches: tuple[int, list[list[int]]] | None = None  # (epoch, its batches): Lightning asks len() often
+        self.legacy: dict | None = None  # {"epoch", "start", "batches"}: the rest of a legacy epoch
+        self._regular_length: int | None = None
 
     def __len__(self) -> int:
-        return len(self._epoch_batches(self.epoch))
+        # Lightning reads the length once, as every epoch's: a legacy epoch's own length would cut later epochs short.
+        # A shorter legacy remainder ends its epoch by running out.
+        if not self._is_legacy(self.epoch):
+            return len(self._epoch_batches(self.epoch))
+        if self._regular_length is None:
+            self._regular_length = len(self._draw_batches(self.epoch))
+        return self._regular_length
+
+    def _is_legacy(self, epoch: int) -> bool:
+        return self.legacy is not None and int(self.legacy["epoch"]) == epoch
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
         if self._batches is None or self._batches[0] != epoch:
-            self._batches = (epoch, self._draw_batches(epoch))
+            if self._is_legacy(epoch):  # the batches before `start` were trained by the legacy script: never yielded
+                batches = [[] for _ in range(int(self.legacy["start"]))] + [list(b) for b in self.legacy["batches"]]
+            else:
+                batches = self._draw_batches(epoch)
+            self._batches = (epoch, batches)
         return self._batches[1]
 
     def _draw_batches(self, epoch: int) -> list[list[int]]:
@@ -64,14 +83,23 @@ class EpochLoader:
             batches.append(mine)
         return batches
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "offset": self.offset, "seed": self.seed, "world_size": self.world_size}
+    def state_dict(self) -> dict[str, Any]:
+        state = {"epoch": self.epoch, "offset": self.offset, "seed": self.seed, "world_size": self.world_size}
+        if self.legacy is not None:
+            state["legacy"] = self.legacy
+        return state
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state.get("seed", self.seed) != self.seed or state.get("world_size", self.world_size) != self.world_size:
             raise DataError("the checkpoint's data order was made with another seed or world size; "
                             "resume with the config it was trained with")
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+        self.legacy = state.get("legacy")
+        if self.legacy is not None and (self.world_size != 1 or any(i >= len(self.examples) for b in
+                                                                     self.legacy["batches"] for i in b)):
+            raise DataError("the checkpoint continues a legacy epoch on one device over the same training split; "
+                            "resume on one device with the data set it was trained on")
+        self._batches = None
         self._started = True
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
