@@ -113,3 +113,13 @@ def _text_file(text: str, name: str, folder) -> str:
     path = folder / name
     path.write_text(text)
     return str(path)
+
+
+@pytest.mark.parametrize("fmt", ["table", "csv", "json", "parquet"])
+def test_repeated_column_names_are_one_line_and_write_nothing(small_run, tmp_path, fmt):
+    out = tmp_path / "out"
+    result = run_cli("query", "SELECT 1 AS a, 2 AS a, [1, NULL] AS l", "--format", fmt, "--output", str(out),
+                     "--runs-dir", str(small_run.parent))
+    assert result.returncode == 1 and not out.exists()
+    assert result.stderr.strip() == ("loratrace: error: the result has more than one column named 'a': name them "
+                                     "apart with AS (e.g. SELECT b.step AS batch_step, c.step AS checkpoint_step ...)")

@@ -11,10 +11,15 @@ from conftest import ROOT, SMALL, run_cli
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_a_signal_mid_run_leaves_a_resumable_interrupted_run(tmp_path, signum, code):
+@pytest.mark.parametrize("signum, code, stage1_steps, accumulate", [
+    (signal.SIGTERM, 143, 1990, 1),  # stage 1: no checkpoint is due, the stop writes one
+    (signal.SIGINT, 130, 1990, 1),
+    (signal.SIGTERM, 143, 1, 2),  # stage 2 (a checkpoint every update) under accumulation: the update finishes first
+], ids=["sigterm-stage1", "sigint-stage1", "sigterm-stage2-accumulating"])
+def test_a_signal_mid_run_leaves_a_resumable_interrupted_run(tmp_path, signum, code, stage1_steps, accumulate):
     args = ["--config", str(ROOT / "configs" / "tiny.yaml"), *SMALL, "training.max_steps=2000",
-            "training.stage1_steps=1990", f"--runs-dir={tmp_path}"]
+            f"training.stage1_steps={stage1_steps}", f"training.accumulate_grad_batches={accumulate}",
+            f"--runs-dir={tmp_path}"]
     process = subprocess.Popen([sys.executable, "-m", "loratrace", "train", *args], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     try:
@@ -43,5 +48,9 @@ def test_a_signal_mid_run_leaves_a_resumable_interrupted_run(tmp_path, signum, c
     assert finished.returncode == 0, finished.stderr[-2000:]
     result = run_cli("query", "SELECT count(DISTINCT step) AS steps, count(*) AS rows FROM batches", "--format", "csv",
                      "--runs-dir", str(tmp_path))
-    assert result.stdout.splitlines()[1] == f"{step + 2},{step + 2}"
+    assert result.stdout.splitlines()[1] == f"{step + 2},{(step + 2) * accumulate}"
+    saved = run_cli("query", "SELECT count(*) AS rows, count(DISTINCT step) AS steps FROM checkpoints "
+                    f"WHERE step <= {step}", "--format", "csv", "--runs-dir", str(tmp_path))
+    rows, steps = map(int, saved.stdout.splitlines()[1].split(","))
+    assert rows == steps and steps >= 1  # the stop's checkpoint once, not a second time at a scheduled step
     assert json.loads((run / "run.json").read_text())["status"] == "completed"

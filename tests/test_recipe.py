@@ -122,7 +122,8 @@ def test_refused_resumes_change_nothing_and_the_run_still_resumes(finished_run):
     before = _snapshot(finished_run)
     cases = [(["lora.r=4"], checkpoints / "checkpoint-step-010.ckpt", "checkpoint tensor"),
              ([], truncated, "not a readable checkpoint"),
-             (["training.seed=7"], checkpoints / "checkpoint-step-010.ckpt", "was trained with training.seed=42")]
+             (["training.seed=7"], checkpoints / "checkpoint-step-010.ckpt", "was trained with training.seed=42"),
+             (["training.strategy=foo"], checkpoints / "checkpoint-step-010.ckpt", "invalid strategy name")]
     for overrides, ckpt, message in cases:
         result = run_cli("train", "--config", str(finished_run / "config.yaml"), *overrides,
                          "--resume-from-checkpoint", str(ckpt))
@@ -200,3 +201,16 @@ def test_version_and_bare_command():
     assert version.returncode == 0 and version.stdout.strip() == f"loratrace {__version__}"
     bare = run_cli()
     assert bare.returncode == 0 and "usage: loratrace" in bare.stdout and "train" in bare.stdout
+
+
+def test_a_tracked_resume_from_an_untracked_launchs_checkpoint_is_refused(finished_run):
+    from loratrace.module import CheckpointError
+
+    ckpt = finished_run / "checkpoints" / "checkpoint-step-010.ckpt"
+    untracked = load_config(finished_run / "config.yaml", ["tracking.enabled=false"])
+    loratrace.train(untracked, resume_from=finished_run / "checkpoints" / "checkpoint-step-009.ckpt", progress=False)
+    before = _snapshot(finished_run)
+    with pytest.raises(CheckpointError, match="written by an untracked launch of a tracked run"):
+        tracked = load_config(finished_run / "config.yaml", ["tracking.enabled=true"])  # config.yaml: the last launch's
+        loratrace.train(tracked, resume_from=ckpt, progress=False)
+    assert _snapshot(finished_run) == before

@@ -57,6 +57,7 @@ class StepCheckpoint(Checkpoint):
             raise ValueError("StepCheckpoint needs at least one step")
         self.directory = Path(directory)
         self.steps = set(steps)
+        self.last_saved: Path | None = None  # this launch's latest file
         self.listeners = list(listeners)
         self._step_before_batch = -1
 
@@ -80,11 +81,17 @@ class StepCheckpoint(Checkpoint):
         tmp = self.directory / f".{path.name}.partial"
         # The listeners' writes (the tracker's rows) proceed while Lightning gathers the state and torch serializes it.
         durable = [wait for listener in self.listeners if (wait := listener.checkpoint_saving(trainer, step))]
-        trainer.save_checkpoint(tmp, weights_only=False)  # collective: every rank takes part, rank 0 writes
+        try:
+            trainer.save_checkpoint(tmp, weights_only=False)  # collective: every rank takes part, rank 0 writes
+            if trainer.is_global_zero:
+                for wait in durable:
+                    wait()  # what this checkpoint includes is on disk before the checkpoint is
+                os.replace(tmp, path)
+        finally:
+            if trainer.is_global_zero:
+                tmp.unlink(missing_ok=True)  # a failed or interrupted save leaves no partial file
         if trainer.is_global_zero:
-            for wait in durable:
-                wait()  # what this checkpoint includes is on disk before the checkpoint is
-            os.replace(tmp, path)
+            self.last_saved = path
             relative = path.relative_to(self.directory.parent).as_posix()
             size = path.stat().st_size
             for listener in self.listeners:

@@ -22,8 +22,9 @@ from pathlib import Path
 
 FORMATS = ("table", "csv", "json", "parquet")
 COMPARE_SECTIONS = ("runs", "config", "metrics", "evals", "data_order", "examples", "forgetting")  # comparison.SECTIONS
+# views.VIEW_NAMES (tests/test_cli.py checks --help lists each), without importing pyarrow for every command
 VIEWS = ("runs", "batches", "batches_all", "samples", "examples", "checkpoints", "attempts", "step_checkpoint",
-         "example_checkpoint", "metrics", "example_trace", "evals")  # views.VIEW_NAMES, without importing DuckDB
+         "example_checkpoint", "metrics", "example_trace", "evals")
 QUERY_DESCRIPTION = f"""SQL over the views {', '.join(VIEWS)} (DESIGN.md, README "Query views").
 
 The connection is read-only: one SELECT (or EXPLAIN [ANALYZE] SELECT, or a reporting PRAGMA such as

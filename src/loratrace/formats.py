@@ -50,8 +50,12 @@ def check_output(output: str | None) -> None:
 
 def write(table: pa.Table, fmt: str, output: str | None = None) -> None:
     """Write `table` in `fmt` to the file `output` (complete or not at all: a temporary name, then a rename), or to
-    stdout."""
+    stdout. Column names must be distinct: a JSON object or a CSV reader keeps one of two same-named columns."""
     check_output(output)
+    repeated = sorted({name for name in table.column_names if table.column_names.count(name) > 1})
+    if repeated:
+        raise OutputError(f"the result has more than one column named {repeated[0]!r}: name them apart with AS "
+                          "(e.g. SELECT b.step AS batch_step, c.step AS checkpoint_step ...)")
     if fmt == "parquet":
         if not output:
             raise OutputError("--format parquet needs --output FILE")

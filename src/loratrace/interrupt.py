@@ -1,9 +1,11 @@
 """Stopping a run cleanly on SIGTERM (a scheduler's pre-emption) or Ctrl+C (SIGINT).
 
-The first signal asks for a stop at the end of the current update: `StopOnSignal` saves a checkpoint there (one
-process; under several, every rank stops together through Lightning's own SIGTERM handling, at the last checkpoint),
-the tracker flushes as on any exception, run.json says `interrupted`, and the command exits 128 + the signal's number
-(130, 143) with one line naming the checkpoint to resume from. A second Ctrl+C aborts at once.
+The first signal asks for a stop at the end of the current update (under gradient accumulation too): `StopOnSignal`
+makes sure a checkpoint exists for that step (one process; under several ranks, which must agree on a collective save,
+every rank stops together through Lightning's own SIGTERM handling, at the last checkpoint), then hands the stop to
+Lightning, which ends the loop. The tracker flushes as on any exception, run.json says `interrupted`, and the command
+exits 128 + the signal's number (130, 143) with one line naming the checkpoint to resume from. A second Ctrl+C aborts
+at once. A signal that comes while the trainer is still setting up stops it before the first update.
 """
 
 from __future__ import annotations
@@ -11,14 +13,17 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
+from loratrace.checkpoints import StepCheckpoint
 from loratrace.errors import LoratraceError
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class RunInterrupted(LoratraceError):
@@ -30,33 +35,51 @@ class RunInterrupted(LoratraceError):
 
 
 class StopOnSignal(Callback):
-    """Turns SIGINT into the same clean stop as SIGTERM and remembers which one came; `save(trainer, step)` writes the
-    stop's checkpoint (`StepCheckpoint.save`)."""
+    """Records the first SIGINT or SIGTERM and stops training after the update it came in, with `step_checkpoint`'s
+    file for that step."""
 
-    def __init__(self, checkpoint_dir: Path, save: Callable[[L.Trainer, int], Path]):
-        self.checkpoint_dir = Path(checkpoint_dir)
-        self.save = save
+    def __init__(self, step_checkpoint: StepCheckpoint):
+        self.step_checkpoint = step_checkpoint
         self.signum: int | None = None
-        self._previous: dict[int, object] = {}
+        self._original: dict[int, object] = {}  # the handlers before training, put back by `restore`
+        self._lightning_sigterm = None  # Lightning's SIGTERM handler: it ends the loop after the current batch
+        self._forward_at_once = False
         self._step_before_batch = -1
+
+    def _main_thread(self) -> bool:
+        return threading.current_thread() is threading.main_thread()  # only it may set signal handlers
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._main_thread() and not self._original:
+            self._original = {s: signal.getsignal(s) for s in SIGNALS}
+            for signum in SIGNALS:
+                signal.signal(signum, self._on_signal)
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # signal handlers can only be set from the main thread
-        self._previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        signal.signal(signal.SIGINT, self._on_signal)
-        signal.signal(signal.SIGTERM, self._on_signal)
+        if self._main_thread():  # Lightning installed its SIGTERM handler since `setup`: ours goes first
+            self._lightning_sigterm = signal.getsignal(signal.SIGTERM)
+            for signum in SIGNALS:
+                signal.signal(signum, self._on_signal)
+        self._forward_at_once = trainer.world_size > 1
+        if self.signum is not None:  # came during set-up: stop before the first update
+            raise SIGTERMException()
 
     def _on_signal(self, signum: int, frame) -> None:
         if signum == signal.SIGINT and self.signum is not None:
             raise KeyboardInterrupt  # the second Ctrl+C: no more waiting
-        self.signum = self.signum or signum
+        if self.signum is not None:
+            return
+        self.signum = signum
         if signum == signal.SIGINT:
             print("\nloratrace: stopping after this update (Ctrl+C again to abort)", file=sys.stderr, flush=True)
-        lightning_handler = self._previous.get(signal.SIGTERM)
-        if callable(lightning_handler):  # Lightning's: it stops the loop on every rank after this batch
-            lightning_handler(signal.SIGTERM, frame)
+        if self._forward_at_once:
+            self._forward()
+
+    def _forward(self) -> None:
+        if callable(self._lightning_sigterm) and self._lightning_sigterm is not self._on_signal:
+            self._lightning_sigterm(signal.SIGTERM, None)
 
     @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
@@ -66,10 +89,11 @@ class StopOnSignal(Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
         step = trainer.global_step
-        if self.signum is None or step == self._step_before_batch or trainer.world_size > 1:
-            return  # no stop asked, mid-accumulation, or several ranks that must agree on a collective save
-        if not any(self.checkpoint_dir.glob(f"checkpoint-step-{step:03d}.ckpt")):
-            self.save(trainer, step)
+        if self.signum is None or self._forward_at_once or step == self._step_before_batch:
+            return  # no stop asked, several ranks (already handed to Lightning), or mid-accumulation: finish the update
+        if step not in self.step_checkpoint.steps:  # StepCheckpoint runs after every other callback: it saves its own
+            self.step_checkpoint.save(trainer, step)
+        self._forward()  # Lightning ends the loop once this batch's hooks are done
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -80,14 +104,15 @@ class StopOnSignal(Callback):
         self.restore()
 
     def restore(self) -> None:
-        """Put back the SIGINT handler that was there before training (Lightning puts back SIGTERM's itself)."""
-        handler = self._previous.pop(signal.SIGINT, None)
-        if handler is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, handler)
+        """Put back the handlers from before training (also after Lightning's teardown, which restores its view)."""
+        if self._main_thread():
+            for signum, handler in self._original.items():
+                if handler is not None:
+                    signal.signal(signum, handler)
 
 
-def interrupted_message(signum: int, step: int, checkpoint_dir: Path) -> str:
-    written = sorted(Path(checkpoint_dir).glob("checkpoint-step-*.ckpt"))
-    resume = (f"resume with: loratrace train --resume-from-checkpoint {written[-1]}" if written
+def interrupted_message(signum: int, step: int, checkpoint: Path | None) -> str:
+    """`checkpoint`: this launch's last file, else the one it resumed from, else None."""
+    resume = (f"resume with: loratrace train --resume-from-checkpoint {checkpoint}" if checkpoint is not None
               else "no checkpoint was written yet; start the run again")
     return f"interrupted by {signal.Signals(signum).name} after step {step}; {resume}"

@@ -106,7 +106,8 @@ class Mappings:
                     self._trained.setdefault((example_id, line), set()).add(row["step"])
         for row in self._new_parts("checkpoints", ["attempt", "step", "path"]):
             if self._effective(row["attempt"], row["step"]):
-                self._checkpoints[row["step"]] = row["path"]
+                # two files at one step (a ModelCheckpoint's too): the first by name, as the step_checkpoint view
+                self._checkpoints[row["step"]] = min(row["path"], self._checkpoints.get(row["step"], row["path"]))
 
     def tables(self) -> tuple[pa.Table, pa.Table]:
         """(step_checkpoint, line_checkpoint) for what is indexed: for each step its `first_checkpoint`; for each

@@ -80,6 +80,7 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
     module.train()  # as the HF Trainer does: from_pretrained returns a model in eval mode (dropout off)
     resumed_step = validate_resume(checkpoint, module, cfg) if checkpoint else 0
     check_loggers(cfg)  # a logger that cannot start is one line now, not a crash once training is under way
+    check_hardware(cfg)
 
     # run folder
     if child:
@@ -87,69 +88,69 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
     else:
         run_dir = existing or runs.new_run_dir(cfg)
         runs.start_run(run_dir, cfg, str(checkpoint) if checkpoint else None)
+    trainer, tracker, stop = None, None, None
+    try:  # from here on the run folder is this launch's: whatever ends it is recorded in run.json
         if base_copy is not None:
             save_base_model(base_copy, tokenizer, run_dir / "base_model")
             base_copy = None
-
-    t = cfg.training
-    tracker = None
-    own_callbacks: list = []
-    if cfg.tracking.enabled:
-        tracker = BatchTracker(run_dir / "tracking", run_id=run_dir.name,
-                               flush_every_steps=cfg.tracking.flush_every_steps,
-                               examples=_example_rows(cfg, examples, datamodule), stage1_steps=t.stage1_steps)
-        own_callbacks.append(tracker)
-    listeners = [tracker] if tracker is not None else []  # told of every checkpoint: rows first, then scores
-    if evaluator is not None:
-        listeners.append(CheckpointEvaluator(evaluator, run_dir))
-    step_checkpoint = StepCheckpoint(run_dir / "checkpoints",
-                                     checkpoint_steps(t.max_steps, t.stage1_steps, cfg.checkpoint), listeners)
-    own_callbacks.append(step_checkpoint)
-    stop = StopOnSignal(run_dir / "checkpoints", step_checkpoint.save)
-    own_callbacks.append(stop)
-    if progress:
-        own_callbacks.append(ProgressBar())
-    trainer = L.Trainer(
-        max_steps=t.max_steps, max_epochs=-1, accumulate_grad_batches=t.accumulate_grad_batches,
-        gradient_clip_val=t.max_grad_norm or None, gradient_clip_algorithm="norm", precision=t.precision,
-        accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
-        logger=build_loggers(cfg, run_dir, resumed_step) or False, callbacks=own_callbacks + list(callbacks or []),
-        enable_checkpointing=True, enable_progress_bar=progress, enable_model_summary=False,
-        default_root_dir=str(run_dir), log_every_n_steps=t.log_every_n_steps, use_distributed_sampler=False,
-        num_sanity_val_steps=0, limit_val_batches=0,
-    )
-    try:
+        t = cfg.training
+        own_callbacks: list = []
+        if cfg.tracking.enabled:
+            tracker = BatchTracker(run_dir / "tracking", run_id=run_dir.name,
+                                   flush_every_steps=cfg.tracking.flush_every_steps,
+                                   examples=_example_rows(cfg, examples, datamodule), stage1_steps=t.stage1_steps)
+            own_callbacks.append(tracker)
+        listeners = [tracker] if tracker is not None else []  # told of every checkpoint: rows first, then scores
+        if evaluator is not None:
+            listeners.append(CheckpointEvaluator(evaluator, run_dir))
+        step_checkpoint = StepCheckpoint(run_dir / "checkpoints",
+                                         checkpoint_steps(t.max_steps, t.stage1_steps, cfg.checkpoint), listeners)
+        stop = StopOnSignal(step_checkpoint)
+        own_callbacks += [step_checkpoint, stop] + ([ProgressBar()] if progress else [])
+        trainer = L.Trainer(
+            max_steps=t.max_steps, max_epochs=-1, accumulate_grad_batches=t.accumulate_grad_batches,
+            gradient_clip_val=t.max_grad_norm or None, gradient_clip_algorithm="norm", precision=t.precision,
+            accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
+            logger=build_loggers(cfg, run_dir, resumed_step) or False,
+            callbacks=own_callbacks + list(callbacks or []), enable_checkpointing=True, enable_progress_bar=progress,
+            enable_model_summary=False, default_root_dir=str(run_dir), log_every_n_steps=t.log_every_n_steps,
+            use_distributed_sampler=False, num_sanity_val_steps=0, limit_val_batches=0,
+        )
         with _run_dir_for_children(run_dir, t.devices):
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(checkpoint) if checkpoint else None)
-    except BaseException as error:
-        stop.restore()
         _finish_swanlab(trainer)
-        status = "interrupted" if stop.signum is not None else "failed"
-        if trainer.is_global_zero:
-            runs.finish_run(run_dir, status, _cost(tracker), steps=trainer.global_step)
-        close_wandb(trainer.loggers)
-        if stop.signum is not None:
-            raise RunInterrupted(interrupted_message(stop.signum, trainer.global_step, run_dir / "checkpoints"),
-                                 stop.signum) from None
-        raise error
-    _finish_swanlab(trainer)
-    if trainer.interrupted:  # stopped from inside (a callback set should_stop): resumable like a signal
-        close_wandb(trainer.loggers)
-        runs.finish_run(run_dir, "interrupted", _cost(tracker), steps=trainer.global_step)
-        return run_dir
-    if not trainer.is_global_zero:
-        close_wandb(trainer.loggers)
-        return run_dir
-    index_s = index_samples(run_dir) if tracker is not None else 0.0  # the run's end: `trace`'s index
+        if trainer.global_step < t.max_steps:  # a callback stopped it early (a Timer, say): resumable like a signal
+            close_wandb(trainer.loggers)
+            if trainer.is_global_zero:
+                runs.finish_run(run_dir, "interrupted", _cost(tracker), steps=trainer.global_step)
+            return run_dir
+        if not trainer.is_global_zero:
+            close_wandb(trainer.loggers)
+            return run_dir
+        index_s = index_samples(run_dir) if tracker is not None else 0.0  # the run's end: `trace`'s index
 
-    # export
-    trainable = trainable_parameter_count(peft_model)  # before merging folds the adapters away
-    if cfg.export.adapter:
-        base_path = run_dir / "base_model" if cfg.model.name == "tiny" else None
-        export_adapter(peft_model, tokenizer, run_dir / "final_adapter", base_path)
-    if cfg.export.merged_model:
-        export_merged(peft_model, tokenizer, run_dir / "final_model")
-    finish_loggers(trainer.loggers, cfg, run_dir)
+        # export
+        trainable = trainable_parameter_count(peft_model)  # before merging folds the adapters away
+        if cfg.export.adapter:
+            base_path = run_dir / "base_model" if cfg.model.name == "tiny" else None
+            export_adapter(peft_model, tokenizer, run_dir / "final_adapter", base_path)
+        if cfg.export.merged_model:
+            export_merged(peft_model, tokenizer, run_dir / "final_model")
+        finish_loggers(trainer.loggers, cfg, run_dir)
+    except BaseException as error:
+        signum = stop.signum if stop is not None else None
+        if stop is not None:
+            stop.restore()
+        if trainer is not None:
+            _finish_swanlab(trainer)
+            close_wandb(trainer.loggers)
+        step = trainer.global_step if trainer is not None else resumed_step
+        if trainer is None or trainer.is_global_zero:
+            runs.finish_run(run_dir, "interrupted" if signum is not None else "failed", _cost(tracker), steps=step)
+        if signum is not None:
+            last = stop.step_checkpoint.last_saved or checkpoint
+            raise RunInterrupted(interrupted_message(signum, step, last), signum) from None
+        raise error
     final_loss = module.last_metrics.get("train/loss")
     written = sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-step-*.ckpt"))
     cost = _cost(tracker, index_s)
@@ -158,6 +159,19 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
     if progress:
         print_summary(cfg, run_dir, trainer.global_step, final_loss, written, cost.get("tracking_cost"))
     return run_dir
+
+
+def check_hardware(cfg: Config) -> None:
+    """`training.accelerator`, `devices`, `strategy` and `precision` as Lightning reads them: one line now, before any
+    file is written (a Trainer built only to check, then dropped)."""
+    t = cfg.training
+    try:
+        L.Trainer(accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, precision=t.precision,
+                  logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    except Exception as exc:  # noqa: BLE001 - Lightning raises MisconfigurationException, ValueError, RuntimeError
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"training.accelerator={t.accelerator}, devices={t.devices}, strategy={t.strategy}, "
+                          f"precision={t.precision}: {first}") from None
 
 
 def validate_resume(checkpoint: Path, module: LoRAModule, cfg: Config) -> int:
@@ -183,6 +197,10 @@ def validate_resume(checkpoint: Path, module: LoRAModule, cfg: Config) -> int:
         raise CheckpointError(f"{checkpoint.name} continues tracked attempt {tracked['attempt']}, but its records in "
                               f"{tracking} are gone; resuming would record a false lineage (restore tracking/, or "
                               "resume with tracking.enabled=false)")
+    if cfg.tracking.enabled and tracked is None and schema.tracker_parts(tracking / "attempts"):
+        raise CheckpointError(f"{checkpoint.name} was written by an untracked launch of a tracked run: tracking from "
+                              "it would cut the recorded history off its lineage (resume it with "
+                              "tracking.enabled=false, or from a checkpoint a tracked launch wrote)")
     return int(state.get("global_step", 0))
 
 

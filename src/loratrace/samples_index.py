@@ -47,9 +47,10 @@ class SamplesIndex:
 
 
 def index_fingerprint(run_dir: Path, files: dict[str, list[str]]) -> list[str]:
-    """What a samples index covers: the run's batch and attempt parts, by name."""
+    """What a samples index covers: the run's batch, attempt and checkpoint parts (it holds each step's checkpoint),
+    by name."""
     prefix = str(run_dir / "tracking") + "/"
-    return sorted(f[len(prefix):] for view in ("batches_raw", "attempts_raw") for f in files[view]
+    return sorted(f[len(prefix):] for view in ("batches_raw", "attempts_raw", "checkpoints_raw") for f in files[view]
                   if f.startswith(prefix))
 
 
@@ -67,10 +68,13 @@ def write_samples_index(run_dir: str | Path) -> Path:
         stamp = json.dumps({"run_id": run_id, "parts": index_fingerprint(run_dir, db.files)})
         target = run_dir / "tracking" / INDEX_FILE
         tmp = target.parent / f".tmp-{target.name}.partial"
-        db.con.execute(f"""
-            COPY (SELECT {", ".join(TRACE_COLUMNS)} FROM example_trace ORDER BY example_id, {TRACE_ORDER})
-            TO '{str(tmp).replace("'", "''")}'
-            (FORMAT parquet, ROW_GROUP_SIZE {INDEX_ROW_GROUP}, COMPRESSION zstd,
-             KV_METADATA {{'{INDEX_KEY.decode()}': '{stamp.replace("'", "''")}'}})""")
-    os.replace(tmp, target)
+        try:
+            db.con.execute(f"""
+                COPY (SELECT {", ".join(TRACE_COLUMNS)} FROM example_trace ORDER BY example_id, {TRACE_ORDER})
+                TO '{str(tmp).replace("'", "''")}'
+                (FORMAT parquet, ROW_GROUP_SIZE {INDEX_ROW_GROUP}, COMPRESSION zstd,
+                 KV_METADATA {{'{INDEX_KEY.decode()}': '{stamp.replace("'", "''")}'}})""")
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)  # a failed COPY leaves no partial file
     return target

@@ -191,8 +191,11 @@ class BatchTracker(Callback):
 
     @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self.flush()
-        self.close()
+        try:  # what was trained up to the failure goes to disk; a write error here must not hide the training error
+            self.flush()
+            self.close()
+        except Exception as error:  # noqa: BLE001
+            warnings.warn(f"loratrace: could not write the last tracking rows: {error}", stacklevel=2)
         if self._mappings is not None:  # what was trained up to the failure, for a pandas user
             try:
                 self._mappings.refresh()
