@@ -72,9 +72,13 @@ class StepCheckpoint(Checkpoint):
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
-        step = trainer.global_step
-        if step != self._step_before_batch and step in self.steps:  # this micro-batch finished an update
-            self.save(trainer, step)
+        if self.update_finished(trainer) and trainer.global_step in self.steps:
+            self.save(trainer, trainer.global_step)
+
+    def update_finished(self, trainer: L.Trainer) -> bool:
+        """In `on_train_batch_end`: whether the micro-batch now ending finished an optimizer update (under gradient
+        accumulation most do not)."""
+        return trainer.global_step != self._step_before_batch
 
     def save(self, trainer: L.Trainer, step: int) -> Path:
         path = self.directory / checkpoint_name(step)

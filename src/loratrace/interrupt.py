@@ -44,7 +44,6 @@ class StopOnSignal(Callback):
         self._original: dict[int, object] = {}  # the handlers before training, put back by `restore`
         self._lightning_sigterm = None  # Lightning's SIGTERM handler: it ends the loop after the current batch
         self._forward_at_once = False
-        self._step_before_batch = -1
 
     def _main_thread(self) -> bool:
         return threading.current_thread() is threading.main_thread()  # only it may set signal handlers
@@ -82,14 +81,10 @@ class StopOnSignal(Callback):
             self._lightning_sigterm(signal.SIGTERM, None)
 
     @override
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
-        self._step_before_batch = trainer.global_step
-
-    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
         step = trainer.global_step
-        if self.signum is None or self._forward_at_once or step == self._step_before_batch:
+        if self.signum is None or self._forward_at_once or not self.step_checkpoint.update_finished(trainer):
             return  # no stop asked, several ranks (already handed to Lightning), or mid-accumulation: finish the update
         if step not in self.step_checkpoint.steps:  # StepCheckpoint runs after every other callback: it saves its own
             self.step_checkpoint.save(trainer, step)
