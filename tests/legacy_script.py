@@ -136,7 +136,8 @@ def legacy_trainer(output_dir: Path, max_steps: int = STEPS, dropout: float = 0.
     model, tokenizer = load_base(ModelConfig())
     examples = load_split(DATASET, "sample", "train", notice=lambda line: None)
     encoded = encode(examples, tokenizer, 256)
-    peft_model = add_lora(model, LoraConfig(dropout=dropout), SEED)
+    lora = LEGACY_CONFIG["lora"]  # what training_config.yaml says the script trained with
+    peft_model = add_lora(model, LoraConfig(r=lora["lora_r"], alpha=lora["lora_alpha"], dropout=dropout), SEED)
     args = TrainingArguments(
         output_dir=str(output_dir), per_device_train_batch_size=BATCH, max_steps=max_steps, learning_rate=LR1,
         weight_decay=0.0, max_grad_norm=1.0, logging_steps=1, save_strategy="steps", save_steps=10_000,

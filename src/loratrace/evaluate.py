@@ -160,15 +160,15 @@ class CheckpointEvaluator:
 # ---------------------------------------------------------------------------------------------- after training
 
 def _load_model(cfg: Config, run_dir: Path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from loratrace.model import add_lora, load_base
+    from loratrace.model import add_lora, load_base, load_small_model
 
     if cfg.model.name == "tiny":
         base_dir = run_dir / "base_model"
         if not base_dir.is_dir():
             raise EvalError(f"{run_dir} has no base_model/ (the tiny preset's base is saved there)")
-        model = AutoModelForCausalLM.from_pretrained(base_dir)
+        model = load_small_model(base_dir)
         tokenizer = AutoTokenizer.from_pretrained(base_dir)
     else:
         model, tokenizer = load_base(cfg.model)

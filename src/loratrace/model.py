@@ -96,15 +96,30 @@ def uses_pretrained_tiny(cfg: ModelConfig) -> bool:
 
 def load_pretrained_tiny(dtype: str = "float32"):
     """(model, tokenizer) of the shipped pre-trained tiny base, read from the package, offline."""
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     if not (PRETRAINED_DIR / "model.safetensors").is_file():
         raise ModelError(f"the shipped tiny base is missing from {PRETRAINED_DIR}; reinstall loratrace or run "
                          "python -m loratrace.sample.pretrain_tiny (or set model.tiny_pretrained=false)")
     tokenizer = PreTrainedTokenizerFast.from_pretrained(PRETRAINED_DIR, local_files_only=True)
     tokenizer.padding_side = "right"
-    model = AutoModelForCausalLM.from_pretrained(PRETRAINED_DIR, dtype=DTYPES[dtype], local_files_only=True)
+    model = load_small_model(PRETRAINED_DIR, dtype=DTYPES[dtype])
     return model, tokenizer
+
+
+def load_small_model(directory: Path, **kwargs):
+    """`AutoModelForCausalLM.from_pretrained` of a local few-MB model (the tiny base, a run's base_model/), without
+    transformers' "Loading weights" bar: it takes no time, and the bar would only clutter eval and import output."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as transformers_logging
+
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        return AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, **kwargs)
+    finally:
+        if bars:
+            transformers_logging.enable_progress_bar()
 
 
 def load_base(cfg: ModelConfig):
