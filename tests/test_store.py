@@ -145,9 +145,9 @@ def test_listing_is_skipped_only_while_recent_and_unchanged(two_runs):
     from loratrace.store import Runs
 
     tracking = two_runs / "A" / "tracking"
-    folders = [tracking, *(p for p in tracking.iterdir() if p.is_dir())]
+    folders = [two_runs / "A", *(two_runs / "A").rglob("*")]  # every file and folder the listing looks at
 
-    def stamp_folders(seconds_from_now: float) -> None:  # folder times set by hand: no race with the clock
+    def stamp_folders(seconds_from_now: float) -> None:  # times set by hand: no race with the clock
         for folder in folders:
             os.utime(folder, (time.time() + seconds_from_now,) * 2)
 
