@@ -90,9 +90,9 @@ class EpochLoader:
         return state
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        if state.get("seed", self.seed) != self.seed or state.get("world_size", self.world_size) != self.world_size:
-            raise DataError("the checkpoint's data order was made with another seed or world size; "
-                            "resume with the config it was trained with")
+        problem = order_mismatch(state, self.seed, self.world_size)
+        if problem:
+            raise DataError(problem)
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
         self.legacy = state.get("legacy")
         if self.legacy is not None and (self.world_size != 1 or any(i >= len(self.examples) for b in
@@ -124,6 +124,16 @@ class EpochLoader:
             batch["epoch"] = epoch
             batch["batch_in_epoch"] = position
             yield batch
+
+
+def order_mismatch(state: dict, seed: int, world_size: int) -> str | None:
+    """Why a saved `EpochLoader` position cannot continue with this seed and world size (the batches would differ
+    from an uninterrupted run's), or None."""
+    saved_seed, saved_world = state.get("seed", seed), state.get("world_size", world_size)
+    if (saved_seed, saved_world) == (seed, world_size):
+        return None
+    return (f"the checkpoint's data order was made with training.seed={saved_seed} on {saved_world} device(s), not "
+            f"{seed} on {world_size}; resume with the config it was trained with")
 
 
 class _Collate:

@@ -26,7 +26,7 @@ from loratrace.data import load_split
 from loratrace.evaluate import CheckpointEvaluator, Evaluator
 from loratrace.export import export_adapter, export_merged, save_base_model
 from loratrace.interrupt import RunInterrupted, StopOnSignal, interrupted_message
-from loratrace.loader import CommonsenseData
+from loratrace.loader import CommonsenseData, order_mismatch
 from loratrace.loggers import build_loggers, check_loggers, close_wandb, finish_loggers, logger_summary, quiet_loggers
 from loratrace.model import add_lora, load_base, trainable_parameter_count
 from loratrace.module import CheckpointError, LoRAModule, lora_mismatch
@@ -186,10 +186,9 @@ def validate_resume(checkpoint: Path, module: LoRAModule, cfg: Config) -> int:
     if problem:
         raise CheckpointError(f"checkpoint {problem}")
     loader = _loader_state(state)
-    if loader and (loader.get("seed", cfg.training.seed) != cfg.training.seed
-                   or loader.get("world_size", cfg.training.devices) != cfg.training.devices):
-        raise CheckpointError(f"{checkpoint.name} was trained with training.seed={loader.get('seed')} on "
-                              f"{loader.get('world_size')} device(s); resume with the config it was trained with")
+    problem = order_mismatch(loader, cfg.training.seed, cfg.training.devices) if loader else None
+    if problem:
+        raise CheckpointError(f"{checkpoint.name}: {problem}")
     tracked = next((v for k, v in state.get("callbacks", {}).items() if k.startswith("BatchTracker[")), None)
     tracking = checkpoint.parent.parent / "tracking"
     if cfg.tracking.enabled and tracked is not None and \
