@@ -110,3 +110,14 @@ def read_checkpoint(path: Path) -> dict:
     except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, EOFError, UnpicklingError, ...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"{path}: not a readable checkpoint ({first})") from None
+
+
+def checkpoint_files(run_dir: Path) -> list[tuple[int, Path]]:
+    """A run's `checkpoint-step-NNN.ckpt` files as (step, path), by step, less those a tracked run's lineage abandoned
+    (written by an attempt past the step a resume went back to, and not written again since)."""
+    from loratrace.mappings import abandoned_checkpoint_steps  # pyarrow only
+
+    abandoned = abandoned_checkpoint_steps(Path(run_dir) / "tracking")
+    found = ((int(p.name[len("checkpoint-step-"):-len(".ckpt")]), p)
+             for p in (Path(run_dir) / "checkpoints").glob("checkpoint-step-*.ckpt"))
+    return sorted((step, path) for step, path in found if step not in abandoned)

@@ -23,7 +23,7 @@ import pyarrow as pa
 import torch
 
 from loratrace import schema
-from loratrace.checkpoints import read_checkpoint
+from loratrace.checkpoints import checkpoint_files, read_checkpoint
 from loratrace.config import Config, EvalConfig, load_config
 from loratrace.data import LETTERS, DataError, Encoded, collate, encode, load_split, padding_token_id
 from loratrace.errors import LoratraceError
@@ -189,7 +189,7 @@ def load_lora_weights(peft_model, checkpoint: Path) -> None:
 
 
 def select_checkpoints(run_dir: Path, which: str) -> list[tuple[int, Path]]:
-    found = sorted((int(p.stem.rsplit("-", 1)[1]), p) for p in (run_dir / "checkpoints").glob("checkpoint-step-*.ckpt"))
+    found = checkpoint_files(run_dir)
     if which == "final":
         return []
     if not found:

@@ -82,10 +82,7 @@ class Mappings:
             warnings.warn(f"loratrace: refreshing the tracking mappings failed: {error}", stacklevel=2)
 
     def _effective(self, attempt: int, step: int) -> bool:
-        if attempt not in self.ranges:
-            return False
-        lower, upper = self.ranges[attempt]
-        return step > lower and (upper is None or step <= upper)
+        return is_effective(self.ranges, attempt, step)
 
     def _new_parts(self, folder: str, columns: list[str]) -> list[dict]:
         rows = []
@@ -133,6 +130,23 @@ class Mappings:
         schema.write_atomic(line_map, self.directory / "line_checkpoint.parquet")
         self._finished_at = time.monotonic()
         self._duration = self._finished_at - started
+
+
+def is_effective(ranges: dict[int, tuple[int, int | None]], attempt: int, step: int) -> bool:
+    """Whether `attempt`'s row for `step` is in the effective lineage (`ranges`: schema.effective_ranges)."""
+    if attempt not in ranges:
+        return False
+    lower, upper = ranges[attempt]
+    return step > lower and (upper is None or step <= upper)
+
+
+def abandoned_checkpoint_steps(tracking_dir: Path) -> set[int]:
+    """Steps whose checkpoint rows all come from attempts off the effective lineage: the files there were written by
+    an attempt a resume went back from (a step no effective attempt saved again)."""
+    rows = read_parts(Path(tracking_dir) / "checkpoints", schema.CHECKPOINTS).to_pylist()
+    ranges = lineage_ranges(tracking_dir) if rows else {}
+    recorded = {row["step"] for row in rows}
+    return recorded - {row["step"] for row in rows if is_effective(ranges, row["attempt"], row["step"])}
 
 
 def lineage_ranges(tracking_dir: Path, current_attempt: dict | None = None) -> dict[int, tuple[int, int | None]]:

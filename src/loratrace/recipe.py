@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from typing_extensions import override
 
 from loratrace import runs, schema
-from loratrace.checkpoints import StepCheckpoint, checkpoint_steps, read_checkpoint
+from loratrace.checkpoints import StepCheckpoint, checkpoint_files, checkpoint_steps, read_checkpoint
 from loratrace.config import Config, ConfigError
 from loratrace.data import load_split
 from loratrace.evaluate import CheckpointEvaluator, Evaluator
@@ -152,7 +152,7 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
             raise RunInterrupted(interrupted_message(signum, step, last), signum) from None
         raise error
     final_loss = module.last_metrics.get("train/loss")
-    written = sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-step-*.ckpt"))
+    written = [path.name for _, path in checkpoint_files(run_dir)]
     cost = _cost(tracker, index_s)
     runs.finish_run(run_dir, "completed", cost, steps=trainer.global_step, final_loss=final_loss,
                     trainable_parameters=trainable, checkpoints=len(written))
