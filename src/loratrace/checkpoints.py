@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import Checkpoint
 from typing_extensions import override
 
 from loratrace.config import CheckpointConfig
+from loratrace.errors import first_line
 
 
 def checkpoint_name(step: int) -> str:
@@ -108,7 +109,7 @@ def read_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, EOFError, UnpicklingError, ...
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ValueError(f"{path}: not a readable checkpoint ({first})") from None
 
 

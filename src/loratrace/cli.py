@@ -298,7 +298,7 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "query": cmd_query, "trace": c
 
 
 def main(argv: list[str] | None = None) -> int:
-    from loratrace.errors import LoratraceError
+    from loratrace.errors import LoratraceError, first_line
 
     parser = _parser()
     args = parser.parse_args(argv)
@@ -308,8 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except LoratraceError as exc:
-        message = str(exc).strip()
-        return _fail(message.splitlines()[0] if message else type(exc).__name__, exc.exit_code)
+        return _fail(first_line(exc), exc.exit_code)
     except KeyboardInterrupt:  # Ctrl+C outside training (loading, exporting); training stops cleanly by itself
         return _fail("interrupted", 130)
     except BrokenPipeError:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loratrace.errors import LoratraceError
+from loratrace.errors import LoratraceError, first_line
 
 LETTERS = "ABCDEFGHIJ"
 SAMPLE_DIR = Path(__file__).parent / "sample" / "arc_sample"
@@ -176,7 +176,7 @@ def _read_file(path: Path) -> list[dict]:
         try:
             return pq.read_table(path).to_pylist()
         except (pa.ArrowException, OSError) as exc:
-            raise DataError(f"{path}: not a readable Parquet file ({_first_line(exc)})") from None
+            raise DataError(f"{path}: not a readable Parquet file ({first_line(exc)})") from None
     raise DataError(f"{path}: unsupported file type (use .jsonl or .parquet)")
 
 
@@ -261,10 +261,6 @@ def _stderr(line: str) -> None:
 
     print(line, file=sys.stderr)
 
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # ---------------------------------------------------------------- tokenization

@@ -14,5 +14,11 @@ class LoratraceError(ValueError):
     exit_code = 2
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line (its type's name when it has none): what a one-line error shows."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class ConfigError(LoratraceError):
     """A config the user wrote (file, override or value) that cannot run (raised by config.py and overrides.py)."""

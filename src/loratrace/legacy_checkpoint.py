@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from loratrace.config import Config
-from loratrace.errors import LoratraceError
+from loratrace.errors import LoratraceError, first_line
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 ADAM_STATE = {"step", "exp_avg", "exp_avg_sq"}
@@ -82,7 +82,7 @@ def _load(path: Path) -> Any:
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, EOFError, UnpicklingError, ...
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise LegacyError(f"{path}: not a readable torch file ({first})") from None
 
 

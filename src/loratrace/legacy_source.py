@@ -22,6 +22,7 @@ from loratrace.config import (
     read_yaml_file,
     resolve_keys,
 )
+from loratrace.errors import first_line
 from loratrace.legacy_checkpoint import LegacyError
 
 ALIASES = {"global_step": "step", "indices": "sample_indices", "batch_indices": "sample_indices",
@@ -171,7 +172,7 @@ def resolve_ids(legacy: LegacyRun, report: dict[str, Any]) -> list[dict] | None:
     try:
         examples = load_split(cfg.data.dataset, cfg.data.source, cfg.data.train_split, notice=lambda line: None)
     except Exception as exc:  # noqa: BLE001 - a data set that does not load only means positional ids
-        load_error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        load_error = first_line(exc)
     rules = {"sample_ids": 0, "data set row": 0, "positional": 0}
     lines_differ = 0
     for row in legacy.rows:

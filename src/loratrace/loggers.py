@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 
 from loratrace.config import Config, flatten_keys
-from loratrace.errors import LoratraceError
+from loratrace.errors import LoratraceError, first_line
 
 RUN_TAG = "loratrace.run_id"  # MLflow tag naming the run folder: a resume finds its MLflow run by it
 PACKAGES = ("mlflow", "wandb", "swanlab", "tensorboard")  # loggers whose package has the logger's name
@@ -91,7 +91,7 @@ def _check_mlflow(cfg: Config) -> None:
             if uri.split(":", 1)[0] in ("http", "https", "databricks"):
                 client.search_experiments(max_results=1)
         except Exception as error:  # noqa: BLE001 - MLflow raises many types for a bad URI; all end the same way
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            first = first_line(error)
             raise LoggerError(f"logging.mlflow_tracking_uri={uri!r}: MLflow cannot use it: {first}") from None
 
 

@@ -16,7 +16,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 
 from loratrace.config import LoraConfig, ModelConfig
-from loratrace.errors import LoratraceError
+from loratrace.errors import LoratraceError, first_line
 
 PRETRAINED_DIR = Path(__file__).parent / "sample" / "tiny_base"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -137,7 +137,7 @@ def load_base(cfg: ModelConfig):
         model = AutoModelForCausalLM.from_pretrained(cfg.name, dtype=DTYPES[cfg.dtype],
                                                      trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ModelError(f"could not load {where} {cfg.name!r}: {first}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -23,6 +23,7 @@ from loratrace import runs, schema
 from loratrace.checkpoints import StepCheckpoint, checkpoint_files, checkpoint_steps, read_checkpoint
 from loratrace.config import Config, ConfigError
 from loratrace.data import load_split
+from loratrace.errors import first_line
 from loratrace.evaluate import CheckpointEvaluator, Evaluator
 from loratrace.export import export_adapter, export_merged, save_base_model
 from loratrace.interrupt import RunInterrupted, StopOnSignal, interrupted_message
@@ -169,7 +170,7 @@ def check_hardware(cfg: Config) -> None:
         L.Trainer(accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, precision=t.precision,
                   logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     except Exception as exc:  # noqa: BLE001 - Lightning raises MisconfigurationException, ValueError, RuntimeError
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ConfigError(f"training.accelerator={t.accelerator}, devices={t.devices}, strategy={t.strategy}, "
                           f"precision={t.precision}: {first}") from None
 

@@ -16,6 +16,8 @@ import json
 
 import duckdb
 
+from loratrace.errors import first_line
+
 # PRAGMAs that only report; the rest change settings or read and write files (import_database, copy_database, ...).
 REPORTING_PRAGMAS = frozenset({"show_tables", "show_tables_expanded", "table_info", "database_list", "database_size",
                                "version", "platform", "user_agent", "functions", "collations"})
@@ -123,7 +125,3 @@ def lock_down(con: duckdb.DuckDBPyConnection, folders: list[str]) -> None:
     for name, value in settings:
         con.execute(f"SET {name} = $1", [value])
 
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -24,7 +24,7 @@ import pyarrow as pa
 from typing_extensions import Self
 
 from loratrace import sandbox, schema
-from loratrace.errors import LoratraceError
+from loratrace.errors import LoratraceError, first_line
 from loratrace.mappings import first_checkpoint
 from loratrace.run_folders import as_list, find_runs, folders_of_runs, runs_info
 from loratrace.samples_index import INDEX_FILE, TRACE_COLUMNS, TRACE_ORDER, SamplesIndex, index_fingerprint
@@ -251,7 +251,7 @@ class Runs:
         try:
             return self.con.sql(query, params=params) if params else self.con.sql(query)
         except duckdb.Error as exc:
-            raise StoreError(f"SQL error: {sandbox.first_line(exc)}") from None
+            raise StoreError(f"SQL error: {first_line(exc)}") from None
 
     def fetch_table(self, query: str, params: list | None = None) -> pa.Table:
         """`sql` run to the end as an Arrow table: an error while running (a bad cast, say) is a StoreError too."""
@@ -259,7 +259,7 @@ class Runs:
         try:
             return relation.to_arrow_table() if relation is not None else pa.table({})
         except duckdb.Error as exc:
-            raise StoreError(f"SQL error: {sandbox.first_line(exc)}") from None
+            raise StoreError(f"SQL error: {first_line(exc)}") from None
 
     def trace(self, example_id: str | None = None, line: int | None = None, run_id: str | None = None):
         """Every step where the example trained, with its loss, p(gold), correctness and the first checkpoint that
