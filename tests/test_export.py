@@ -199,6 +199,13 @@ def test_a_failed_export_leaves_nothing(run, tmp_path):
     with pytest.raises(LoratraceError, match="checkpoint-step-005.ckpt: not a readable checkpoint"):
         export_adapters(broken, out, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]  # neither OUT nor its staging nor its parent
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "mine.txt").write_text("before")
+    with pytest.raises(LoratraceError, match="not a readable checkpoint"):
+        export_adapters(broken, kept, overwrite=True, progress=False)
+    assert [p.name for p in kept.iterdir()] == ["mine.txt"] and (kept / "mine.txt").read_text() == "before"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept", "runs"]
 
 
 def test_a_named_base_model_is_recorded_as_config_yaml_names_it(run, tmp_path):

@@ -26,7 +26,7 @@ MANIFEST_FILE = "manifest.parquet"
 FLAT_DIR = "flat"
 FLAT_LAYOUT = "layout.json"
 FLAT_KEY = "lora"  # the one tensor of a flat file
-FLAT_ORDER = "PEFT parameter names (the keys of adapter_model.safetensors), sorted; row-major flattening"
+FLAT_ORDER = "PEFT parameter names (the keys of adapter_model.safetensors) in plain string order; each tensor row-major"
 MANIFEST = pa.schema([  # a row per exported checkpoint; example_ids, lines, lr NULL where nothing recorded them
     ("run_id", pa.string()), ("step", pa.int64()), ("folder", pa.string()), ("flat", pa.string()),
     ("checkpoint_file", pa.string()), ("stage", pa.int8()), ("lr", pa.float64()),
@@ -153,6 +153,7 @@ def check_output_folder(out: Path, overwrite: bool) -> None:
 def staged_folder(out: Path) -> Iterator[Path]:
     """A fresh folder beside `out` to write into, renamed to `out` when the block ends without error (replacing what
     was there); on any error or interrupt it is removed, and so are parent folders made for it."""
+    out = out.resolve()  # `.` or `..` has no name to put a sibling beside
     made = [p for p in [out.parent, *out.parent.parents] if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:8]
