@@ -21,7 +21,8 @@ README = (ROOT / "README.md").read_text()
 BLOCKS = re.findall(r"```(\w*)\n(.*?)```", README, re.S)
 QUERIES = [body for lang, body in BLOCKS if lang == "sql"]
 PYTHON = [body for lang, body in BLOCKS if lang == "python"]
-LISTINGS = ("runs/<dataset>_<method>_<YYYYMMDD_HHMMSS>/", "pyproject.toml")  # plain blocks that list files
+# plain blocks that list files: a run folder, an export folder, the repository
+LISTINGS = ("runs/<dataset>_<method>_<YYYYMMDD_HHMMSS>/", "out/adapters/", "pyproject.toml")
 SHELL_LINES = [line for lang, body in BLOCKS if lang == "" and not body.startswith(LISTINGS)
                for line in body.splitlines() if line.strip()]
 
@@ -61,7 +62,7 @@ TRAIN = [c for c in COMMANDS if c.startswith("loratrace train") and NOT_RUN.get(
 EXPECT = {  # what each read command prints, beyond exit code 0
     "query": r"step", "trace": r"\w+ \(line \d+\) trained at [1-9]\d* step", "runs": r"completed",
     "eval": r"best: \S+\.ckpt \(step \d+\), accuracy",
-    "compare": r"data_order", "report": r"opens offline",
+    "compare": r"data_order", "report": r"opens offline", "export": r"exported [1-9]\d* adapter\(s\)",
 }
 
 

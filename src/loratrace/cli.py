@@ -7,6 +7,7 @@
     loratrace runs
     loratrace compare RUN RUN... [--format table|csv|json] [--section NAME ...] [--top N] [--output FILE]
     loratrace report RUN... -o report.html
+    loratrace export RUN --adapters OUT [--steps 76..125|76,100] [--flat] [--overwrite]
     loratrace import-legacy PATH... [--runs-dir DIR] [--force]
 
 Errors a user can cause (`LoratraceError`) end in one line on stderr: exit 2 for a bad config, data set, model or
@@ -87,6 +88,20 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, help="score only the first N rows")
     evaluate.add_argument("--batch-size", type=int, help="examples per forward pass")
     evaluate.add_argument("--scoring", choices=("label", "text"), help="choice letters (default) or choice texts")
+
+    export = sub.add_parser("export", help="every checkpoint as a PEFT adapter folder, with a manifest",
+                            description="Write each checkpoint of a run as a PEFT adapter folder (adapter_config.json, "
+                                        "adapter_model.safetensors) under OUT, with OUT/manifest.parquet: step, "
+                                        "folder, stage, lr, the step's example ids and lines (NULL for an untracked "
+                                        "run). OUT appears complete or not at all.")
+    export.add_argument("run", help="the run folder")
+    export.add_argument("--adapters", required=True, metavar="OUT", help="the folder to write (new, or empty)")
+    export.add_argument("--steps", help="a range like 76..125 (the checkpoints in it), steps like 76,100 (each must "
+                                        "have a checkpoint), or both; default: every checkpoint")
+    export.add_argument("--flat", action="store_true",
+                        help="also write each checkpoint's LoRA tensors as one float32 vector, OUT/flat/<checkpoint>"
+                             ".safetensors, in the order and shapes of OUT/flat/layout.json (sorted by PEFT name)")
+    export.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
 
     imports = sub.add_parser("import-legacy", help="convert traditional-script experiment folders into run folders",
                              description="Convert legacy run folders (logs/batch_tracking_<dataset>.jsonl, JSON "
@@ -235,6 +250,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    import warnings
+
+    from loratrace.export import MANIFEST_FILE, export_adapters
+
+    warnings.showwarning = _warning_line
+    manifest = export_adapters(args.run, args.adapters, steps=args.steps, flat=args.flat, overwrite=args.overwrite)
+    steps = list(manifest.step)
+    print(f"exported {len(steps)} adapter(s), steps {steps[0]}..{steps[-1]}, to {args.adapters}  "
+          f"manifest {Path(args.adapters) / MANIFEST_FILE}" + (f"  flat vectors {Path(args.adapters) / 'flat'}/"
+                                                              if args.flat else ""))
+    return 0
+
+
 def cmd_import_legacy(args: argparse.Namespace) -> int:
     from loratrace.legacy import find_legacy_runs, import_legacy, summary
 
@@ -294,7 +323,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "query": cmd_query, "trace": cmd_trace, "runs": cmd_runs,
-            "compare": cmd_compare, "report": cmd_report, "import-legacy": cmd_import_legacy}
+            "compare": cmd_compare, "report": cmd_report, "export": cmd_export,
+            "import-legacy": cmd_import_legacy}
 
 
 def main(argv: list[str] | None = None) -> int:
