@@ -263,7 +263,9 @@ class LoRAModule(L.LightningModule):
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        problem = lora_mismatch(self, checkpoint.get("state_dict", {}))
+        # FSDP's strategy has loaded the tensors (and taken them out of `checkpoint`) before this hook: the file was
+        # checked by `validate_resume` before fit, and this module's own tensors may be shards by now.
+        problem = lora_mismatch(self, checkpoint["state_dict"]) if "state_dict" in checkpoint else None
         if problem:
             raise CheckpointError(f"checkpoint {problem}")
         per_rank = checkpoint.get("rng_states_per_rank")

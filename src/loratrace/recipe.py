@@ -16,6 +16,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+from lightning.pytorch.strategies import FSDPStrategy
 from typing_extensions import override
 
 from loratrace import runs, schema
@@ -28,7 +29,7 @@ from loratrace.interrupt import RunInterrupted, StopOnSignal, interrupted_messag
 from loratrace.launch import folder_for_children, identify, shared_run_dir
 from loratrace.loader import CommonsenseData, order_mismatch
 from loratrace.loggers import build_loggers, check_loggers, close_wandb, finish_loggers, logger_summary, quiet_loggers
-from loratrace.model import add_lora, load_base, trainable_parameter_count
+from loratrace.model import add_lora, load_base, load_small_model, trainable_parameter_count
 from loratrace.module import CheckpointError, LoRAModule, lora_mismatch
 from loratrace.tracking import BatchTracker, index_samples
 
@@ -128,6 +129,8 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
         index_s = index_samples(run_dir) if tracker is not None else 0.0  # the run's end: `trace`'s index
 
         # export
+        if isinstance(trainer.strategy, FSDPStrategy):  # each rank holds a shard: the last checkpoint has them whole
+            peft_model = unsharded_model(cfg, run_dir, step_checkpoint.last_saved)
         trainable = trainable_parameter_count(peft_model)  # before merging folds the adapters away
         if cfg.export.adapter:
             base_path = run_dir / "base_model" if cfg.model.name == "tiny" else None
@@ -157,6 +160,17 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
     if progress:
         print_summary(cfg, run_dir, trainer.global_step, final_loss, written, cost.get("tracking_cost"))
     return run_dir
+
+
+def unsharded_model(cfg: Config, run_dir: Path, checkpoint: Path):
+    """The PEFT model with `checkpoint`'s LoRA tensors, on rank 0 after an FSDP fit, whose own parameters are this
+    rank's shards: FSDP's full state dict gathered them, whole, into every checkpoint (the last step always has one)."""
+    from loratrace.evaluate import load_lora_weights
+
+    model = load_small_model(run_dir / "base_model") if cfg.model.name == "tiny" else load_base(cfg.model)[0]
+    peft_model = add_lora(model, cfg.lora, cfg.training.seed)
+    load_lora_weights(peft_model, checkpoint)
+    return peft_model
 
 
 def validate_resume(checkpoint: Path, module: LoRAModule, cfg: Config, world_size: int = 1) -> int:
