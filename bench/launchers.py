@@ -62,7 +62,7 @@ def launch(processes: int, tracked: bool, steps: int, runs_dir: Path, out: Path)
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.launchers", description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=40, help="updates per launch (the first 5 are not timed)")
+    parser.add_argument("--steps", type=int, default=40, help="updates per launch (the first few are not timed)")
     parser.add_argument("--repeats", type=int, default=3, help="launches of each arm")
     parser.add_argument("--rank-worker", type=Path, help=argparse.SUPPRESS)
     args, overrides = parser.parse_known_args()
@@ -90,9 +90,11 @@ def table(arms: dict, steps: int, repeats: int) -> str:
             rows.append(f"| {processes} | {rank} | {on:.1f} ms / {off:.1f} ms | {on / off:.3f} | "
                         f"({hooks:.2f} + {writer:.2f} ms) / {off:.1f} ms | {1 + hooks / off:.3f}-"
                         f"{1 + (hooks + writer) / off:.3f} |")
+    from bench.arms import SKIP
+
     header = (f"`python -m bench.launchers` on {platform.machine()} ({os.cpu_count()} cores), "
               f"python {platform.python_version()}; tiny preset, batch 8 per rank, gloo, {steps} updates "
-              f"({steps - 5} timed), {repeats} launches of each arm, median")
+              f"({steps - SKIP} timed), {repeats} launches of each arm, median")
     return "\n".join([header, "", "| processes | rank | update time tracked / untracked | ratio | tracker's "
                       "accounting: (hooks + writer CPU) per update / untracked update | accounted ratio |",
                       "|---|---|---|---|---|---|", *rows])
