@@ -19,7 +19,10 @@ import pytest
 from conftest import ROOT, run_cli
 
 import loratrace
+from loratrace.config import ConfigError, load_config
+from loratrace.launch import identify
 from loratrace.loader import EpochLoader
+from loratrace.runs import read_run_json, write_run_json
 
 BATCH, STEPS = 4, 12
 TRAIN = ["-m", "loratrace", "train", "--config", str(ROOT / "configs" / "tiny.yaml"), "--track-batches"]
@@ -175,3 +178,46 @@ def test_resume_under_another_world_size_is_refused_and_changes_nothing(standalo
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert "trained by 2 process(es), not 1" in lines[-1], result.stderr[-2000:]
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+
+
+TORCHRUN_NODE_1 = {"RANK": "3", "LOCAL_RANK": "1", "GROUP_RANK": "1", "LOCAL_WORLD_SIZE": "2", "WORLD_SIZE": "4",
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999", "TORCHELASTIC_RUN_ID": "none"}
+
+
+def test_rank_and_world_size_are_the_launchers(monkeypatch):
+    """What torchrun sets on the second process of the second node: Lightning's numbering, no process started."""
+    for key in LAUNCHER_VARIABLES:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in TORCHRUN_NODE_1.items():
+        monkeypatch.setenv(key, value)
+    cpu = ["training.accelerator=cpu", "training.devices=2"]
+    launch = identify(load_config(None, [*cpu, "training.num_nodes=2"]))
+    assert (launch.rank, launch.world_size, launch.external) == (3, 4, True)
+    with pytest.raises(ConfigError, match=r"devices=2, num_nodes=1.*does not match the world size \(4\)"):
+        identify(load_config(None, cpu))
+
+
+def test_several_nodes_without_an_external_launcher_is_one_line(monkeypatch):
+    for key in LAUNCHER_VARIABLES:
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(ConfigError, match="training.num_nodes=2: start the processes on every node with torchrun"):
+        identify(load_config(None, ["training.accelerator=cpu", "training.devices=2", "training.num_nodes=2"]))
+
+
+def _write_run_json_repeatedly(run_dir: str, rank: int) -> None:
+    for n in range(200):
+        write_run_json(Path(run_dir), {"rank": rank, "n": n})
+
+
+def test_processes_writing_run_json_at_once_never_collide(tmp_path):
+    """Each writer has its own temporary name: one never renames another's half-written file (or finds it gone)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    writers = [context.Process(target=_write_run_json_repeatedly, args=(str(tmp_path), rank)) for rank in (0, 1)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(timeout=120)
+    assert [w.exitcode for w in writers] == [0, 0]
+    assert read_run_json(tmp_path)["n"] == 199 and list(tmp_path.iterdir()) == [tmp_path / "run.json"]

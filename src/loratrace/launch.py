@@ -61,8 +61,7 @@ def identify(cfg: Config) -> Launch:
                           precision=t.precision, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                           enable_model_summary=False)
     except Exception as exc:  # noqa: BLE001 - Lightning raises MisconfigurationException, ValueError, RuntimeError
-        raise ConfigError(f"training.accelerator={t.accelerator}, devices={t.devices}, num_nodes={t.num_nodes}, "
-                          f"strategy={t.strategy}, precision={t.precision}: {first_line(exc)}") from None
+        raise _settings_error(cfg, exc) from None
     strategy = probe.strategy
     environment = getattr(strategy, "cluster_environment", None)
     if environment is None:  # one device, one process
@@ -72,8 +71,19 @@ def identify(cfg: Config) -> Launch:
     if t.num_nodes > 1 and not external and not child_of_lightning:
         raise ConfigError(f"training.num_nodes={t.num_nodes}: start the processes on every node with torchrun or "
                           "srun (Lightning's own launcher starts them on one node only)")
+    if external:  # Lightning checks this only for processes it starts itself: a wrong count would train silently
+        try:
+            environment.validate_settings(num_devices=strategy.num_processes, num_nodes=t.num_nodes)
+        except ValueError as exc:
+            raise _settings_error(cfg, exc) from None
     rank = environment.node_rank() * strategy.num_processes + environment.local_rank()
     return Launch(rank=rank, world_size=t.num_nodes * strategy.num_processes, external=external, strategy=strategy)
+
+
+def _settings_error(cfg: Config, exc: Exception) -> ConfigError:
+    t = cfg.training
+    return ConfigError(f"training.accelerator={t.accelerator}, devices={t.devices}, num_nodes={t.num_nodes}, "
+                       f"strategy={t.strategy}, precision={t.precision}: {first_line(exc)}")
 
 
 def shared_run_dir(launch: Launch, make: Callable[[], Path]) -> Path:
