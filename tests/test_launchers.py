@@ -195,6 +195,9 @@ def test_rank_and_world_size_are_the_launchers(monkeypatch):
     assert (launch.rank, launch.world_size, launch.external) == (3, 4, True)
     with pytest.raises(ConfigError, match=r"devices=2, num_nodes=1.*does not match the world size \(4\)"):
         identify(load_config(None, cpu))
+    with pytest.raises(ConfigError, match=r"torchrun started 4 processes, but training.devices=1 x training.num_nodes"
+                                          r"=1 is 1: set training.devices to the processes per node"):
+        identify(load_config(None, ["training.accelerator=cpu"]))  # each would train alone, in a folder of its own
 
 
 def test_several_nodes_without_an_external_launcher_is_one_line(monkeypatch):

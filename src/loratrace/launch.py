@@ -54,6 +54,7 @@ def identify(cfg: Config) -> Launch:
     (built only to ask, then dropped). `training.accelerator`, `devices`, `num_nodes`, `strategy` and `precision`
     Lightning refuses, or that do not match the launcher's world, are one line now, before any file is written."""
     import lightning as L
+    from lightning.fabric.plugins.environments import TorchElasticEnvironment
 
     t = cfg.training
     try:
@@ -65,6 +66,11 @@ def identify(cfg: Config) -> Launch:
     strategy = probe.strategy
     environment = getattr(strategy, "cluster_environment", None)
     if environment is None:  # one device, one process
+        started = int(os.environ.get("WORLD_SIZE", "1")) if TorchElasticEnvironment.detect() else 1
+        if started > 1:  # each would train alone, in its own run folder
+            raise ConfigError(f"torchrun started {started} processes, but training.devices={t.devices} x "
+                              f"training.num_nodes={t.num_nodes} is 1: set training.devices to the processes per "
+                              "node (--nproc_per_node) and training.num_nodes to the nodes (--nnodes)")
         return Launch(rank=0, world_size=1, external=False)
     child_of_lightning = RUN_DIR_ENV in os.environ
     external = environment.creates_processes_externally and not child_of_lightning
