@@ -3,7 +3,9 @@
 #
 # Figures 1, 2 and 5 of bench/ (tracking overhead, checkpoint bytes, throughput against a plain HF Trainer + PEFT
 # script) on a Qwen2.5-0.5B-shaped model in bf16 on one CUDA GPU, plus tokens/s and model FLOP utilisation. The
-# table goes to OUT_DIR/results.md (and results.json). Killed after 8 minutes.
+# table goes to OUT_DIR/results.md (and results.json). Before them, a 1-GPU FSDP smoke run (bench/fsdp_smoke.py:
+# LoRA-only full checkpoints, resume, export, eval under training.strategy=fsdp) writes OUT_DIR/fsdp_smoke.md; a
+# failed check is reported and the figures still run. Killed after 2 + 7 minutes.
 #
 # Works offline. It needs torch, lightning, transformers and peft installed; what else loratrace's training
 # imports (pyarrow; duckdb for the end-of-run samples index, optional) is installed from the wheels in
@@ -46,4 +48,16 @@ done
 
 mkdir -p "$out"
 cd "$root"
-exec timeout 480 "$python" -m bench.gpu --out "$out" "$@"
+device=cuda
+previous=""
+for arg in "$@"; do  # --device cpu: the smoke run checks the same things under ddp (Lightning's FSDP needs CUDA)
+    if [ "$previous" = "--device" ]; then device="$arg"; fi
+    previous="$arg"
+done
+smoke=0
+timeout 120 "$python" -m bench.fsdp_smoke --out "$out" --device "$device" || smoke=$?
+timeout 420 "$python" -m bench.gpu --out "$out" "$@"
+if [ "$smoke" -ne 0 ]; then
+    echo "gpu.sh: the FSDP smoke run failed (exit $smoke): see $out/fsdp_smoke.md and the lines above" >&2
+    exit "$smoke"
+fi

@@ -46,6 +46,8 @@ def test_gpu_script_runs_on_cpu_at_tiny_size(tmp_path):
     accounted = figures["accounted_overhead"]
     assert 1 < accounted["low"] < accounted["high"] and accounted["thread_ms"] > 0
     assert "| tracking overhead by the tracker's accounting, tiny preset" in table
+    smoke = (tmp_path / "out" / "fsdp_smoke.md").read_text()  # on the CPU under ddp: Lightning's FSDP needs CUDA
+    assert "training.strategy=ddp" in smoke and smoke.count("| ok |") == 5 and "FAILED" not in smoke
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")

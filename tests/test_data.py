@@ -104,8 +104,10 @@ def test_ranks_split_each_global_batch_without_overlap():
 
 def test_loader_state_from_another_seed_is_refused():
     loader = EpochLoader(_encoded(10), 4, seed=1, pad_id=0)
-    with pytest.raises(DataError, match=r"data order was made with training.seed=2 on 1 device\(s\), not 1 on 1"):
+    with pytest.raises(DataError, match=r"data order was made with training.seed=2, not 1"):
         loader.load_state_dict({"epoch": 0, "offset": 1, "seed": 2, "world_size": 1})
+    with pytest.raises(DataError, match=r"trained by 2 process\(es\), not 1: .*resume with 2"):
+        loader.load_state_dict({"epoch": 0, "offset": 1, "seed": 1, "world_size": 2})
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -35,6 +35,8 @@ def segments(line: str) -> list[str]:
 COMMANDS = [command for line in SHELL_LINES for command in segments(line)]
 LEGACY_FOLDER = ("needs a folder of the traditional script (not parsed either: its paths must exist): "
                  "tests/test_legacy.py imports and resumes one that tests/legacy_script.py writes with a real Trainer")
+LAUNCHED = ("4 processes of Qwen2.5-0.5B from the hub (and SLURM, or a second node): tests/test_launchers.py runs the "
+            "same launches on the tiny preset with 2 CPU processes (torchrun one node and two, srun's variables)")
 NOT_RUN = {  # README commands these tests do not run, and why (a `loratrace train` among them is still parsed)
     "python3 -m venv .venv": "makes the venv the tests already run in",
     ". .venv/bin/activate": "the tests' venv is already active",
@@ -42,6 +44,17 @@ NOT_RUN = {  # README commands these tests do not run, and why (a `loratrace tra
     "python -m pytest -q": "the test suite itself",
     "loratrace train --config configs/arc-challenge.yaml --track-batches training.batch_size=16":
         "Qwen2.5-0.5B and ARC-Challenge come from the Hugging Face hub: needs network",
+    "torchrun --standalone --nproc_per_node 4 -m loratrace train --config configs/arc-challenge.yaml --track-batches "
+    "training.devices=4": LAUNCHED,
+    "torchrun --nnodes 2 --nproc_per_node 4 --node_rank 0 --master_addr node0 --master_port 29500 -m loratrace train "
+    "--config configs/arc-challenge.yaml --track-batches training.devices=4 training.num_nodes=2": LAUNCHED,
+    "srun --nodes 2 --ntasks-per-node 4 loratrace train --config configs/arc-challenge.yaml --track-batches "
+    "training.devices=4 training.num_nodes=2": LAUNCHED,
+    "torchrun --standalone --nproc_per_node 4 -m loratrace train --resume-from-checkpoint "
+    "runs/<run>/checkpoints/checkpoint-step-100.ckpt": LAUNCHED,
+    "loratrace train --config configs/arc-challenge.yaml --track-batches training.devices=4 training.strategy=fsdp":
+        "Qwen2.5-0.5B from the hub on 4 GPUs; Lightning's FSDP needs CUDA: bench/fsdp_smoke.py (run by bench/gpu.sh) "
+        "checks FSDP on one GPU",
     "swanlab watch runs/<run>/swanlab_logs":
         "a server that runs until stopped: tests/test_swanlab.py starts it and reads a local run's loss back",
     **{command: LEGACY_FOLDER for command in (

@@ -123,7 +123,7 @@ def test_refused_resumes_change_nothing_and_the_run_still_resumes(finished_run):
     cases = [(["lora.r=4"], checkpoints / "checkpoint-step-010.ckpt", "checkpoint tensor"),
              ([], truncated, "not a readable checkpoint"),
              (["training.seed=7"], checkpoints / "checkpoint-step-010.ckpt",
-              "made with training.seed=42 on 1 device(s), not 7 on 1"),
+              "made with training.seed=42, not 7"),
              (["training.strategy=foo"], checkpoints / "checkpoint-step-010.ckpt", "invalid strategy name")]
     for overrides, ckpt, message in cases:
         result = run_cli("train", "--config", str(finished_run / "config.yaml"), *overrides,

@@ -108,9 +108,12 @@ class TrainingConfig:
     accelerator: str = "auto"
     """Lightning accelerator: auto, cpu, gpu."""
     devices: int = 1
-    """Devices (processes) to train on."""
+    """Devices (processes) per node; under torchrun or srun, the processes each node starts."""
+    num_nodes: int = 1
+    """Nodes (machines) the run spans; more than one needs torchrun or srun to start the processes on each."""
     strategy: str = "auto"
-    """Lightning strategy: auto, ddp, ddp_spawn, ..."""
+    """Lightning strategy: auto, ddp, fsdp (gathers the LoRA tensors and optimizer state into full tensors on rank 0
+    at every checkpoint; needs a GPU), or any other Lightning strategy name, passed through."""
     log_every_n_steps: int = 1
     """How often scalars go to TensorBoard/SwanLab."""
 
@@ -267,7 +270,7 @@ def validate(cfg: Config) -> None:
         _require(value in allowed, f"{key}: {value!r} is not one of {', '.join(allowed)}")
     _require(cfg.data.dataset in REGISTRY,
              f"data.dataset: unknown data set {cfg.data.dataset!r}; known: {', '.join(REGISTRY)}")
-    for key in ("batch_size", "max_steps", "accumulate_grad_batches", "devices", "log_every_n_steps"):
+    for key in ("batch_size", "max_steps", "accumulate_grad_batches", "devices", "num_nodes", "log_every_n_steps"):
         _require(getattr(t, key) >= 1, f"training.{key} must be at least 1, got {getattr(t, key)}")
     _require(0 <= t.stage1_steps <= t.max_steps,
              f"training.stage1_steps must be between 0 and training.max_steps ({t.max_steps}), got {t.stage1_steps}")

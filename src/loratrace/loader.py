@@ -132,8 +132,12 @@ def order_mismatch(state: dict, seed: int, world_size: int) -> str | None:
     saved_seed, saved_world = state.get("seed", seed), state.get("world_size", world_size)
     if (saved_seed, saved_world) == (seed, world_size):
         return None
-    return (f"the checkpoint's data order was made with training.seed={saved_seed} on {saved_world} device(s), not "
-            f"{seed} on {world_size}; resume with the config it was trained with")
+    if saved_seed != seed:
+        return (f"the checkpoint's data order was made with training.seed={saved_seed}, not {seed}; resume with the "
+                "config it was trained with")
+    return (f"the checkpoint was trained by {saved_world} process(es), not {world_size}: each step's global batch "
+            f"and every rank's share depend on it; resume with {saved_world} (training.devices x training.num_nodes, "
+            "as the launcher starts them)")
 
 
 class _Collate:

@@ -187,6 +187,19 @@ class LoRAModule(L.LightningModule):
         self._update_lr = float(optimizer.param_groups[0]["lr"])
 
     @override
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if not isinstance(self.trainer.strategy, FSDPStrategy):
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        # Lightning refuses norm clipping under FSDP: each rank holds a shard of the gradients, so only the wrapped
+        # root can take their global norm. Its clip_grad_norm_ does (every rank), and returns the norm before clipping,
+        # which is the grad-norm to record: the one taken above saw this rank's shard only.
+        self.grad_norm = self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val or math.inf).detach()
+
+    @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._update_lr is None:  # a micro-batch that did not finish an update
             return
@@ -250,7 +263,9 @@ class LoRAModule(L.LightningModule):
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        problem = lora_mismatch(self, checkpoint.get("state_dict", {}))
+        # FSDP's strategy has loaded the tensors (and taken them out of `checkpoint`) before this hook: the file was
+        # checked by `validate_resume` before fit, and this module's own tensors may be shards by now.
+        problem = lora_mismatch(self, checkpoint["state_dict"]) if "state_dict" in checkpoint else None
         if problem:
             raise CheckpointError(f"checkpoint {problem}")
         per_rank = checkpoint.get("rng_states_per_rank")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -17,23 +16,22 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+from lightning.pytorch.strategies import FSDPStrategy
 from typing_extensions import override
 
 from loratrace import runs, schema
 from loratrace.checkpoints import StepCheckpoint, checkpoint_files, checkpoint_steps, read_checkpoint
 from loratrace.config import Config, ConfigError
 from loratrace.data import load_split
-from loratrace.errors import first_line
 from loratrace.evaluate import CheckpointEvaluator, Evaluator
 from loratrace.export import export_adapter, export_merged, save_base_model
 from loratrace.interrupt import RunInterrupted, StopOnSignal, interrupted_message
+from loratrace.launch import folder_for_children, identify, shared_run_dir
 from loratrace.loader import CommonsenseData, order_mismatch
 from loratrace.loggers import build_loggers, check_loggers, close_wandb, finish_loggers, logger_summary, quiet_loggers
-from loratrace.model import add_lora, load_base, trainable_parameter_count
+from loratrace.model import add_lora, load_base, load_small_model, trainable_parameter_count
 from loratrace.module import CheckpointError, LoRAModule, lora_mismatch
 from loratrace.tracking import BatchTracker, index_samples
-
-RUN_DIR_ENV = "LORATRACE_RUN_DIR"  # DDP children re-run the command: they join the folder rank 0 made
 
 
 def resume_run_dir(checkpoint: Path) -> Path:
@@ -72,23 +70,23 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
     datamodule = CommonsenseData(examples, tokenizer, cfg.data.max_length, cfg.training.batch_size,
                                  cfg.training.seed, cfg.data.num_workers)
     evaluator = Evaluator(cfg, tokenizer) if cfg.eval.every_checkpoint else None  # its split, checked now
-    child = os.environ.get(RUN_DIR_ENV) and int(os.environ.get("LOCAL_RANK", "0")) > 0
-    # The tiny preset has no hub home: its base goes into the run folder, copied before LoRA wraps it.
-    keep_base = not child and cfg.model.name == "tiny" and not (existing and (existing / "base_model").exists())
+    launch = identify(cfg)  # accelerator, devices, nodes, strategy, precision: checked now, on every rank
+    # The tiny preset has no hub home: its base goes into the run folder (rank 0), copied before LoRA wraps it.
+    keep_base = launch.rank == 0 and cfg.model.name == "tiny" and not (existing and (existing / "base_model").exists())
     base_copy = copy.deepcopy(model) if keep_base else None
     peft_model = add_lora(model, cfg.lora, cfg.training.seed)
     module = LoRAModule(peft_model, cfg.training)
     module.train()  # as the HF Trainer does: from_pretrained returns a model in eval mode (dropout off)
-    resumed_step = validate_resume(checkpoint, module, cfg) if checkpoint else 0
+    resumed_step = validate_resume(checkpoint, module, cfg, launch.world_size) if checkpoint else 0
     check_loggers(cfg)  # a logger that cannot start is one line now, not a crash once training is under way
-    check_hardware(cfg)
 
-    # run folder
-    if child:
-        run_dir = Path(os.environ[RUN_DIR_ENV])
-    else:
-        run_dir = existing or runs.new_run_dir(cfg)
-        runs.start_run(run_dir, cfg, str(checkpoint) if checkpoint else None)
+    # run folder: rank 0 makes it (or reopens the resumed run's) and writes run.json and config.yaml; all ranks learn it
+    def make_run_dir() -> Path:
+        made = existing or runs.new_run_dir(cfg)
+        runs.start_run(made, cfg, str(checkpoint) if checkpoint else None)
+        return made
+
+    run_dir = shared_run_dir(launch, make_run_dir)
     trainer, tracker, stop = None, None, None
     try:  # from here on the run folder is this launch's: whatever ends it is recorded in run.json
         if base_copy is not None:
@@ -111,13 +109,13 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
         trainer = L.Trainer(
             max_steps=t.max_steps, max_epochs=-1, accumulate_grad_batches=t.accumulate_grad_batches,
             gradient_clip_val=t.max_grad_norm or None, gradient_clip_algorithm="norm", precision=t.precision,
-            accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
+            accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
             logger=build_loggers(cfg, run_dir, resumed_step) or False,
             callbacks=own_callbacks + list(callbacks or []), enable_checkpointing=True, enable_progress_bar=progress,
             enable_model_summary=False, default_root_dir=str(run_dir), log_every_n_steps=t.log_every_n_steps,
             use_distributed_sampler=False, num_sanity_val_steps=0, limit_val_batches=0,
         )
-        with _run_dir_for_children(run_dir, t.devices):
+        with folder_for_children(run_dir, launch):
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(checkpoint) if checkpoint else None)
         _finish_swanlab(trainer)
         if trainer.global_step < t.max_steps:  # a callback stopped it early (a Timer, say): resumable like a signal
@@ -131,6 +129,8 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
         index_s = index_samples(run_dir) if tracker is not None else 0.0  # the run's end: `trace`'s index
 
         # export
+        if isinstance(trainer.strategy, FSDPStrategy):  # each rank holds a shard: the last checkpoint has them whole
+            peft_model = unsharded_model(cfg, run_dir, step_checkpoint.last_saved)
         trainable = trainable_parameter_count(peft_model)  # before merging folds the adapters away
         if cfg.export.adapter:
             base_path = run_dir / "base_model" if cfg.model.name == "tiny" else None
@@ -146,7 +146,7 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
             _finish_swanlab(trainer)
             close_wandb(trainer.loggers)
         step = trainer.global_step if trainer is not None else resumed_step
-        if trainer is None or trainer.is_global_zero:
+        if launch.rank == 0:
             runs.finish_run(run_dir, "interrupted" if signum is not None else "failed", _cost(tracker), steps=step)
         if signum is not None:
             last = stop.step_checkpoint.last_saved or checkpoint
@@ -162,23 +162,22 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
     return run_dir
 
 
-def check_hardware(cfg: Config) -> None:
-    """`training.accelerator`, `devices`, `strategy` and `precision` as Lightning reads them: one line now, before any
-    file is written (a Trainer built only to check, then dropped)."""
-    t = cfg.training
-    try:
-        L.Trainer(accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, precision=t.precision,
-                  logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    except Exception as exc:  # noqa: BLE001 - Lightning raises MisconfigurationException, ValueError, RuntimeError
-        first = first_line(exc)
-        raise ConfigError(f"training.accelerator={t.accelerator}, devices={t.devices}, strategy={t.strategy}, "
-                          f"precision={t.precision}: {first}") from None
+def unsharded_model(cfg: Config, run_dir: Path, checkpoint: Path):
+    """The PEFT model with `checkpoint`'s LoRA tensors, on rank 0 after an FSDP fit, whose own parameters are this
+    rank's shards: FSDP's full state dict gathered them, whole, into every checkpoint (the last step always has one)."""
+    from loratrace.evaluate import load_lora_weights
+
+    model = load_small_model(run_dir / "base_model") if cfg.model.name == "tiny" else load_base(cfg.model)[0]
+    peft_model = add_lora(model, cfg.lora, cfg.training.seed)
+    load_lora_weights(peft_model, checkpoint)
+    return peft_model
 
 
-def validate_resume(checkpoint: Path, module: LoRAModule, cfg: Config) -> int:
+def validate_resume(checkpoint: Path, module: LoRAModule, cfg: Config, world_size: int = 1) -> int:
     """The step a resume continues from, once the checkpoint is known to fit: readable, LoRA tensors of this model's
-    shapes, the same data order, and (for a tracked run) the tracking history it continues still on disk. Runs before
-    anything in the run folder changes, so a refused resume leaves the run as it was."""
+    shapes, the same data order (seed, and `world_size` processes however launched), and (for a tracked run) the
+    tracking history it continues still on disk. Runs before anything in the run folder changes, so a refused resume
+    leaves the run as it was."""
     try:
         state = read_checkpoint(checkpoint)
     except ValueError as exc:
@@ -187,7 +186,7 @@ def validate_resume(checkpoint: Path, module: LoRAModule, cfg: Config) -> int:
     if problem:
         raise CheckpointError(f"checkpoint {problem}")
     loader = _loader_state(state)
-    problem = order_mismatch(loader, cfg.training.seed, cfg.training.devices) if loader else None
+    problem = order_mismatch(loader, cfg.training.seed, world_size) if loader else None
     if problem:
         raise CheckpointError(f"{checkpoint.name}: {problem}")
     tracked = next((v for k, v in state.get("callbacks", {}).items() if k.startswith("BatchTracker[")), None)
@@ -210,20 +209,6 @@ def _loader_state(state: dict) -> dict | None:
     if isinstance(loader, list):
         loader = loader[0] if loader else None
     return loader if isinstance(loader, dict) else None
-
-
-@contextlib.contextmanager
-def _run_dir_for_children(run_dir: Path, devices: int):
-    """Lightning's DDP launcher starts the other ranks by running the command again: they find rank 0's folder in
-    the environment they inherit. Set only while fitting, and only when there are other ranks."""
-    if devices <= 1 or RUN_DIR_ENV in os.environ:
-        yield
-        return
-    os.environ[RUN_DIR_ENV] = str(run_dir)
-    try:
-        yield
-    finally:
-        os.environ.pop(RUN_DIR_ENV, None)
 
 
 def _finish_swanlab(trainer: L.Trainer) -> None:

@@ -65,7 +65,7 @@ def read_run_json(run_dir: Path) -> dict[str, Any]:
 
 def write_run_json(run_dir: Path, info: dict[str, Any]) -> None:
     path = Path(run_dir) / "run.json"
-    tmp = path.with_suffix(".json.partial")
+    tmp = path.with_name(f".run.json.{socket.gethostname()}-{os.getpid()}.partial")  # one per writing process
     tmp.write_text(json.dumps(info, indent=2, default=str) + "\n")
     os.replace(tmp, path)
 
