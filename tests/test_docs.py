@@ -41,6 +41,13 @@ NOT_RUN = {  # README commands these tests do not run, and why (a `loratrace tra
     "python -m pytest -q": "the test suite itself",
     "loratrace train --config configs/arc-challenge.yaml --track-batches training.batch_size=16":
         "Qwen2.5-0.5B and ARC-Challenge come from the Hugging Face hub: needs network",
+    **{command: "needs an S3 server: tests/test_storage.py starts moto's on 127.0.0.1 and runs each of these"
+       for command in ("export AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=... AWS_ENDPOINT_URL=http://minio.lab:9000",
+                       "loratrace train --track-batches --runs-dir s3://lab-bucket/loratrace/runs",
+                       'loratrace query --runs-dir s3://lab-bucket/loratrace/runs "SELECT run_id, count(*) FROM '
+                       'samples GROUP BY 1"',
+                       "loratrace trace --runs-dir s3://lab-bucket/loratrace/runs --example-id LTSYN_TRA_0001",
+                       "loratrace runs --runs-dir s3://lab-bucket/loratrace/runs")},
     "swanlab watch runs/<run>/swanlab_logs":
         "a server that runs until stopped: tests/test_swanlab.py starts it and reads a local run's loss back",
     **{command: LEGACY_FOLDER for command in (

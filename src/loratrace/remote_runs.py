@@ -29,7 +29,7 @@ class RemoteRuns:
         self.sources = [str(s).rstrip("/") for s in storage_list(sources)]
         if any(not storage.is_remote(s) for s in self.sources):
             raise storage.StorageError("open local folders and object storage separately: " + ", ".join(self.sources))
-        self.fs, _ = storage.filesystem(self.sources[0])
+        self.fs, _ = storage.filesystem(self.sources[0], listings=True)
         self.protocol = self.sources[0].split("://", 1)[0]
         self.objects: dict[str, dict] = {}  # key (no protocol) -> the listing's info
         self.folders: set[str] = set()
@@ -40,6 +40,7 @@ class RemoteRuns:
     def find_runs(self) -> list[RemotePath]:
         """List again; the run folders under each source (a run folder itself, or a folder of them)."""
         self.objects, self._texts = {}, {}
+        self.fs.invalidate_cache()  # the listing below refills it: DuckDB's info calls are answered from there
         for source in self.sources:
             _, root = storage.filesystem(source)
             with storage.remote_errors(source):

@@ -55,12 +55,14 @@ def join(base: str, *names: str) -> str:
 _filesystems: dict[str, object] = {}  # one per protocol and AWS_* environment (credentials, endpoint)
 
 
-def filesystem(url: str):
-    """(fsspec filesystem, path inside it) for `url`. One filesystem per protocol and process; listings are never
-    cached (runs change under a reader). Fails in one line when the package or the credentials are missing."""
+def filesystem(url: str, listings: bool = False):
+    """(fsspec filesystem, path inside it) for `url`. One filesystem per protocol and process whose listings are never
+    cached (runs change under a reader); with `listings`, a new one of its own that keeps what it listed until told
+    otherwise (`invalidate_cache`): a reader answers DuckDB's `info` calls from its last listing, not with a HEAD
+    request per file. Fails in one line when the package or the credentials are missing."""
     protocol = str(url).split("://", 1)[0]
     cache_key = repr((protocol, sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))))
-    if cache_key not in _filesystems:
+    if cache_key not in _filesystems or listings:
         try:
             import fsspec
 
@@ -72,7 +74,10 @@ def filesystem(url: str):
         options = {}
         if protocol in ("s3", "s3a"):
             _check_s3_credentials(url)
-            options = {"skip_instance_cache": True, "use_listings_cache": False}
+            options = {"skip_instance_cache": True, "use_listings_cache": listings}
+        if listings:
+            fs = kind(**options)
+            return fs, fs._strip_protocol(str(url)).rstrip("/")
         _filesystems[cache_key] = kind(**options)
     fs = _filesystems[cache_key]
     return fs, fs._strip_protocol(str(url)).rstrip("/")

@@ -77,6 +77,7 @@ class Runs:
             else None
         if self.remote is not None:
             self.con.register_filesystem(self.remote.fs)
+            self.con.execute("SET parquet_metadata_cache = true")  # each footer fetched once per connection
         self.con.create_function("first_checkpoint", first_checkpoint, ["BIGINT", "BIGINT[]"], "BIGINT",
                                  null_handling="special", side_effects=False)  # the views' step -> checkpoint rule
         self.files: dict[str, list[str]] = {}  # view -> the parts it reads
