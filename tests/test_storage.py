@@ -180,3 +180,19 @@ def test_without_credentials_one_line_and_no_local_s3_folder(tmp_path, monkeypat
     err = capsys.readouterr().err
     assert err.startswith("loratrace: error: ") and "no S3 credentials" in err and len(err.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []  # never a local `s3:` folder
+
+
+def test_a_resume_from_a_remote_checkpoint_continues_the_remote_run(s3, remote_run, capsys):
+    """Last in this file: it adds a launch to the shared run."""
+    url, _, _ = remote_run
+    checkpoint = f"{url}/checkpoints/checkpoint-step-014.ckpt"
+    assert cli.main(["train", "--resume-from-checkpoint", checkpoint]) == 0
+    assert f"run          {url}\n" in capsys.readouterr().out
+    assert cli.main(["query", "--runs-dir", url, "--format", "json", "SELECT attempt, resumed_from, resumed_step, "
+                     "(SELECT count(*) FROM samples) AS samples FROM attempts ORDER BY attempt"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["attempt"], r["resumed_from"], r["resumed_step"]) for r in rows] == [(0, None, 0), (1, checkpoint, 14)]
+    assert rows[0]["samples"] == 128  # the effective lineage: steps 15 and 16 once, from the resumed launch
+    key = url.removeprefix(f"s3://{BUCKET}/") + "/run.json"
+    info = json.loads(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+    assert [a["resumed_from"] for a in info["attempts"]] == [None, checkpoint] and info["status"] == "completed"

@@ -91,7 +91,7 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
         run_dir = Path(os.environ[RUN_DIR_ENV])
     else:
         run_dir = existing or runs.new_run_dir(cfg)
-        runs.start_run(run_dir, cfg, str(checkpoint) if checkpoint else None)
+        runs.start_run(run_dir, cfg, str(storage.public(checkpoint)) if checkpoint else None)
     trainer, tracker, stop = None, None, None
     try:  # from here on the run folder is this launch's: whatever ends it is recorded in run.json
         if base_copy is not None:

@@ -160,14 +160,14 @@ class Runs:
         changed, and find which runs' samples indexes cover exactly their parts."""
         if not force and self._unchanged():
             return
-        listed_at, listed_wall = time.monotonic(), time.time_ns()
+        listed_wall = time.time_ns()
         if self.sources is not None:
             self.run_dirs = self.remote.find_runs() if self.remote else find_runs(self.sources)
         signature = self._signature()
         runs_key = tuple((d, _key_of(d / "run.json"), _key_of(d / "config.yaml")) for d in self.run_dirs)
         files = {view: [f for d in self.run_dirs for f in self._complete_parts(d / "tracking", name)]
                  for view, (name, _) in TABLES.items()}
-        self._listed = (listed_at, listed_wall, signature)
+        self._listed = (time.monotonic(), listed_wall, signature)
         for run_dir in self.run_dirs:
             batches = str(run_dir / "tracking" / "batches") + "/"
             examples = run_dir / "tracking" / schema.EXAMPLES_FILE
@@ -184,6 +184,9 @@ class Runs:
                 self._create_raw_view(view, files[view], table_schema)
             self._create_lineage()
             self._create_views()
+        # The age rule counts from the end of this refresh: over thousands of parts it takes seconds, and a query made
+        # right after it (the CLI's one) must not list them all again. Folder times still catch every local change.
+        self._listed = (time.monotonic(), *self._listed[1:])
         self._indexes = None
 
     def _find_indexes(self) -> dict[str, str]:
@@ -369,6 +372,7 @@ class Runs:
 
 def open_runs(paths: str | Path | list = "runs", read_only: bool = False) -> Runs:
     """DuckDB views over every run under `paths` (see module docstring); a run added there later shows up too."""
+    paths = [storage.local_form(p) for p in paths] if isinstance(paths, (list, tuple)) else storage.local_form(paths)
     remote = any(map(storage.is_remote, as_list(paths)))  # listed by Runs itself
     return Runs([] if remote else find_runs(paths), read_only=read_only, sources=paths)
 
