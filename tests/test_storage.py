@@ -85,6 +85,7 @@ def remote_run(s3):
                     failures.append("the run disappeared")
             except Exception as error:  # noqa: BLE001 - any failure of the reader is the finding
                 failures.append(repr(error))
+            done.wait(0.2)  # a reader every fifth of a second, not one spinning on the GIL against the training
 
     reader = threading.Thread(target=poll)
     reader.start()
@@ -162,6 +163,16 @@ def test_the_read_only_sandbox_holds_on_the_bucket(s3, remote_run, capsys, sql):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and err.startswith("loratrace: error: ")
     assert _keys(s3, "") == before
+
+
+def test_a_missing_bucket_is_one_line_before_training(s3, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", "--runs-dir", "s3://no-such-bucket/runs", "training.max_steps=2",
+                     "training.stage1_steps=1"]) == 1
+    err = capsys.readouterr().err
+    assert err == ("loratrace: error: s3://no-such-bucket/runs: no bucket 'no-such-bucket' at this endpoint "
+                   "(create it, or check AWS_ENDPOINT_URL)\n")
+    assert list(tmp_path.iterdir()) == [] and "no-such-bucket" not in str(s3.list_buckets())
 
 
 @pytest.mark.parametrize("command", [

@@ -92,11 +92,16 @@ def _check_s3_credentials(url: str) -> None:
 
 
 def check_location(location) -> None:
-    """Before anything is written: a remote runs location is reachable with the credentials at hand."""
+    """Before anything is written: a remote runs location is reachable with the credentials at hand, in a bucket
+    that exists."""
     if is_remote(location):
         fs, path = filesystem(str(location))
+        bucket = path.split("/", 1)[0]
         with remote_errors(str(location)):
-            fs.exists(path)
+            found = fs.exists(bucket)
+        if not found:
+            raise StorageError(f"{location}: no bucket {bucket!r} at this endpoint (create it, or check "
+                               "AWS_ENDPOINT_URL)")
 
 
 @contextlib.contextmanager
