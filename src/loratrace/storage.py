@@ -109,7 +109,7 @@ def remote_errors(url: str):
     """An error of the object store (access denied, no such bucket, endpoint down) as one StorageError line."""
     try:
         yield
-    except (OSError, PermissionError) as exc:
+    except OSError as exc:
         raise StorageError(f"{url}: {first_line(exc) or type(exc).__name__}") from None
     except Exception as exc:  # noqa: BLE001 - botocore and aiohttp raise their own types
         if type(exc).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs"):
