@@ -55,6 +55,13 @@ NOT_RUN = {  # README commands these tests do not run, and why (a `loratrace tra
     "loratrace train --config configs/arc-challenge.yaml --track-batches training.devices=4 training.strategy=fsdp":
         "Qwen2.5-0.5B from the hub on 4 GPUs; Lightning's FSDP needs CUDA: bench/fsdp_smoke.py (run by bench/gpu.sh) "
         "checks FSDP on one GPU",
+    **{command: "needs an S3 server: tests/test_storage.py starts moto's on 127.0.0.1 and runs each of these"
+       for command in ("export AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=... AWS_ENDPOINT_URL=http://minio.lab:9000",
+                       "loratrace train --track-batches --runs-dir s3://lab-bucket/loratrace/runs",
+                       'loratrace query --runs-dir s3://lab-bucket/loratrace/runs "SELECT run_id, count(*) FROM '
+                       'samples GROUP BY 1"',
+                       "loratrace trace --runs-dir s3://lab-bucket/loratrace/runs --example-id LTSYN_TRA_0001",
+                       "loratrace runs --runs-dir s3://lab-bucket/loratrace/runs")},
     "swanlab watch runs/<run>/swanlab_logs":
         "a server that runs until stopped: tests/test_swanlab.py starts it and reads a local run's loss back",
     **{command: LEGACY_FOLDER for command in (

@@ -25,6 +25,7 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint
 from typing_extensions import override
 
+from loratrace import storage
 from loratrace.config import CheckpointConfig
 from loratrace.errors import first_line
 
@@ -92,6 +93,7 @@ class StepCheckpoint(Checkpoint):
                 for wait in durable:
                     wait()  # what this checkpoint includes is on disk before the checkpoint is
                 os.replace(tmp, path)
+                storage.publish(path)  # a run on object storage: one PUT, after the rows it includes
         finally:
             if trainer.is_global_zero:
                 tmp.unlink(missing_ok=True)  # a failed or interrupted save leaves no partial file

@@ -21,6 +21,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from loratrace import storage
+
 FORMATS = ("table", "csv", "json", "parquet")
 COMPARE_SECTIONS = ("runs", "config", "metrics", "evals", "data_order", "examples", "forgetting")  # comparison.SECTIONS
 # views.VIEW_NAMES (tests/test_cli.py checks --help lists each), without importing pyarrow for every command
@@ -178,7 +180,7 @@ def _open(runs_dir: str):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from loratrace.config import ConfigError, load_config
+    from loratrace.config import ConfigError
 
     overrides = list(args.overrides)
     if args.track_batches:
@@ -187,6 +189,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"runs_dir={args.runs_dir}")
     if args.resume_from_checkpoint and args.dataset:
         raise ConfigError("--dataset cannot be combined with --resume-from-checkpoint")
+    with storage.staging():  # a run on object storage is staged in a scratch folder until the command ends
+        return _train_runs(args, overrides)
+
+
+def _train_runs(args: argparse.Namespace, overrides: list[str]) -> int:
+    from loratrace.config import load_config
+
+    if args.resume_from_checkpoint and storage.is_remote(args.resume_from_checkpoint):
+        from loratrace.recipe import stage_remote_checkpoint
+
+        storage.check_location(args.resume_from_checkpoint)
+        args.resume_from_checkpoint = str(stage_remote_checkpoint(args.resume_from_checkpoint))
     if args.resume_from_checkpoint and Path(args.resume_from_checkpoint).is_dir():  # a Trainer checkpoint-N/ folder
         from loratrace.legacy_resume import checkpoint_to_resume
 
@@ -266,6 +280,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_import_legacy(args: argparse.Namespace) -> int:
     from loratrace.legacy import find_legacy_runs, import_legacy, summary
+
+    if storage.is_remote(args.runs_dir):
+        raise storage.StorageError(f"import-legacy writes to a local folder, not {args.runs_dir}: import, then copy "
+                                   "the run folders there (e.g. `aws s3 sync runs/ s3://...`)")
 
     for folder in find_legacy_runs(args.paths):  # every path checked before the first import starts
         print(summary(import_legacy(folder, args.runs_dir, force=args.force)))

@@ -22,7 +22,7 @@ import lightning as L
 import pyarrow as pa
 import torch
 
-from loratrace import schema
+from loratrace import schema, storage
 from loratrace.checkpoints import checkpoint_files, read_checkpoint
 from loratrace.config import Config, EvalConfig, load_config
 from loratrace.data import LETTERS, DataError, Encoded, collate, encode, load_split, padding_token_id
@@ -210,11 +210,22 @@ def select_checkpoints(run_dir: Path, which: str) -> list[tuple[int, Path]]:
 
 def evaluate_run(run_dir: str | Path, checkpoints: str = "all", overrides: list[str] | tuple = (),
                  progress: bool = True):
-    """Evaluate checkpoints of a finished (or stopped) run; returns a DataFrame: checkpoint_step, accuracy, delta."""
+    """Evaluate checkpoints of a finished (or stopped) run; returns a DataFrame: checkpoint_step, accuracy, delta. A
+    run on object storage is evaluated in a local copy, and its new evaluation parts and logs are published back."""
+    if not storage.is_remote(run_dir):
+        return _evaluate_run(Path(storage.local_form(run_dir)), checkpoints, overrides, progress)
+    with storage.staging():
+        leave_out = tuple(p for p in storage.NOT_STAGED if not (checkpoints == "final" and p == "final_model/"))
+        local = storage.stage_run(str(run_dir), leave_out)
+        frame = _evaluate_run(local, checkpoints, overrides, progress)
+        storage.publish_tree(local)
+    return frame
+
+
+def _evaluate_run(run_dir: Path, checkpoints: str, overrides, progress: bool):
     import pandas as pd
     from tqdm.auto import tqdm
 
-    run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise EvalError(f"{run_dir} is not a run folder (no config.yaml)")
     cfg = load_config(run_dir / "config.yaml", list(overrides))

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from loratrace.config import Config, flatten_keys
 from loratrace.errors import LoratraceError, first_line
+from loratrace.storage import is_remote, local_form
 
 RUN_TAG = "loratrace.run_id"  # MLflow tag naming the run folder: a resume finds its MLflow run by it
 PACKAGES = ("mlflow", "wandb", "swanlab", "tensorboard")  # loggers whose package has the logger's name
@@ -37,12 +38,14 @@ class LoggerError(LoratraceError):
 def mlflow_tracking_uri(cfg: Config) -> str:
     """`logging.mlflow_tracking_uri`, or the default: a SQLite store beside the run folders (MLflow 3's file store is
     in maintenance mode)."""
-    return cfg.logging.mlflow_tracking_uri or f"sqlite:///{(Path(cfg.runs_dir) / 'mlflow.db').resolve()}"
+    return cfg.logging.mlflow_tracking_uri or f"sqlite:///{(Path(local_form(cfg.runs_dir)) / 'mlflow.db').resolve()}"
 
 
 def mlflow_artifact_location(cfg: Config) -> str | None:
     """Artifacts of the default store go beside it (MLflow would put them under the working folder)."""
-    return None if cfg.logging.mlflow_tracking_uri else (Path(cfg.runs_dir) / "mlartifacts").resolve().as_uri()
+    if cfg.logging.mlflow_tracking_uri:
+        return None
+    return (Path(local_form(cfg.runs_dir)) / "mlartifacts").resolve().as_uri()
 
 
 def enabled(cfg: Config) -> list[str]:
@@ -60,6 +63,9 @@ def check_loggers(cfg: Config) -> None:
             extra = "loggers" if name in ("mlflow", "wandb") else "dev"
             raise LoggerError(f"logging.{name}=true needs the {name} package: pip install 'loratrace[{extra}]' "
                               f"(or set logging.{name}=false)")
+    if cfg.logging.mlflow and not cfg.logging.mlflow_tracking_uri and is_remote(cfg.runs_dir):
+        raise LoggerError(f"logging.mlflow=true with runs_dir={cfg.runs_dir} needs logging.mlflow_tracking_uri: the "
+                          "default store is a SQLite file beside local run folders")
     if cfg.logging.mlflow:
         _check_mlflow(cfg)
     if cfg.logging.wandb and cfg.logging.wandb_mode == "online":

@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.strategies import FSDPStrategy
 from typing_extensions import override
 
-from loratrace import runs, schema
+from loratrace import runs, schema, storage
 from loratrace.checkpoints import StepCheckpoint, checkpoint_files, checkpoint_steps, read_checkpoint
 from loratrace.config import Config, ConfigError
 from loratrace.data import load_split
@@ -49,17 +49,20 @@ def _example_rows(cfg: Config, examples, datamodule) -> list[dict]:
 
 
 def train(cfg: Config, resume_from: str | Path | None = None, progress: bool = True,
-          callbacks: list | None = None) -> Path:
-    """Train one run; returns its folder. Everything that can fail on user input fails before the folder exists (or,
-    for a resume, before anything in it changes).
+          callbacks: list | None = None) -> Path | str:
+    """Train one run; returns its folder (its URL for a runs_dir on object storage). Everything that can fail on user
+    input fails before the folder exists (or, for a resume, before anything in it changes).
 
     `callbacks` are added to loratrace's own (tracker, checkpoints, progress bar), e.g. a profiler or a timer.
     """
-    with quiet_libraries():
-        return _train(cfg, resume_from, progress, callbacks)
+    with quiet_libraries(), storage.staging():
+        return storage.public(_train(cfg, resume_from, progress, callbacks))
 
 
 def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callbacks: list | None) -> Path:
+    storage.check_location(cfg.runs_dir)  # no credentials, no bucket: one line before any work
+    if resume_from and storage.is_remote(resume_from):  # a run on object storage resumes in a local copy
+        resume_from = stage_remote_checkpoint(str(resume_from))
     checkpoint = Path(resume_from) if resume_from else None
     existing = resume_run_dir(checkpoint) if checkpoint else None
     L.seed_everything(cfg.training.seed, verbose=False)
@@ -83,7 +86,7 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
     # run folder: rank 0 makes it (or reopens the resumed run's) and writes run.json and config.yaml; all ranks learn it
     def make_run_dir() -> Path:
         made = existing or runs.new_run_dir(cfg)
-        runs.start_run(made, cfg, str(checkpoint) if checkpoint else None)
+        runs.start_run(made, cfg, str(storage.public(checkpoint)) if checkpoint else None)
         return made
 
     run_dir = shared_run_dir(launch, make_run_dir)
@@ -91,6 +94,7 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
     try:  # from here on the run folder is this launch's: whatever ends it is recorded in run.json
         if base_copy is not None:
             save_base_model(base_copy, tokenizer, run_dir / "base_model")
+            storage.publish_tree(run_dir / "base_model")
             base_copy = None
         t = cfg.training
         own_callbacks: list = []
@@ -121,6 +125,7 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
         if trainer.global_step < t.max_steps:  # a callback stopped it early (a Timer, say): resumable like a signal
             close_wandb(trainer.loggers)
             if trainer.is_global_zero:
+                storage.publish_tree(run_dir)
                 runs.finish_run(run_dir, "interrupted", _cost(tracker), steps=trainer.global_step)
             return run_dir
         if not trainer.is_global_zero:
@@ -147,6 +152,8 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
             close_wandb(trainer.loggers)
         step = trainer.global_step if trainer is not None else resumed_step
         if launch.rank == 0:
+            with contextlib.suppress(Exception):  # the training error is the one to report
+                storage.publish_tree(run_dir)
             runs.finish_run(run_dir, "interrupted" if signum is not None else "failed", _cost(tracker), steps=step)
         if signum is not None:
             last = stop.step_checkpoint.last_saved or checkpoint
@@ -155,6 +162,7 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
     final_loss = module.last_metrics.get("train/loss")
     written = [path.name for _, path in checkpoint_files(run_dir)]
     cost = _cost(tracker, index_s)
+    storage.publish_tree(run_dir)  # logs and exports, before run.json says the run is complete
     runs.finish_run(run_dir, "completed", cost, steps=trainer.global_step, final_loss=final_loss,
                     trainable_parameters=trainable, checkpoints=len(written))
     if progress:
@@ -171,6 +179,15 @@ def unsharded_model(cfg: Config, run_dir: Path, checkpoint: Path):
     peft_model = add_lora(model, cfg.lora, cfg.training.seed)
     load_lora_weights(peft_model, checkpoint)
     return peft_model
+
+
+def stage_remote_checkpoint(url: str) -> Path:
+    """A checkpoint of a run on object storage, as a file in a local copy of that run (storage.stage_run): the resume
+    writes there, and what it writes is published back."""
+    run_url, _, name = url.rstrip("/").rpartition("/checkpoints/")
+    if not run_url or "/" in name:
+        raise ConfigError(f"{url} is not inside a run's checkpoints/ folder")
+    return storage.stage_run(run_url) / "checkpoints" / name
 
 
 def validate_resume(checkpoint: Path, module: LoRAModule, cfg: Config, world_size: int = 1) -> int:
@@ -278,21 +295,22 @@ def _cost(tracker: BatchTracker | None, index_s: float = 0.0) -> dict:
 
 def print_summary(cfg: Config, run_dir: Path, steps: int, final_loss: float | None, written: list[str],
                   tracking_cost: dict | None = None) -> None:
+    shown = storage.public(run_dir)  # a run on object storage: its URL, not the scratch folder
     lines = [
         "",
-        f"run          {run_dir}",
+        f"run          {shown}",
         f"steps        {steps}" + (f"   final loss {final_loss:.4f}" if final_loss is not None else ""),
         f"checkpoints  {len(written)}" + (f"  ({written[0]} .. {written[-1]})" if written else ""),
     ]
     if cfg.tracking.enabled:
-        lines.append(f"tracking     {run_dir / 'tracking'}   (loratrace query / loratrace trace)")
+        lines.append(f"tracking     {shown}/tracking   (loratrace query / loratrace trace)")
         if tracking_cost:
             c = tracking_cost
             lines.append(f"             cost {c['training_thread_share']:.1%} of training time on its thread, "
                          f"{c['background_share']:.1%} more CPU on the writer's; {c['end_s']:.1f} s at the end")
     if cfg.logging.tensorboard:
-        lines.append(f"tensorboard  tensorboard --logdir {run_dir / 'tensorboard_logs'}")
-    swanlab_dir = run_dir / "swanlab_logs"
+        lines.append(f"tensorboard  tensorboard --logdir {shown}/tensorboard_logs")
+    swanlab_dir = f"{shown}/swanlab_logs"
     swanlab = {  # what shows the run in the mode it was written in: offline files cannot be watched, only synced
         "local": f"swanlab watch {swanlab_dir}   (SwanLab's dashboard; needs swanlab[dashboard])",
         "offline": f"swanlab sync {swanlab_dir}/run-*   (uploads after swanlab login; for a local dashboard train "
@@ -301,6 +319,6 @@ def print_summary(cfg: Config, run_dir: Path, steps: int, final_loss: float | No
     }.get(cfg.logging.swanlab_mode)
     if cfg.logging.swanlab and swanlab:
         lines.append(f"swanlab      {swanlab}")
-    lines.append(f"model        {run_dir / 'final_model'}  adapter {run_dir / 'final_adapter'}")
+    lines.append(f"model        {shown}/final_model  adapter {shown}/final_adapter")
     lines += logger_summary(cfg, run_dir)
     print("\n".join(lines), file=sys.stdout)

@@ -12,6 +12,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from loratrace import storage
 from loratrace.config import Config, save_config
 
 PACKAGES = ("loratrace", "torch", "lightning", "transformers", "peft", "datasets", "swanlab", "pyarrow", "duckdb")
@@ -23,9 +24,15 @@ def utc_now() -> dt.datetime:
 
 
 def new_run_dir(cfg: Config, when: dt.datetime | None = None) -> Path:
-    """Create a fresh run folder; a name already taken gets a suffix (`_2`, `_3`, ...), never an overwrite."""
+    """Create a fresh run folder; a name already taken gets a suffix (`_2`, `_3`, ...), never an overwrite. A runs_dir
+    on object storage gets a local scratch folder whose files are published there (storage.py)."""
     stamp = (when or dt.datetime.now()).strftime("%Y%m%d_%H%M%S")
-    base = Path(cfg.runs_dir) / f"{cfg.data.dataset}_{cfg.method}_{stamp}"
+    name = f"{cfg.data.dataset}_{cfg.method}_{stamp}"
+    if storage.is_remote(cfg.runs_dir):
+        candidate = storage.new_staged_run(cfg.runs_dir, name)
+        (candidate / "checkpoints").mkdir()
+        return candidate
+    base = Path(storage.local_form(cfg.runs_dir)) / name
     base.parent.mkdir(parents=True, exist_ok=True)
     candidate, n = base, 1
     while True:
@@ -68,6 +75,7 @@ def write_run_json(run_dir: Path, info: dict[str, Any]) -> None:
     tmp = path.with_name(f".run.json.{socket.gethostname()}-{os.getpid()}.partial")  # one per writing process
     tmp.write_text(json.dumps(info, indent=2, default=str) + "\n")
     os.replace(tmp, path)
+    storage.publish(path)
 
 
 def start_run(run_dir: Path, cfg: Config, resumed_from: str | None) -> dict[str, Any]:
@@ -75,6 +83,7 @@ def start_run(run_dir: Path, cfg: Config, resumed_from: str | None) -> dict[str,
     changed (`config_changes`: key -> [before, now]) in its attempt, and config.yaml then holds the config in force."""
     changes = _config_changes(run_dir / "config.yaml", cfg) if resumed_from else {}
     save_config(cfg, run_dir / "config.yaml")
+    storage.publish(run_dir / "config.yaml")
     info = read_run_json(run_dir) or {
         "run_id": run_dir.name, "dataset": cfg.data.dataset, "method": cfg.method,
         "created_at": utc_now().isoformat(timespec="seconds"), "attempts": [],

@@ -13,6 +13,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from loratrace import storage
+
 INDEX_ROW_GROUP = 8192  # rows per row group of the samples index: a trace decodes one or two of them
 TRACE_COLUMNS = ("run_id", "example_id", "line", "step", "epoch", "micro_batch", "rank", "position", "loss", "p_gold",
                  "correct", "lr", "checkpoint_step", "checkpoint_path", "first")
@@ -25,8 +27,8 @@ class SamplesIndex:
     """An open samples index: its footer parsed once and each row group's example_id range, so a trace decodes only
     the row group or two that can hold the id (the file is sorted by example_id)."""
 
-    def __init__(self, path: str):
-        self.file = pq.ParquetFile(path)
+    def __init__(self, path):
+        self.file = pq.ParquetFile(path if isinstance(path, (str, os.PathLike)) else path.open())  # or a RemotePath
         meta, column = self.file.metadata, self.file.schema_arrow.get_field_index("example_id")
         stats = [meta.row_group(g).column(column).statistics for g in range(meta.num_row_groups)]
         if not all(st is not None and st.has_min_max for st in stats):
@@ -77,4 +79,5 @@ def write_samples_index(run_dir: str | Path) -> Path:
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)  # a failed COPY leaves no partial file
+    storage.publish(target)
     return target

@@ -13,6 +13,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from loratrace import storage
+
 SCHEMA_VERSION = "1"
 
 BATCHES = pa.schema([
@@ -110,7 +112,7 @@ COMPRESS_FROM_BYTES = 64 * 1024
 
 def write_atomic(table: pa.Table, path: Path) -> None:
     """Write next to `path` under a name no reader globs (`.tmp-*`), then rename into place: a reader sees the
-    whole file or nothing."""
+    whole file or nothing. In a run staged for object storage the file is then PUT there (storage.publish)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}),
                                            b"loratrace.schema_version": SCHEMA_VERSION.encode()})
@@ -130,6 +132,7 @@ def write_atomic(table: pa.Table, path: Path) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+    storage.publish(path)
 
 
 def effective_ranges(attempts: list[dict]) -> dict[int, tuple[int, int | None]]:

@@ -23,9 +23,10 @@ import duckdb
 import pyarrow as pa
 from typing_extensions import Self
 
-from loratrace import sandbox, schema
+from loratrace import sandbox, schema, storage
 from loratrace.errors import LoratraceError, first_line
 from loratrace.mappings import first_checkpoint
+from loratrace.remote_runs import RemoteRuns
 from loratrace.run_folders import as_list, find_runs, folders_of_runs, runs_info
 from loratrace.samples_index import INDEX_FILE, TRACE_COLUMNS, TRACE_ORDER, SamplesIndex, index_fingerprint
 from loratrace.views import VIEWS
@@ -71,12 +72,18 @@ class Runs:
         self.sources = sources
         self.read_only = read_only
         self.con = duckdb.connect(":memory:")
+        # runs on object storage: listed by RemoteRuns, read by DuckDB through the same fsspec filesystem
+        self.remote = RemoteRuns(sources) if sources is not None and any(map(storage.is_remote, as_list(sources))) \
+            else None
+        if self.remote is not None:
+            self.con.register_filesystem(self.remote.fs)
+            self.con.execute("SET parquet_metadata_cache = true")  # each footer fetched once per connection
         self.con.create_function("first_checkpoint", first_checkpoint, ["BIGINT", "BIGINT[]"], "BIGINT",
                                  null_handling="special", side_effects=False)  # the views' step -> checkpoint rule
         self.files: dict[str, list[str]] = {}  # view -> the parts it reads
         self._reported: set[str] = set()  # files already reported as foreign, unreadable or missing
         self._checked: dict[str, tuple] = {}  # part -> (`_file_key` when its footer was read, its columns or None)
-        self._indexes: dict[str, str] | None = None  # found when `trace` first needs them (`_find_indexes`)
+        self._indexes: dict | None = None  # run_id -> its index (a Path or RemotePath), found when `trace` needs them
         self._open_indexes: dict[str, tuple[tuple, SamplesIndex]] = {}  # path -> (stat when opened, reader)
         self._all_indexed = False
         self._listed: tuple[float, int, tuple] | None = None  # monotonic and wall time of the last listing, what it saw
@@ -84,7 +91,7 @@ class Runs:
         self.relist_after = 1.0  # seconds: repeated calls inside this (a trace loop, say) skip re-listing
         self.refresh(force=True)
         if read_only:
-            folders = folders_of_runs(sources) if sources is not None else []
+            folders = self.remote.sources if self.remote else folders_of_runs(sources) if sources is not None else []
             sandbox.lock_down(self.con, [str(d) for d in [*folders, *self.run_dirs]])
 
     # ------------------------------------------------------------------ files -> views
@@ -127,7 +134,9 @@ class Runs:
 
     def _signature(self) -> tuple:
         """The keys of every folder and file the views read: a part or run added, renamed or replaced changes its
-        folder's."""
+        folder's. Object storage has no folder times: a remote listing holds for `relist_after` seconds."""
+        if self.remote is not None:
+            return ()
         signature = [_key_of(f) for f in (folders_of_runs(self.sources) if self.sources is not None else [])]
         for run_dir in self.run_dirs:
             signature += [_key_of(run_dir / "run.json"), _key_of(run_dir / "config.yaml")]
@@ -151,14 +160,14 @@ class Runs:
         changed, and find which runs' samples indexes cover exactly their parts."""
         if not force and self._unchanged():
             return
-        listed_at, listed_wall = time.monotonic(), time.time_ns()
+        listed_wall = time.time_ns()
         if self.sources is not None:
-            self.run_dirs = find_runs(self.sources)
+            self.run_dirs = self.remote.find_runs() if self.remote else find_runs(self.sources)
         signature = self._signature()
         runs_key = tuple((d, _key_of(d / "run.json"), _key_of(d / "config.yaml")) for d in self.run_dirs)
         files = {view: [f for d in self.run_dirs for f in self._complete_parts(d / "tracking", name)]
                  for view, (name, _) in TABLES.items()}
-        self._listed = (listed_at, listed_wall, signature)
+        self._listed = (time.monotonic(), listed_wall, signature)
         for run_dir in self.run_dirs:
             batches = str(run_dir / "tracking" / "batches") + "/"
             examples = run_dir / "tracking" / schema.EXAMPLES_FILE
@@ -175,6 +184,9 @@ class Runs:
                 self._create_raw_view(view, files[view], table_schema)
             self._create_lineage()
             self._create_views()
+        # The age rule counts from the end of this refresh: over thousands of parts it takes seconds, and a query made
+        # right after it (the CLI's one) must not list them all again. Folder times still catch every local change.
+        self._listed = (time.monotonic(), *self._listed[1:])
         self._indexes = None
 
     def _find_indexes(self) -> dict[str, str]:
@@ -188,11 +200,11 @@ class Runs:
                 continue  # nothing tracked in this folder
             tracked += 1
             try:
-                stamp = self._open_index(str(run_dir / "tracking" / INDEX_FILE)).stamp
+                stamp = self._open_index(run_dir / "tracking" / INDEX_FILE).stamp
             except (OSError, KeyError, TypeError, ValueError):
                 continue
             if stamp and stamp["parts"] == parts:
-                self._indexes[stamp["run_id"]] = str(run_dir / "tracking" / INDEX_FILE)
+                self._indexes[stamp["run_id"]] = run_dir / "tracking" / INDEX_FILE
         self._all_indexed = len(self._indexes) == tracked
         return self._indexes
 
@@ -326,11 +338,11 @@ class Runs:
         closest = self._closest(example_id)
         return f"no run trained {what}{f' in run {run_id}' if run_id else ''}{closest}"
 
-    def _open_index(self, path: str) -> SamplesIndex:
-        key = _file_key(os.stat(path))
-        cached = self._open_indexes.get(path)
+    def _open_index(self, path) -> SamplesIndex:
+        key = _file_key(path.stat())
+        cached = self._open_indexes.get(str(path))
         if cached is None or cached[0] != key:
-            cached = self._open_indexes[path] = (key, SamplesIndex(path))
+            cached = self._open_indexes[str(path)] = (key, SamplesIndex(path))
         return cached[1]
 
     @property
@@ -360,7 +372,9 @@ class Runs:
 
 def open_runs(paths: str | Path | list = "runs", read_only: bool = False) -> Runs:
     """DuckDB views over every run under `paths` (see module docstring); a run added there later shows up too."""
-    return Runs(find_runs(paths), read_only=read_only, sources=paths)
+    paths = [storage.local_form(p) for p in paths] if isinstance(paths, (list, tuple)) else storage.local_form(paths)
+    remote = any(map(storage.is_remote, as_list(paths)))  # listed by Runs itself
+    return Runs([] if remote else find_runs(paths), read_only=read_only, sources=paths)
 
 
 DUCKDB_TYPES = {pa.string(): "VARCHAR", pa.bool_(): "BOOLEAN", pa.int8(): "TINYINT", pa.int32(): "INTEGER",
@@ -379,6 +393,8 @@ def _columns(path: Path) -> tuple:
     """The (name, type) of each column in a part's footer; raises if the footer cannot be read."""
     import pyarrow.parquet as pq
 
+    if hasattr(path, "columns"):  # a RemotePath: footers fetched together
+        return path.columns()
     return tuple((f.name, str(f.type)) for f in pq.read_metadata(path).schema.to_arrow_schema())
 
 

@@ -37,7 +37,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from typing_extensions import override
 
-from loratrace import schema
+from loratrace import schema, storage
 from loratrace.mappings import Mappings, lineage_ranges, read_parts
 from loratrace.runs import utc_now
 from loratrace.step_outputs import HostValues, gradient_norm, stage_of
@@ -356,7 +356,7 @@ def _next_attempt(directory: Path) -> int:
 def _attempt_row(trainer: L.Trainer, run_id: str, attempt: int, parent_attempt: int | None) -> dict[str, Any]:
     resumed = trainer.ckpt_path is not None and parent_attempt is not None
     return {"run_id": run_id, "attempt": attempt, "parent_attempt": parent_attempt if resumed else None,
-            "started_at": utc_now(), "resumed_from": str(trainer.ckpt_path) if resumed else None,
+            "started_at": utc_now(), "resumed_from": str(storage.public(trainer.ckpt_path)) if resumed else None,
             "resumed_step": trainer.global_step, "world_size": trainer.world_size, "host": socket.gethostname()}
 
 

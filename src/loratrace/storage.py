@@ -1,0 +1,231 @@
+"""Where run folders live: a local folder, or any fsspec URL (`s3://`, `gs://`, ...) on object storage.
+
+    loratrace train --track-batches --runs-dir s3://lab-bucket/loratrace/runs
+    loratrace query --runs-dir s3://lab-bucket/loratrace/runs "SELECT run_id, count(*) FROM samples GROUP BY 1"
+
+Writing: a run on object storage is staged in a local scratch folder laid out exactly as a local run, and every file
+is PUT to the same key there as soon as it is complete (`publish`, called right after the local `os.replace` that
+completes it: tracking parts, mappings, the samples index, checkpoints, run.json, config.yaml, evaluation parts). One
+PUT is atomic on S3 (a multipart upload too, at its completion), so a reader never sees half an object, as a local
+reader never sees half a file; the order of the PUTs is the order of the local renames (a checkpoint's rows land
+before the checkpoint). Files no finalizing writer owns (TensorBoard's event file, exports, SwanLab's files) are
+uploaded by `publish_tree` when the launch ends. `file://` URLs are local folders.
+
+Credentials and endpoint come from the standard environment, as boto3 and s3fs read them: AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3 (MinIO, Ceph, R2), AWS_DEFAULT_REGION, or a profile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path, PurePosixPath
+
+from loratrace.errors import LoratraceError, first_line
+
+STAGED_ENV = "LORATRACE_STAGED_RUN"  # "<local scratch run folder>\n<its URL>": inherited by the ranks a launcher starts
+NOT_STAGED = ("final_model/", "final_adapter/", "tensorboard_logs/", "swanlab_logs/")  # `stage_run` leaves these out
+
+
+class StorageError(LoratraceError):
+    """A runs location that cannot be used: unknown protocol, package or credentials missing, access refused."""
+
+    exit_code = 1
+
+
+def is_remote(location) -> bool:
+    """Whether `location` is a URL on object storage (any scheme but file://): never a local folder."""
+    scheme, sep, _ = str(location).partition("://")
+    return bool(sep) and scheme.isidentifier() and scheme != "file"
+
+
+def local_form(location):
+    """A `file://` URL as the local path it names; anything else unchanged."""
+    text = str(location)
+    return text[len("file://"):] if text.startswith("file://") else location
+
+
+def join(base: str, *names: str) -> str:
+    """A URL under `base` (no normalization: `s3://b/x` + `y` is `s3://b/x/y`)."""
+    return "/".join([str(base).rstrip("/"), *(n.strip("/") for n in names)])
+
+
+_filesystems: dict[str, object] = {}  # one per protocol and AWS_* environment (credentials, endpoint)
+
+
+def filesystem(url: str, listings: bool = False):
+    """(fsspec filesystem, path inside it) for `url`. One filesystem per protocol and process whose listings are never
+    cached (runs change under a reader); with `listings`, a new one of its own that keeps what it listed until told
+    otherwise (`invalidate_cache`): a reader answers DuckDB's `info` calls from its last listing, not with a HEAD
+    request per file. Fails in one line when the package or the credentials are missing."""
+    protocol = str(url).split("://", 1)[0]
+    cache_key = repr((protocol, sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))))
+    if cache_key not in _filesystems or listings:
+        try:
+            import fsspec
+
+            kind = fsspec.get_filesystem_class(protocol)
+        except ImportError as exc:
+            raise StorageError(f"{url}: {first_line(exc)} (pip install 'loratrace[s3]' for s3://)") from None
+        except ValueError:
+            raise StorageError(f"{url}: unknown storage protocol {protocol}://") from None
+        options = {}
+        if protocol in ("s3", "s3a"):
+            _check_s3_credentials(url)
+            options = {"skip_instance_cache": True, "use_listings_cache": listings}
+        if listings:
+            fs = kind(**options)
+            return fs, fs._strip_protocol(str(url)).rstrip("/")
+        _filesystems[cache_key] = kind(**options)
+    fs = _filesystems[cache_key]
+    return fs, fs._strip_protocol(str(url)).rstrip("/")
+
+
+def _check_s3_credentials(url: str) -> None:
+    import botocore.session
+
+    if botocore.session.get_session().get_credentials() is None:
+        raise StorageError(f"{url}: no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and "
+                           "AWS_ENDPOINT_URL for MinIO, Ceph or R2), or AWS_PROFILE")
+
+
+def check_location(location) -> None:
+    """Before anything is written: a remote runs location is reachable with the credentials at hand, in a bucket
+    that exists."""
+    if is_remote(location):
+        fs, path = filesystem(str(location))
+        bucket = path.split("/", 1)[0]
+        with remote_errors(str(location)):
+            found = fs.exists(bucket)
+        if not found:
+            raise StorageError(f"{location}: no bucket {bucket!r} at this endpoint (create it, or check "
+                               "AWS_ENDPOINT_URL)")
+
+
+@contextlib.contextmanager
+def remote_errors(url: str):
+    """An error of the object store (access denied, no such bucket, endpoint down) as one StorageError line."""
+    try:
+        yield
+    except OSError as exc:
+        raise StorageError(f"{url}: {first_line(exc) or type(exc).__name__}") from None
+    except Exception as exc:  # noqa: BLE001 - botocore and aiohttp raise their own types
+        if type(exc).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs"):
+            raise StorageError(f"{url}: {first_line(exc) or type(exc).__name__}") from None
+        raise
+
+
+# ---------------------------------------------------------------------------------------------- a staged run
+
+
+def staged() -> tuple[Path, str] | None:
+    """(local scratch run folder, its URL) of the run this process stages, if any."""
+    value = os.environ.get(STAGED_ENV)
+    if not value:
+        return None
+    local, url = value.split("\n", 1)
+    return Path(local), url
+
+
+def remote_name(path) -> str | None:
+    """The URL a file or folder of the staged run is published to; None when `path` is not in a staged run."""
+    stage = staged()
+    if stage is None:
+        return None
+    try:
+        relative = Path(os.path.abspath(path)).relative_to(stage[0])
+    except ValueError:
+        return None
+    return join(stage[1], relative.as_posix()) if relative.parts else stage[1]
+
+
+def public(run_dir):
+    """What to show a user for a run folder: its URL when it is staged for object storage, else the folder."""
+    return remote_name(run_dir) or run_dir
+
+
+_published: dict[str, tuple[int, int]] = {}  # local file -> (mtime_ns, size) when this process last synced it
+
+
+def publish(path) -> None:
+    """PUT a file just completed in the staged run to its key there (one atomic PUT); no-op for any other file."""
+    url = remote_name(path)
+    if url is None:
+        return
+    fs, key = filesystem(url)
+    stat = os.stat(path)
+    with remote_errors(url):
+        fs.put_file(str(path), key)
+    _published[str(path)] = (stat.st_mtime_ns, stat.st_size)
+
+
+def publish_tree(folder) -> None:
+    """Publish every file under `folder` (in a staged run) that changed since this process last synced it: what no
+    finalizing writer published (TensorBoard's events, exports, SwanLab's files). Partial files are left out."""
+    if remote_name(folder) is None:
+        return
+    for path in sorted(Path(folder).rglob("*")):
+        if not path.is_file() or path.name.startswith(".") or path.name.endswith(".partial"):
+            continue
+        stat = path.stat()
+        if _published.get(str(path)) != (stat.st_mtime_ns, stat.st_size):
+            publish(path)
+
+
+def new_staged_run(runs_url: str, name: str) -> Path:
+    """A local scratch folder for a new run named `name` (with `_2`, `_3`, ... when the name is taken there) under
+    `runs_url`; its files are published there as they complete."""
+    fs, root = filesystem(runs_url)
+    with remote_errors(runs_url):
+        try:
+            taken = {PurePosixPath(p).name for p in fs.ls(root, detail=False)}
+        except FileNotFoundError:
+            taken = set()
+    candidate, n = name, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{name}_{n}"
+    local = Path(tempfile.mkdtemp(prefix="loratrace-stage-")) / candidate
+    local.mkdir()
+    os.environ[STAGED_ENV] = f"{local}\n{join(runs_url, candidate)}"
+    return local
+
+
+def stage_run(run_url: str, leave_out: tuple[str, ...] = NOT_STAGED) -> Path:
+    """Download a run on object storage into a local scratch folder (all but `leave_out`: exports and logs) to resume
+    or evaluate it there; what is then written is published back."""
+    fs, root = filesystem(run_url)
+    with remote_errors(run_url):
+        files = fs.find(root)
+        if not files:
+            raise StorageError(f"{run_url}: no such run on object storage")
+        local = Path(tempfile.mkdtemp(prefix="loratrace-stage-")) / PurePosixPath(root).name
+        for key in files:
+            relative = key[len(root):].lstrip("/")
+            if relative.startswith(leave_out):
+                continue
+            target = local / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(key, str(target))
+            stat = target.stat()
+            _published[str(target)] = (stat.st_mtime_ns, stat.st_size)
+    os.environ[STAGED_ENV] = f"{local}\n{run_url.rstrip('/')}"
+    return local
+
+
+@contextlib.contextmanager
+def staging():
+    """Around a command that may stage a run: at its end the scratch folder goes and the staging ends. A process that
+    found a staged run already (a rank a launcher started) leaves both to the process that staged it."""
+    inherited = STAGED_ENV in os.environ
+    try:
+        yield
+    finally:
+        stage = None if inherited else staged()
+        if stage is not None:
+            os.environ.pop(STAGED_ENV, None)
+            for key in [k for k in _published if Path(k).is_relative_to(stage[0])]:
+                del _published[key]
+            shutil.rmtree(stage[0].parent, ignore_errors=True)
