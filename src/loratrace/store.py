@@ -26,7 +26,7 @@ from typing_extensions import Self
 from loratrace import sandbox, schema
 from loratrace.errors import LoratraceError, first_line
 from loratrace.mappings import first_checkpoint
-from loratrace.run_folders import as_list, find_runs, folders_of_runs, runs_info
+from loratrace.run_folders import as_list, find_runs, folders_of_runs, runs_info, study_folders
 from loratrace.samples_index import INDEX_FILE, TRACE_COLUMNS, TRACE_ORDER, SamplesIndex, index_fingerprint
 from loratrace.views import VIEWS
 
@@ -108,6 +108,10 @@ class Runs:
                     paths.append(path)
                 elif not path.name.startswith(".tmp-"):  # a part being written is not foreign
                     self._report(str(path), f"ignoring {path}: not a file name the tracker writes")
+        return self._readable(paths)
+
+    def _readable(self, paths: list[Path]) -> list[str]:
+        """The files among `paths` whose Parquet footer reads (checked again only when a file changes)."""
         good = []
         for path in paths:
             key = str(path)
@@ -128,7 +132,9 @@ class Runs:
     def _signature(self) -> tuple:
         """The keys of every folder and file the views read: a part or run added, renamed or replaced changes its
         folder's."""
-        signature = [_key_of(f) for f in (folders_of_runs(self.sources) if self.sources is not None else [])]
+        folders = folders_of_runs(self.sources) if self.sources is not None else []
+        signature = [_key_of(f) for f in folders] + [_key_of(f / "sweeps") for f in folders]
+        signature += [_key_of(study) for study in self._studies()]
         for run_dir in self.run_dirs:
             signature += [_key_of(run_dir / "run.json"), _key_of(run_dir / "config.yaml")]
             for name in ("", *(name for name, _ in TABLES.values())):  # "": tracking/ itself, for the index
@@ -158,6 +164,8 @@ class Runs:
         runs_key = tuple((d, _key_of(d / "run.json"), _key_of(d / "config.yaml")) for d in self.run_dirs)
         files = {view: [f for d in self.run_dirs for f in self._complete_parts(d / "tracking", name)]
                  for view, (name, _) in TABLES.items()}
+        files["trials_raw"] = self._readable([study / schema.TRIALS_FILE for study in self._studies()
+                                              if (study / schema.TRIALS_FILE).exists()])
         self._listed = (listed_at, listed_wall, signature)
         for run_dir in self.run_dirs:
             batches = str(run_dir / "tracking" / "batches") + "/"
@@ -173,9 +181,14 @@ class Runs:
             self.files = files
             for view, (_, table_schema) in TABLES.items():
                 self._create_raw_view(view, files[view], table_schema)
+            self._create_raw_view("trials_raw", files["trials_raw"], schema.TRIALS)
             self._create_lineage()
             self._create_views()
         self._indexes = None
+
+    def _studies(self) -> list[Path]:
+        """The sweep study folders this connection reads trials from (runs/sweeps/*/, or the folders named)."""
+        return study_folders(self.sources) if self.sources is not None else []
 
     def _find_indexes(self) -> dict[str, str]:
         if self._indexes is not None:
@@ -370,6 +383,8 @@ DUCKDB_TYPES = {pa.string(): "VARCHAR", pa.bool_(): "BOOLEAN", pa.int8(): "TINYI
 def _duckdb_type(kind: pa.DataType) -> str:
     if pa.types.is_list(kind):
         return _duckdb_type(kind.value_type) + "[]"
+    if pa.types.is_struct(kind):
+        return f"STRUCT({', '.join(f'{_quoted(f.name)} {_duckdb_type(f.type)}' for f in kind)})"
     if pa.types.is_timestamp(kind):
         return "TIMESTAMPTZ" if kind.tz else "TIMESTAMP"
     return DUCKDB_TYPES[kind]

@@ -1,0 +1,205 @@
+"""One sweep trial seen from its run: the objective, the reporter that feeds Optuna's pruner at each checkpoint, and
+the `trials.parquet` snapshot the `trials` view reads.
+
+    reporter = TrialReporter(trial, objective, study="s", max_steps=cfg.training.max_steps)
+    train(cfg, progress=False, callbacks=[reporter], checkpoint_listeners=[reporter])   # a normal run folder
+    objective.final(run_dir)                                                           # the value told to Optuna
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import pyarrow as pa
+import pyarrow.parquet as pq
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from loratrace import runs, schema
+from loratrace.checkpoints import checkpoint_files
+from loratrace.config import Config
+from loratrace.errors import ConfigError
+
+OBJECTIVES = {"eval_accuracy": "maximize", "final_loss": "minimize"}  # objective -> its natural direction
+
+
+@dataclass(frozen=True)
+class Objective:
+    """`eval_accuracy`: accuracy on `eval.split` (scored at every checkpoint, as `eval.every_checkpoint=true` does) of
+    the best or the last checkpoint. `final_loss`: the last update's training loss (run.json's final_loss). The
+    intermediate values the pruner sees are the same measure at each checkpoint."""
+
+    name: str
+    direction: str
+    checkpoint: str = "best"  # eval_accuracy: best or last
+
+    def __post_init__(self):
+        if self.name not in OBJECTIVES:
+            raise ConfigError(f"--objective {self.name}: use one of {', '.join(OBJECTIVES)}")
+        if self.direction not in ("maximize", "minimize"):
+            raise ConfigError(f"--direction {self.direction}: use maximize or minimize")
+        if self.checkpoint not in ("best", "last"):
+            raise ConfigError(f"--checkpoint {self.checkpoint}: use best or last")
+
+    def prepare(self, cfg: Config) -> Config:
+        """The config every trial starts from: eval_accuracy scores each checkpoint as it is written."""
+        if self.name == "eval_accuracy":
+            cfg.eval.every_checkpoint = True
+        return cfg
+
+    def intermediate(self, run_dir: Path, cfg: Config, update_loss: float | None, step: int) -> float | None:
+        """The measure at the checkpoint of `step`: `update_loss` is that update's training loss."""
+        if self.name == "final_loss":
+            return update_loss
+        return checkpoint_accuracies(run_dir, cfg).get(step)
+
+    def final(self, run_dir: Path, cfg: Config) -> tuple[float | None, int | None]:
+        """The trial's value and the checkpoint step it comes from."""
+        if self.name == "final_loss":
+            info = runs.read_run_json(run_dir)
+            return info.get("final_loss"), info.get("steps")
+        accuracies = checkpoint_accuracies(run_dir, cfg)
+        if not accuracies:
+            return None, None
+        if self.checkpoint == "last":
+            step = max(accuracies)
+        else:  # ties: the earliest checkpoint
+            pick = max if self.direction == "maximize" else min
+            step = pick(sorted(accuracies), key=lambda s: accuracies[s])
+        return accuracies[step], step
+
+
+def checkpoint_accuracies(run_dir: Path, cfg: Config) -> dict[int, float]:
+    """Accuracy per checkpoint step on the config's eval split and scoring, as the `evals` view holds it: the latest
+    evaluation of each checkpoint file, only checkpoints of the run's effective lineage."""
+    parts = sorted((Path(run_dir) / "tracking" / "evals").glob("s*.parquet"))
+    if not parts:
+        return {}
+    table = pq.read_table(parts, columns=["checkpoint_step", "checkpoint_path", "split", "scoring", "example_id",
+                                          "correct", "evaluated_at"])
+    latest: dict[tuple, tuple] = {}
+    for row in table.to_pylist():
+        if row["split"] != cfg.eval.split or row["scoring"] != cfg.eval.scoring or \
+                row["checkpoint_path"] == "final_model":
+            continue
+        key = (row["checkpoint_path"], row["example_id"])
+        if key not in latest or latest[key][0] <= row["evaluated_at"]:
+            latest[key] = (row["evaluated_at"], row["checkpoint_step"], row["correct"])
+    kept = {step for step, _ in checkpoint_files(run_dir)}
+    scores: dict[int, list[bool]] = {}
+    for _, step, correct in latest.values():
+        if step in kept:
+            scores.setdefault(step, []).append(bool(correct))
+    return {step: sum(values) / len(values) for step, values in sorted(scores.items())}
+
+
+class TrialReporter(Callback):
+    """A trial inside its run: names study and trial in run.json once the folder exists, reports the objective's
+    measure at every checkpoint (`trial.report`), and stops training when Optuna's pruner says so (`should_prune`),
+    never at the last step. A Lightning callback (set-up) and a checkpoint listener (the values)."""
+
+    def __init__(self, trial, objective: Objective, study: str, cfg: Config, on_run_dir=None):
+        self.trial, self.objective, self.study, self.cfg = trial, objective, study, cfg
+        self.on_run_dir = on_run_dir  # called with the run folder once it exists (the sweep's snapshot)
+        self.run_dir: Path | None = None
+        self.pruned_step: int | None = None
+        self._sums: tuple | None = None  # this update's (loss x answer tokens, answer tokens) over micro-batches
+        self._update_loss: tuple | None = None  # the last finished update's sums: its loss, read at its checkpoint
+        self._step_before_batch = -1
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not trainer.is_global_zero or self.run_dir is not None:
+            return
+        self.run_dir = Path(trainer.default_root_dir)
+        info = runs.read_run_json(self.run_dir)
+        info.update(study=self.study, trial=self.trial.number)
+        info["trials"] = [*info.get("trials", []), self.trial.number]  # a continued trial keeps its first number too
+        runs.write_run_json(self.run_dir, info)
+        self.trial.set_user_attr("run_id", self.run_dir.name)
+        self.trial.set_user_attr("run_dir", str(self.run_dir))
+        if self.on_run_dir is not None:
+            self.on_run_dir(self.run_dir)
+
+    @override
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        self._step_before_batch = trainer.global_step
+
+    @override
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        """The update's loss as the tracker weighs it (per answer token), kept on the device until a checkpoint
+        reads it. Runs before the checkpoint writer's hook (Lightning calls Checkpoint callbacks last)."""
+        if not isinstance(outputs, dict) or "n_target" not in outputs:
+            return
+        tokens = outputs["n_target"].sum()
+        weighted = outputs["loss"].detach() * tokens
+        self._sums = (weighted, tokens) if self._sums is None else (self._sums[0] + weighted, self._sums[1] + tokens)
+        if trainer.global_step != self._step_before_batch:  # this micro-batch finished an update
+            self._update_loss, self._sums = self._sums, None
+
+    def checkpoint_saving(self, trainer: L.Trainer, step: int) -> None:
+        """Nothing to hand over: the values are read once the checkpoint (and its scores) are written."""
+
+    def checkpoint_saved(self, trainer: L.Trainer, step: int, path: str, size: int) -> None:
+        if self.run_dir is None:
+            return
+        loss = float(self._update_loss[0] / self._update_loss[1].clamp(min=1)) if self._update_loss else None
+        value = self.objective.intermediate(self.run_dir, self.cfg, loss, step)
+        if value is None:
+            return
+        self.trial.report(float(value), step)
+        if step < self.cfg.training.max_steps and self.trial.should_prune():
+            self.pruned_step = step
+            trainer.should_stop = True  # the recipe records an early stop; the sweep then marks the run pruned
+
+
+def nested(params: dict) -> dict:
+    """{"lora.r": 8} -> {"lora": {"r": 8}}, the shape of config.yaml."""
+    tree: dict = {}
+    for key, value in params.items():
+        *parents, leaf = key.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def trial_rows(study_name: str, trials, objective: Objective) -> list[dict]:
+    """`trials.parquet` rows from Optuna's frozen trials."""
+    rows = []
+    for t in trials:
+        rows.append({
+            "study": study_name, "trial": t.number, "state": t.state.name.lower(),
+            "params": json.dumps(nested(t.params), sort_keys=True), "objective": t.value if t.values else None,
+            "objective_name": objective.name, "direction": objective.direction,
+            "intermediate_values": [{"step": int(step), "value": float(value)}
+                                    for step, value in sorted(t.intermediate_values.items())],
+            "run_id": t.user_attrs.get("run_id"), "run_dir": t.user_attrs.get("run_dir"),
+            "retry_of": t.system_attrs.get("failed_trial"),
+            "started_at": _utc(t.datetime_start), "completed_at": _utc(t.datetime_complete),
+        })
+    return rows
+
+
+def write_trials(study_dir: Path, study_name: str, trials, objective: Objective) -> Path:
+    """The study's trials as `trials.parquet` (atomic: a reader sees the old snapshot or the new one)."""
+    path = Path(study_dir) / schema.TRIALS_FILE
+    table = pa.Table.from_pylist(trial_rows(study_name, trials, objective), schema=schema.TRIALS)
+    schema.write_atomic(table, path)
+    return path
+
+
+def _utc(when: dt.datetime | None) -> dt.datetime | None:
+    """Optuna's datetimes are naive local time."""
+    return when.astimezone(dt.timezone.utc) if when is not None else None
+
+
+def is_number(value) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
