@@ -191,7 +191,7 @@ def run_trial(spec: SweepSpec, study, storage, trial, space: SearchSpace, goal: 
     from loratrace.checkpoints import checkpoint_files
     from loratrace.interrupt import RunInterrupted
     from loratrace.recipe import train
-    from loratrace.trials import TrialReporter
+    from loratrace.trial_reporter import TrialReporter
 
     values = space.suggest(trial)
     cfg = space.config(base, values)

@@ -108,7 +108,9 @@ def plan_sweep(cfg: Config, params: list[str], trials: int = 10, objective: str 
     seed = cfg.training.seed if seed is None else seed
     make_sampler(sampler, seed)
     make_pruner(pruner)
+    base.runs_dir = str(Path(base.runs_dir).resolve())  # a resume from another folder finds the same runs
     name, folder = study_location(study, cfg)
+    folder = folder.resolve()
     if (folder / SPEC_FILE).exists():
         raise ConfigError(f"study {name} exists ({folder}): continue it with loratrace sweep --resume {folder}, "
                           "or name another --study")

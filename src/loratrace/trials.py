@@ -1,9 +1,9 @@
-"""One sweep trial seen from its run: the objective, the reporter that feeds Optuna's pruner at each checkpoint, and
-the `trials.parquet` snapshot the `trials` view reads.
+"""A sweep trial's measures and records: the objective (its value at each checkpoint and at the end) and the
+`trials.parquet` snapshot the `trials` view reads. (The reporter that feeds them to Optuna is sweep_workers.py's.)
 
-    reporter = TrialReporter(trial, objective, study="s", max_steps=cfg.training.max_steps)
-    train(cfg, progress=False, callbacks=[reporter], checkpoint_listeners=[reporter])   # a normal run folder
-    objective.final(run_dir)                                                           # the value told to Optuna
+    objective = Objective("eval_accuracy", "maximize", checkpoint="best")
+    value, step = objective.final(run_dir, cfg)           # the value told to Optuna, the checkpoint it comes from
+    write_trials(study_dir, "my-study", study.get_trials(), objective)
 """
 
 from __future__ import annotations
@@ -14,14 +14,10 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import lightning as L
 import pyarrow as pa
 import pyarrow.parquet as pq
-from lightning.pytorch.callbacks import Callback
-from typing_extensions import override
 
 from loratrace import runs, schema
-from loratrace.checkpoints import checkpoint_files
 from loratrace.config import Config
 from loratrace.errors import ConfigError
 
@@ -77,6 +73,8 @@ class Objective:
 def checkpoint_accuracies(run_dir: Path, cfg: Config) -> dict[int, float]:
     """Accuracy per checkpoint step on the config's eval split and scoring, as the `evals` view holds it: the latest
     evaluation of each checkpoint file, only checkpoints of the run's effective lineage."""
+    from loratrace.checkpoints import checkpoint_files  # torch: only where a run is scored
+
     parts = sorted((Path(run_dir) / "tracking" / "evals").glob("s*.parquet"))
     if not parts:
         return {}
@@ -96,67 +94,6 @@ def checkpoint_accuracies(run_dir: Path, cfg: Config) -> dict[int, float]:
         if step in kept:
             scores.setdefault(step, []).append(bool(correct))
     return {step: sum(values) / len(values) for step, values in sorted(scores.items())}
-
-
-class TrialReporter(Callback):
-    """A trial inside its run: names study and trial in run.json once the folder exists, reports the objective's
-    measure at every checkpoint (`trial.report`), and stops training when Optuna's pruner says so (`should_prune`),
-    never at the last step. A Lightning callback (set-up) and a checkpoint listener (the values)."""
-
-    def __init__(self, trial, objective: Objective, study: str, cfg: Config, on_run_dir=None):
-        self.trial, self.objective, self.study, self.cfg = trial, objective, study, cfg
-        self.on_run_dir = on_run_dir  # called with the run folder once it exists (the sweep's snapshot)
-        self.run_dir: Path | None = None
-        self.pruned_step: int | None = None
-        self._sums: tuple | None = None  # this update's (loss x answer tokens, answer tokens) over micro-batches
-        self._update_loss: tuple | None = None  # the last finished update's sums: its loss, read at its checkpoint
-        self._step_before_batch = -1
-
-    @override
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if not trainer.is_global_zero or self.run_dir is not None:
-            return
-        self.run_dir = Path(trainer.default_root_dir)
-        info = runs.read_run_json(self.run_dir)
-        info.update(study=self.study, trial=self.trial.number)
-        info["trials"] = [*info.get("trials", []), self.trial.number]  # a continued trial keeps its first number too
-        runs.write_run_json(self.run_dir, info)
-        self.trial.set_user_attr("run_id", self.run_dir.name)
-        self.trial.set_user_attr("run_dir", str(self.run_dir))
-        if self.on_run_dir is not None:
-            self.on_run_dir(self.run_dir)
-
-    @override
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
-        self._step_before_batch = trainer.global_step
-
-    @override
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
-                           batch_idx: int) -> None:
-        """The update's loss as the tracker weighs it (per answer token), kept on the device until a checkpoint
-        reads it. Runs before the checkpoint writer's hook (Lightning calls Checkpoint callbacks last)."""
-        if not isinstance(outputs, dict) or "n_target" not in outputs:
-            return
-        tokens = outputs["n_target"].sum()
-        weighted = outputs["loss"].detach() * tokens
-        self._sums = (weighted, tokens) if self._sums is None else (self._sums[0] + weighted, self._sums[1] + tokens)
-        if trainer.global_step != self._step_before_batch:  # this micro-batch finished an update
-            self._update_loss, self._sums = self._sums, None
-
-    def checkpoint_saving(self, trainer: L.Trainer, step: int) -> None:
-        """Nothing to hand over: the values are read once the checkpoint (and its scores) are written."""
-
-    def checkpoint_saved(self, trainer: L.Trainer, step: int, path: str, size: int) -> None:
-        if self.run_dir is None:
-            return
-        loss = float(self._update_loss[0] / self._update_loss[1].clamp(min=1)) if self._update_loss else None
-        value = self.objective.intermediate(self.run_dir, self.cfg, loss, step)
-        if value is None:
-            return
-        self.trial.report(float(value), step)
-        if step < self.cfg.training.max_steps and self.trial.should_prune():
-            self.pruned_step = step
-            trainer.should_stop = True  # the recipe records an early stop; the sweep then marks the run pruned
 
 
 def nested(params: dict) -> dict:
