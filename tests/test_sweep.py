@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import optuna
+import pandas as pd
 import pytest
 from conftest import ROOT, run_cli
 
@@ -123,6 +124,27 @@ def test_pruner_stops_the_absurd_learning_rate_before_its_last_step(four):
     assert int(frame.set_index("trial").last_step[1]) == max(steps)
 
 
+def test_report_study_has_the_trials_then_their_runs(four):
+    root, _ = four
+    study_dir = root / "runs" / "sweeps" / "four"
+    result = run_cli("report", "--study", str(study_dir), "-o", str(root / "sweep.html"), cwd=root)
+    assert result.returncode == 0, result.stderr[-2000:]
+    page = (root / "sweep.html").read_text()
+    assert "<title>sweep four</title>" in page and "Sweep four: final_loss (minimize)" in page
+    for plot in ("objective", "intermediate", "params"):
+        assert f'id="plot-sweep-0-{plot}"' in page
+    trials = load_study(study_dir).trials
+    best = min((t for t in trials if t.state.name == "COMPLETE"), key=lambda t: t.value)
+    assert f"best: trial {best.number}, final_loss {best.value:.6g}, run {best.user_attrs['run_id']}" in page
+    assert all(page.count(t.user_attrs["run_id"]) >= 2 for t in trials)  # in the trials table and the runs' sections
+
+
+def test_report_study_of_a_folder_without_a_sweep_is_one_line(tmp_path):
+    result = run_cli("report", "--study", str(tmp_path), "-o", str(tmp_path / "r.html"))
+    assert result.returncode == 1 and result.stderr.count("\n") == 1 and "no sweep study in" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("param, message", [
     ("lora.rr=choice(4,8)", "unknown config key lora.rr (did you mean lora.r?)"),
     ("lora.r=choice(4,8", "expected key=loguniform(a,b)"),
@@ -194,6 +216,19 @@ def test_sigkill_during_a_trial_then_resume_finishes_without_training_a_trial_tw
         assert trial.value == pytest.approx(best)
     assert list(rows.state) == ["complete", "fail", "complete"] and rows.retry_of[2] == 1
     assert rows.run_id[1] == rows.run_id[2] == victim.name
+
+    # The README's "best trial right, worst trial wrong" query, as `loratrace query` runs it, against pandas
+    line = next(line for line in (ROOT / "README.md").read_text().splitlines() if "b.correct AND NOT w.correct" in line)
+    query = line.split('"')[1]
+    result = run_cli("query", query, "--format", "json", "--runs-dir", str(runs))
+    assert result.returncode == 0, result.stderr
+    evals = pd.concat(pd.read_parquet(p) for p in runs.glob("*/tracking/evals/*.parquet"))
+    last = evals[evals.checkpoint_step == evals.groupby("run_id").checkpoint_step.transform("max")]
+    best = min(complete, key=lambda t: (-t.value, t.user_attrs["run_id"])).user_attrs["run_id"]  # ties: by run id
+    worst = min(complete, key=lambda t: (t.value, t.user_attrs["run_id"])).user_attrs["run_id"]
+    right = set(last[(last.run_id == best) & last.correct].example_id)
+    wrong = set(last[(last.run_id == worst) & ~last.correct].example_id)
+    assert [json.loads(r)["example_id"] for r in result.stdout.splitlines()] == sorted(right & wrong)
 
 
 @pytest.mark.slow

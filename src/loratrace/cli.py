@@ -117,7 +117,9 @@ def _parser() -> argparse.ArgumentParser:
                             description="Write one HTML file (plotly inlined: opens offline, links to nothing outside "
                                         "it): curves, evals, cartography, forgetting, tracking cost, config "
                                         "differences; several runs overlaid.")
-    report.add_argument("runs", nargs="+", metavar="RUN", help="run folders, folders of runs, or globs")
+    report.add_argument("runs", nargs="*", metavar="RUN", help="run folders, folders of runs, or globs")
+    report.add_argument("--study", action="append", metavar="DIR",
+                        help="a sweep's folder (runs/sweeps/<study>): its trials, then their runs (repeatable)")
     report.add_argument("--output", "-o", default="report.html", help="the HTML file (default: report.html)")
     report.add_argument("--title", help="the report's title (default: the run ids)")
     _add_sweep(sub)
@@ -332,8 +334,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     from loratrace.formats import check_output
     from loratrace.report import write_report
 
+    if not args.runs and not args.study:
+        from loratrace.config import ConfigError
+
+        raise ConfigError("name run folders (loratrace report runs/) or a sweep (--study runs/sweeps/<study>)")
     check_output(args.output)
-    path = write_report(args.runs, args.output, title=args.title)
+    path = write_report(args.runs, args.output, title=args.title, studies=args.study)
     print(f"report  {path}  ({path.stat().st_size / 1e6:.1f} MB, opens offline)")
     return 0
 

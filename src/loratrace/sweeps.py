@@ -91,6 +91,7 @@ def plan_sweep(cfg: Config, params: list[str], trials: int = 10, objective: str 
                enqueue: list[dict] | None = None, heartbeat_s: int = 30) -> SweepSpec:
     """Check everything a sweep is asked before anything is written: params against the schema, objective, sampler,
     pruner, enqueued trials, a study name not taken. Raises ConfigError (one line)."""
+    require_optuna()
     if objective not in OBJECTIVES:
         raise ConfigError(f"--objective {objective}: use one of {', '.join(OBJECTIVES)}")
     goal = Objective(objective, direction or OBJECTIVES[objective], checkpoint)
@@ -150,6 +151,13 @@ def _built(factory, kwargs: dict, text: str, what: str):
         return factory(**kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"--{what} {text}: {first_line(exc)}") from None
+
+
+def require_optuna() -> None:
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        raise ConfigError("loratrace sweep needs Optuna: pip install 'loratrace[sweep]'") from None
 
 
 def make_sampler(text: str, seed: int):
