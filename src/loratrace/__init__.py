@@ -6,6 +6,7 @@
     db.trace(db.sql("SELECT example_id FROM samples LIMIT 1").df().example_id[0])
     loratrace.compare([run_dir, other_run_dir]).data_order     # DataFrames: config, metrics, evals, examples, ...
     loratrace.write_report([run_dir, other_run_dir], "report.html")
+    loratrace.sweep(loratrace.load_config("configs/tiny.yaml"), ["lora.r=choice(4,8)"], trials=4)   # an Optuna study
 
 Names are imported on first use, so `loratrace query` starts without torch.
 """
@@ -24,6 +25,8 @@ _EXPORTS = {
     "BatchTracker": "loratrace.tracking",
     "compare": "loratrace.comparison",
     "write_report": "loratrace.report",
+    "sweep": "loratrace.sweeps",
+    "resume_sweep": "loratrace.sweeps",
 }
 
 
@@ -33,4 +36,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'loratrace' has no attribute {name!r}")
 
 
-__all__ = ["BatchTracker", "Config", "compare", "load_config", "open_runs", "train", "write_report"]
+__all__ = ["BatchTracker", "Config", "compare", "load_config", "open_runs", "resume_sweep", "sweep", "train",
+           "write_report"]

@@ -314,6 +314,28 @@ def sweep(cfg: Config, params: list[str], trials: int = 10, jobs: int = 1, **opt
     return spec
 
 
+def join_sweep(storage: str, study: str, runs_dir: str | Path = "runs") -> Path:
+    """Another machine's way in: the study's spec from the shared storage (its user attribute) into a local study
+    folder, <runs_dir>/sweeps/<study>/, that `resume_sweep` then runs workers from."""
+    import optuna
+
+    require_optuna()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    folder = (Path(runs_dir) / "sweeps" / study).resolve()
+    probe = SweepSpec(study, str(folder), storage, {}, [], 1)
+    try:
+        recorded = optuna.load_study(study_name=study, storage=open_storage(probe)).user_attrs.get("loratrace_sweep")
+    except KeyError:
+        raise ConfigError(f"{storage} has no study {study}") from None
+    if not recorded:
+        raise ConfigError(f"study {study} in {storage} was not made by loratrace sweep (no loratrace_sweep attribute)")
+    base = {**recorded["base"], "runs_dir": str(Path(runs_dir).resolve())}  # this machine's runs folder
+    spec = SweepSpec(**{**recorded, "study_dir": str(folder), "storage": storage, "base": base})
+    folder.mkdir(parents=True, exist_ok=True)
+    write_spec(spec)
+    return folder
+
+
 def resume_sweep(folder: str | Path, jobs: int = 1, trials: int | None = None, storage: str | None = None) -> SweepSpec:
     """Continue a study from its folder: finished trials are kept, a dead worker's trial is re-queued and continues
     its run from the last checkpoint; `trials` raises (or lowers) the number wanted."""
