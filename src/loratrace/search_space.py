@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import re
+import types
 import typing
 from dataclasses import dataclass
 from typing import Any
@@ -144,8 +145,9 @@ def parse_params(texts: list[str], base: Config) -> SearchSpace:
 def _typed(param: Param, hint: Any) -> Param:
     """A range's kind against the key's type; choices read as the key's type (a list key's as comma-joined text,
     since Optuna's choices are scalars)."""
-    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if typing.get_args(hint) and \
-        typing.get_origin(hint) is not list else hint
+    base = hint
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # `int | None` -> int
+        base = next(a for a in typing.get_args(hint) if a is not type(None))
     if param.kind == "choice":
         typed = []
         for value in param.choices:

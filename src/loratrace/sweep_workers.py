@@ -89,14 +89,13 @@ def work(spec: SweepSpec, worker: int, jobs: int = 1) -> None:
 
 def take_trial(spec: SweepSpec, study):
     """Under the study lock: release the trials of dead workers, then ask for a trial if the study needs one."""
+    import optuna
     from optuna.trial import TrialState
 
     with study_lock(spec.folder):
         release_dead_workers(spec, study)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import optuna
-
+            warnings.simplefilter("ignore")  # fail_stale_trials is experimental
             optuna.storages.fail_stale_trials(study)  # heartbeats: workers on other machines
         states = Counter(t.state for t in study.get_trials(deepcopy=False))
         if states[TrialState.COMPLETE] + states[TrialState.PRUNED] + states[TrialState.RUNNING] >= spec.trials:
@@ -205,7 +204,10 @@ def run_trial(spec: SweepSpec, study, storage, trial, space: SearchSpace, goal: 
     done = runs.read_run_json(previous).get("status") if resume_from else None
     try:
         if done in ("completed", "pruned"):  # trained to its end before the worker died: never trained twice
-            run_dir, reporter.pruned_step = previous, (found[-1][0] if done == "pruned" else None)
+            info = runs.read_run_json(previous)
+            info.update(trial=trial.number, trials=[*info.get("trials", []), trial.number])
+            runs.write_run_json(previous, info)
+            run_dir, reporter.pruned_step = previous, info.get("pruned_step") if done == "pruned" else None
         else:
             with heartbeat(storage, spec.study, trial.number, spec.heartbeat_s):
                 run_dir = train(cfg, resume_from=resume_from, progress=False, callbacks=[reporter],
@@ -227,7 +229,7 @@ def run_trial(spec: SweepSpec, study, storage, trial, space: SearchSpace, goal: 
         if done != "pruned":
             runs.finish_run(run_dir, "pruned", pruned_step=reporter.pruned_step)
         study.tell(trial, state=TrialState.PRUNED)
-        state, value = "pruned", None
+        state = "pruned"
     else:
         value, step = goal.final(run_dir, cfg)
         if is_number(value):
