@@ -97,6 +97,9 @@ def test_four_trials_are_four_run_folders_and_the_view_agrees_with_optuna(four):
         if trial.state == optuna.trial.TrialState.COMPLETE:
             assert info["status"] == "completed" and info["final_loss"] == pytest.approx(trial.value)
             assert trial.intermediate_values[6] == pytest.approx(trial.value)  # the last checkpoint's is the final
+    with loratrace.open_runs(runs) as db:  # the runs view names study and trial too
+        named = db.sql("SELECT run_id, study, trial FROM runs ORDER BY run_id").fetchall()
+    assert named == [(f.name, "four", str(by_run[f.name][1].number)) for f in folders]
     complete = [r for r in rows if r["state"] == "complete"]
     best = min(complete, key=lambda r: r["objective"])
     assert best["trial"] == study.best_trial.number

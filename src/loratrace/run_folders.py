@@ -56,15 +56,15 @@ def folders_of_runs(paths) -> list[Path]:
 
 
 def study_folders(paths) -> list[Path]:
-    """Sweep study folders (with sweep.json) named by `paths`: a study folder itself, or the studies under a folder's
-    sweeps/ (runs/ -> runs/sweeps/*/) or directly under it (runs/sweeps/ -> its studies)."""
+    """Sweep study folders (with sweep.json) named by `paths`: a study folder itself, the studies in a `sweeps/`
+    folder, or those in a folder's sweeps/ (runs/ -> runs/sweeps/*/; the run folders themselves are not looked into)."""
     found: list[Path] = []
     for item in as_list(paths):
         for path in [Path(m) for m in sorted(glob.glob(str(item)))] or [Path(item)]:
             if (path / "sweep.json").is_file():
                 found.append(path)
                 continue
-            for base in (path, path / "sweeps"):
+            for base in (path, path / "sweeps") if path.name == "sweeps" else (path / "sweeps",):
                 if base.is_dir() and not _is_run(base):
                     found += [p for p in sorted(base.iterdir()) if (p / "sweep.json").is_file()]
     return list(dict.fromkeys(p.resolve() for p in found))

@@ -52,7 +52,7 @@ class Objective:
         """The measure at the checkpoint of `step`: `update_loss` is that update's training loss."""
         if self.name == "final_loss":
             return update_loss
-        return checkpoint_accuracies(run_dir, cfg).get(step)
+        return checkpoint_accuracies(run_dir, cfg, step=step).get(step)
 
     def final(self, run_dir: Path, cfg: Config) -> tuple[float | None, int | None]:
         """The trial's value and the checkpoint step it comes from."""
@@ -70,12 +70,14 @@ class Objective:
         return accuracies[step], step
 
 
-def checkpoint_accuracies(run_dir: Path, cfg: Config) -> dict[int, float]:
+def checkpoint_accuracies(run_dir: Path, cfg: Config, step: int | None = None) -> dict[int, float]:
     """Accuracy per checkpoint step on the config's eval split and scoring, as the `evals` view holds it: the latest
-    evaluation of each checkpoint file, only checkpoints of the run's effective lineage."""
+    evaluation of each checkpoint file, only checkpoints of the run's effective lineage. With `step`, only the
+    checkpoint just written at that step (its parts alone are read)."""
     from loratrace.checkpoints import checkpoint_files  # torch: only where a run is scored
 
-    parts = sorted((Path(run_dir) / "tracking" / "evals").glob("s*.parquet"))
+    pattern = f"s{step:09d}-*.parquet" if step is not None else "s*.parquet"  # schema.evals_part_name
+    parts = sorted((Path(run_dir) / "tracking" / "evals").glob(pattern))
     if not parts:
         return {}
     table = pq.read_table(parts, columns=["checkpoint_step", "checkpoint_path", "split", "scoring", "example_id",
@@ -88,12 +90,12 @@ def checkpoint_accuracies(run_dir: Path, cfg: Config) -> dict[int, float]:
         key = (row["checkpoint_path"], row["example_id"])
         if key not in latest or latest[key][0] <= row["evaluated_at"]:
             latest[key] = (row["evaluated_at"], row["checkpoint_step"], row["correct"])
-    kept = {step for step, _ in checkpoint_files(run_dir)}
+    kept = {step} if step is not None else {kept for kept, _ in checkpoint_files(run_dir)}
     scores: dict[int, list[bool]] = {}
-    for _, step, correct in latest.values():
-        if step in kept:
-            scores.setdefault(step, []).append(bool(correct))
-    return {step: sum(values) / len(values) for step, values in sorted(scores.items())}
+    for _, scored, correct in latest.values():
+        if scored in kept:
+            scores.setdefault(scored, []).append(bool(correct))
+    return {scored: sum(values) / len(values) for scored, values in sorted(scores.items())}
 
 
 def nested(params: dict) -> dict:
