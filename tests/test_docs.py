@@ -21,8 +21,8 @@ README = (ROOT / "README.md").read_text()
 BLOCKS = re.findall(r"```(\w*)\n(.*?)```", README, re.S)
 QUERIES = [body for lang, body in BLOCKS if lang == "sql"]
 PYTHON = [body for lang, body in BLOCKS if lang == "python"]
-# plain blocks that list files: a run folder, an export folder, the repository
-LISTINGS = ("runs/<dataset>_<method>_<YYYYMMDD_HHMMSS>/", "out/adapters/", "pyproject.toml")
+# plain blocks that list files: a run folder, an export folder, a sweep's folder, the repository
+LISTINGS = ("runs/<dataset>_<method>_<YYYYMMDD_HHMMSS>/", "out/adapters/", "runs/sweeps/<study>/", "pyproject.toml")
 SHELL_LINES = [line for lang, body in BLOCKS if lang == "" and not body.startswith(LISTINGS)
                for line in body.splitlines() if line.strip()]
 
@@ -72,6 +72,12 @@ NOT_RUN = {  # README commands these tests do not run, and why (a `loratrace tra
            "loratrace train --resume-from-checkpoint path/to/hf-trainer-output/checkpoint-500 "
            "--config configs/arc-challenge.yaml")},
 }
+SWEEP = ("needs a sweep (minutes of trials): tests/test_sweep.py runs sweeps of the tiny preset with fewer steps, "
+         "kills and resumes one, runs two jobs, runs the README's trials query and reports on a study")
+NOT_RUN.update({command: SWEEP for command in COMMANDS
+                if command.startswith(("loratrace sweep", "loratrace report --study")) or "FROM trials" in command})
+NOT_RUN["optuna-dashboard sqlite:///runs/sweeps/<study>/study.db"] = \
+    "a server that runs until stopped, and not a dependency (pip install optuna-dashboard)"
 DEFAULT_JOBS = {  # the embedded default job, 125 updates (~80 s each on 2 cores): run in the slow tests
     "loratrace train", "loratrace train --track-batches", "loratrace train --dataset arc-challenge --dataset arc-easy",
     "loratrace train eval.every_checkpoint=true",

@@ -7,6 +7,7 @@
     loratrace.compare([run_dir, other_run_dir]).data_order     # DataFrames: config, metrics, evals, examples, ...
     loratrace.write_report([run_dir, other_run_dir], "report.html")
     loratrace.export_adapters(run_dir, "out/adapters", flat=True)  # a PEFT adapter per checkpoint + manifest.parquet
+    loratrace.sweep(loratrace.load_config("configs/tiny.yaml"), ["lora.r=choice(4,8)"], trials=4)   # an Optuna study
 
 Names are imported on first use, so `loratrace query` starts without torch.
 """
@@ -26,6 +27,8 @@ _EXPORTS = {
     "compare": "loratrace.comparison",
     "write_report": "loratrace.report",
     "export_adapters": "loratrace.export",
+    "sweep": "loratrace.sweeps",
+    "resume_sweep": "loratrace.sweeps",
 }
 
 
@@ -35,4 +38,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'loratrace' has no attribute {name!r}")
 
 
-__all__ = ["BatchTracker", "Config", "compare", "export_adapters", "load_config", "open_runs", "train", "write_report"]
+__all__ = ["BatchTracker", "Config", "compare", "export_adapters", "load_config", "open_runs", "resume_sweep", "sweep",
+           "train", "write_report"]

@@ -9,6 +9,8 @@
     loratrace report RUN... -o report.html
     loratrace export RUN --adapters OUT [--steps 76..125|76,100] [--flat] [--overwrite]
     loratrace import-legacy PATH... [--runs-dir DIR] [--force]
+    loratrace sweep [--config F] [key=value ...] --param 'key=uniform(a,b)' ... [--trials N] [--objective O] [--jobs N]
+    loratrace sweep --resume runs/sweeps/<study> [--jobs N]
 
 Errors a user can cause (`LoratraceError`) end in one line on stderr: exit 2 for a bad config, data set, model or
 checkpoint (before any work starts), exit 1 for a query or lookup that cannot be answered. `query`, `trace` and
@@ -22,12 +24,13 @@ import sys
 from pathlib import Path
 
 from loratrace import storage
+from loratrace.sweep_cli import add_sweep, cmd_sweep
 
 FORMATS = ("table", "csv", "json", "parquet")
 COMPARE_SECTIONS = ("runs", "config", "metrics", "evals", "data_order", "examples", "forgetting")  # comparison.SECTIONS
 # views.VIEW_NAMES (tests/test_cli.py checks --help lists each), without importing pyarrow for every command
 VIEWS = ("runs", "batches", "batches_all", "samples", "examples", "checkpoints", "attempts", "step_checkpoint",
-         "example_checkpoint", "metrics", "example_trace", "evals")
+         "example_checkpoint", "metrics", "example_trace", "evals", "trials")
 QUERY_DESCRIPTION = f"""SQL over the views {', '.join(VIEWS)} (DESIGN.md, README "Query views").
 
 The connection is read-only: one SELECT (or EXPLAIN [ANALYZE] SELECT, or a reporting PRAGMA such as
@@ -132,9 +135,12 @@ def _parser() -> argparse.ArgumentParser:
                             description="Write one HTML file (plotly inlined: opens offline, links to nothing outside "
                                         "it): curves, evals, cartography, forgetting, tracking cost, config "
                                         "differences; several runs overlaid.")
-    report.add_argument("runs", nargs="+", metavar="RUN", help="run folders, folders of runs, or globs")
+    report.add_argument("runs", nargs="*", metavar="RUN", help="run folders, folders of runs, or globs")
+    report.add_argument("--study", action="append", metavar="DIR",
+                        help="a sweep's folder (runs/sweeps/<study>): its trials, then their runs (repeatable)")
     report.add_argument("--output", "-o", default="report.html", help="the HTML file (default: report.html)")
     report.add_argument("--title", help="the report's title (default: the run ids)")
+    add_sweep(sub)
     return parser
 
 
@@ -334,14 +340,18 @@ def cmd_report(args: argparse.Namespace) -> int:
     from loratrace.formats import check_output
     from loratrace.report import write_report
 
+    if not args.runs and not args.study:
+        from loratrace.config import ConfigError
+
+        raise ConfigError("name run folders (loratrace report runs/) or a sweep (--study runs/sweeps/<study>)")
     check_output(args.output)
-    path = write_report(args.runs, args.output, title=args.title)
+    path = write_report(args.runs, args.output, title=args.title, studies=args.study)
     print(f"report  {path}  ({path.stat().st_size / 1e6:.1f} MB, opens offline)")
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "query": cmd_query, "trace": cmd_trace, "runs": cmd_runs,
-            "compare": cmd_compare, "report": cmd_report, "export": cmd_export,
+COMMANDS = {"train": cmd_train, "sweep": cmd_sweep, "eval": cmd_eval, "query": cmd_query, "trace": cmd_trace,
+            "runs": cmd_runs, "compare": cmd_compare, "report": cmd_report, "export": cmd_export,
             "import-legacy": cmd_import_legacy}
 
 

@@ -49,17 +49,20 @@ def _example_rows(cfg: Config, examples, datamodule) -> list[dict]:
 
 
 def train(cfg: Config, resume_from: str | Path | None = None, progress: bool = True,
-          callbacks: list | None = None) -> Path | str:
+          callbacks: list | None = None, checkpoint_listeners: list | None = None) -> Path | str:
     """Train one run; returns its folder (its URL for a runs_dir on object storage). Everything that can fail on user
     input fails before the folder exists (or, for a resume, before anything in it changes).
 
-    `callbacks` are added to loratrace's own (tracker, checkpoints, progress bar), e.g. a profiler or a timer.
+    `callbacks` are added to loratrace's own (tracker, checkpoints, progress bar), e.g. a profiler or a timer;
+    `checkpoint_listeners` (checkpoints.CheckpointListener) hear of each checkpoint after the tracker and evaluator
+    (a sweep's trial reports its intermediate values there).
     """
     with quiet_libraries(), storage.staging():
-        return storage.public(_train(cfg, resume_from, progress, callbacks))
+        return storage.public(_train(cfg, resume_from, progress, callbacks, checkpoint_listeners))
 
 
-def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callbacks: list | None) -> Path:
+def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callbacks: list | None,
+           checkpoint_listeners: list | None = None) -> Path:
     storage.check_location(cfg.runs_dir)  # no credentials, no bucket: one line before any work
     if resume_from and storage.is_remote(resume_from):  # a run on object storage resumes in a local copy
         resume_from = stage_remote_checkpoint(str(resume_from))
@@ -106,6 +109,7 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
         listeners = [tracker] if tracker is not None else []  # told of every checkpoint: rows first, then scores
         if evaluator is not None:
             listeners.append(CheckpointEvaluator(evaluator, run_dir))
+        listeners += list(checkpoint_listeners or [])
         step_checkpoint = StepCheckpoint(run_dir / "checkpoints",
                                          checkpoint_steps(t.max_steps, t.stage1_steps, cfg.checkpoint), listeners)
         stop = StopOnSignal(step_checkpoint)

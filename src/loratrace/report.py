@@ -42,21 +42,32 @@ class ReportError(LoratraceError):
     exit_code = 1
 
 
-def write_report(paths, output: str | Path = "report.html", title: str | None = None) -> Path:
-    """Write the report on the runs named by `paths` (as `open_runs` takes them) to `output`; returns its path."""
+def write_report(paths, output: str | Path = "report.html", title: str | None = None, studies=None) -> Path:
+    """Write the report on the runs named by `paths` (as `open_runs` takes them) to `output`; returns its path.
+    `studies`: sweep study folders (runs/sweeps/<study>): their trials first (report_sweep.py), then their runs."""
     try:
         import plotly.offline
     except ImportError:
         raise ReportError("loratrace report needs plotly: pip install 'loratrace[report]'") from None
+    from loratrace.report_sweep import study_trials, sweep_sections, trial_run_dirs
+    from loratrace.run_folders import as_list, study_folders
     from loratrace.store import open_runs
 
+    sweep = []
+    if studies:
+        if not study_folders(studies):
+            raise ReportError(f"no sweep study in {', '.join(map(str, as_list(studies)))} (a folder with sweep.json)")
+        trials = study_trials(studies)
+        sweep = sweep_sections(trials)
+        paths = [*as_list(paths or []), *trial_run_dirs(trials)]
     with open_runs(paths) as db:
         run_dirs = list(db.run_dirs)
         if not run_dirs:
             raise ReportError(f"no runs in {paths}")
         data = _gather(db, run_dirs)
-    body = "\n".join(_sections(data))
-    name = title or ", ".join(data["run_ids"])
+    body = "\n".join(sweep + _sections(data))
+    studies_named = [folder.name for folder in study_folders(studies)] if studies else []
+    name = title or (f"sweep {', '.join(studies_named)}" if studies_named else ", ".join(data["run_ids"]))
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(name)}</title>'
             f"<style>{STYLE}</style>\n<script>{plotly.offline.get_plotlyjs()}</script></head>\n<body>\n"
             f"<h1>loratrace report: {html.escape(name)}</h1>\n{body}\n</body></html>\n")

@@ -15,6 +15,7 @@ from loratrace.errors import LoratraceError
 from loratrace.overrides import flatten_keys
 
 RUN_COLUMNS = ("run_id", "dir", "dataset", "method", "created_at", "status")  # then every run's config, flattened
+SWEEP_COLUMNS = ("study", "trial")  # from a sweep trial's run.json: columns once any run has them
 
 
 class RunsNotFound(LoratraceError):
@@ -54,6 +55,21 @@ def folders_of_runs(paths) -> list[Path]:
     return [f.resolve() for f in folders]
 
 
+def study_folders(paths) -> list[Path]:
+    """Sweep study folders (with sweep.json) named by `paths`: a study folder itself, the studies in a `sweeps/`
+    folder, or those in a folder's sweeps/ (runs/ -> runs/sweeps/*/; the run folders themselves are not looked into)."""
+    found: list[Path] = []
+    for item in as_list(paths):
+        for path in [Path(m) for m in sorted(glob.glob(str(item)))] or [Path(item)]:
+            if (path / "sweep.json").is_file():
+                found.append(path)
+                continue
+            for base in (path, path / "sweeps") if path.name == "sweeps" else (path / "sweeps",):
+                if base.is_dir() and not _is_run(base):
+                    found += [p for p in sorted(base.iterdir()) if (p / "sweep.json").is_file()]
+    return list(dict.fromkeys(p.resolve() for p in found))
+
+
 def _is_run(path: Path) -> bool:
     return path.is_dir() and any((path / name).exists() for name in ("run.json", "config.yaml", "tracking"))
 
@@ -77,6 +93,7 @@ def runs_info(run_dirs: list[Path]) -> tuple[list[str], list[list[str | None]]]:
             "dataset": info.get("dataset", config.get("data", {}).get("dataset")),
             "method": info.get("method", config.get("method")),
             "created_at": info.get("created_at"), "status": info.get("status", "unknown"),
+            **{key: info[key] for key in SWEEP_COLUMNS if key in info},
         })
     columns = list(dict.fromkeys([*RUN_COLUMNS, *(key for row in rows for key in row)]))
     return columns, [[None if row.get(c) is None else str(row[c]) for c in columns] for row in rows]

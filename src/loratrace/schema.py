@@ -107,6 +107,25 @@ EVALS = pa.schema([
 ])
 
 
+# A sweep's trials, one row per Optuna trial: `runs/sweeps/<study>/trials.parquet`, a snapshot of the study's storage
+# rewritten (atomically) whenever a trial starts or ends; the `trials` view reads it.
+TRIALS = pa.schema([
+    ("study", pa.string()),
+    ("trial", pa.int64()),  # Optuna's trial number, unique in the study
+    ("state", pa.string()),  # Optuna's TrialState, lower case: running, complete, pruned, fail, waiting
+    ("params", pa.string()),  # JSON, nested like config.yaml: {"lora": {"r": 8}, "training": {...}}
+    ("objective", pa.float64()),  # Optuna's value (a pruned trial: its last intermediate value); null if none
+    ("objective_name", pa.string()),  # eval_accuracy, final_loss
+    ("direction", pa.string()),  # maximize, minimize
+    ("intermediate_values", pa.list_(pa.struct([("step", pa.int64()), ("value", pa.float64())]))),
+    ("run_id", pa.string()),  # the trial's run folder's name (null until it exists)
+    ("run_dir", pa.string()),
+    ("retry_of", pa.int64()),  # the trial this one continues (its worker was killed or interrupted)
+    ("started_at", pa.timestamp("us", tz="UTC")),
+    ("completed_at", pa.timestamp("us", tz="UTC")),
+])
+TRIALS_FILE = "trials.parquet"
+
 COMPRESS_FROM_BYTES = 64 * 1024
 
 

@@ -27,7 +27,7 @@ from loratrace import sandbox, schema, storage
 from loratrace.errors import LoratraceError, first_line
 from loratrace.mappings import first_checkpoint
 from loratrace.remote_runs import RemoteRuns
-from loratrace.run_folders import as_list, find_runs, folders_of_runs, runs_info
+from loratrace.run_folders import as_list, find_runs, folders_of_runs, runs_info, study_folders
 from loratrace.samples_index import INDEX_FILE, TRACE_COLUMNS, TRACE_ORDER, SamplesIndex, index_fingerprint
 from loratrace.views import VIEWS
 
@@ -115,6 +115,10 @@ class Runs:
                     paths.append(path)
                 elif not path.name.startswith(".tmp-"):  # a part being written is not foreign
                     self._report(str(path), f"ignoring {path}: not a file name the tracker writes")
+        return self._readable(paths)
+
+    def _readable(self, paths: list[Path]) -> list[str]:
+        """The files among `paths` whose Parquet footer reads (checked again only when a file changes)."""
         good = []
         for path in paths:
             key = str(path)
@@ -137,7 +141,9 @@ class Runs:
         folder's. Object storage has no folder times: a remote listing holds for `relist_after` seconds."""
         if self.remote is not None:
             return ()
-        signature = [_key_of(f) for f in (folders_of_runs(self.sources) if self.sources is not None else [])]
+        folders = folders_of_runs(self.sources) if self.sources is not None else []
+        signature = [_key_of(f) for f in folders] + [_key_of(f / "sweeps") for f in folders]
+        signature += [_key_of(study) for study in self._studies()]
         for run_dir in self.run_dirs:
             signature += [_key_of(run_dir / "run.json"), _key_of(run_dir / "config.yaml")]
             for name in ("", *(name for name, _ in TABLES.values())):  # "": tracking/ itself, for the index
@@ -167,6 +173,8 @@ class Runs:
         runs_key = tuple((d, _key_of(d / "run.json"), _key_of(d / "config.yaml")) for d in self.run_dirs)
         files = {view: [f for d in self.run_dirs for f in self._complete_parts(d / "tracking", name)]
                  for view, (name, _) in TABLES.items()}
+        files["trials_raw"] = self._readable([study / schema.TRIALS_FILE for study in self._studies()
+                                              if (study / schema.TRIALS_FILE).exists()])
         self._listed = (time.monotonic(), listed_wall, signature)
         for run_dir in self.run_dirs:
             batches = str(run_dir / "tracking" / "batches") + "/"
@@ -182,12 +190,20 @@ class Runs:
             self.files = files
             for view, (_, table_schema) in TABLES.items():
                 self._create_raw_view(view, files[view], table_schema)
+            self._create_raw_view("trials_raw", files["trials_raw"], schema.TRIALS)
             self._create_lineage()
             self._create_views()
         # The age rule counts from the end of this refresh: over thousands of parts it takes seconds, and a query made
         # right after it (the CLI's one) must not list them all again. Folder times still catch every local change.
         self._listed = (time.monotonic(), *self._listed[1:])
         self._indexes = None
+
+    def _studies(self) -> list[Path]:
+        """The sweep study folders this connection reads trials from (runs/sweeps/*/, or the folders named); none on
+        object storage, where sweeps do not run."""
+        if self.sources is None or self.remote is not None:
+            return []
+        return study_folders(self.sources)
 
     def _find_indexes(self) -> dict[str, str]:
         if self._indexes is not None:
@@ -384,6 +400,8 @@ DUCKDB_TYPES = {pa.string(): "VARCHAR", pa.bool_(): "BOOLEAN", pa.int8(): "TINYI
 def _duckdb_type(kind: pa.DataType) -> str:
     if pa.types.is_list(kind):
         return _duckdb_type(kind.value_type) + "[]"
+    if pa.types.is_struct(kind):
+        return f"STRUCT({', '.join(f'{_quoted(f.name)} {_duckdb_type(f.type)}' for f in kind)})"
     if pa.types.is_timestamp(kind):
         return "TIMESTAMPTZ" if kind.tz else "TIMESTAMP"
     return DUCKDB_TYPES[kind]

@@ -1,5 +1,6 @@
 """The SQL of the views (DESIGN.md, "Query layer"), created in this order over the raw views of store.py
-(`batches_raw`, `examples_raw`, `checkpoints_raw`, `attempts_raw`, `evals_raw`) and its `runs_info` and `lineage`.
+(`batches_raw`, `examples_raw`, `checkpoints_raw`, `attempts_raw`, `evals_raw`, `trials_raw`) and its `runs_info`
+and `lineage`.
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ VIEWS = [
             FROM batches GROUP BY run_id, step)
         UNPIVOT per_step ON "train/loss", "train/grad_norm", "train/lr", "train/accuracy"
         INTO NAME name VALUE value""",
+    # A sweep's trials (trials.parquet of each study folder found), joinable to every view by run_id.
+    "CREATE OR REPLACE VIEW trials AS SELECT * FROM trials_raw",
     """CREATE OR REPLACE VIEW runs AS
         SELECT r.*, s.steps, s.examples_seen, c.checkpoints, c.last_checkpoint_step
         FROM runs_info r
@@ -72,4 +75,4 @@ VIEWS = [
                    FROM checkpoints GROUP BY run_id) c USING (run_id)""",
 ]
 VIEW_NAMES = ("runs", "batches", "batches_all", "samples", "examples", "checkpoints", "attempts", "step_checkpoint",
-              "example_checkpoint", "metrics", "example_trace", "evals")
+              "example_checkpoint", "metrics", "example_trace", "evals", "trials")

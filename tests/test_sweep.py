@@ -1,0 +1,248 @@
+"""loratrace sweep: trials are run folders, the trials view agrees with Optuna's own study, the pruner stops a bad
+trial, a SIGKILLed sweep resumes without training a trial twice, two workers share a study, bad params are one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+from conftest import ROOT, run_cli
+
+import loratrace
+from loratrace.cli import main
+from loratrace.config import load_config
+
+# Six updates, a checkpoint after each (stage 1 too): the pruner can stop a trial at step 2 of 6. (Overrides go last,
+# after the options, as with `loratrace train`.)
+CONFIG = ["--config", str(ROOT / "configs" / "tiny.yaml")]
+BASE = ["training.max_steps=6", "training.stage1_steps=2", "checkpoint.stage1_every_n_steps=1", "training.batch_size=4",
+        "logging.swanlab=false", "logging.tensorboard=false", "export.merged_model=false"]
+GOOD, ABSURD = 0.003, 1000.0
+
+
+def load_study(study_dir: Path) -> optuna.Study:
+    return optuna.load_study(study_name=study_dir.name, storage=f"sqlite:///{study_dir / 'study.db'}")
+
+
+def run_folders(runs: Path) -> list[Path]:
+    return sorted(p for p in runs.iterdir() if (p / "run.json").exists())
+
+
+def run_json(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "run.json").read_text())
+
+
+def flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+@pytest.fixture(scope="module")
+def four(tmp_path_factory):
+    """A 4-trial sweep minimizing the final loss: trial 0 a sound learning rate, trial 1 an absurd one (enqueued), the
+    median pruner live after one complete trial."""
+    root = tmp_path_factory.mktemp("sweep")
+    result = run_cli("sweep", *CONFIG, "--param", "lora.r=choice(4,8)",
+                     "--param", f"training.learning_rate_stage1=choice({GOOD},{ABSURD})", "--trials", "4",
+                     "--objective", "final_loss", "--pruner", "median:n_startup_trials=1", "--study", "four",
+                     "--enqueue", json.dumps({"training.learning_rate_stage1": GOOD}),
+                     "--enqueue", json.dumps({"training.learning_rate_stage1": ABSURD}),
+                     *BASE, f"runs_dir={root / 'runs'}", cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root, result
+
+
+def trials_view(runs: Path) -> list[dict]:
+    result = run_cli("query", "SELECT * FROM trials ORDER BY trial", "--format", "json", "--runs-dir", str(runs))
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_four_trials_are_four_run_folders_and_the_view_agrees_with_optuna(four):
+    root, result = four
+    runs, study_dir = root / "runs", root / "runs" / "sweeps" / "four"
+    assert sorted(p.name for p in study_dir.iterdir()) == [".lock", "study.db", "sweep.json", "trials.parquet"]
+    study = load_study(study_dir)
+    trials = study.get_trials()
+    folders = run_folders(runs)
+    assert len(trials) == len(folders) == 4
+    rows = trials_view(runs)
+    assert [r["trial"] for r in rows] == [t.number for t in trials] == [0, 1, 2, 3]
+    by_run = {}
+    for row, trial in zip(rows, trials):
+        assert row["study"] == "four" and row["state"] == trial.state.name.lower()
+        assert flat(json.loads(row["params"])) == trial.params
+        assert row["objective"] == trial.value
+        assert {(v["step"], v["value"]) for v in row["intermediate_values"]} == set(trial.intermediate_values.items())
+        assert row["run_id"] == trial.user_attrs["run_id"] and Path(row["run_dir"]).name == row["run_id"]
+        by_run[row["run_id"]] = (row, trial)
+    assert sorted(by_run) == [p.name for p in folders]  # one run folder per trial, none shared
+    for folder in folders:  # each a normal run folder: its config holds the sampled values, run.json names the trial
+        row, trial = by_run[folder.name]
+        info = run_json(folder)
+        assert (info["study"], info["trial"]) == ("four", trial.number)
+        cfg = load_config(folder / "config.yaml")
+        assert (cfg.lora.r, cfg.training.learning_rate_stage1) == (trial.params["lora.r"],
+                                                                    trial.params["training.learning_rate_stage1"])
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            assert info["status"] == "completed" and info["final_loss"] == pytest.approx(trial.value)
+            assert trial.intermediate_values[6] == pytest.approx(trial.value)  # the last checkpoint's is the final
+    with loratrace.open_runs(runs) as db:  # the runs view names study and trial too
+        named = db.sql("SELECT run_id, study, trial FROM runs ORDER BY run_id").fetchall()
+    assert named == [(f.name, "four", str(by_run[f.name][1].number)) for f in folders]
+    complete = [r for r in rows if r["state"] == "complete"]
+    best = min(complete, key=lambda r: r["objective"])
+    assert best["trial"] == study.best_trial.number
+    assert f"best         trial {best['trial']}: final_loss" in result.stdout
+    assert f"run          {best['run_dir']}" in result.stdout
+
+
+def test_pruner_stops_the_absurd_learning_rate_before_its_last_step(four):
+    root, _ = four
+    runs = root / "runs"
+    rows = {r["trial"]: r for r in trials_view(runs)}
+    assert rows[0]["state"] == "complete"
+    absurd = rows[1]
+    assert json.loads(absurd["params"])["training"]["learning_rate_stage1"] == ABSURD and absurd["state"] == "pruned"
+    steps = [v["step"] for v in absurd["intermediate_values"]]
+    assert max(steps) < 6
+    info = run_json(absurd["run_dir"])
+    assert info["status"] == "pruned" and info["pruned_step"] == max(steps) and info["steps"] == max(steps)
+    with loratrace.open_runs(runs) as db:  # still queryable, joined to its run
+        frame = db.sql("""SELECT t.trial, r.status, max(b.step) AS last_step
+                          FROM trials t JOIN runs r USING (run_id) JOIN batches b USING (run_id)
+                          GROUP BY ALL ORDER BY t.trial""").df()
+    statuses = {"complete": "completed", "pruned": "pruned"}
+    assert list(frame.status) == [statuses[rows[t]["state"]] for t in frame.trial]
+    assert int(frame.set_index("trial").last_step[1]) == max(steps)
+
+
+def test_report_study_has_the_trials_then_their_runs(four):
+    root, _ = four
+    study_dir = root / "runs" / "sweeps" / "four"
+    result = run_cli("report", "--study", str(study_dir), "-o", str(root / "sweep.html"), cwd=root)
+    assert result.returncode == 0, result.stderr[-2000:]
+    page = (root / "sweep.html").read_text()
+    assert "<title>sweep four</title>" in page and "Sweep four: final_loss (minimize)" in page
+    for plot in ("objective", "intermediate", "params"):
+        assert f'id="plot-sweep-0-{plot}"' in page
+    trials = load_study(study_dir).trials
+    best = min((t for t in trials if t.state.name == "COMPLETE"), key=lambda t: t.value)
+    assert f"best: trial {best.number}, final_loss {best.value:.6g}, run {best.user_attrs['run_id']}" in page
+    assert all(page.count(t.user_attrs["run_id"]) >= 2 for t in trials)  # in the trials table and the runs' sections
+
+
+def test_report_study_of_a_folder_without_a_sweep_is_one_line(tmp_path):
+    result = run_cli("report", "--study", str(tmp_path), "-o", str(tmp_path / "r.html"))
+    assert result.returncode == 1 and result.stderr.count("\n") == 1 and "no sweep study in" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("param, message", [
+    ("lora.rr=choice(4,8)", "unknown config key lora.rr (did you mean lora.r?)"),
+    ("lora.r=choice(4,8", "expected key=loguniform(a,b)"),
+    ("lora.r=int(8,4)", "the lower bound must be below the upper"),
+    ("training.learning_rate_stage1=loguniform(0,1e-3)", "loguniform() needs bounds above 0"),
+    ("lora.r=uniform(2,8)", "lora.r is not a number with decimals; use int(a,b)"),
+    ("lora.dropout=uniform(0.0,1.5)", "lora.dropout must be in [0, 1)"),
+    ("training.stage1_steps=int(0,10,step=4)", "not a whole number of steps"),
+    ("lora.r=choice(4,eight)", "lora.r: expected an integer"),
+])
+def test_a_bad_param_is_one_line_exit_2_before_anything_is_written(param, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = main(["sweep", "--param", param, "--trials", "2", f"runs_dir={tmp_path / 'runs'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("loratrace: error: ") and message in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_cli_refuses_a_bad_param_in_one_line(tmp_path):
+    result = run_cli("sweep", "--param", "training.learning_rate_stage1=loguniform(1e-3)", cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == ("loratrace: error: --param 'training.learning_rate_stage1=loguniform(1e-3)': "
+                             "loguniform() takes two bounds\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_trial_then_resume_finishes_without_training_a_trial_twice(tmp_path):
+    """Objective eval_accuracy (best checkpoint): kill the sweep once trial 1 has a checkpoint; --resume marks it
+    failed and continues its run folder from that checkpoint as a new trial with the same parameters."""
+    runs = tmp_path / "runs"
+    args = [sys.executable, "-m", "loratrace", "sweep", *CONFIG, "--param", "lora.r=choice(4,8,16)", "--trials", "2",
+            "--study", "killed", "--pruner", "none", *BASE, "eval.limit=16", f"runs_dir={runs}"]
+    sweep = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, victim = time.monotonic() + 600, None
+    while victim is None and time.monotonic() < deadline and sweep.poll() is None:
+        for folder in runs.glob("arc-challenge_*"):
+            if (folder / "run.json").exists() and run_json(folder).get("trial") == 1 \
+                    and list((folder / "checkpoints").glob("checkpoint-step-*.ckpt")):
+                victim = folder
+        time.sleep(0.02)
+    os.kill(sweep.pid, signal.SIGKILL)
+    sweep.wait()
+    assert victim is not None, "trial 1 never wrote a checkpoint before the sweep ended"
+    assert run_json(victim)["status"] == "running"  # as SIGKILL left it
+
+    resumed = run_cli("sweep", "--resume", str(runs / "sweeps" / "killed"), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    study = load_study(runs / "sweeps" / "killed")
+    states = {t.number: t.state.name for t in study.trials}
+    assert states == {0: "COMPLETE", 1: "FAIL", 2: "COMPLETE"}
+    retry = study.trials[2]
+    assert retry.system_attrs["failed_trial"] == 1 and retry.params == study.trials[1].params
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len({t.user_attrs["run_id"] for t in complete}) == len(complete) == 2
+    info = run_json(victim)
+    assert info["status"] == "completed" and info["trials"] == [1, 2]
+    assert [a["status"] for a in info["attempts"]] == ["failed", "completed"]
+    assert info["attempts"][1]["resumed_from"].endswith(".ckpt")
+    assert sum(run_json(p)["status"] == "completed" for p in run_folders(runs)) == 2  # no run trained twice
+    with loratrace.open_runs(runs) as db:
+        twice = db.sql("SELECT run_id, step FROM batches GROUP BY ALL HAVING count(*) > 1").df()
+        accuracy = db.sql("""SELECT run_id, checkpoint_step, avg(correct::INT) AS accuracy FROM evals
+                             GROUP BY ALL""").df()
+        rows = db.sql("SELECT trial, state, objective, run_id, retry_of FROM trials ORDER BY trial").df()
+    assert twice.empty  # the continued run holds each step once (its killed attempt's extra rows are orphaned)
+    for trial in complete:  # eval_accuracy of the best checkpoint, as the evals view has it
+        best = accuracy[accuracy.run_id == trial.user_attrs["run_id"]].accuracy.max()
+        assert trial.value == pytest.approx(best)
+    assert list(rows.state) == ["complete", "fail", "complete"] and rows.retry_of[2] == 1
+    assert rows.run_id[1] == rows.run_id[2] == victim.name
+
+    # The README's "best trial right, worst trial wrong" query, as `loratrace query` runs it, against pandas
+    line = next(line for line in (ROOT / "README.md").read_text().splitlines() if "b.correct AND NOT w.correct" in line)
+    query = line.split('"')[1]
+    result = run_cli("query", query, "--format", "json", "--runs-dir", str(runs))
+    assert result.returncode == 0, result.stderr
+    evals = pd.concat(pd.read_parquet(p) for p in runs.glob("*/tracking/evals/*.parquet"))
+    last = evals[evals.checkpoint_step == evals.groupby("run_id").checkpoint_step.transform("max")]
+    best = min(complete, key=lambda t: (-t.value, t.user_attrs["run_id"])).user_attrs["run_id"]  # ties: by run id
+    worst = min(complete, key=lambda t: (t.value, t.user_attrs["run_id"])).user_attrs["run_id"]
+    right = set(last[(last.run_id == best) & last.correct].example_id)
+    wrong = set(last[(last.run_id == worst) & ~last.correct].example_id)
+    assert [json.loads(r)["example_id"] for r in result.stdout.splitlines()] == sorted(right & wrong)
+
+
+@pytest.mark.slow
+def test_two_jobs_share_one_study(tmp_path):
+    runs = tmp_path / "runs"
+    result = run_cli("sweep", *CONFIG, "--param", "lora.r=choice(4,8,16)", "--trials", "4", "--jobs", "2",
+                     "--objective", "final_loss", "--study", "pair", *BASE, "training.max_steps=3",
+                     "training.stage1_steps=1", f"runs_dir={runs}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = load_study(runs / "sweeps" / "pair").trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4
+    assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 2  # both workers trained trials
+    assert len({t.user_attrs["run_id"] for t in trials}) == 4 == len(run_folders(runs))
+    assert sorted(run_json(p)["trial"] for p in run_folders(runs)) == [0, 1, 2, 3]
