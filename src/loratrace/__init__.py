@@ -6,6 +6,7 @@
     db.trace(db.sql("SELECT example_id FROM samples LIMIT 1").df().example_id[0])
     loratrace.compare([run_dir, other_run_dir]).data_order     # DataFrames: config, metrics, evals, examples, ...
     loratrace.write_report([run_dir, other_run_dir], "report.html")
+    loratrace.influence(run_dir, example_ids=["LTSYN_VAL_0007"])  # DataFrame: each training example's TracIn score
 
 Names are imported on first use, so `loratrace query` starts without torch.
 """
@@ -24,6 +25,7 @@ _EXPORTS = {
     "BatchTracker": "loratrace.tracking",
     "compare": "loratrace.comparison",
     "write_report": "loratrace.report",
+    "influence": "loratrace.influence",
 }
 
 
@@ -33,4 +35,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'loratrace' has no attribute {name!r}")
 
 
-__all__ = ["BatchTracker", "Config", "compare", "load_config", "open_runs", "train", "write_report"]
+__all__ = ["BatchTracker", "Config", "compare", "influence", "load_config", "open_runs", "train", "write_report"]
