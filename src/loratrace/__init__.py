@@ -25,7 +25,7 @@ _EXPORTS = {
     "BatchTracker": "loratrace.tracking",
     "compare": "loratrace.comparison",
     "write_report": "loratrace.report",
-    "influence": "loratrace.influence",
+    "influence": "loratrace.attribution",
 }
 
 

@@ -263,8 +263,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_influence(args: argparse.Namespace) -> int:
+    from loratrace.attribution import compute, top_examples
     from loratrace.config import ConfigError
-    from loratrace.influence import compute, top_examples
 
     if args.top < 1:
         raise ConfigError(f"--top must be at least 1, got {args.top}")

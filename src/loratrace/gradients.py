@@ -19,7 +19,6 @@ The matrix is never held whole: it is cut into blocks of `BLOCK` rows, block b d
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterator
 
 import torch
@@ -126,9 +125,7 @@ class ExampleGradients:
             batch = collate(chunk, self.pad_id)
             device = params[f"model.{self.names[0]}"].device
             inputs = [t.to(device) for t in (batch["input_ids"], *target_slots(batch))]
-            with warnings.catch_warnings():  # a deprecation inside transformers' forward, nothing a user can act on
-                warnings.filterwarnings("ignore", ".*is_gradient_checkpointing.*")
-                per_param = self._batched(params, *inputs)
+            per_param = self._batched(params, *inputs)
             flat = torch.cat([per_param[f"model.{name}"].reshape(len(chunk), -1).float().cpu()
                               for name in self.names], dim=1)
             yield range(start, start + len(chunk)), (self.projection(flat) if self.projection is not None else flat)

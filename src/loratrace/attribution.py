@@ -22,6 +22,7 @@ import difflib
 import hashlib
 import json
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,7 +136,9 @@ def _run_terms(run_dir, cfg, method, split, key, tests, train, todo, project_dim
     from loratrace.runs import utc_now
 
     try:
-        model, tokenizer = _load_model(cfg, run_dir)
+        with warnings.catch_warnings():  # PEFT reads a property transformers deprecated: nothing a user can act on
+            warnings.filterwarnings("ignore", ".*is_gradient_checkpointing.*")
+            model, tokenizer = _load_model(cfg, run_dir)
     except EvalError as exc:
         raise InfluenceError(str(exc)) from None
     size = sum(p.numel() for p in model.parameters() if p.requires_grad)
