@@ -270,3 +270,31 @@ def test_resume_from_a_full_checkpoint_of_a_weights_only_tail(weights_run):
     assert final.keys() == again.keys() and all(torch.equal(final[k], again[k]) for k in final)
     with loratrace.open_runs(weights_run) as db:
         assert db.sql("SELECT attempt, resumed_step FROM attempts ORDER BY attempt").fetchall() == [(0, 0), (1, 6)]
+
+
+def test_a_stop_at_a_weights_only_step_writes_a_full_checkpoint(tmp_path):
+    import signal
+
+    import lightning as L
+
+    from loratrace.checkpoints import is_weights_only
+    from loratrace.config import ConfigError, load_config
+    from loratrace.interrupt import RunInterrupted
+
+    class CtrlCDuringStep5(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 4:
+                signal.raise_signal(signal.SIGINT)
+
+    import loratrace
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [*TAIL, f"runs_dir={tmp_path}", "checkpoint.tail=weights",
+                                                       "checkpoint.full_every=2", "export.adapter=false"])
+    with pytest.raises(RunInterrupted) as stopped:
+        loratrace.train(cfg, progress=False, callbacks=[CtrlCDuringStep5()])
+    (run,) = tmp_path.iterdir()
+    assert str(stopped.value).endswith(f"resume with: loratrace train --resume-from-checkpoint "
+                                       f"{run / 'checkpoints' / 'checkpoint-step-005.ckpt'}")
+    assert not is_weights_only(torch.load(run / "checkpoints" / "checkpoint-step-005.ckpt", weights_only=True))
+    with pytest.raises(ConfigError, match="checkpoint.tail: 'weight' is not one of full, weights"):
+        load_config(None, ["checkpoint.tail=weight"])
