@@ -61,7 +61,7 @@ TRAIN = [c for c in COMMANDS if c.startswith("loratrace train") and NOT_RUN.get(
 EXPECT = {  # what each read command prints, beyond exit code 0
     "query": r"step", "trace": r"\w+ \(line \d+\) trained at [1-9]\d* step", "runs": r"completed",
     "eval": r"best: \S+\.ckpt \(step \d+\), accuracy",
-    "compare": r"data_order", "report": r"opens offline",
+    "compare": r"data_order", "report": r"opens offline", "influence": r"tracin(-cp)? over \d+ (step|checkpoint)",
 }
 
 
