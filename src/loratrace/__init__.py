@@ -8,6 +8,7 @@
     loratrace.write_report([run_dir, other_run_dir], "report.html")
     loratrace.export_adapters(run_dir, "out/adapters", flat=True)  # a PEFT adapter per checkpoint + manifest.parquet
     loratrace.sweep(loratrace.load_config("configs/tiny.yaml"), ["lora.r=choice(4,8)"], trials=4)   # an Optuna study
+    loratrace.influence(run_dir, example_ids=["LTSYN_VAL_0007"])  # DataFrame: each training example's TracIn score
 
 Names are imported on first use, so `loratrace query` starts without torch.
 """
@@ -29,6 +30,7 @@ _EXPORTS = {
     "export_adapters": "loratrace.export",
     "sweep": "loratrace.sweeps",
     "resume_sweep": "loratrace.sweeps",
+    "influence": "loratrace.attribution",
 }
 
 
@@ -38,5 +40,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'loratrace' has no attribute {name!r}")
 
 
-__all__ = ["BatchTracker", "Config", "compare", "export_adapters", "load_config", "open_runs", "resume_sweep", "sweep",
-           "train", "write_report"]
+__all__ = ["BatchTracker", "Config", "compare", "export_adapters", "influence", "load_config", "open_runs",
+           "resume_sweep", "sweep", "train", "write_report"]

@@ -4,6 +4,11 @@ Stage 2 saves every `stage2_every_n_steps` updates (the seed: every step, 76..12
 `stage1_every_n_steps`; the last update always. A file is written under a temporary name and renamed into place,
 so a crash never leaves a half-written `.ckpt` under the final name.
 
+With `checkpoint.tail=weights` the stage-2 checkpoints between full ones (`weights_only_steps`) hold the LoRA tensors
+only: `state_dict` (the same names as a full checkpoint's, so every reader of it works on either kind),
+`global_step`, `epoch` and the marker `"loratrace": {"weights_only": True}`. A resume refuses them
+(`nearest_full_checkpoint` names the one to use instead).
+
 Whoever must know about a checkpoint subscribes as a `CheckpointListener`; the writer calls them, they never call
 back into it:
 
@@ -16,7 +21,7 @@ It is a Lightning `Checkpoint`, so Lightning runs its hooks after every other ca
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -42,6 +47,23 @@ def checkpoint_steps(max_steps: int, stage1_steps: int, cfg: CheckpointConfig) -
     return sorted(steps)
 
 
+def weights_only_steps(steps: list[int], stage1_steps: int, max_steps: int, cfg: CheckpointConfig) -> set[int]:
+    """The checkpoint steps written as LoRA weights only: with tail=weights, stage-2 steps that are neither a
+    multiple of `full_every` nor the last."""
+    if cfg.tail != "weights":
+        return set()
+    return {s for s in steps if stage1_steps < s < max_steps and s % cfg.full_every}
+
+
+WEIGHTS_ONLY_MARKER = "loratrace"
+
+
+def is_weights_only(state: dict) -> bool:
+    """Whether a loaded checkpoint holds the LoRA weights only (tail=weights), not a resumable state."""
+    marker = state.get(WEIGHTS_ONLY_MARKER)
+    return isinstance(marker, dict) and bool(marker.get("weights_only"))
+
+
 class CheckpointListener(Protocol):
     """What a checkpoint writer tells, in this order."""
 
@@ -54,11 +76,15 @@ class CheckpointListener(Protocol):
 
 
 class StepCheckpoint(Checkpoint):
-    def __init__(self, directory: str | Path, steps: list[int], listeners: Sequence[CheckpointListener] = ()):
+    def __init__(self, directory: str | Path, steps: list[int], listeners: Sequence[CheckpointListener] = (),
+                 weights_only: Iterable[int] = ()):
         if not steps:
             raise ValueError("StepCheckpoint needs at least one step")
         self.directory = Path(directory)
         self.steps = set(steps)
+        self.weights_only = set(weights_only)  # of `steps`: saved as LoRA weights only
+        self._weights_only_now = False
+        self._saved_step: int | None = None
         self.last_saved: Path | None = None  # this launch's latest file
         self.listeners = list(listeners)
         self._step_before_batch = -1
@@ -74,16 +100,30 @@ class StepCheckpoint(Checkpoint):
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
-        if self.update_finished(trainer) and trainer.global_step in self.steps:
-            self.save(trainer, trainer.global_step)
+        step = trainer.global_step
+        if self.update_finished(trainer) and step in self.steps and step != self._saved_step:
+            self.save(trainer, step)  # (a stop's full save at this step came first: it stands)
+
+    @override
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        # Called last of the callbacks, after the tracker has flushed its rows; the module's hook then keeps only the
+        # LoRA tensors of `state_dict` and, seeing the marker, adds no RNG state.
+        if self._weights_only_now:
+            for key in [k for k in checkpoint if k not in ("state_dict", "global_step", "epoch",
+                                                           "pytorch-lightning_version")]:
+                del checkpoint[key]
+            checkpoint[WEIGHTS_ONLY_MARKER] = {"weights_only": True, "step": trainer.global_step}
 
     def update_finished(self, trainer: L.Trainer) -> bool:
         """In `on_train_batch_end`: whether the micro-batch now ending finished an optimizer update (under gradient
         accumulation most do not)."""
         return trainer.global_step != self._step_before_batch
 
-    def save(self, trainer: L.Trainer, step: int) -> Path:
+    def save(self, trainer: L.Trainer, step: int, full: bool = False) -> Path:
+        """Write the checkpoint for `step`: weights only if it is one of `weights_only` and not `full`."""
         path = self.directory / checkpoint_name(step)
+        self._weights_only_now = step in self.weights_only and not full
+        self._saved_step = step
         tmp = self.directory / f".{path.name}.partial"
         # The listeners' writes (the tracker's rows) proceed while Lightning gathers the state and torch serializes it.
         durable = [wait for listener in self.listeners if (wait := listener.checkpoint_saving(trainer, step))]
@@ -95,6 +135,7 @@ class StepCheckpoint(Checkpoint):
                 os.replace(tmp, path)
                 storage.publish(path)  # a run on object storage: one PUT, after the rows it includes
         finally:
+            self._weights_only_now = False
             if trainer.is_global_zero:
                 tmp.unlink(missing_ok=True)  # a failed or interrupted save leaves no partial file
         if trainer.is_global_zero:
@@ -124,3 +165,15 @@ def checkpoint_files(run_dir: Path) -> list[tuple[int, Path]]:
     found = ((int(p.name[len("checkpoint-step-"):-len(".ckpt")]), p)
              for p in (Path(run_dir) / "checkpoints").glob("checkpoint-step-*.ckpt"))
     return sorted((step, path) for step, path in found if step not in abandoned)
+
+
+def nearest_full_checkpoint(run_dir: Path, step: int) -> Path | None:
+    """The resumable checkpoint of a run nearest to `step` (the earlier one on a tie), or None."""
+    full = []
+    for other, path in checkpoint_files(run_dir):
+        try:
+            if not is_weights_only(read_checkpoint(path)):
+                full.append((abs(other - step), other, path))
+        except ValueError:
+            continue  # unreadable: not one to name
+    return min(full)[2] if full else None

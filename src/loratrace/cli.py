@@ -4,6 +4,7 @@
     loratrace query "SELECT ..." [-p VALUE ...] [--format table|csv|json|parquet] [--output FILE] [--runs-dir DIR]
     loratrace trace --example-id ID | --line N [--run RUN_ID]
     loratrace eval RUN [--checkpoints all|last|final|76,100] [--split S] [--limit N]
+    loratrace influence RUN [--example-id ID ...] [--split S] [--limit N] [--method tracin|tracin-cp] [--top N]
     loratrace runs
     loratrace compare RUN RUN... [--format table|csv|json] [--section NAME ...] [--top N] [--output FILE]
     loratrace report RUN... -o report.html
@@ -30,7 +31,7 @@ FORMATS = ("table", "csv", "json", "parquet")
 COMPARE_SECTIONS = ("runs", "config", "metrics", "evals", "data_order", "examples", "forgetting")  # comparison.SECTIONS
 # views.VIEW_NAMES (tests/test_cli.py checks --help lists each), without importing pyarrow for every command
 VIEWS = ("runs", "batches", "batches_all", "samples", "examples", "checkpoints", "attempts", "step_checkpoint",
-         "example_checkpoint", "metrics", "example_trace", "evals", "trials")
+         "example_checkpoint", "metrics", "example_trace", "evals", "trials", "influence")
 QUERY_DESCRIPTION = f"""SQL over the views {', '.join(VIEWS)} (DESIGN.md, README "Query views").
 
 The connection is read-only: one SELECT (or EXPLAIN [ANALYZE] SELECT, or a reporting PRAGMA such as
@@ -108,6 +109,23 @@ def _parser() -> argparse.ArgumentParser:
                              ".safetensors, in the order and shapes of OUT/flat/layout.json (sorted by PEFT name)")
     export.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
 
+    influence = sub.add_parser("influence", help="training examples that helped or hurt test examples (TracIn)",
+                               description=INFLUENCE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    influence.add_argument("run", help="the run folder")
+    influence.add_argument("--example-id", action="append", metavar="ID", help="a test example (repeatable; default: "
+                                                                              "the split's first --limit rows)")
+    influence.add_argument("--split", default="validation", help="the test examples' split (default: validation)")
+    influence.add_argument("--limit", type=int, help="without --example-id: only the split's first N rows")
+    influence.add_argument("--method", choices=("tracin", "tracin-cp"), default="tracin",
+                           help="tracin (default): per step over the tail; tracin-cp: over checkpoints")
+    influence.add_argument("--checkpoints", default="all", help="tracin-cp: all (default), last, or steps like 76,100")
+    influence.add_argument("--project-dim", type=int, metavar="K",
+                           help="project gradients to K dimensions (seeded Gaussian): bounded memory, approximate")
+    influence.add_argument("--batch-size", type=int, default=8, help="examples per batched gradient (default 8)")
+    influence.add_argument("--top", type=int, default=20, help="training examples listed each way (default 20)")
+    influence.add_argument("--format", choices=FORMATS[:3], default="table",
+                           help="table (default: the top helpful and harmful), or every score as csv/json")
+
     imports = sub.add_parser("import-legacy", help="convert traditional-script experiment folders into run folders",
                              description="Convert legacy run folders (logs/batch_tracking_<dataset>.jsonl, JSON "
                                          "mappings, Trainer checkpoints) into run folders; the source is only read.")
@@ -152,6 +170,15 @@ COMPARE_DESCRIPTION = """Compare runs against the first (the reference), from th
   data_order  same examples in the same order? the first step where the runs diverge
   examples    examples correct at the last evaluated checkpoint in one run and wrong in the other
   forgetting  examples whose forgetting-event counts differ most (--top per run)"""
+
+
+INFLUENCE_DESCRIPTION = """Influence of each training example on test examples, from the run's checkpoints:
+  tracin     sum over the stage-2 steps t whose batch held the training example of
+             lr_t * grad L(train; w_t-1) . grad L(test; w_t-1), w_t-1 the checkpoint before step t
+             (a step without that checkpoint is reported and skipped)
+  tracin-cp  sum over the chosen checkpoints c of lr_c * grad L(train; w_c) . grad L(test; w_c), every training example
+Gradients of training's per-example loss, LoRA parameters only. Scores go to tracking/influence/ (the influence
+view); a computation stopped part-way continues where it stopped when run again with the same arguments."""
 
 
 def _fail(message: str, code: int) -> int:
@@ -284,6 +311,31 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_influence(args: argparse.Namespace) -> int:
+    from loratrace.attribution import compute, top_examples
+    from loratrace.config import ConfigError
+
+    if args.top < 1:
+        raise ConfigError(f"--top must be at least 1, got {args.top}")
+    result = compute(args.run, args.example_id, args.split, args.limit, args.method, args.checkpoints,
+                     args.project_dim, batch_size=args.batch_size)
+    if args.format != "table":
+        _emit(result.frame, args.format, None)
+        return 0
+    tests = list(dict.fromkeys(result.frame.test_example_id))
+    what = (f"{tests[0]} ({args.split}): {' '.join(result.texts[tests[0]].split())}" if len(tests) == 1 else
+            f"{len(tests)} {args.split} examples (scores summed over them)")
+    print(f"{args.method} over {len(result.terms)} {'step' if args.method == 'tracin' else 'checkpoint'}(s) "
+          f"(steps {result.terms[0].step}..{result.terms[-1].step}); {what}")
+    for title, table in zip(("helpful", "harmful"), top_examples(result, args.top)):
+        print(f"\n{title}")
+        if table.num_rows:
+            _emit(table, "table", None)
+        else:
+            print("(none)")
+    return 0
+
+
 def cmd_import_legacy(args: argparse.Namespace) -> int:
     from loratrace.legacy import find_legacy_runs, import_legacy, summary
 
@@ -352,6 +404,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 COMMANDS = {"train": cmd_train, "sweep": cmd_sweep, "eval": cmd_eval, "query": cmd_query, "trace": cmd_trace,
             "runs": cmd_runs, "compare": cmd_compare, "report": cmd_report, "export": cmd_export,
+            "influence": cmd_influence,
             "import-legacy": cmd_import_legacy}
 
 

@@ -124,6 +124,12 @@ class CheckpointConfig:
     """Also save a checkpoint every N updates in stage 1 (0: none)."""
     stage2_every_n_steps: int = 1
     """Save a checkpoint every N updates in stage 2 (the seed: every step)."""
+    tail: str = "full"
+    """Stage-2 checkpoints: `full` (resumable: LoRA weights, optimizer, schedule, loop and RNG state) or `weights`
+    (the LoRA weights only, about a third of the bytes: enough for eval, influence and export, not for a resume), with
+    a full one every `full_every` steps and at the end."""
+    full_every: int = 10
+    """With tail=weights: the stage-2 checkpoints at steps divisible by this are full, resumable ones."""
 
 
 @dataclass
@@ -205,6 +211,7 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "training.schedule": ("constant", "cosine"),
     "eval.scoring": ("label", "text"),
+    "checkpoint.tail": ("full", "weights"),
     "training.precision": ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true"),
     "logging.swanlab_mode": ("offline", "local", "cloud", "disabled"),
     "logging.wandb_mode": ("offline", "online"),
@@ -287,6 +294,8 @@ def validate(cfg: Config) -> None:
     _require(cfg.data.num_workers >= 0, f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
     _require(cfg.checkpoint.stage1_every_n_steps >= 0, "checkpoint.stage1_every_n_steps must be >= 0")
     _require(cfg.checkpoint.stage2_every_n_steps >= 1, "checkpoint.stage2_every_n_steps must be at least 1")
+    _require(cfg.checkpoint.full_every >= 1,
+             f"checkpoint.full_every must be at least 1, got {cfg.checkpoint.full_every}")
     _require(cfg.tracking.flush_every_steps >= 1, "tracking.flush_every_steps must be at least 1")
     _require(cfg.eval.batch_size >= 1, f"eval.batch_size must be at least 1, got {cfg.eval.batch_size}")
     _require(cfg.eval.limit is None or cfg.eval.limit >= 1, f"eval.limit must be at least 1, got {cfg.eval.limit}")

@@ -86,8 +86,9 @@ class StopOnSignal(Callback):
         step = trainer.global_step
         if self.signum is None or self._forward_at_once or not self.step_checkpoint.update_finished(trainer):
             return  # no stop asked, several ranks (already handed to Lightning), or mid-accumulation: finish the update
-        if step not in self.step_checkpoint.steps:  # StepCheckpoint runs after every other callback: it saves its own
-            self.step_checkpoint.save(trainer, step)
+        # StepCheckpoint runs after every other callback: it saves its own step, unless that would be weights only
+        if step not in self.step_checkpoint.steps or step in self.step_checkpoint.weights_only:
+            self.step_checkpoint.save(trainer, step, full=True)  # the stop's checkpoint must resume
         self._forward()  # Lightning ends the loop once this batch's hooks are done
 
     @override

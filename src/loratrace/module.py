@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from typing_extensions import override
 
+from loratrace.checkpoints import is_weights_only
 from loratrace.config import TrainingConfig
 from loratrace.errors import LoratraceError
 from loratrace.step_outputs import HostValues, StepOutputs, gradient_norm
@@ -253,6 +254,8 @@ class LoRAModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self.trainable_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        if is_weights_only(checkpoint):  # checkpoint.tail=weights: no resume state (on every rank alike)
+            return
         checkpoint["rng_states"] = rng_state()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # Every rank saves (Lightning calls this hook on all of them; rank 0 writes the file), and each rank's

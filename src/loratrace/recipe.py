@@ -20,7 +20,15 @@ from lightning.pytorch.strategies import FSDPStrategy
 from typing_extensions import override
 
 from loratrace import runs, schema, storage
-from loratrace.checkpoints import StepCheckpoint, checkpoint_files, checkpoint_steps, read_checkpoint
+from loratrace.checkpoints import (
+    StepCheckpoint,
+    checkpoint_files,
+    checkpoint_steps,
+    is_weights_only,
+    nearest_full_checkpoint,
+    read_checkpoint,
+    weights_only_steps,
+)
 from loratrace.config import Config, ConfigError
 from loratrace.data import load_split
 from loratrace.evaluate import CheckpointEvaluator, Evaluator
@@ -110,8 +118,9 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
         if evaluator is not None:
             listeners.append(CheckpointEvaluator(evaluator, run_dir))
         listeners += list(checkpoint_listeners or [])
-        step_checkpoint = StepCheckpoint(run_dir / "checkpoints",
-                                         checkpoint_steps(t.max_steps, t.stage1_steps, cfg.checkpoint), listeners)
+        steps = checkpoint_steps(t.max_steps, t.stage1_steps, cfg.checkpoint)
+        step_checkpoint = StepCheckpoint(run_dir / "checkpoints", steps, listeners,
+                                         weights_only_steps(steps, t.stage1_steps, t.max_steps, cfg.checkpoint))
         stop = StopOnSignal(step_checkpoint)
         own_callbacks += [step_checkpoint, stop] + ([ProgressBar()] if progress else [])
         trainer = L.Trainer(
@@ -203,6 +212,11 @@ def validate_resume(checkpoint: Path, module: LoRAModule, cfg: Config, world_siz
         state = read_checkpoint(checkpoint)
     except ValueError as exc:
         raise CheckpointError(f"{exc}; resume from another checkpoint-step-*.ckpt") from None
+    if is_weights_only(state):
+        full = nearest_full_checkpoint(checkpoint.parent.parent, int(state.get("global_step", 0)))
+        instead = f"resume from {full}" if full else "this run has no full checkpoint to resume from"
+        raise CheckpointError(f"{checkpoint.name} holds the LoRA weights only (checkpoint.tail=weights) and cannot "
+                              f"resume a run; {instead}")
     problem = lora_mismatch(module, state.get("state_dict", {}))
     if problem:
         raise CheckpointError(f"checkpoint {problem}")

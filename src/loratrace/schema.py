@@ -106,6 +106,23 @@ EVALS = pa.schema([
     ("evaluated_at", pa.timestamp("us", tz="UTC")),
 ])
 
+INFLUENCE = pa.schema([
+    ("run_id", pa.string()),
+    ("method", pa.string()),  # tracin or tracin-cp
+    ("test_split", pa.string()),
+    ("test_example_id", pa.string()),
+    ("test_line", pa.int64()),
+    ("train_example_id", pa.string()),
+    ("train_line", pa.int64()),
+    ("step", pa.int64()),  # tracin: the training step t whose batch held the example; tracin-cp: the checkpoint's step
+    ("checkpoint_step", pa.int64()),  # the weights the gradients were taken at (tracin: t - 1)
+    ("checkpoint_path", pa.string()),
+    ("lr", pa.float64()),
+    ("score", pa.float64()),  # lr * grad L(train) . grad L(test)
+    ("project_dim", pa.int32()),  # null: exact gradients; else the random projection's dimension
+    ("computed_at", pa.timestamp("us", tz="UTC")),
+])
+
 
 # A sweep's trials, one row per Optuna trial: `runs/sweeps/<study>/trials.parquet`, a snapshot of the study's storage
 # rewritten (atomically) whenever a trial starts or ends; the `trials` view reads it.
@@ -198,11 +215,17 @@ def evals_part_name(checkpoint_step: int, evaluated_at, token: str) -> str:
     return f"s{checkpoint_step:09d}-{evaluated_at:%Y%m%dT%H%M%S}-{token}.parquet"
 
 
+def influence_part_name(method: str, key: str, step: int) -> str:
+    """`key`: 8 hex digits naming the computation (method, test examples, projection): a rerun finds its parts."""
+    return f"{method}-{key}-s{step:09d}.parquet"
+
+
 PART_NAMES = {  # folder under tracking/ -> the names written there (more digits once a counter outgrows its width)
     "batches": re.compile(r"a\d{3,}-r\d{2,}-\d{6,}\.parquet"),
     "checkpoints": re.compile(r"a\d{3,}-s\d{9,}(-\d+)?\.parquet"),
     "attempts": re.compile(r"a\d{3,}\.parquet"),
     "evals": re.compile(r"s\d{9,}-\d{8}T\d{6}-[0-9a-f]{8}\.parquet"),
+    "influence": re.compile(r"(tracin|tracin-cp)-[0-9a-f]{8}-s\d{9,}\.parquet"),
 }
 
 

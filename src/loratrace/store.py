@@ -48,6 +48,7 @@ TABLES = {  # view name -> (folder or file under tracking/, schema)
     "checkpoints_raw": ("checkpoints", schema.CHECKPOINTS),
     "attempts_raw": ("attempts", schema.ATTEMPTS),
     "evals_raw": ("evals", schema.EVALS),
+    "influence_raw": ("influence", schema.INFLUENCE),
 }
 
 

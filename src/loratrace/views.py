@@ -1,6 +1,6 @@
 """The SQL of the views (DESIGN.md, "Query layer"), created in this order over the raw views of store.py
-(`batches_raw`, `examples_raw`, `checkpoints_raw`, `attempts_raw`, `evals_raw`, `trials_raw`) and its `runs_info`
-and `lineage`.
+(`batches_raw`, `examples_raw`, `checkpoints_raw`, `attempts_raw`, `evals_raw`, `trials_raw`, `influence_raw`) and
+its `runs_info` and `lineage`.
 """
 
 from __future__ import annotations
@@ -36,6 +36,10 @@ VIEWS = [
     """CREATE OR REPLACE VIEW evals AS SELECT * FROM evals_raw
         QUALIFY row_number() OVER (PARTITION BY run_id, checkpoint_path, split, scoring, example_id
                                    ORDER BY evaluated_at DESC) = 1""",
+    # Computing the same term again (another set of test examples sharing one, say) adds parts; the latest shows.
+    """CREATE OR REPLACE VIEW influence AS SELECT * FROM influence_raw
+        QUALIFY row_number() OVER (PARTITION BY run_id, method, project_dim, test_split, test_example_id,
+                                                train_example_id, train_line, step ORDER BY computed_at DESC) = 1""",
     # Step -> first checkpoint: `first_checkpoint` is mappings.first_checkpoint, registered by store.py, the one rule
     # the tracker's mapping files use too. It runs once per (run, step); examples join to its answer.
     """CREATE OR REPLACE VIEW step_checkpoint AS
@@ -75,4 +79,4 @@ VIEWS = [
                    FROM checkpoints GROUP BY run_id) c USING (run_id)""",
 ]
 VIEW_NAMES = ("runs", "batches", "batches_all", "samples", "examples", "checkpoints", "attempts", "step_checkpoint",
-              "example_checkpoint", "metrics", "example_trace", "evals", "trials")
+              "example_checkpoint", "metrics", "example_trace", "evals", "trials", "influence")

@@ -1,0 +1,300 @@
+"""`loratrace influence` against an independent computation, and `checkpoint.tail=weights`.
+
+Two tiny runs of 8 updates (4 in stage 2, batch 4, 24 training rows, cosine lr), one with full tail checkpoints and
+one with `checkpoint.tail=weights`. The reference is a plain loop: PeftModel from the run's base and adapter, each
+checkpoint's LoRA tensors loaded, one example at a time, training's per-example loss, `torch.autograd.grad`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import ROOT, run_cli
+
+TAIL = ["training.batch_size=4", "training.max_steps=8", "training.stage1_steps=4", "training.schedule=cosine",
+        "data.limit=24", "logging.swanlab=false", "tracking.enabled=true", "export.merged_model=false"]
+TESTS = ["LTSYN_VAL_0007", "LTSYN_VAL_0012"]
+
+
+def _train(runs_dir: Path, *extra: str) -> Path:
+    import loratrace
+    from loratrace.config import load_config
+
+    return loratrace.train(load_config(ROOT / "configs" / "tiny.yaml", [*TAIL, f"runs_dir={runs_dir}", *extra]),
+                           progress=False)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory) -> Path:
+    return _train(tmp_path_factory.mktemp("influence-full"))
+
+
+@pytest.fixture(scope="module")
+def weights_run(tmp_path_factory) -> Path:
+    return _train(tmp_path_factory.mktemp("influence-weights"), "checkpoint.tail=weights", "checkpoint.full_every=2")
+
+
+class Reference:
+    """The independent computation: a PeftModel, one example at a time."""
+
+    def __init__(self, run: Path):
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from loratrace.data import encode, load_split
+
+        self.run = run
+        tokenizer = AutoTokenizer.from_pretrained(run / "base_model")
+        self.pad_id = tokenizer.pad_token_id
+        base = AutoModelForCausalLM.from_pretrained(run / "base_model")
+        self.model = PeftModel.from_pretrained(base, run / "final_adapter").eval()
+        for name, p in self.model.named_parameters():
+            p.requires_grad_("lora_" in name)
+        self.encoded = {e.example_id: e for split, limit in (("train", 24), ("validation", None))
+                        for e in encode(load_split("arc-challenge", "sample", split, limit), tokenizer, 256)}
+
+    def load(self, step: int) -> None:
+        state = torch.load(self.run / "checkpoints" / f"checkpoint-step-{step:03d}.ckpt", weights_only=True)
+        weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items()}
+        result = self.model.load_state_dict(weights, strict=False)
+        assert not result.unexpected_keys and len(weights) == sum(p.requires_grad for p in self.model.parameters())
+
+    def gradient(self, example_id: str) -> torch.Tensor:
+        from loratrace.data import collate
+        from loratrace.module import answer_statistics
+
+        batch = collate([self.encoded[example_id]], self.pad_id)
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = answer_statistics(logits, batch)["losses"][0]
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]).double()
+
+
+@pytest.fixture(scope="module")
+def reference(full_run) -> Reference:
+    return Reference(full_run)
+
+
+def _tail(run: Path) -> pd.DataFrame:
+    """Members and lr of each stage-2 step, from the samples view."""
+    import loratrace
+
+    with loratrace.open_runs(run) as db:
+        return db.sql("SELECT step, example_id, line, lr FROM samples WHERE stage = 2 ORDER BY step, position").df()
+
+
+def test_tracin_equals_a_plain_loop_over_steps_and_skips_the_step_without_a_checkpoint(full_run, reference):
+    import loratrace
+
+    notices = []
+    from loratrace.attribution import influence
+
+    frame = influence(full_run, example_ids=TESTS, progress=False, notice=notices.append)
+    assert notices == ["tracin: skipped 1 tail step(s) whose preceding checkpoint is missing: 5"]
+    tail = _tail(full_run)
+    expected: dict[tuple[str, str], float] = {}
+    for step, members in tail[tail.step > 5].groupby("step"):  # step 5's checkpoint before it (step 4) was not saved
+        reference.load(step - 1)
+        tests = {t: reference.gradient(t) for t in TESTS}
+        for member, lr in zip(members.example_id, members.lr):
+            g = reference.gradient(member)
+            for t in TESTS:
+                expected[t, member] = expected.get((t, member), 0.0) + lr * float(g @ tests[t])
+    assert len(frame) == 2 * 24 and set(frame.train_example_id.groupby(frame.test_example_id).count()) == {24}
+    scored = frame[frame.terms > 0]
+    assert {(t, m) for t, m in zip(scored.test_example_id, scored.train_example_id)} == set(expected)
+    for t, m, score in zip(scored.test_example_id, scored.train_example_id, scored.score):
+        assert score == pytest.approx(expected[t, m], rel=1e-5, abs=1e-9)
+    untouched = frame[~frame.train_example_id.isin(tail[tail.step > 5].example_id)]
+    assert len(untouched) > 0 and (untouched.score == 0.0).all() and (untouched.terms == 0).all()
+    assert loratrace.influence is influence
+
+
+def test_tracin_cp_on_one_checkpoint_is_lr_times_the_dot_product(full_run, reference):
+    from loratrace.attribution import influence
+
+    frame = influence(full_run, example_ids=TESTS[:1], method="tracin-cp", checkpoints="7", progress=False)
+    assert len(frame) == 24 and (frame.terms == 1).all()
+    lr = float(_tail(full_run).query("step == 7").lr.iloc[0])
+    reference.load(7)
+    test = reference.gradient(TESTS[0])
+    for member in frame.train_example_id.iloc[::6]:  # a sample of four, best to worst
+        score = frame.set_index("train_example_id").score[member]
+        assert score == pytest.approx(lr * float(reference.gradient(member) @ test), rel=1e-5, abs=1e-9)
+
+
+def test_self_influence_is_positive(full_run):
+    from loratrace.attribution import influence
+
+    member = _tail(full_run).query("step == 8").example_id.iloc[0]
+    frame = influence(full_run, example_ids=[member], split="train", progress=False)
+    mine = frame[frame.train_example_id == member]
+    assert len(mine) == 1 and mine.score.iloc[0] > 0 and mine.terms.iloc[0] >= 1
+
+
+def test_projection_is_seeded_and_close_to_exact(full_run):
+    from loratrace.attribution import influence
+    from loratrace.gradients import Projection
+
+    exact = influence(full_run, example_ids=TESTS[:1], progress=False)
+    projected = influence(full_run, example_ids=TESTS[:1], project_dim=512, progress=False)
+    both = exact.merge(projected, on=["test_example_id", "train_example_id"], suffixes=("", "_projected"))
+    scored = both[both.terms > 0]
+    assert scored.score.corr(scored.score_projected) > 0.99 and not (scored.score == scored.score_projected).any()
+    assert (both[both.terms == 0].score_projected == 0).all()
+    grads = torch.randn(3, 40000)
+    assert torch.equal(Projection(64, 7, 40000)(grads), Projection(64, 7, 40000)(grads))  # seeded, blocks alike
+    assert not torch.equal(Projection(64, 7, 40000)(grads), Projection(64, 8, 40000)(grads))
+
+
+def test_a_stopped_computation_continues_with_the_checkpoints_not_done(full_run, monkeypatch):
+    import loratrace.evaluate
+    from loratrace.attribution import influence
+
+    loaded, original = [], loratrace.evaluate.load_lora_weights
+
+    def killed_at_the_second(model, checkpoint):
+        if len(loaded) == 1:
+            raise KeyboardInterrupt  # a Ctrl+C while computing the second checkpoint
+        loaded.append(checkpoint.name)
+        original(model, checkpoint)
+
+    monkeypatch.setattr(loratrace.evaluate, "load_lora_weights", killed_at_the_second)
+    args = dict(example_ids=TESTS[1:], progress=False)
+    folder = full_run / "tracking" / "influence"
+    existing = set(folder.glob("*.parquet")) if folder.is_dir() else set()
+    with pytest.raises(KeyboardInterrupt):
+        influence(full_run, **args)
+    assert loaded == ["checkpoint-step-005.ckpt"]  # step 6's part: the gradients at the checkpoint before it
+    parts = sorted(p.name for p in set(folder.glob("*.parquet")) - existing)
+    assert [p[-18:] for p in parts] == ["s000000006.parquet"]
+    before = {p: (folder / p).stat().st_mtime_ns for p in parts}
+    loaded.clear()
+    monkeypatch.setattr(loratrace.evaluate, "load_lora_weights", lambda m, c: (loaded.append(c.name), original(m, c)))
+    resumed = influence(full_run, **args)
+    assert loaded == ["checkpoint-step-006.ckpt", "checkpoint-step-007.ckpt"]
+    assert all((folder / p).stat().st_mtime_ns == t for p, t in before.items())  # done parts were not rewritten
+    for p in set(folder.glob("*.parquet")) - existing:
+        p.unlink()
+    loaded.clear()
+    pd.testing.assert_frame_equal(resumed, influence(full_run, **args))  # = computed in one go
+    assert len(loaded) == 3 and (resumed.terms > 0).sum() >= 8
+
+
+def test_cli_table_view_and_one_line_errors(full_run, capsys):
+    from loratrace.attribution import influence
+    from loratrace.cli import main
+
+    frame = influence(full_run, example_ids=TESTS[:1], progress=False)
+    capsys.readouterr()
+    assert main(["influence", str(full_run), "--example-id", TESTS[0], "--top", "3"]) == 0
+    out, err = capsys.readouterr()
+    best = frame.iloc[0]
+    assert "tracin over 3 step(s) (steps 6..8); LTSYN_VAL_0007 (validation): Question:" in out
+    helpful = out.split("\nhelpful\n")[1].split("\nharmful\n")[0].splitlines()
+    assert len(helpful) == 4 and helpful[1].split()[:2] == [best.train_example_id, str(best.train_line)]
+    assert "skipped 1 tail step(s)" in err
+    query = ("SELECT train_example_id, sum(score) AS s FROM influence WHERE method = 'tracin' AND project_dim IS NULL "
+             "AND test_split = 'validation' AND test_example_id = ? GROUP BY 1 ORDER BY s DESC LIMIT 1")
+    assert main(["query", query, "-p", TESTS[0], "--runs-dir", str(full_run), "--format", "json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["train_example_id"] == best.train_example_id and row["s"] == pytest.approx(best.score, rel=1e-12)
+    folder = full_run / "tracking" / "influence"
+    before = sorted(p.name for p in folder.iterdir())
+    for args, message in ((["--example-id", "LTSYN_VAL_7"], "no example 'LTSYN_VAL_7' in the validation split "
+                                                            "(closest: LTSYN_VAL_"),
+                          (["--checkpoints", "7"], "--checkpoints applies to --method tracin-cp"),
+                          (["--method", "tracin-cp", "--checkpoints", "99"], "has no checkpoint at step 99"),
+                          (["--limit", "0"], "--limit must be at least 1, got 0")):
+        assert main(["influence", str(full_run), *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_weights_only_tail_small_refused_for_resume_same_influence(weights_run, full_run):
+    from loratrace.attribution import influence
+    from loratrace.checkpoints import is_weights_only
+    from loratrace.evaluate import evaluate_run
+
+    trainable = sum(v.numel() for v in torch.load(weights_run / "checkpoints" / "checkpoint-step-008.ckpt",
+                                                  weights_only=True)["state_dict"].values())
+    kinds = {}
+    for step in (5, 6, 7, 8):
+        path = weights_run / "checkpoints" / f"checkpoint-step-{step:03d}.ckpt"
+        kinds[step] = is_weights_only(torch.load(path, weights_only=True))
+        if kinds[step]:
+            assert path.stat().st_size <= 1.1 * trainable * 4 + 4096
+    assert kinds == {5: True, 6: False, 7: True, 8: False}  # full every 2 steps and at the end
+
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in weights_run.rglob("*") if p.is_file())
+    weights_only = weights_run / "checkpoints" / "checkpoint-step-007.ckpt"
+    refused = run_cli("train", "--resume-from-checkpoint", str(weights_only))
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert "checkpoint-step-007.ckpt holds the LoRA weights only" in refused.stderr
+    assert f"resume from {weights_run / 'checkpoints' / 'checkpoint-step-006.ckpt'}" in refused.stderr
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in weights_run.rglob("*") if p.is_file()) == before
+
+    columns = ["test_example_id", "train_example_id", "train_line", "score", "terms"]
+    pd.testing.assert_frame_equal(influence(weights_run, example_ids=TESTS, progress=False)[columns],
+                                  influence(full_run, example_ids=TESTS, progress=False)[columns])
+    import loratrace
+
+    with loratrace.open_runs(weights_run) as db:
+        rows = db.sql("SELECT step, bytes FROM checkpoints ORDER BY step").fetchall()
+        mapped = db.sql("SELECT step, checkpoint_step FROM step_checkpoint WHERE step > 4 ORDER BY step").fetchall()
+    sizes = {p.name: p.stat().st_size for p in (weights_run / "checkpoints").iterdir()}
+    assert rows == [(s, sizes[f"checkpoint-step-{s:03d}.ckpt"]) for s in (5, 6, 7, 8)]
+    assert mapped == [(5, 5), (6, 6), (7, 7), (8, 8)]
+    accuracy = evaluate_run(weights_run, "5,7", ["eval.limit=4"], progress=False)
+    assert list(accuracy.checkpoint_step) == [5, 7]
+    evals = pq.read_table(weights_run / "tracking" / "evals").to_pandas()
+    assert sorted(set(evals.checkpoint_step)) == [5, 7]
+
+
+def test_resume_from_a_full_checkpoint_of_a_weights_only_tail(weights_run):
+    import loratrace
+    from loratrace.config import load_config
+
+    checkpoint = weights_run / "checkpoints" / "checkpoint-step-006.ckpt"
+    final = torch.load(weights_run / "checkpoints" / "checkpoint-step-008.ckpt", weights_only=True)["state_dict"]
+    written = (weights_run / "checkpoints" / "checkpoint-step-008.ckpt").stat().st_mtime_ns
+    loratrace.train(load_config(weights_run / "config.yaml"), resume_from=checkpoint, progress=False)
+    assert (weights_run / "checkpoints" / "checkpoint-step-008.ckpt").stat().st_mtime_ns != written
+    again = torch.load(weights_run / "checkpoints" / "checkpoint-step-008.ckpt", weights_only=True)["state_dict"]
+    assert final.keys() == again.keys() and all(torch.equal(final[k], again[k]) for k in final)
+    with loratrace.open_runs(weights_run) as db:
+        assert db.sql("SELECT attempt, resumed_step FROM attempts ORDER BY attempt").fetchall() == [(0, 0), (1, 6)]
+
+
+def test_a_stop_at_a_weights_only_step_writes_a_full_checkpoint(tmp_path):
+    import signal
+
+    import lightning as L
+
+    from loratrace.checkpoints import is_weights_only
+    from loratrace.config import ConfigError, load_config
+    from loratrace.interrupt import RunInterrupted
+
+    class CtrlCDuringStep5(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 4:
+                signal.raise_signal(signal.SIGINT)
+
+    import loratrace
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [*TAIL, f"runs_dir={tmp_path}", "checkpoint.tail=weights",
+                                                       "checkpoint.full_every=2", "export.adapter=false"])
+    with pytest.raises(RunInterrupted) as stopped:
+        loratrace.train(cfg, progress=False, callbacks=[CtrlCDuringStep5()])
+    (run,) = tmp_path.iterdir()
+    assert str(stopped.value).endswith(f"resume with: loratrace train --resume-from-checkpoint "
+                                       f"{run / 'checkpoints' / 'checkpoint-step-005.ckpt'}")
+    assert not is_weights_only(torch.load(run / "checkpoints" / "checkpoint-step-005.ckpt", weights_only=True))
+    with pytest.raises(ConfigError, match="checkpoint.tail: 'weight' is not one of full, weights"):
+        load_config(None, ["checkpoint.tail=weight"])
