@@ -73,10 +73,8 @@ class Runs:
         self.sources = sources
         self.read_only = read_only
         self.con = duckdb.connect(":memory:")
-        # runs on object storage: listed by RemoteRuns, read by DuckDB through the same fsspec filesystem
-        self.remote = RemoteRuns(sources) if sources is not None and any(map(storage.is_remote, as_list(sources))) \
-            else None
-        if self.remote is not None:
+        self.remote = RemoteRuns(sources) if any(map(storage.is_remote, as_list(sources or []))) else None
+        if self.remote is not None:  # listed by RemoteRuns, read by DuckDB through the same fsspec filesystem
             self.con.register_filesystem(self.remote.fs)
             self.con.execute("SET parquet_metadata_cache = true")  # each footer fetched once per connection
         self.con.create_function("first_checkpoint", first_checkpoint, ["BIGINT", "BIGINT[]"], "BIGINT",
@@ -176,7 +174,7 @@ class Runs:
                  for view, (name, _) in TABLES.items()}
         files["trials_raw"] = self._readable([study / schema.TRIALS_FILE for study in self._studies()
                                               if (study / schema.TRIALS_FILE).exists()])
-        self._listed = (time.monotonic(), listed_wall, signature)
+        self._listed = (0.0, listed_wall, signature)
         for run_dir in self.run_dirs:
             batches = str(run_dir / "tracking" / "batches") + "/"
             examples = run_dir / "tracking" / schema.EXAMPLES_FILE
@@ -194,9 +192,7 @@ class Runs:
             self._create_raw_view("trials_raw", files["trials_raw"], schema.TRIALS)
             self._create_lineage()
             self._create_views()
-        # The age rule counts from the end of this refresh: over thousands of parts it takes seconds, and a query made
-        # right after it (the CLI's one) must not list them all again. Folder times still catch every local change.
-        self._listed = (time.monotonic(), *self._listed[1:])
+        self._listed = (time.monotonic(), *self._listed[1:])  # aged from here: the CLI's next query won't re-list
         self._indexes = None
 
     def _studies(self) -> list[Path]:
@@ -390,7 +386,7 @@ class Runs:
 def open_runs(paths: str | Path | list = "runs", read_only: bool = False) -> Runs:
     """DuckDB views over every run under `paths` (see module docstring); a run added there later shows up too."""
     paths = [storage.local_form(p) for p in paths] if isinstance(paths, (list, tuple)) else storage.local_form(paths)
-    remote = any(map(storage.is_remote, as_list(paths)))  # listed by Runs itself
+    remote = any(map(storage.is_remote, as_list(paths)))  # a remote location is listed by Runs itself
     return Runs([] if remote else find_runs(paths), read_only=read_only, sources=paths)
 
 
@@ -412,8 +408,8 @@ def _columns(path: Path) -> tuple:
     """The (name, type) of each column in a part's footer; raises if the footer cannot be read."""
     import pyarrow.parquet as pq
 
-    if hasattr(path, "columns"):  # a RemotePath: footers fetched together
-        return path.columns()
+    if hasattr(path, "columns"):
+        return path.columns()  # a RemotePath: footers fetched together
     return tuple((f.name, str(f.type)) for f in pq.read_metadata(path).schema.to_arrow_schema())
 
 
