@@ -41,6 +41,9 @@ NOT_RUN = {  # README commands these tests do not run, and why (a `loratrace tra
     "python -m pytest -q": "the test suite itself",
     "loratrace train --config configs/arc-challenge.yaml --track-batches training.batch_size=16":
         "Qwen2.5-0.5B and ARC-Challenge come from the Hugging Face hub: needs network",
+    "loratrace influence runs/<run> --split validation --limit 200 --method tracin-cp --project-dim 1024":
+        "every training example (400) at every checkpoint for 200 test examples: many minutes on 2 cores; "
+        "tests/test_influence.py checks tracin-cp, projection and the CLI on a small run",
     "swanlab watch runs/<run>/swanlab_logs":
         "a server that runs until stopped: tests/test_swanlab.py starts it and reads a local run's loss back",
     **{command: LEGACY_FOLDER for command in (
