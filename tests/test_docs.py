@@ -62,6 +62,9 @@ NOT_RUN = {  # README commands these tests do not run, and why (a `loratrace tra
                        'samples GROUP BY 1"',
                        "loratrace trace --runs-dir s3://lab-bucket/loratrace/runs --example-id LTSYN_TRA_0001",
                        "loratrace runs --runs-dir s3://lab-bucket/loratrace/runs")},
+    "loratrace influence runs/<run> --split validation --limit 200 --method tracin-cp --project-dim 1024":
+        "every training example (400) at every checkpoint for 200 test examples: many minutes on 2 cores; "
+        "tests/test_influence.py checks tracin-cp, projection and the CLI on a small run",
     "swanlab watch runs/<run>/swanlab_logs":
         "a server that runs until stopped: tests/test_swanlab.py starts it and reads a local run's loss back",
     **{command: LEGACY_FOLDER for command in (

@@ -74,8 +74,10 @@ class Result:
     skipped: list[int]
 
 
-def compute(run_dir, example_ids=None, split="validation", limit=None, method="tracin", checkpoints="all",
-            project_dim=None, project_seed=0, batch_size=8, progress=True, notice=None) -> Result:
+def compute(run_dir: str | Path, example_ids: list[str] | None = None, split: str = "validation",
+            limit: int | None = None, method: str = "tracin", checkpoints: str = "all", project_dim: int | None = None,
+            project_seed: int = 0, batch_size: int = 8, progress: bool = True,
+            notice: Callable[[str], None] | None = None) -> Result:
     """`influence`, plus what the CLI prints: the examples' texts, the steps or checkpoints used and skipped."""
     from loratrace.config import load_config
     from loratrace.data import DataError, load_split
