@@ -249,6 +249,30 @@ def test_a_rank_started_by_lightning_finds_the_staged_run_it_inherits(remote_run
     assert inherited.is_dir() and list(inherited.rglob("*.ckpt")) == []  # nothing downloaded, nothing removed
 
 
+@pytest.mark.parametrize(("command", "named"), [
+    (["export", f"{RUNS}/some_run", "--adapters", "out"],
+     f"{RUNS}/some_run: export reads a run folder on this machine"),
+    (["export", "some_run", "--adapters", f"s3://{BUCKET}/adapters"],
+     f"s3://{BUCKET}/adapters: export writes adapters to a folder on this machine"),
+    (["influence", f"{RUNS}/some_run"], f"{RUNS}/some_run: influence reads and writes a run folder on this machine"),
+    (["import-legacy", "experiments", "--runs-dir", RUNS], f"{RUNS}: import-legacy writes to a folder on this machine"),
+])
+def test_commands_that_work_on_local_folders_refuse_a_url_in_one_line(tmp_path, monkeypatch, capsys, command, named):
+    """export, influence and import-legacy: a run or output on object storage is one line naming the URL as given
+    (never `s3:/bucket`), exit 1, and nothing written (never a local `s3:` folder)."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(command) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"loratrace: error: {named}") and len(err.strip().splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_influence_reads_a_file_url_as_the_folder_it_names(tmp_path, capsys):
+    """No run there: the one line names the folder, not a mangled `file:/...`."""
+    assert cli.main(["influence", f"file://{tmp_path}/no_run"]) == 2
+    assert capsys.readouterr().err == f"loratrace: error: {tmp_path}/no_run is not a run folder (no config.yaml)\n"
+
+
 def test_a_resume_from_a_remote_checkpoint_continues_the_remote_run(s3, remote_run, capsys):
     """Last in this file: it adds a launch to the shared run."""
     url, _, _ = remote_run

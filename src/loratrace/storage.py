@@ -47,6 +47,14 @@ def local_form(location):
     return text[len("file://"):] if text.startswith("file://") else location
 
 
+def local_folder(location, refusal: str) -> Path:
+    """A folder a command reads or writes on this machine only: a `file://` URL as the path it names; a URL on object
+    storage refused in one line that names it as given and says what to do instead (`refusal`)."""
+    if is_remote(location):
+        raise StorageError(f"{location}: {refusal}")
+    return Path(local_form(location))
+
+
 def join(base: str, *names: str) -> str:
     """A URL under `base` (no normalization: `s3://b/x` + `y` is `s3://b/x/y`)."""
     return "/".join([str(base).rstrip("/"), *(n.strip("/") for n in names)])
