@@ -273,6 +273,53 @@ def test_influence_reads_a_file_url_as_the_folder_it_names(tmp_path, capsys):
     assert capsys.readouterr().err == f"loratrace: error: {tmp_path}/no_run is not a run folder (no config.yaml)\n"
 
 
+def test_refusing_a_weights_only_remote_checkpoint_names_the_full_one_by_its_url(s3, remote_run, capsys):
+    """Step 13 rewritten as `checkpoint.tail=weights` writes it: the refusal names step 12 on S3, not the scratch copy
+    (gone when the command ends); the run on S3 is as it was."""
+    import io
+
+    import torch
+
+    url, _, _ = remote_run
+    key = url.removeprefix(f"s3://{BUCKET}/") + "/checkpoints/checkpoint-step-013.ckpt"
+    full = torch.load(io.BytesIO(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()), weights_only=True)
+    weights_only = io.BytesIO()
+    torch.save({"state_dict": full["state_dict"], "global_step": 13,
+                "loratrace": {"weights_only": True, "step": 13}}, weights_only)
+    s3.put_object(Bucket=BUCKET, Key=key, Body=weights_only.getvalue())
+    before = {k: s3.head_object(Bucket=BUCKET, Key=k)["ETag"] for k in _keys(s3, url.removeprefix(f"s3://{BUCKET}/"))}
+    assert cli.main(["train", "--resume-from-checkpoint", f"{url}/checkpoints/checkpoint-step-013.ckpt"]) == 2
+    assert capsys.readouterr().err == (
+        "loratrace: error: checkpoint-step-013.ckpt holds the LoRA weights only (checkpoint.tail=weights) and cannot "
+        f"resume a run; resume from {url}/checkpoints/checkpoint-step-012.ckpt\n")
+    assert {k: s3.head_object(Bucket=BUCKET, Key=k)["ETag"] for k in before} == before
+
+
+def test_a_stopped_remote_run_names_its_checkpoint_by_its_url(s3):
+    """SIGTERM during update 4 of a run on S3: the message names the stop's checkpoint there, which a resume reads."""
+    import signal
+
+    from lightning.pytorch.callbacks import Callback
+
+    import loratrace
+    from loratrace.interrupt import RunInterrupted
+
+    class Preempt(Callback):
+        def on_train_batch_start(self, trainer, *args) -> None:
+            if trainer.global_step == 3:
+                signal.raise_signal(signal.SIGTERM)
+
+    runs = f"s3://{BUCKET}/stopped/runs"
+    with pytest.raises(RunInterrupted) as stopped:
+        loratrace.train(small_config(runs, "training.max_steps=40", "tracking.enabled=false",
+                                     "logging.tensorboard=false"), progress=False, callbacks=[Preempt()])
+    (run,) = {k.split("/")[2] for k in _keys(s3, "stopped/runs/")}
+    checkpoint = f"{runs}/{run}/checkpoints/checkpoint-step-004.ckpt"
+    assert str(stopped.value) == ("interrupted by SIGTERM after step 4; resume with: loratrace train "
+                                  f"--resume-from-checkpoint {checkpoint}")
+    assert f"stopped/runs/{run}/checkpoints/checkpoint-step-004.ckpt" in _keys(s3, "stopped/runs/")
+
+
 def test_a_resume_from_a_remote_checkpoint_continues_the_remote_run(s3, remote_run, capsys):
     """Last in this file: it adds a launch to the shared run."""
     url, _, _ = remote_run
