@@ -9,7 +9,9 @@ completes it: tracking parts, mappings, the samples index, checkpoints, run.json
 PUT is atomic on S3 (a multipart upload too, at its completion), so a reader never sees half an object, as a local
 reader never sees half a file; the order of the PUTs is the order of the local renames (a checkpoint's rows land
 before the checkpoint). Files no finalizing writer owns (TensorBoard's event file, exports, SwanLab's files) are
-uploaded by `publish_tree` when the launch ends. `file://` URLs are local folders.
+uploaded by `publish_tree` when the launch ends. Under torchrun or srun every rank publishes what it writes: ranks on
+rank 0's machine write into its scratch folder, a rank on another node into one of its own (`join_staged_run`); the
+ranks Lightning's launcher starts inherit the staging. `file://` URLs are local folders.
 
 Credentials and endpoint come from the standard environment, as boto3 and s3fs read them: AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3 (MinIO, Ceph, R2), AWS_DEFAULT_REGION, or a profile.
