@@ -13,9 +13,10 @@ from conftest import run_cli, small_config
 from safetensors.numpy import load_file
 
 import loratrace
+from loratrace.cli import main
 from loratrace.config import load_config
 from loratrace.errors import LoratraceError
-from loratrace.export import ExportError, export_adapters, read_flat
+from loratrace.export import MANIFEST_FILE, ExportError, export_adapters, read_flat
 
 WEIGHTS_ONLY_STEP = 4  # rewritten as `checkpoint.tail=weights` writes a tail checkpoint: state_dict + global_step
 
@@ -224,3 +225,14 @@ def test_a_named_base_model_is_recorded_as_config_yaml_names_it(run, tmp_path):
     folder = tmp_path / "out" / "checkpoint-step-005"
     assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == str(PRETRAINED_DIR)
     assert AutoPeftModelForCausalLM.from_pretrained(folder) is not None
+
+
+def test_file_urls_are_the_local_folders_they_name(run, tmp_path, monkeypatch, capsys):
+    """`export file://RUN --adapters file://OUT` reads and writes those folders; nothing named `file:` appears."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "adapters"
+    assert main(["export", f"file://{run}", "--adapters", f"file://{out}", "--steps", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert f"to {out}  manifest {out / MANIFEST_FILE}" in printed and "file:" not in printed
+    assert pq.read_table(out / MANIFEST_FILE).column("step").to_pylist() == [5]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapters"]

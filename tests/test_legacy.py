@@ -156,6 +156,16 @@ def test_import_again_writes_nothing_and_force_copies(legacy_copy, tmp_path):
     assert tree_hash(legacy_copy) == before  # the source is never modified
 
 
+def test_file_urls_are_the_local_folders_they_name(legacy_copy, tmp_path, monkeypatch):
+    """`import-legacy file://SOURCE --runs-dir file://RUNS` imports into RUNS; nothing named `file:` appears."""
+    monkeypatch.chdir(tmp_path)
+    runs_dir = tmp_path / "runs"
+    assert main(["import-legacy", f"file://{legacy_copy}", "--runs-dir", f"file://{runs_dir}"]) == 0
+    (run,) = runs_dir.iterdir()
+    assert (run / "tracking" / "samples_index.parquet").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["experiments", "runs"]
+
+
 # ---------------------------------------------------------------------------------------------- quirks
 
 def test_missing_fields_are_null_and_ids_come_from_the_data_set(legacy_copy, tmp_path):

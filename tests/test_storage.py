@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import threading
 import time
@@ -191,6 +192,132 @@ def test_without_credentials_one_line_and_no_local_s3_folder(tmp_path, monkeypat
     err = capsys.readouterr().err
     assert err.startswith("loratrace: error: ") and "no S3 credentials" in err and len(err.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []  # never a local `s3:` folder
+
+
+def _first_put(key: str):
+    """When moto's server (in this process) stored `key`, to the microsecond (S3 listings give whole seconds)."""
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.s3.models import s3_backends
+
+    return s3_backends[DEFAULT_ACCOUNT_ID]["global"].buckets[BUCKET].keys[key].last_modified
+
+
+@pytest.mark.slow
+def test_under_torchrun_every_rank_publishes_its_rows_before_the_checkpoint(s3, tmp_path):
+    """torchrun, two processes, runs_dir on s3: rank 1's rows of a step are on S3 before that step's checkpoint (each
+    rank PUTs its own parts, and none is PUT again at the end), one run folder, no scratch folder left behind."""
+    import io
+
+    import pyarrow.parquet as pq
+    from test_launchers import SETTINGS, TRAIN, finish, start, torchrun
+
+    runs, scratch = f"s3://{BUCKET}/torchrun/runs", tmp_path / "tmp"
+    scratch.mkdir()
+    aws = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    process = start(torchrun(["--standalone", "--nproc_per_node", "2"], [
+        *TRAIN, f"--runs-dir={runs}", *SETTINGS, "training.devices=2", "training.max_steps=5",
+        "training.stage1_steps=2", "tracking.flush_every_steps=100", "export.merged_model=false"]),
+        tmp_path, tmp_path / "torchrun.log", TMPDIR=str(scratch), **aws)
+    ((code, err),) = finish([process])
+    assert code == 0, err
+    keys = _keys(s3, "torchrun/runs/")
+    assert len({k.split("/")[2] for k in keys}) == 1  # one run folder
+    checkpoints = sorted(k for k in keys if k.endswith(".ckpt"))
+    rank1 = sorted(k for k in keys if "/tracking/batches/a000-r01-" in k)
+    assert [k.rsplit("-", 1)[1] for k in checkpoints] == ["003.ckpt", "004.ckpt", "005.ckpt"]
+    assert len(rank1) == 3  # a part at each checkpoint (flush_every_steps is larger than the run)
+    for checkpoint, part in zip(checkpoints, rank1):
+        rows = pq.read_table(io.BytesIO(s3.get_object(Bucket=BUCKET, Key=part)["Body"].read()))
+        assert max(rows["step"].to_pylist()) == int(checkpoint[-8:-5]) and set(rows["rank"].to_pylist()) == {1}
+        assert _first_put(part) < _first_put(checkpoint), (part, checkpoint)
+    assert list(scratch.glob("loratrace-stage-*")) == []
+
+
+def test_a_rank_started_by_lightning_finds_the_staged_run_it_inherits(remote_run, tmp_path, monkeypatch):
+    """Lightning's launcher re-runs `train --resume-from-checkpoint s3://...` for ranks 1..N-1: each finds the copy
+    its parent staged (in the environment it inherits) instead of downloading the run again, and leaves it in place."""
+    from loratrace import storage
+    from loratrace.recipe import stage_remote_checkpoint
+
+    url, _, _ = remote_run
+    inherited = tmp_path / "parent-scratch" / url.rsplit("/", 1)[1]
+    (inherited / "checkpoints").mkdir(parents=True)
+    monkeypatch.setenv(storage.STAGED_ENV, f"{inherited}\n{url}")
+    with storage.staging():
+        assert stage_remote_checkpoint(f"{url}/checkpoints/checkpoint-step-014.ckpt") == \
+            inherited / "checkpoints" / "checkpoint-step-014.ckpt"
+    assert inherited.is_dir() and list(inherited.rglob("*.ckpt")) == []  # nothing downloaded, nothing removed
+
+
+@pytest.mark.parametrize(("command", "named"), [
+    (["export", f"{RUNS}/some_run", "--adapters", "out"],
+     f"{RUNS}/some_run: export reads a run folder on this machine"),
+    (["export", "some_run", "--adapters", f"s3://{BUCKET}/adapters"],
+     f"s3://{BUCKET}/adapters: export writes adapters to a folder on this machine"),
+    (["influence", f"{RUNS}/some_run"], f"{RUNS}/some_run: influence reads and writes a run folder on this machine"),
+    (["import-legacy", "experiments", "--runs-dir", RUNS], f"{RUNS}: import-legacy writes to a folder on this machine"),
+])
+def test_commands_that_work_on_local_folders_refuse_a_url_in_one_line(tmp_path, monkeypatch, capsys, command, named):
+    """export, influence and import-legacy: a run or output on object storage is one line naming the URL as given
+    (never `s3:/bucket`), exit 1, and nothing written (never a local `s3:` folder)."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(command) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"loratrace: error: {named}") and len(err.strip().splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_influence_reads_a_file_url_as_the_folder_it_names(tmp_path, capsys):
+    """No run there: the one line names the folder, not a mangled `file:/...`."""
+    assert cli.main(["influence", f"file://{tmp_path}/no_run"]) == 2
+    assert capsys.readouterr().err == f"loratrace: error: {tmp_path}/no_run is not a run folder (no config.yaml)\n"
+
+
+def test_refusing_a_weights_only_remote_checkpoint_names_the_full_one_by_its_url(s3, remote_run, capsys):
+    """Step 13 rewritten as `checkpoint.tail=weights` writes it: the refusal names step 12 on S3, not the scratch copy
+    (gone when the command ends); the run on S3 is as it was."""
+    import io
+
+    import torch
+
+    url, _, _ = remote_run
+    key = url.removeprefix(f"s3://{BUCKET}/") + "/checkpoints/checkpoint-step-013.ckpt"
+    full = torch.load(io.BytesIO(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()), weights_only=True)
+    weights_only = io.BytesIO()
+    torch.save({"state_dict": full["state_dict"], "global_step": 13,
+                "loratrace": {"weights_only": True, "step": 13}}, weights_only)
+    s3.put_object(Bucket=BUCKET, Key=key, Body=weights_only.getvalue())
+    before = {k: s3.head_object(Bucket=BUCKET, Key=k)["ETag"] for k in _keys(s3, url.removeprefix(f"s3://{BUCKET}/"))}
+    assert cli.main(["train", "--resume-from-checkpoint", f"{url}/checkpoints/checkpoint-step-013.ckpt"]) == 2
+    assert capsys.readouterr().err == (
+        "loratrace: error: checkpoint-step-013.ckpt holds the LoRA weights only (checkpoint.tail=weights) and cannot "
+        f"resume a run; resume from {url}/checkpoints/checkpoint-step-012.ckpt\n")
+    assert {k: s3.head_object(Bucket=BUCKET, Key=k)["ETag"] for k in before} == before
+
+
+def test_a_stopped_remote_run_names_its_checkpoint_by_its_url(s3):
+    """SIGTERM during update 4 of a run on S3: the message names the stop's checkpoint there, which a resume reads."""
+    import signal
+
+    from lightning.pytorch.callbacks import Callback
+
+    import loratrace
+    from loratrace.interrupt import RunInterrupted
+
+    class Preempt(Callback):
+        def on_train_batch_start(self, trainer, *args) -> None:
+            if trainer.global_step == 3:
+                signal.raise_signal(signal.SIGTERM)
+
+    runs = f"s3://{BUCKET}/stopped/runs"
+    with pytest.raises(RunInterrupted) as stopped:
+        loratrace.train(small_config(runs, "training.max_steps=40", "tracking.enabled=false",
+                                     "logging.tensorboard=false"), progress=False, callbacks=[Preempt()])
+    (run,) = {k.split("/")[2] for k in _keys(s3, "stopped/runs/")}
+    checkpoint = f"{runs}/{run}/checkpoints/checkpoint-step-004.ckpt"
+    assert str(stopped.value) == ("interrupted by SIGTERM after step 4; resume with: loratrace train "
+                                  f"--resume-from-checkpoint {checkpoint}")
+    assert f"stopped/runs/{run}/checkpoints/checkpoint-step-004.ckpt" in _keys(s3, "stopped/runs/")
 
 
 def test_a_resume_from_a_remote_checkpoint_continues_the_remote_run(s3, remote_run, capsys):

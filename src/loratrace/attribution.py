@@ -30,7 +30,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from loratrace import schema
+from loratrace import schema, storage
 from loratrace.errors import LoratraceError
 
 METHODS = ("tracin", "tracin-cp")
@@ -83,7 +83,8 @@ def compute(run_dir: str | Path, example_ids: list[str] | None = None, split: st
     from loratrace.data import DataError, load_split
 
     notice = notice or _stderr
-    run_dir = Path(run_dir)
+    run_dir = storage.local_folder(run_dir, "influence reads and writes a run folder on this machine: copy the run "
+                                            "here first (e.g. aws s3 sync URL runs/NAME)")
     if method not in METHODS:
         raise InfluenceError(f"--method {method!r}: use one of {', '.join(METHODS)}")
     if not (run_dir / "config.yaml").is_file():

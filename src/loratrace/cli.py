@@ -303,11 +303,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     from loratrace.export import MANIFEST_FILE, export_adapters
 
     warnings.showwarning = _warning_line
-    manifest = export_adapters(args.run, args.adapters, steps=args.steps, flat=args.flat, overwrite=args.overwrite)
+    out = storage.local_form(args.adapters)
+    manifest = export_adapters(args.run, out, steps=args.steps, flat=args.flat, overwrite=args.overwrite)
     steps = list(manifest.step)
-    print(f"exported {len(steps)} adapter(s), steps {steps[0]}..{steps[-1]}, to {args.adapters}  "
-          f"manifest {Path(args.adapters) / MANIFEST_FILE}" + (f"  flat vectors {Path(args.adapters) / 'flat'}/"
-                                                              if args.flat else ""))
+    print(f"exported {len(steps)} adapter(s), steps {steps[0]}..{steps[-1]}, to {out}  "
+          f"manifest {Path(out) / MANIFEST_FILE}" + (f"  flat vectors {Path(out) / 'flat'}/" if args.flat else ""))
     return 0
 
 
@@ -337,12 +337,9 @@ def cmd_influence(args: argparse.Namespace) -> int:
 
 
 def cmd_import_legacy(args: argparse.Namespace) -> int:
-    from loratrace.legacy import find_legacy_runs, import_legacy, summary
+    from loratrace.legacy import LOCAL_RUNS_ONLY, find_legacy_runs, import_legacy, summary
 
-    if storage.is_remote(args.runs_dir):
-        raise storage.StorageError(f"import-legacy writes to a local folder, not {args.runs_dir}: import, then copy "
-                                   "the run folders there (e.g. `aws s3 sync runs/ s3://...`)")
-
+    storage.local_folder(args.runs_dir, LOCAL_RUNS_ONLY)  # before the sources are looked at
     for folder in find_legacy_runs(args.paths):  # every path checked before the first import starts
         print(summary(import_legacy(folder, args.runs_dir, force=args.force)))
     return 0

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from loratrace import storage
 from loratrace.errors import LoratraceError
 
 MANIFEST_FILE = "manifest.parquet"
@@ -70,7 +71,10 @@ def export_adapters(run_dir: str | Path, out: str | Path, steps: str | None = No
 
     `steps`: None for every checkpoint, or "76..125" (the checkpoints in that range), "76,100" (each must exist), or
     both mixed. Everything is checked before anything is written; the folder appears complete or not at all."""
-    run_dir, out = Path(run_dir), Path(out)
+    run_dir = storage.local_folder(run_dir, "export reads a run folder on this machine: copy the run here first "
+                                            "(e.g. aws s3 sync URL runs/NAME), then export that folder")
+    out = storage.local_folder(out, "export writes adapters to a folder on this machine: export there, then copy it to "
+                                    "object storage (e.g. aws s3 sync OUT URL)")
     if not (run_dir / "config.yaml").is_file():
         raise ExportError(f"{run_dir} is not a run folder (no config.yaml)")
     check_output_folder(out, overwrite)

@@ -13,8 +13,10 @@ Two ways processes start:
   read): every rank runs from the start and no environment variable can carry a name made at run time. The ranks
   meet in the process group Lightning itself would create (its strategy's `setup_environment`: same cluster
   environment, backend and timeout; Lightning finds it initialized and uses it) and rank 0 broadcasts the folder's
-  path. A name derived from the launcher's variables alone (TORCHELASTIC_RUN_ID, SLURM_JOB_ID) would not do: torchrun's
-  run id is "none" unless `--rdzv-id` is given, and neither says when the run started.
+  path, with the run's URL when it is staged for object storage (storage.py): every rank then publishes what it writes,
+  from rank 0's scratch folder on rank 0's machine, from one of its own on another. A name derived from the
+  launcher's variables alone (TORCHELASTIC_RUN_ID, SLURM_JOB_ID) would not do: torchrun's run id is "none" unless
+  `--rdzv-id` is given, and neither says when the run started.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from loratrace import storage
 from loratrace.config import Config, ConfigError
 from loratrace.errors import LoratraceError, first_line
 
@@ -103,11 +106,12 @@ def shared_run_dir(launch: Launch, make: Callable[[], Path]) -> Path:
     import torch.distributed as dist
 
     launch.strategy.setup_environment()  # the process group Lightning would make in fit(); it will reuse it
-    message: list[str | None] = [None, None]  # [path, why rank 0 could not make it]
+    message: list[str | None] = [None, None, None]  # [path, why rank 0 could not make it, its URL when staged]
     error: BaseException | None = None
     if launch.rank == 0:
         try:
-            message[0] = str(make())
+            made = make()
+            message[0], message[2] = str(made), storage.remote_name(made)
         except BaseException as exc:  # noqa: BLE001 - told to the other ranks, then raised here as it was
             error, message[1] = exc, first_line(exc) or type(exc).__name__
     dist.broadcast_object_list(message, src=0, device=launch.strategy.root_device)
@@ -115,6 +119,8 @@ def shared_run_dir(launch: Launch, make: Callable[[], Path]) -> Path:
         raise error
     if message[0] is None:
         raise LaunchError(f"rank 0 could not make the run folder: {message[1]}")
+    if message[2] is not None and launch.rank != 0:
+        return storage.join_staged_run(Path(message[0]), message[2])
     return Path(message[0])
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from loratrace import legacy_mappings, runs, schema
+from loratrace import legacy_mappings, runs, schema, storage
 from loratrace.checkpoints import checkpoint_name
 from loratrace.config import save_config
 from loratrace.legacy_checkpoint import (
@@ -180,6 +180,10 @@ def already_imported(runs_dir: Path, source: Path) -> Path | None:
     return None
 
 
+LOCAL_RUNS_ONLY = ("import-legacy writes to a folder on this machine: import, then copy the run folders there "
+                   "(e.g. aws s3 sync runs/ URL)")
+
+
 def run_name(legacy: LegacyRun) -> str:
     """`<dataset>_<method>_<YYYYMMDD_HHMMSS>` from the legacy folder's own name and timestamp."""
     match = FOLDER_NAME.fullmatch(legacy.source.name)
@@ -189,8 +193,8 @@ def run_name(legacy: LegacyRun) -> str:
 
 def import_legacy(source: str | Path, runs_dir: str | Path = "runs", force: bool = False) -> dict[str, Any]:
     """Convert one legacy run folder; returns its report (`run_dir`, `existing` when it was imported before)."""
-    source = Path(source).resolve()
-    runs_dir = Path(runs_dir)
+    source = Path(storage.local_form(source)).resolve()
+    runs_dir = storage.local_folder(runs_dir, LOCAL_RUNS_ONLY)
     existing = already_imported(runs_dir, source)
     if existing is not None and not force:
         return {"source": str(source), "run_dir": str(existing), "existing": True}

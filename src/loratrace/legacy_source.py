@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loratrace import storage
 from loratrace.config import (
     Config,
     ConfigError,
@@ -48,12 +49,13 @@ def find_legacy_runs(paths: list[str | Path]) -> list[Path]:
     """Every legacy run folder at or below `paths` (a folder holding logs/batch_tracking_<dataset>.jsonl)."""
     found: list[Path] = []
     for given in paths:
-        path = Path(given)
+        path = Path(storage.local_form(given))
         if not path.is_dir():
-            raise LegacyError(f"{path} is not a folder; give a legacy run folder or a folder of them")
+            raise LegacyError(f"{given} is not a folder; give a legacy run folder or a folder of them (on this "
+                              "machine)")
         logs = sorted(path.glob("logs/batch_tracking_*.jsonl")) or sorted(path.rglob("logs/batch_tracking_*.jsonl"))
         if not logs:
-            raise LegacyError(f"{path} is not a legacy run: no logs/batch_tracking_<dataset>.jsonl at or below it")
+            raise LegacyError(f"{given} is not a legacy run: no logs/batch_tracking_<dataset>.jsonl at or below it")
         found += [log.parent.parent for log in logs if log.parent.parent not in found]
     return found
 

@@ -170,7 +170,7 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
             runs.finish_run(run_dir, "interrupted" if signum is not None else "failed", _cost(tracker), steps=step)
         if signum is not None:
             last = stop.step_checkpoint.last_saved or checkpoint
-            raise RunInterrupted(interrupted_message(signum, step, last), signum) from None
+            raise RunInterrupted(interrupted_message(signum, step, last and storage.public(last)), signum) from None
         raise error
     final_loss = module.last_metrics.get("train/loss")
     written = [path.name for _, path in checkpoint_files(run_dir)]
@@ -214,7 +214,7 @@ def validate_resume(checkpoint: Path, module: LoRAModule, cfg: Config, world_siz
         raise CheckpointError(f"{exc}; resume from another checkpoint-step-*.ckpt") from None
     if is_weights_only(state):
         full = nearest_full_checkpoint(checkpoint.parent.parent, int(state.get("global_step", 0)))
-        instead = f"resume from {full}" if full else "this run has no full checkpoint to resume from"
+        instead = f"resume from {storage.public(full)}" if full else "this run has no full checkpoint to resume from"
         raise CheckpointError(f"{checkpoint.name} holds the LoRA weights only (checkpoint.tail=weights) and cannot "
                               f"resume a run; {instead}")
     problem = lora_mismatch(module, state.get("state_dict", {}))

@@ -9,7 +9,9 @@ completes it: tracking parts, mappings, the samples index, checkpoints, run.json
 PUT is atomic on S3 (a multipart upload too, at its completion), so a reader never sees half an object, as a local
 reader never sees half a file; the order of the PUTs is the order of the local renames (a checkpoint's rows land
 before the checkpoint). Files no finalizing writer owns (TensorBoard's event file, exports, SwanLab's files) are
-uploaded by `publish_tree` when the launch ends. `file://` URLs are local folders.
+uploaded by `publish_tree` when the launch ends. Under torchrun or srun every rank publishes what it writes: ranks on
+rank 0's machine write into its scratch folder, a rank on another node into one of its own (`join_staged_run`); the
+ranks Lightning's launcher starts inherit the staging. `file://` URLs are local folders.
 
 Credentials and endpoint come from the standard environment, as boto3 and s3fs read them: AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3 (MinIO, Ceph, R2), AWS_DEFAULT_REGION, or a profile.
@@ -45,6 +47,14 @@ def local_form(location):
     """A `file://` URL as the local path it names; anything else unchanged."""
     text = str(location)
     return text[len("file://"):] if text.startswith("file://") else location
+
+
+def local_folder(location, refusal: str) -> Path:
+    """A folder a command reads or writes on this machine only: a `file://` URL as the path it names; a URL on object
+    storage refused in one line that names it as given and says what to do instead (`refusal`)."""
+    if is_remote(location):
+        raise StorageError(f"{location}: {refusal}")
+    return Path(local_form(location))
 
 
 def join(base: str, *names: str) -> str:
@@ -147,6 +157,7 @@ def public(run_dir):
 
 
 _published: dict[str, tuple[int, int]] = {}  # local file -> (mtime_ns, size) when this process last synced it
+_scratch: list[Path] = []  # the scratch folders this process made (`staging` removes them)
 
 
 def publish(path) -> None:
@@ -163,15 +174,27 @@ def publish(path) -> None:
 
 def publish_tree(folder) -> None:
     """Publish every file under `folder` (in a staged run) that changed since this process last synced it: what no
-    finalizing writer published (TensorBoard's events, exports, SwanLab's files). Partial files are left out."""
-    if remote_name(folder) is None:
+    finalizing writer published (TensorBoard's events, exports, SwanLab's files). Partial files are left out, and so
+    are files another process (a rank sharing the scratch folder) put there already, as large as here."""
+    url = remote_name(folder)
+    if url is None:
         return
+    fs, root = filesystem(url)
+    with remote_errors(url):
+        try:
+            there = {key[len(root):].lstrip("/"): int(info.get("size") or 0)
+                     for key, info in fs.find(root, detail=True).items()}
+        except FileNotFoundError:
+            there = {}
     for path in sorted(Path(folder).rglob("*")):
         if not path.is_file() or path.name.startswith(".") or path.name.endswith(".partial"):
             continue
         stat = path.stat()
-        if _published.get(str(path)) != (stat.st_mtime_ns, stat.st_size):
-            publish(path)
+        if _published.get(str(path)) == (stat.st_mtime_ns, stat.st_size):
+            continue
+        if str(path) not in _published and there.get(path.relative_to(folder).as_posix()) == stat.st_size:
+            continue  # published by the rank that wrote it
+        publish(path)
 
 
 def new_staged_run(runs_url: str, name: str) -> Path:
@@ -187,21 +210,41 @@ def new_staged_run(runs_url: str, name: str) -> Path:
     while candidate in taken:
         n += 1
         candidate = f"{name}_{n}"
-    local = Path(tempfile.mkdtemp(prefix="loratrace-stage-")) / candidate
-    local.mkdir()
+    local = _scratch_folder(candidate)
     os.environ[STAGED_ENV] = f"{local}\n{join(runs_url, candidate)}"
+    return local
+
+
+def _scratch_folder(name: str) -> Path:
+    local = Path(tempfile.mkdtemp(prefix="loratrace-stage-"))
+    _scratch.append(local)
+    (local / name).mkdir()
+    return local / name
+
+
+def join_staged_run(local: Path, url: str) -> Path:
+    """The staged run `url` as another rank of its launch sees it: the scratch folder rank 0 made at `local` when
+    this machine has it (ranks of one node share it: rank 0 indexes and uploads the whole folder at the end), else a
+    scratch folder of this rank's own (another node). Either way what this rank writes is published as it completes."""
+    if not local.is_dir():
+        local = _scratch_folder(local.name)
+    os.environ[STAGED_ENV] = f"{local}\n{url.rstrip('/')}"
     return local
 
 
 def stage_run(run_url: str, leave_out: tuple[str, ...] = NOT_STAGED) -> Path:
     """Download a run on object storage into a local scratch folder (all but `leave_out`: exports and logs) to resume
-    or evaluate it there; what is then written is published back."""
+    or evaluate it there; what is then written is published back. A process that stages `run_url` already (a rank
+    Lightning's launcher started inherits the staging of the process that started it) gets that folder again."""
+    stage = staged()
+    if stage is not None and stage[1] == run_url.rstrip("/") and stage[0].is_dir():
+        return stage[0]
     fs, root = filesystem(run_url)
     with remote_errors(run_url):
         files = fs.find(root)
         if not files:
             raise StorageError(f"{run_url}: no such run on object storage")
-        local = Path(tempfile.mkdtemp(prefix="loratrace-stage-")) / PurePosixPath(root).name
+        local = _scratch_folder(PurePosixPath(root).name)
         for key in files:
             relative = key[len(root):].lstrip("/")
             if relative.startswith(leave_out):
@@ -217,15 +260,18 @@ def stage_run(run_url: str, leave_out: tuple[str, ...] = NOT_STAGED) -> Path:
 
 @contextlib.contextmanager
 def staging():
-    """Around a command that may stage a run: at its end the scratch folder goes and the staging ends. A process that
-    found a staged run already (a rank a launcher started) leaves both to the process that staged it."""
-    inherited = STAGED_ENV in os.environ
+    """Around a command that may stage a run: at its end the scratch folders it made go, and the staging it found (none,
+    or the one a launcher's parent process handed down) is back."""
+    found, made = os.environ.get(STAGED_ENV), len(_scratch)
     try:
         yield
     finally:
-        stage = None if inherited else staged()
-        if stage is not None:
+        if found is None:
             os.environ.pop(STAGED_ENV, None)
-            for key in [k for k in _published if Path(k).is_relative_to(stage[0])]:
+        else:
+            os.environ[STAGED_ENV] = found
+        while len(_scratch) > made:
+            folder = _scratch.pop()
+            for key in [k for k in _published if Path(k).is_relative_to(folder)]:
                 del _published[key]
-            shutil.rmtree(stage[0].parent, ignore_errors=True)
+            shutil.rmtree(folder, ignore_errors=True)
