@@ -253,7 +253,7 @@ def _tree(folder: Path) -> dict[str, bytes | None]:
 
 
 def test_study_folder_that_is_not_a_study_is_refused_untouched(tmp_path, capsys, monkeypatch):
-    """`--study DIR`: an existing, non-empty folder without sweep.json is not taken over; its files stay as they were."""
+    """`--study DIR`: an existing, non-empty folder without sweep.json is not taken over; its files stay unchanged."""
     monkeypatch.chdir(tmp_path)
     victim = tmp_path / "victim"
     (victim / "sub").mkdir(parents=True)
