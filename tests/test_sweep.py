@@ -304,3 +304,16 @@ def test_a_file_url_runs_dir_is_that_local_folder(tmp_path, monkeypatch):
     assert spec.study_dir == str(tmp_path / "runs" / "sweeps" / "s1")
     assert spec.base["runs_dir"] == str(tmp_path / "runs")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_report_study_with_no_trials_yet_says_so(tmp_path, capsys):
+    from loratrace.sweeps import create_study, plan_sweep
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"runs_dir={tmp_path / 'runs'}"])
+    create_study(plan_sweep(cfg, ["lora.r=choice(4,8)"], 2, study="empty"))  # the study exists, no trial started
+    study_dir = tmp_path / "runs" / "sweeps" / "empty"
+    code = main(["report", "--study", str(study_dir), "-o", str(tmp_path / "sweep.html")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    page = (tmp_path / "sweep.html").read_text()
+    assert "<title>sweep empty</title>" in page and "no trials yet: run loratrace sweep" in page
