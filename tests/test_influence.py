@@ -298,3 +298,35 @@ def test_a_stop_at_a_weights_only_step_writes_a_full_checkpoint(tmp_path):
     assert not is_weights_only(torch.load(run / "checkpoints" / "checkpoint-step-005.ckpt", weights_only=True))
     with pytest.raises(ConfigError, match="checkpoint.tail: 'weight' is not one of full, weights"):
         load_config(None, ["checkpoint.tail=weight"])
+
+
+@pytest.fixture(scope="module")
+def sparse_tail_run(tmp_path_factory) -> Path:
+    """tail=weights with a checkpoint every 4 updates from step 3 (7, 11, 15, 16) and full_every=8: no tail step is a
+    multiple of 8, yet 11 (the first past 8) must be full."""
+    return _train(tmp_path_factory.mktemp("influence-sparse"), "training.max_steps=16", "training.stage1_steps=3",
+                  "checkpoint.stage2_every_n_steps=4", "checkpoint.tail=weights", "checkpoint.full_every=8",
+                  "tracking.enabled=false", "export.adapter=false")
+
+
+def test_a_sparse_weights_tail_has_a_full_checkpoint_before_its_last(sparse_tail_run):
+    from loratrace.checkpoints import checkpoint_files, is_weights_only
+
+    kinds = {step: is_weights_only(torch.load(path, weights_only=True))
+             for step, path in checkpoint_files(sparse_tail_run)}
+    assert kinds == {7: True, 11: False, 15: True, 16: False}  # full where a multiple of 8 was crossed, and the last
+
+
+def test_a_requeued_trial_resumes_from_the_latest_full_checkpoint(sparse_tail_run, tmp_path):
+    """A sweep trial re-queued after a kill continues from its run's latest full checkpoint (not a weights-only one
+    after it), or starts over when there is none."""
+    import shutil
+
+    from loratrace.sweep_workers import resume_point
+
+    run = shutil.copytree(sparse_tail_run, tmp_path / sparse_tail_run.name)
+    (run / "checkpoints" / "checkpoint-step-016.ckpt").unlink()  # killed after 15: the latest file is weights-only
+    assert resume_point(run) == run / "checkpoints" / "checkpoint-step-011.ckpt"
+    (run / "checkpoints" / "checkpoint-step-011.ckpt").unlink()
+    assert resume_point(run) is None  # only weights-only 7 and 15 left: the trial trains from the start
+    assert resume_point(tmp_path / "never-written") is None

@@ -54,3 +54,29 @@ def test_a_signal_mid_run_leaves_a_resumable_interrupted_run(tmp_path, signum, c
     rows, steps = map(int, saved.stdout.splitlines()[1].split(","))
     assert rows == steps and steps >= 1  # the stop's checkpoint once, not a second time at a scheduled step
     assert json.loads((run / "run.json").read_text())["status"] == "completed"
+
+
+def test_a_stop_under_several_ranks_names_the_latest_full_checkpoint_before_the_step(tmp_path):
+    """Several processes hand the stop to Lightning: no checkpoint of its own is written, and the last one saved may
+    be weights-only (checkpoint.tail=weights). The message names the latest full one at or before the step reached."""
+    import torch
+
+    from loratrace.checkpoints import WEIGHTS_ONLY_MARKER, checkpoint_name
+    from loratrace.interrupt import checkpoint_to_resume
+
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    for step, weights_only in ((4, False), (6, True), (8, True), (10, False)):  # 10: a previous launch, past the stop
+        state = {"global_step": step, "state_dict": {}}
+        if weights_only:
+            state[WEIGHTS_ONLY_MARKER] = {"weights_only": True, "step": step}
+        torch.save(state, folder / checkpoint_name(step))
+    resumed_from = folder / checkpoint_name(4)
+    assert checkpoint_to_resume(tmp_path / "run", 9, last_saved=folder / checkpoint_name(8), world_size=2,
+                                resumed_from=None) == folder / checkpoint_name(4)
+    assert checkpoint_to_resume(tmp_path / "run", 3, last_saved=None, world_size=2, resumed_from=None) is None
+    assert checkpoint_to_resume(tmp_path / "run", 10, last_saved=folder / checkpoint_name(8), world_size=2,
+                                resumed_from=resumed_from) == folder / checkpoint_name(10)
+    # one process: the stop's own (always full) save at the step reached
+    assert checkpoint_to_resume(tmp_path / "run", 9, last_saved=folder / checkpoint_name(9), world_size=1,
+                                resumed_from=resumed_from) == folder / checkpoint_name(9)

@@ -246,3 +246,74 @@ def test_two_jobs_share_one_study(tmp_path):
     assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 2  # both workers trained trials
     assert len({t.user_attrs["run_id"] for t in trials}) == 4 == len(run_folders(runs))
     assert sorted(run_json(p)["trial"] for p in run_folders(runs)) == [0, 1, 2, 3]
+
+
+def _tree(folder: Path) -> dict[str, bytes | None]:
+    return {p.relative_to(folder).as_posix(): (p.read_bytes() if p.is_file() else None) for p in folder.rglob("*")}
+
+
+def test_study_folder_that_is_not_a_study_is_refused_untouched(tmp_path, capsys, monkeypatch):
+    """`--study DIR`: an existing, non-empty folder without sweep.json is not taken over; its files stay unchanged."""
+    monkeypatch.chdir(tmp_path)
+    victim = tmp_path / "victim"
+    (victim / "sub").mkdir(parents=True)
+    (victim / "notes.txt").write_text("mine")
+    (victim / "sub" / "data.bin").write_bytes(b"\x00\x01")
+    before = _tree(victim)
+    code = main(["sweep", "--study", str(victim), "--param", "lora.r=choice(4,8)", f"runs_dir={tmp_path / 'runs'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and f"--study {victim}" in err and "not a sweep" in err, err
+    assert _tree(victim) == before and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_study_whose_storage_fails_removes_only_what_it_created(existing, tmp_path, capsys, monkeypatch):
+    """A storage that cannot be opened: one line, exit 2; the study folder (and runs/sweeps/) go if this command made
+    them, an empty folder given as --study stays, with nothing in it."""
+    monkeypatch.chdir(tmp_path)
+    runs = tmp_path / "runs"
+    study = tmp_path / "given" if existing else runs / "sweeps" / "s1"
+    if existing:
+        study.mkdir()
+    code = main(["sweep", "--study", str(study) if existing else "s1", "--storage", "sqlite:////nonexistent/dir/x.db",
+                 "--param", "lora.r=choice(4,8)", f"runs_dir={runs}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--storage sqlite:////nonexistent/dir/x.db" in err, err
+    assert "Traceback" not in err
+    if existing:
+        assert study.is_dir() and list(study.iterdir()) == []
+    else:
+        assert not runs.exists()
+
+
+def test_a_sweep_on_object_storage_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = main(["sweep", "--param", "lora.r=choice(4,8)", "--runs-dir", "s3://bucket/runs"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "s3://bucket/runs" in err and "object storage" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_url_runs_dir_is_that_local_folder(tmp_path, monkeypatch):
+    """`runs_dir=file:///abs/runs`: the study goes to /abs/runs/sweeps/NAME, not to a folder named `file:`."""
+    from loratrace.sweeps import plan_sweep
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"runs_dir=file://{tmp_path / 'runs'}"])
+    spec = plan_sweep(cfg, ["lora.r=choice(4,8)"], 2, study="s1")
+    assert spec.study_dir == str(tmp_path / "runs" / "sweeps" / "s1")
+    assert spec.base["runs_dir"] == str(tmp_path / "runs")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_report_study_with_no_trials_yet_says_so(tmp_path, capsys):
+    from loratrace.sweeps import create_study, plan_sweep
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"runs_dir={tmp_path / 'runs'}"])
+    create_study(plan_sweep(cfg, ["lora.r=choice(4,8)"], 2, study="empty"))  # the study exists, no trial started
+    study_dir = tmp_path / "runs" / "sweeps" / "empty"
+    code = main(["report", "--study", str(study_dir), "-o", str(tmp_path / "sweep.html")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    page = (tmp_path / "sweep.html").read_text()
+    assert "<title>sweep empty</title>" in page and "no trials yet: run loratrace sweep" in page

@@ -48,11 +48,17 @@ def checkpoint_steps(max_steps: int, stage1_steps: int, cfg: CheckpointConfig) -
 
 
 def weights_only_steps(steps: list[int], stage1_steps: int, max_steps: int, cfg: CheckpointConfig) -> set[int]:
-    """The checkpoint steps written as LoRA weights only: with tail=weights, stage-2 steps that are neither a
-    multiple of `full_every` nor the last."""
+    """The checkpoint steps written as LoRA weights only: with tail=weights, the stage-2 steps before the last that
+    cross no multiple of `full_every` since the previous stage-2 checkpoint (the first: since stage 1 ended). So a
+    full one comes at least every `full_every` steps whatever `stage2_every_n_steps` is (every 1: the multiples)."""
     if cfg.tail != "weights":
         return set()
-    return {s for s in steps if stage1_steps < s < max_steps and s % cfg.full_every}
+    weights_only, previous = set(), stage1_steps
+    for step in (s for s in steps if stage1_steps < s < max_steps):
+        if step // cfg.full_every == previous // cfg.full_every:
+            weights_only.add(step)
+        previous = step
+    return weights_only
 
 
 WEIGHTS_ONLY_MARKER = "loratrace"
@@ -165,6 +171,20 @@ def checkpoint_files(run_dir: Path) -> list[tuple[int, Path]]:
     found = ((int(p.name[len("checkpoint-step-"):-len(".ckpt")]), p)
              for p in (Path(run_dir) / "checkpoints").glob("checkpoint-step-*.ckpt"))
     return sorted((step, path) for step, path in found if step not in abandoned)
+
+
+def latest_full_checkpoint(run_dir: Path, step: int | None = None) -> Path | None:
+    """A run's latest resumable checkpoint (at or before `step` if given), or None: what a re-queued trial continues
+    from, and what an interrupted message names when another rank's stop wrote none of its own."""
+    for other, path in reversed(checkpoint_files(run_dir)):
+        if step is not None and other > step:
+            continue
+        try:
+            if not is_weights_only(read_checkpoint(path)):
+                return path
+        except ValueError:
+            continue  # unreadable: not one to resume from
+    return None
 
 
 def nearest_full_checkpoint(run_dir: Path, step: int) -> Path | None:

@@ -127,9 +127,11 @@ class CheckpointConfig:
     tail: str = "full"
     """Stage-2 checkpoints: `full` (resumable: LoRA weights, optimizer, schedule, loop and RNG state) or `weights`
     (the LoRA weights only, about a third of the bytes: enough for eval, influence and export, not for a resume), with
-    a full one every `full_every` steps and at the end."""
+    a full one at least every `full_every` steps and at the end."""
     full_every: int = 10
-    """With tail=weights: the stage-2 checkpoints at steps divisible by this are full, resumable ones."""
+    """With tail=weights: a stage-2 checkpoint is full (resumable) when a multiple of this lies between the previous
+    stage-2 checkpoint (or stage 1's end) and its step: every multiple when stage2_every_n_steps=1, the first
+    checkpoint past each multiple otherwise (stage2_every_n_steps=4 from 75, full_every=10: 83, 91, 103, ... full)."""
 
 
 @dataclass

@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
-from loratrace.checkpoints import StepCheckpoint
+from loratrace.checkpoints import StepCheckpoint, latest_full_checkpoint
 from loratrace.errors import LoratraceError
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -105,6 +105,16 @@ class StopOnSignal(Callback):
             for signum, handler in self._original.items():
                 if handler is not None:
                     signal.signal(signum, handler)
+
+
+def checkpoint_to_resume(run_dir: Path, step: int, last_saved: Path | None, world_size: int,
+                         resumed_from: Path | None) -> Path | None:
+    """The checkpoint an interrupted message names. One process: the stop's own full save (`last_saved`). Several:
+    Lightning's stop wrote none and the last saved may be weights-only, so the run's latest full checkpoint at or
+    before `step`. Else the one this launch resumed from, else None."""
+    if world_size > 1:
+        return latest_full_checkpoint(run_dir, step) or resumed_from
+    return last_saved or resumed_from
 
 
 def interrupted_message(signum: int, step: int, checkpoint: Path | None) -> str:

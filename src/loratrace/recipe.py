@@ -33,7 +33,7 @@ from loratrace.config import Config, ConfigError
 from loratrace.data import load_split
 from loratrace.evaluate import CheckpointEvaluator, Evaluator
 from loratrace.export import export_adapter, export_merged, save_base_model
-from loratrace.interrupt import RunInterrupted, StopOnSignal, interrupted_message
+from loratrace.interrupt import RunInterrupted, StopOnSignal, checkpoint_to_resume, interrupted_message
 from loratrace.launch import folder_for_children, identify, shared_run_dir
 from loratrace.loader import CommonsenseData, order_mismatch
 from loratrace.loggers import build_loggers, check_loggers, close_wandb, finish_loggers, logger_summary, quiet_loggers
@@ -169,7 +169,8 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
                 storage.publish_tree(run_dir)
             runs.finish_run(run_dir, "interrupted" if signum is not None else "failed", _cost(tracker), steps=step)
         if signum is not None:
-            last = stop.step_checkpoint.last_saved or checkpoint
+            last = checkpoint_to_resume(run_dir, step, stop.step_checkpoint.last_saved,
+                                        trainer.world_size if trainer is not None else 1, checkpoint)
             raise RunInterrupted(interrupted_message(signum, step, last and storage.public(last)), signum) from None
         raise error
     final_loss = module.last_metrics.get("train/loss")

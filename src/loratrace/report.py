@@ -60,12 +60,15 @@ def write_report(paths, output: str | Path = "report.html", title: str | None = 
         trials = study_trials(studies)
         sweep = sweep_sections(trials)
         paths = [*as_list(paths or []), *trial_run_dirs(trials)]
-    with open_runs(paths) as db:
-        run_dirs = list(db.run_dirs)
-        if not run_dirs:
-            raise ReportError(f"no runs in {paths}")
-        data = _gather(db, run_dirs)
-    body = "\n".join(sweep + _sections(data))
+    if sweep and not paths:  # a study whose trials have no run folder yet: its sections say so
+        data = None
+    else:
+        with open_runs(paths) as db:
+            run_dirs = list(db.run_dirs)
+            if not run_dirs:
+                raise ReportError(f"no runs in {paths}")
+            data = _gather(db, run_dirs)
+    body = "\n".join(sweep + (_sections(data) if data is not None else []))
     studies_named = [folder.name for folder in study_folders(studies)] if studies else []
     name = title or (f"sweep {', '.join(studies_named)}" if studies_named else ", ".join(data["run_ids"]))
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(name)}</title>'

@@ -159,6 +159,14 @@ def process_alive(worker: dict) -> bool:
     return started is not None and (worker.get("started") is None or started == worker.get("started"))
 
 
+def resume_point(run_dir: Path) -> Path | None:
+    """The checkpoint a re-queued trial continues its run folder from: the latest full one (a weights-only tail
+    file cannot resume), or None to train from the start."""
+    from loratrace.checkpoints import latest_full_checkpoint
+
+    return latest_full_checkpoint(run_dir) if Path(run_dir).is_dir() else None
+
+
 @contextlib.contextmanager
 def heartbeat(storage, study_name: str, number: int, seconds: int):
     """Optuna's heartbeat for an ask/tell trial: `record_heartbeat` every `seconds` while it trains."""
@@ -187,7 +195,6 @@ def run_trial(spec: SweepSpec, study, storage, trial, space: SearchSpace, goal: 
     ended; returns the state told. A signal stops the sweep (the trial is re-queued for --resume)."""
     from optuna.trial import TrialState
 
-    from loratrace.checkpoints import checkpoint_files
     from loratrace.interrupt import RunInterrupted
     from loratrace.recipe import train
     from loratrace.trial_reporter import TrialReporter
@@ -195,8 +202,7 @@ def run_trial(spec: SweepSpec, study, storage, trial, space: SearchSpace, goal: 
     values = space.suggest(trial)
     cfg = space.config(base, values)
     previous = Path(trial.user_attrs["run_dir"]) if trial.user_attrs.get("run_dir") else None
-    found = checkpoint_files(previous) if previous is not None and previous.is_dir() else []
-    resume_from = found[-1][1] if found else None
+    resume_from = resume_point(previous) if previous is not None else None
     shown = ", ".join(f"{k}={v}" for k, v in values.items())
     print(f"trial {trial.number}: {shown}" + (f" (continues {previous.name})" if resume_from else "")
           + (f" [worker {worker}]" if worker else ""), file=sys.stderr, flush=True)

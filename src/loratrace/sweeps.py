@@ -109,15 +109,29 @@ def plan_sweep(cfg: Config, params: list[str], trials: int = 10, objective: str 
     seed = cfg.training.seed if seed is None else seed
     make_sampler(sampler, seed)
     make_pruner(pruner)
-    base.runs_dir = str(Path(base.runs_dir).resolve())  # a resume from another folder finds the same runs
-    name, folder = study_location(study, cfg)
+    base.runs_dir = str(Path(local_runs_dir(base.runs_dir)).resolve())  # a resume from elsewhere finds the same runs
+    name, folder = study_location(study, base)
     folder = folder.resolve()
     if (folder / SPEC_FILE).exists():
         raise ConfigError(f"study {name} exists ({folder}): continue it with loratrace sweep --resume {folder}, "
                           "or name another --study")
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise ConfigError(f"--study {study or folder}: {folder} is not a sweep's folder (no {SPEC_FILE}) and not "
+                          "empty; name a new or empty folder")
     url = storage or f"sqlite:///{(folder / 'study.db').resolve()}"
     return SweepSpec(name, str(folder), url, base.to_dict(), space.texts, trials, objective, goal.direction,
                      checkpoint, sampler, seed, pruner, heartbeat_s, list(enqueue or []))
+
+
+def local_runs_dir(runs_dir: str) -> str:
+    """`runs_dir` as a local folder (a `file://` URL's path); object storage is refused: a study's lock, SQLite
+    storage and trial runs need a file system (a shared one for several machines)."""
+    from loratrace import storage
+
+    if storage.is_remote(runs_dir):
+        raise ConfigError(f"runs_dir {runs_dir}: sweeps on object storage are not supported; give a local or shared "
+                          "folder (runs can be uploaded after)")
+    return str(storage.local_form(runs_dir))
 
 
 def study_location(study: str | None, cfg: Config) -> tuple[str, Path]:
@@ -208,20 +222,21 @@ def retry_callback():
 
 
 def create_study(spec: SweepSpec):
-    """The study folder, its storage and sweep.json; enqueued trials first in line. Nothing is left behind if the
-    storage cannot be opened."""
+    """The study folder, its storage and sweep.json; enqueued trials first in line. If the storage cannot be opened,
+    what this call made (the folders, study.db) is removed again; nothing that was there before."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    made = [p for p in (spec.folder, *spec.folder.parents) if not p.exists()]  # deepest first
     spec.folder.mkdir(parents=True, exist_ok=True)
     try:
         storage = open_storage(spec)
         study = optuna.create_study(storage=storage, study_name=spec.study, direction=spec.direction)
     except optuna.exceptions.DuplicatedStudyError:
-        _remove_new_folder(spec.folder)
+        _remove_made(spec.folder, made)
         raise ConfigError(f"--study {spec.study}: the storage already has a study of that name") from None
     except BaseException:
-        _remove_new_folder(spec.folder)
+        _remove_made(spec.folder, made)
         raise
     study.set_user_attr("loratrace_sweep", {k: v for k, v in asdict(spec).items() if k != "storage"})
     for fixed in spec.enqueue:
@@ -232,10 +247,14 @@ def create_study(spec: SweepSpec):
     return study
 
 
-def _remove_new_folder(folder: Path) -> None:
-    for path in folder.iterdir():
-        path.unlink()
-    folder.rmdir()
+def _remove_made(folder: Path, made: list[Path]) -> None:
+    """Undo a failed `create_study`: its default SQLite file (the folder was empty before: plan_sweep checks) and the
+    folders it made, deepest first, each only if nothing else is in it."""
+    for name in ("study.db", "study.db-journal"):
+        (folder / name).unlink(missing_ok=True)
+    for path in made:
+        with contextlib.suppress(OSError):  # not empty: something else put a file there
+            path.rmdir()
 
 
 def write_spec(spec: SweepSpec) -> None:
@@ -321,6 +340,7 @@ def join_sweep(storage: str, study: str, runs_dir: str | Path = "runs") -> Path:
 
     require_optuna()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    runs_dir = local_runs_dir(str(runs_dir))
     folder = (Path(runs_dir) / "sweeps" / study).resolve()
     probe = SweepSpec(study, str(folder), storage, {}, [], 1)
     try:
