@@ -309,6 +309,7 @@ def test_write_errors_are_one_line_and_leave_nothing_half_written(full_run, caps
 
     tracking = full_run / "tracking"
     aside = tracking / "influence-aside"
+    (tracking / "influence").mkdir(exist_ok=True)
     (tracking / "influence").rename(aside)
     try:
         (tracking / "influence").write_text("a file where the influence folder goes\n")
@@ -344,7 +345,8 @@ def test_parts_of_a_rewritten_checkpoint_are_computed_again(full_run):
 
     both, one, cp = dict(example_ids=TESTS, progress=False), dict(example_ids=TESTS[:1], progress=False), dict(
         example_ids=TESTS[:1], method="tracin-cp", checkpoints="7", progress=False)
-    old = influence(full_run, **both)
+    influence(full_run, **both)  # its parts for the second example: stale after the resume, never recomputed
+    old = influence(full_run, **one)
     old_cp = influence(full_run, **cp)
     checkpoints = full_run / "checkpoints"
     loratrace.train(load_config(full_run / "config.yaml"), resume_from=checkpoints / "checkpoint-step-006.ckpt",
