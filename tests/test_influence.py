@@ -330,3 +330,81 @@ def test_a_requeued_trial_resumes_from_the_latest_full_checkpoint(sparse_tail_ru
     (run / "checkpoints" / "checkpoint-step-011.ckpt").unlink()
     assert resume_point(run) is None  # only weights-only 7 and 15 left: the trial trains from the start
     assert resume_point(tmp_path / "never-written") is None
+
+
+def test_write_errors_are_one_line_and_leave_nothing_half_written(full_run, capsys, monkeypatch):
+    import errno
+
+    import loratrace.schema
+    from loratrace.attribution import InfluenceError, influence
+    from loratrace.cli import main
+
+    tracking = full_run / "tracking"
+    aside = tracking / "influence-aside"
+    (tracking / "influence").mkdir(exist_ok=True)
+    (tracking / "influence").rename(aside)
+    try:
+        (tracking / "influence").write_text("a file where the influence folder goes\n")
+        assert main(["influence", str(full_run), "--example-id", TESTS[1], "--split", "validation"]) == 2
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if "error" in line.lower() or "Traceback" in line]
+        assert errors == [err.strip().splitlines()[-1]], err  # the notice and progress bar, then one error line
+        assert errors[0].startswith(f"loratrace: error: cannot write {tracking / 'influence'}/tracin-"), err
+        assert errors[0].endswith(": File exists"), err
+        assert (tracking / "influence").read_text() == "a file where the influence folder goes\n"
+    finally:
+        (tracking / "influence").unlink()
+        aside.rename(tracking / "influence")
+    before = sorted(p.name for p in (tracking / "influence").iterdir())
+
+    def disk_full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(loratrace.schema.os, "replace", disk_full)
+    with pytest.raises(InfluenceError, match="cannot write .*tracin-cp-.*: No space left on device$"):
+        influence(full_run, example_ids=TESTS[1:], method="tracin-cp", checkpoints="6", progress=False)
+    assert sorted(p.name for p in (tracking / "influence").iterdir()) == before  # no part, no .partial
+
+
+def test_parts_of_a_rewritten_checkpoint_are_computed_again(full_run):
+    """Last: it resumes full_run from step 6 and changes checkpoint 7's LoRA tensors (as a resume with other data
+    or settings would), so every later computation differs from the one before."""
+    import os
+
+    import loratrace
+    from loratrace.attribution import influence
+    from loratrace.config import load_config
+
+    both, one, cp = dict(example_ids=TESTS, progress=False), dict(example_ids=TESTS[:1], progress=False), dict(
+        example_ids=TESTS[:1], method="tracin-cp", checkpoints="7", progress=False)
+    influence(full_run, **both)  # its parts for the second example: stale after the resume, never recomputed
+    old = influence(full_run, **one)
+    old_cp = influence(full_run, **cp)
+    checkpoints = full_run / "checkpoints"
+    loratrace.train(load_config(full_run / "config.yaml"), resume_from=checkpoints / "checkpoint-step-006.ckpt",
+                    progress=False)
+    state = torch.load(checkpoints / "checkpoint-step-007.ckpt", weights_only=True)
+    state["state_dict"] = {k: v * 1.5 for k, v in state["state_dict"].items()}
+    torch.save(state, checkpoints / "rewritten.tmp")
+    os.replace(checkpoints / "rewritten.tmp", checkpoints / "checkpoint-step-007.ckpt")
+
+    again, again_cp = influence(full_run, **one), influence(full_run, **cp)
+    with loratrace.open_runs(full_run) as db:
+        view = db.sql("SELECT test_example_id, step, train_example_id, train_line, score FROM influence WHERE method "
+                      "= 'tracin' AND project_dim IS NULL AND test_split = 'validation'").df()
+    step8 = set(view[(view.test_example_id == TESTS[0]) & (view.step == 8)].train_example_id)
+    changed = old.merge(again, on=["test_example_id", "train_example_id", "train_line"], suffixes=("_old", ""))
+    changed = changed[changed.train_example_id.isin(step8)]
+    assert len(changed) == len(step8) > 0 and (changed.score != changed.score_old).all()  # step 8: the new checkpoint 7
+    assert not (old_cp.score.values == again_cp.set_index("train_example_id").score[old_cp.train_example_id]).any()
+    # The view: the recomputed example's current terms only; the other's terms from before the resume are stale
+    # (step 7's batches and step 8's checkpoint were written again), step 6's still hold.
+    assert set(view[view.test_example_id == TESTS[1]].step) == {6}
+    summed = view[view.test_example_id == TESTS[0]].groupby("train_example_id").score.sum()
+    scored = again[(again.test_example_id == TESTS[0]) & (again.terms > 0)].set_index("train_example_id").score
+    pd.testing.assert_series_equal(summed.sort_index(), scored.sort_index(), check_names=False, rtol=1e-12)
+
+    for part in (full_run / "tracking" / "influence").iterdir():
+        part.unlink()
+    pd.testing.assert_frame_equal(again, influence(full_run, **one))  # = a fresh computation
+    pd.testing.assert_frame_equal(again_cp, influence(full_run, **cp))

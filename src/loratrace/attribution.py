@@ -14,6 +14,8 @@ dropout; the 1/batch factor, AdamW's preconditioning and clipping are not in the
 
 Results go to `tracking/influence/`, one part per step (tracin) or checkpoint (tracin-cp) of one computation (method,
 test examples, projection), written atomically: a killed computation, run again, does only what has no part yet.
+Each part records what it was computed from (the checkpoint file's size and mtime, the lr, the step's effective
+members): a part whose source has since changed (a resume rewrote the checkpoint or the step) is computed again.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class Term:
     checkpoint: Path
     lr: float
     members: list[tuple[str, int]] | None  # tracin: the step's (example_id, line); tracin-cp: None = every one
+    attempt: int | None = None  # tracin: the attempt whose tracked rows of the step are effective
 
 
 def _stderr(line: str) -> None:
@@ -115,7 +118,7 @@ def compute(run_dir: str | Path, example_ids: list[str] | None = None, split: st
         terms, skipped = tracin_cp_terms(run_dir, checkpoints, cfg), []
     key = computation_key(method, split, [(e.example_id, e.line) for e in tests], project_dim, project_seed)
     folder = run_dir / "tracking" / "influence"
-    todo = [t for t in terms if not (folder / schema.influence_part_name(method, key, t.step)).exists()]
+    todo = [t for t in terms if not _is_current(folder / schema.influence_part_name(method, key, t.step), t, run_dir)]
     if todo:
         _run_terms(run_dir, cfg, method, split, key, tests, train, todo, project_dim, project_seed, batch_size,
                    progress)
@@ -152,6 +155,7 @@ def _run_terms(run_dir, cfg, method, split, key, tests, train, todo, project_dim
     position = {(e.example_id, e.line): i for i, e in enumerate(train)}
     folder = run_dir / "tracking" / "influence"
     for term in tqdm(todo, desc="checkpoints", disable=not progress, file=sys.stderr, dynamic_ncols=True):
+        source = _source(term, run_dir)  # taken before the file is read: a rewrite meanwhile makes the part stale
         try:
             load_lora_weights(model, term.checkpoint)
         except EvalError as exc:
@@ -176,8 +180,33 @@ def _run_terms(run_dir, cfg, method, split, key, tests, train, todo, project_dim
             "step": [term.step] * n, "checkpoint_step": [term.checkpoint_step] * n,
             "checkpoint_path": [term.checkpoint.relative_to(run_dir).as_posix()] * n, "lr": [term.lr] * n,
             "score": rows["score"], "project_dim": [project_dim] * n, "computed_at": [utc_now()] * n,
-        }, schema=schema.INFLUENCE)
-        schema.write_atomic(table, folder / schema.influence_part_name(method, key, term.step))
+        }, schema=schema.INFLUENCE).replace_schema_metadata({SOURCE_KEY: source})
+        path = folder / schema.influence_part_name(method, key, term.step)
+        try:
+            schema.write_atomic(table, path)
+        except OSError as exc:
+            raise InfluenceError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+SOURCE_KEY = b"loratrace.influence_source"
+
+
+def _source(term: Term, run_dir: Path) -> bytes:
+    """What a part is computed from: the checkpoint file (path, size, mtime), the lr, the step's members and the
+    attempt that tracked them (a resume that trained the step again makes its parts stale, as in the view)."""
+    stat = term.checkpoint.stat()
+    members = None if term.members is None else hashlib.sha256(json.dumps(term.members).encode()).hexdigest()
+    return json.dumps({"checkpoint": term.checkpoint.relative_to(run_dir).as_posix(), "bytes": stat.st_size,
+                       "mtime_ns": stat.st_mtime_ns, "lr": term.lr, "members": members,
+                       "attempt": term.attempt}).encode()
+
+
+def _is_current(part: Path, term: Term, run_dir: Path) -> bool:
+    """The part exists and was computed from what the term is made of now (a rewritten checkpoint, a resume that
+    changed the step's rows: computed again, the new part replacing the old under its name)."""
+    if not part.exists():
+        return False
+    return (pq.read_schema(part).metadata or {}).get(SOURCE_KEY) == _source(term, run_dir)
 
 
 def tracin_terms(run_dir: Path) -> tuple[list[Term], list[int]]:
@@ -191,7 +220,7 @@ def tracin_terms(run_dir: Path) -> tuple[list[Term], list[int]]:
         raise InfluenceError(f"{run_dir} has no tracked stage-2 (tail) steps; train with --track-batches, or use "
                              "--method tracin-cp")
     files = dict(checkpoint_files(run_dir))
-    terms = [Term(step, step - 1, files[step - 1], info["lr"], info["members"])
+    terms = [Term(step, step - 1, files[step - 1], info["lr"], info["members"], info["attempt"])
              for step, info in sorted(tail.items()) if step - 1 in files]
     skipped = sorted(step for step in tail if step - 1 not in files)
     if not terms:
@@ -218,7 +247,8 @@ def tracin_cp_terms(run_dir: Path, which: str, cfg) -> list[Term]:
 
 
 def _effective_steps(run_dir: Path) -> dict[int, dict]:
-    """step -> {lr, stage, members: [(example_id, line)] in batch order, each once}, from the effective rows."""
+    """step -> {lr, stage, attempt, members: [(example_id, line)] in batch order, each once}, from the effective
+    rows."""
     from loratrace.mappings import is_effective, lineage_ranges, read_parts
 
     tracking = run_dir / "tracking"
@@ -229,7 +259,8 @@ def _effective_steps(run_dir: Path) -> dict[int, dict]:
     for row in sorted(rows, key=lambda r: (r["step"], r["micro_batch"], r["rank"])):
         if not is_effective(ranges, row["attempt"], row["step"]):
             continue
-        info = steps.setdefault(row["step"], {"lr": row["lr"], "stage": row["stage"], "members": {}})
+        info = steps.setdefault(row["step"], {"lr": row["lr"], "stage": row["stage"], "attempt": row["attempt"],
+                                              "members": {}})
         info["members"].update(dict.fromkeys(zip(row["example_ids"], row["lines"])))
     for info in steps.values():
         info["members"] = list(info["members"])

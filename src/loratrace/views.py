@@ -37,7 +37,13 @@ VIEWS = [
         QUALIFY row_number() OVER (PARTITION BY run_id, checkpoint_path, split, scoring, example_id
                                    ORDER BY evaluated_at DESC) = 1""",
     # Computing the same term again (another set of test examples sharing one, say) adds parts; the latest shows.
-    """CREATE OR REPLACE VIEW influence AS SELECT * FROM influence_raw
+    # A row computed before its checkpoint was written again, or (tracin) before its step's batches were tracked
+    # again, is stale (a resume rewrote them): it does not show, even if no newer computation replaced it.
+    """CREATE OR REPLACE VIEW influence AS SELECT * FROM influence_raw i
+        WHERE NOT EXISTS (SELECT 1 FROM checkpoints_raw c WHERE c.run_id = i.run_id AND c.path = i.checkpoint_path
+                                                          AND c.created_at > i.computed_at)
+          AND NOT (i.method = 'tracin' AND EXISTS (SELECT 1 FROM batches_raw b WHERE b.run_id = i.run_id
+                                                   AND b.step = i.step AND b.wall_time > i.computed_at))
         QUALIFY row_number() OVER (PARTITION BY run_id, method, project_dim, test_split, test_example_id,
                                                 train_example_id, train_line, step ORDER BY computed_at DESC) = 1""",
     # Step -> first checkpoint: `first_checkpoint` is mappings.first_checkpoint, registered by store.py, the one rule
