@@ -27,7 +27,7 @@ from typing import Protocol
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.callbacks import Callback, Checkpoint
 from typing_extensions import override
 
 from loratrace import storage
@@ -81,7 +81,21 @@ class CheckpointListener(Protocol):
         """On rank 0, once the file is in place: `path` relative to the run folder, `size` in bytes."""
 
 
-class StepCheckpoint(Checkpoint):
+class UpdateBoundary(Callback):
+    """A callback that must know, in `on_train_batch_end`, whether the micro-batch now ending finished an optimizer
+    update (under gradient accumulation most do not): `update_finished(trainer)`."""
+
+    _step_before_batch = -1
+
+    @override
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        self._step_before_batch = trainer.global_step
+
+    def update_finished(self, trainer: L.Trainer) -> bool:
+        return trainer.global_step != self._step_before_batch
+
+
+class StepCheckpoint(UpdateBoundary, Checkpoint):
     def __init__(self, directory: str | Path, steps: list[int], listeners: Sequence[CheckpointListener] = (),
                  weights_only: Iterable[int] = ()):
         if not steps:
@@ -93,15 +107,10 @@ class StepCheckpoint(Checkpoint):
         self._saved_step: int | None = None
         self.last_saved: Path | None = None  # this launch's latest file
         self.listeners = list(listeners)
-        self._step_before_batch = -1
 
     @property
     def state_key(self) -> str:
         return "StepCheckpoint"
-
-    @override
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
-        self._step_before_batch = trainer.global_step
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
@@ -119,11 +128,6 @@ class StepCheckpoint(Checkpoint):
                                                            "pytorch-lightning_version")]:
                 del checkpoint[key]
             checkpoint[WEIGHTS_ONLY_MARKER] = {"weights_only": True, "step": trainer.global_step}
-
-    def update_finished(self, trainer: L.Trainer) -> bool:
-        """In `on_train_batch_end`: whether the micro-batch now ending finished an optimizer update (under gradient
-        accumulation most do not)."""
-        return trainer.global_step != self._step_before_batch
 
     def save(self, trainer: L.Trainer, step: int, full: bool = False) -> Path:
         """Write the checkpoint for `step`: weights only if it is one of `weights_only` and not `full`."""

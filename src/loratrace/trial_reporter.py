@@ -15,15 +15,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from loratrace import runs
+from loratrace.checkpoints import UpdateBoundary
 from loratrace.config import Config
 from loratrace.trials import Objective
 
 
-class TrialReporter(Callback):
+class TrialReporter(UpdateBoundary):
     """A trial inside its run: names study and trial in run.json once the folder exists, reports the objective's
     measure at every checkpoint (`trial.report`), and stops training when Optuna's pruner says so (`should_prune`),
     never at the last step. A Lightning callback (set-up) and a checkpoint listener (the values)."""
@@ -35,7 +35,6 @@ class TrialReporter(Callback):
         self.pruned_step: int | None = None
         self._sums: tuple | None = None  # this update's (loss x answer tokens, answer tokens) over micro-batches
         self._update_loss: tuple | None = None  # the last finished update's sums: its loss, read at its checkpoint
-        self._step_before_batch = -1
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -52,10 +51,6 @@ class TrialReporter(Callback):
             self.on_run_dir(self.run_dir)
 
     @override
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
-        self._step_before_batch = trainer.global_step
-
-    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
         """The update's loss as the tracker weighs it (per answer token), kept on the device until a checkpoint
@@ -66,7 +61,7 @@ class TrialReporter(Callback):
         weighted = outputs["loss"].detach() * tokens
         sums = self._sums
         self._sums = (weighted, tokens) if sums is None else (sums[0] + weighted, sums[1] + tokens)
-        if trainer.global_step != self._step_before_batch:  # this micro-batch finished an update
+        if self.update_finished(trainer):
             self._update_loss, self._sums = self._sums, None
 
     def checkpoint_saving(self, trainer: L.Trainer, step: int) -> None:
