@@ -192,12 +192,12 @@ def latest_full_checkpoint(run_dir: Path, step: int | None = None) -> Path | Non
 
 
 def nearest_full_checkpoint(run_dir: Path, step: int) -> Path | None:
-    """The resumable checkpoint of a run nearest to `step` (the earlier one on a tie), or None."""
-    full = []
-    for other, path in checkpoint_files(run_dir):
+    """The resumable checkpoint of a run nearest to `step` (the earlier one on a tie), or None: the files are read
+    outward from `step`, up to the first full one."""
+    for _, path in sorted(checkpoint_files(run_dir), key=lambda found: (abs(found[0] - step), found[0])):
         try:
             if not is_weights_only(read_checkpoint(path)):
-                full.append((abs(other - step), other, path))
+                return path
         except ValueError:
             continue  # unreadable: not one to name
-    return min(full)[2] if full else None
+    return None

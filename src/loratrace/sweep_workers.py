@@ -207,10 +207,10 @@ def run_trial(spec: SweepSpec, study, storage, trial, space: SearchSpace, goal: 
     print(f"trial {trial.number}: {shown}" + (f" (continues {previous.name})" if resume_from else "")
           + (f" [worker {worker}]" if worker else ""), file=sys.stderr, flush=True)
     reporter = TrialReporter(trial, goal, spec.study, cfg, on_run_dir=lambda _: snapshot(spec, study))
-    done = runs.read_run_json(previous).get("status") if resume_from else None
+    info = runs.read_run_json(previous) if resume_from else {}
+    done = info.get("status")
     try:
         if done in ("completed", "pruned"):  # trained to its end before the worker died: never trained twice
-            info = runs.read_run_json(previous)
             info.update(trial=trial.number, trials=[*info.get("trials", []), trial.number])
             runs.write_run_json(previous, info)
             run_dir, reporter.pruned_step = previous, info.get("pruned_step") if done == "pruned" else None

@@ -242,8 +242,7 @@ def create_study(spec: SweepSpec):
     for fixed in spec.enqueue:
         study.enqueue_trial(fixed)
     write_spec(spec)
-    with study_lock(spec.folder):
-        write_trials(spec.folder, spec.study, study.get_trials(deepcopy=False), spec.goal())
+    snapshot(spec, study)
     return study
 
 
