@@ -17,16 +17,16 @@ import pyarrow.parquet as pq
 
 from loratrace import storage
 from loratrace.errors import LoratraceError
+from loratrace.run_folders import RunsNotFound, as_list, is_run_folder
 
 FOOTER_TAIL = 64 * 1024  # bytes fetched from the end of a part: its footer, in one request (larger ones: a second)
-RUN_MARKERS = ("run.json", "config.yaml", "tracking")
 
 
 class RemoteRuns:
     """The objects under the runs location(s) `sources` (URLs), as last listed."""
 
     def __init__(self, sources):
-        self.sources = [str(s).rstrip("/") for s in storage_list(sources)]
+        self.sources = [str(s).rstrip("/") for s in as_list(sources)]
         if any(not storage.is_remote(s) for s in self.sources):
             raise storage.StorageError("open local folders and object storage separately: " + ", ".join(self.sources))
         self.fs, _ = storage.filesystem(self.sources[0], listings=True)
@@ -61,13 +61,11 @@ class RemoteRuns:
         runs: list[RemotePath] = []
         for source in self.sources:
             top = self.path(storage.filesystem(source)[1])
-            if top.is_run():
+            if is_run_folder(top):
                 runs.append(top)
             elif top.is_dir():
-                runs += [p for p in top.iterdir() if p.is_dir() and p.is_run()]
+                runs += [p for p in top.iterdir() if is_run_folder(p)]
             else:
-                from loratrace.run_folders import RunsNotFound
-
                 raise RunsNotFound(f"{source} is not a run folder or a folder of runs")
         return list(dict.fromkeys(runs))
 
@@ -125,10 +123,6 @@ class RemoteRuns:
         return self._texts[key]
 
 
-def storage_list(sources) -> list:
-    return list(sources) if isinstance(sources, (list, tuple)) else [sources]
-
-
 class RemotePath:
     """A file or folder of a `RemoteRuns` listing, with the part of `pathlib.Path` the query layer uses; `str()` is
     its URL, which DuckDB reads through the registered filesystem."""
@@ -170,9 +164,6 @@ class RemotePath:
 
     def is_file(self) -> bool:
         return self.key in self.runs.objects
-
-    def is_run(self) -> bool:
-        return self.is_dir() and any((self / name).exists() for name in RUN_MARKERS)
 
     def iterdir(self):
         return iter(sorted(RemotePath(self.runs, k) for k in self.runs._children.get(self.key, ())))

@@ -30,10 +30,10 @@ def find_runs(paths: str | Path | list) -> list[Path]:
     for item in as_list(paths):
         matches = [Path(m) for m in sorted(glob.glob(str(item)))] or [Path(item)]
         for path in matches:
-            if _is_run(path):
+            if is_run_folder(path):
                 found.append(path)
             elif path.is_dir():
-                found += [p for p in sorted(path.iterdir()) if p.is_dir() and _is_run(p)]
+                found += [p for p in sorted(path.iterdir()) if p.is_dir() and is_run_folder(p)]
             else:
                 raise RunsNotFound(f"{path} is not a run folder or a folder of runs")
     return list(dict.fromkeys(p.resolve() for p in found))
@@ -50,7 +50,7 @@ def folders_of_runs(paths) -> list[Path]:
         if glob.has_magic(str(item)):
             parts = Path(item).parts
             folders.append(Path(*parts[:next(i for i, p in enumerate(parts) if glob.has_magic(p))] or ["."]))
-        elif Path(item).is_dir() and not _is_run(Path(item)):
+        elif Path(item).is_dir() and not is_run_folder(Path(item)):
             folders.append(Path(item))
     return [f.resolve() for f in folders]
 
@@ -65,12 +65,13 @@ def study_folders(paths) -> list[Path]:
                 found.append(path)
                 continue
             for base in (path, path / "sweeps") if path.name == "sweeps" else (path / "sweeps",):
-                if base.is_dir() and not _is_run(base):
+                if base.is_dir() and not is_run_folder(base):
                     found += [p for p in sorted(base.iterdir()) if (p / "sweep.json").is_file()]
     return list(dict.fromkeys(p.resolve() for p in found))
 
 
-def _is_run(path: Path) -> bool:
+def is_run_folder(path) -> bool:
+    """A run folder: it holds run.json, config.yaml or tracking/ (a Path, or remote_runs' RemotePath)."""
     return path.is_dir() and any((path / name).exists() for name in ("run.json", "config.yaml", "tracking"))
 
 

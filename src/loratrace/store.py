@@ -386,8 +386,7 @@ class Runs:
 def open_runs(paths: str | Path | list = "runs", read_only: bool = False) -> Runs:
     """DuckDB views over every run under `paths` (see module docstring); a run added there later shows up too."""
     paths = [storage.local_form(p) for p in paths] if isinstance(paths, (list, tuple)) else storage.local_form(paths)
-    remote = any(map(storage.is_remote, as_list(paths)))  # a remote location is listed by Runs itself
-    return Runs([] if remote else find_runs(paths), read_only=read_only, sources=paths)
+    return Runs([], read_only=read_only, sources=paths)  # its first refresh lists the runs (or says there are none)
 
 
 DUCKDB_TYPES = {pa.string(): "VARCHAR", pa.bool_(): "BOOLEAN", pa.int8(): "TINYINT", pa.int32(): "INTEGER",
