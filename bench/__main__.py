@@ -218,12 +218,12 @@ def cli_startup(run: Path, repeats: int) -> dict:
 
 def eval_throughput(runs_dir: Path, limit: int) -> dict:
     """Examples per second scored, batched (32) vs one at a time, same model and examples."""
-    from loratrace.evaluate import Evaluator, _load_model
+    from loratrace.evaluate import Evaluator, load_run_model
 
     cfg = load_config(None, ["logging.swanlab=false", f"runs_dir={runs_dir}", "training.max_steps=2",
                              "training.stage1_steps=1", f"eval.limit={limit}"])
     run = loratrace.train(cfg, progress=False)
-    model, tokenizer = _load_model(cfg, run)
+    model, tokenizer = load_run_model(cfg, run)
     speeds = {}
     for batch_size in (32, 1, 32, 1):  # interleaved
         evaluator = Evaluator(cfg, tokenizer, cfg.eval.__class__(limit=limit, batch_size=batch_size))

@@ -73,10 +73,10 @@ def test_each_adapter_reproduces_its_checkpoints_logits(run, exported):
     from peft import AutoPeftModelForCausalLM, PeftModel
     from transformers import AutoTokenizer
 
-    from loratrace.evaluate import _load_model, load_lora_weights
+    from loratrace.evaluate import load_lora_weights, load_run_model
     from loratrace.model import load_small_model
 
-    reference, tokenizer = _load_model(load_config(run / "config.yaml"), run)
+    reference, tokenizer = load_run_model(load_config(run / "config.yaml"), run)
     reference.eval()
     batch = a_batch(AutoTokenizer.from_pretrained(run / "base_model"))
     with torch.no_grad():

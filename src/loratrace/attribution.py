@@ -137,14 +137,14 @@ def _run_terms(run_dir, cfg, method, split, key, tests, train, todo, project_dim
     from tqdm.auto import tqdm
 
     from loratrace.data import encode, padding_token_id
-    from loratrace.evaluate import EvalError, _load_model, load_lora_weights
+    from loratrace.evaluate import EvalError, load_lora_weights, load_run_model
     from loratrace.gradients import ExampleGradients, Projection
     from loratrace.runs import utc_now
 
     try:
         with warnings.catch_warnings():  # PEFT reads a property transformers deprecated: nothing a user can act on
             warnings.filterwarnings("ignore", ".*is_gradient_checkpointing.*")
-            model, tokenizer = _load_model(cfg, run_dir)
+            model, tokenizer = load_run_model(cfg, run_dir)
     except EvalError as exc:
         raise InfluenceError(str(exc)) from None
     size = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -159,7 +159,7 @@ class CheckpointEvaluator:
 
 # ---------------------------------------------------------------------------------------------- after training
 
-def _load_model(cfg: Config, run_dir: Path):
+def load_run_model(cfg: Config, run_dir: Path):
     from transformers import AutoTokenizer
 
     from loratrace.model import add_lora, load_base, load_small_model
@@ -230,7 +230,7 @@ def _evaluate_run(run_dir: Path, checkpoints: str, overrides, progress: bool):
         raise EvalError(f"{run_dir} is not a run folder (no config.yaml)")
     cfg = load_config(run_dir / "config.yaml", list(overrides))
     chosen = select_checkpoints(run_dir, checkpoints)
-    peft_model, tokenizer = _load_model(cfg, run_dir)
+    peft_model, tokenizer = load_run_model(cfg, run_dir)
     evaluator = Evaluator(cfg, tokenizer)
     final = run_dir / "final_model"
     if checkpoints == "final" and not final.is_dir():

@@ -84,7 +84,7 @@ def export_adapters(run_dir: str | Path, out: str | Path, steps: str | None = No
     from tqdm.auto import tqdm
 
     from loratrace.config import load_config
-    from loratrace.evaluate import _load_model, load_lora_weights
+    from loratrace.evaluate import load_lora_weights, load_run_model
 
     cfg = load_config(run_dir / "config.yaml")
     recorded = recorded_steps(run_dir, [step for step, _ in chosen])
@@ -92,7 +92,7 @@ def export_adapters(run_dir: str | Path, out: str | Path, steps: str | None = No
     rows, layout = [], None
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*is_gradient_checkpointing.*is deprecated.*")  # PEFT's own call
-        peft_model, _ = _load_model(cfg, run_dir)
+        peft_model, _ = load_run_model(cfg, run_dir)
         peft_model.eval()
         for config in peft_model.peft_config.values():
             config.base_model_name_or_path = base  # what AutoPeftModelForCausalLM.from_pretrained(folder) loads

@@ -37,7 +37,7 @@ from loratrace.interrupt import RunInterrupted, StopOnSignal, checkpoint_to_resu
 from loratrace.launch import folder_for_children, identify, shared_run_dir
 from loratrace.loader import CommonsenseData, order_mismatch
 from loratrace.loggers import build_loggers, check_loggers, close_wandb, finish_loggers, logger_summary, quiet_loggers
-from loratrace.model import add_lora, load_base, load_small_model, trainable_parameter_count
+from loratrace.model import add_lora, load_base, trainable_parameter_count
 from loratrace.module import CheckpointError, LoRAModule, lora_mismatch
 from loratrace.tracking import BatchTracker, index_samples
 
@@ -187,10 +187,9 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
 def unsharded_model(cfg: Config, run_dir: Path, checkpoint: Path):
     """The PEFT model with `checkpoint`'s LoRA tensors, on rank 0 after an FSDP fit, whose own parameters are this
     rank's shards: FSDP's full state dict gathered them, whole, into every checkpoint (the last step always has one)."""
-    from loratrace.evaluate import load_lora_weights
+    from loratrace.evaluate import load_lora_weights, load_run_model
 
-    model = load_small_model(run_dir / "base_model") if cfg.model.name == "tiny" else load_base(cfg.model)[0]
-    peft_model = add_lora(model, cfg.lora, cfg.training.seed)
+    peft_model = load_run_model(cfg, run_dir)[0]
     load_lora_weights(peft_model, checkpoint)
     return peft_model
 
