@@ -337,11 +337,24 @@ def cmd_influence(args: argparse.Namespace) -> int:
 
 
 def cmd_import_legacy(args: argparse.Namespace) -> int:
-    from loratrace.legacy import LOCAL_RUNS_ONLY, find_legacy_runs, import_legacy, summary
+    from loratrace.errors import LoratraceError
+    from loratrace.legacy import find_legacy_runs, import_legacy, read_legacy_run, runs_folder, summary
 
-    storage.local_folder(args.runs_dir, LOCAL_RUNS_ONLY)  # before the sources are looked at
-    for folder in find_legacy_runs(args.paths):  # every path checked before the first import starts
-        print(summary(import_legacy(folder, args.runs_dir, force=args.force)))
+    runs_folder(args.runs_dir)  # before the sources are looked at
+    folders = find_legacy_runs(args.paths)
+    for folder in folders:  # every source's files checked before the first import writes anything
+        read_legacy_run(folder)
+    imported: list[str] = []
+    for folder in folders:
+        try:
+            report = import_legacy(folder, args.runs_dir, force=args.force)
+        except LoratraceError:  # that one left nothing; say which ones stay imported, then its one error line
+            if imported:
+                print(f"imported {len(imported)} of {len(folders)} before {folder} failed (kept): "
+                      + ", ".join(imported))
+            raise
+        print(summary(report))
+        imported.append(report["run_dir"])
     return 0
 
 

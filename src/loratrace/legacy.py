@@ -16,8 +16,10 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import os
 import re
 import shutil
+import socket
 import uuid
 from pathlib import Path
 from typing import Any
@@ -51,19 +53,6 @@ REPORT_FILE = "import_report.json"
 
 # ---------------------------------------------------------------------------------------------- tracking parts
 
-def _timestamp(value: Any) -> dt.datetime | None:
-    """`timestamp` (ISO text; without an offset it is read as UTC) or `time` (epoch seconds); None if neither."""
-    if value is None:
-        return None
-    if isinstance(value, (int, float)):
-        return dt.datetime.fromtimestamp(value, dt.timezone.utc)
-    try:
-        parsed = dt.datetime.fromisoformat(str(value))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
-
-
 def _float(value: Any) -> float | None:
     return None if value is None else float(value)
 
@@ -77,7 +66,7 @@ def batches_rows(legacy: LegacyRun, run_id: str) -> list[dict]:
         "stage": stage_of(int(row["step"]), stage1), "example_ids": row["example_ids"], "lines": row["lines"],
         "losses": None, "p_gold": None, "correct": None, "loss": _float(row.get("loss")),
         "grad_norm": _float(row.get("grad_norm")), "lr": _float(row.get("learning_rate")), "n_tokens": None,
-        "n_target_tokens": None, "wall_time": _timestamp(row.get("timestamp")),
+        "n_target_tokens": None, "wall_time": row.get("timestamp"),  # parsed by read_jsonl
     } for row in legacy.rows]
 
 
@@ -90,8 +79,8 @@ def examples_rows(legacy: LegacyRun, run_id: str, examples) -> list[dict]:
         return [{**base, "example_id": e.example_id, "line": e.line, "gold": e.gold_label, "n_choices": len(e.choices),
                  "n_target_tokens": None, "prompt_sha256": e.prompt_sha256, "prompt": e.prompt} for e in examples]
     seen: dict[tuple[str, int], None] = {}
-    for row in legacy.rows:
-        seen.update(dict.fromkeys(zip(row["example_ids"], row["lines"])))
+    for row in legacy.rows:  # an out-of-range index (null line) is no example of the data set
+        seen.update(dict.fromkeys(pair for pair in zip(row["example_ids"], row["lines"]) if None not in pair))
     return [{**base, "example_id": i, "line": line, "gold": None, "n_choices": None, "n_target_tokens": None,
              "prompt_sha256": None, "prompt": None} for i, line in sorted(seen, key=lambda key: key[1])]
 
@@ -123,7 +112,8 @@ def loader_position(rows: list[dict], step: int, n_examples: int | None, batch_s
         return LoaderPosition()
     epoch = int(at["epoch"])
     in_epoch = [r for r in rows if r.get("epoch") is not None and int(r["epoch"]) == epoch]
-    later = [list(r["lines"]) for r in in_epoch if int(r["step"]) > step]
+    later = [known for r in in_epoch if int(r["step"]) > step
+             if (known := [line for line in r["lines"] if line is not None])]  # a null line: no row to train
     if n_examples is not None:
         trained = {line for r in in_epoch for line in r["lines"]}
         rest = [line for line in range(n_examples) if line not in trained]
@@ -136,7 +126,7 @@ def convert_checkpoints(legacy: LegacyRun, run_dir: Path, run_id: str, examples,
     names but that is gone keeps its row (bytes null), like a file a `ModelCheckpoint` deleted."""
     folders = {int(p.name.split("-")[1]): p for p in (legacy.source / "checkpoints").glob("checkpoint-*")
                if re.fullmatch(r"checkpoint-\d+", p.name) and p.is_dir()}
-    named = legacy_mappings.checkpoint_steps_named(legacy.source, legacy.dataset)
+    named = legacy.mappings.checkpoint_steps()
     shapes = trainable_shapes(legacy.cfg) if folders else {}
     rows, converted, not_converted = [], [], {}
     for step in sorted(set(folders) | named):
@@ -175,13 +165,23 @@ def already_imported(runs_dir: Path, source: Path) -> Path | None:
             info = json.loads(info_path.read_text())
         except (OSError, ValueError):
             continue
-        if info.get("imported") and info.get("imported_from") == str(source):
+        if isinstance(info, dict) and info.get("imported") and info.get("imported_from") == str(source):
             return info_path.parent
     return None
 
 
 LOCAL_RUNS_ONLY = ("import-legacy writes to a folder on this machine: import, then copy the run folders there "
                    "(e.g. aws s3 sync runs/ URL)")
+STAGING = ".importing"  # runs/.importing/<token>/<name>: a run being built, where listing the runs folder does not look
+OWNER_FILE = "owner.json"  # in runs/.importing/<token>/: the pid and host of the import building there
+
+
+def runs_folder(runs_dir: str | Path) -> Path:
+    """--runs-dir as a local folder (it need not exist yet); a file there, or a URL, is one line."""
+    path = storage.local_folder(runs_dir, LOCAL_RUNS_ONLY)
+    if path.exists() and not path.is_dir():
+        raise LegacyError(f"--runs-dir {runs_dir} is a file, not a folder: give the folder the runs go to")
+    return path
 
 
 def run_name(legacy: LegacyRun) -> str:
@@ -192,30 +192,101 @@ def run_name(legacy: LegacyRun) -> str:
 
 
 def import_legacy(source: str | Path, runs_dir: str | Path = "runs", force: bool = False) -> dict[str, Any]:
-    """Convert one legacy run folder; returns its report (`run_dir`, `existing` when it was imported before)."""
+    """Convert one legacy run folder; returns its report (`run_dir`, `existing` when it was imported before).
+    Staging folders of earlier imports that were killed on this host are removed first (`abandoned_removed`)."""
     source = Path(storage.local_form(source)).resolve()
-    runs_dir = storage.local_folder(runs_dir, LOCAL_RUNS_ONLY)
+    runs_dir = runs_folder(runs_dir)
+    abandoned = remove_abandoned_imports(runs_dir)
+    removed = {"abandoned_removed": [str(path) for path in abandoned]} if abandoned else {}
     existing = already_imported(runs_dir, source)
     if existing is not None and not force:
-        return {"source": str(source), "run_dir": str(existing), "existing": True}
+        return {"source": str(source), "run_dir": str(existing), "existing": True, **removed}
     legacy = read_legacy_run(source)
     legacy.cfg.runs_dir = str(runs_dir)  # its config.yaml resumes into the folder it was imported to
     final = _free_name(runs_dir / run_name(legacy))
-    # Built one level down (`runs/.importing/<token>/<name>`), where listing the runs folder does not find it.
-    scratch = runs_dir / ".importing" / uuid.uuid4().hex[:12]
-    building = scratch / final.name
-    building.mkdir(parents=True)
+    created = _first_missing(runs_dir)
+    scratch = _stage(runs_dir)
+    building, done = scratch / final.name, False
     try:
+        building.mkdir()
         report = _build(legacy, building, final.name)
         if final.exists():
             raise LegacyError(f"{final} appeared while importing; import again")
         building.rename(final)
+        done = True
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         with contextlib.suppress(OSError):
             scratch.parent.rmdir()  # only when no other import is under way
-    report["run_dir"] = str(final)
-    return report
+        if not done:
+            _remove_empty(runs_dir, created)  # a failed import leaves no runs folder it made
+    return {**report, "run_dir": str(final), **removed}
+
+
+def _stage(runs_dir: Path) -> Path:
+    """A new `runs/.importing/<token>/` holding owner.json (this pid and host): a later import removes the folder
+    only once that process is gone, so a killed import's leftovers go and a running import's stay."""
+    scratch = runs_dir / STAGING / uuid.uuid4().hex[:12]
+    try:
+        scratch.mkdir(parents=True)
+        (scratch / OWNER_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n")
+    except OSError as exc:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise LegacyError(f"{runs_dir}: cannot write the run there ({exc.strerror}); give --runs-dir a folder you "
+                          "can write") from None
+    return scratch
+
+
+def remove_abandoned_imports(runs_dir: Path) -> list[Path]:
+    """Remove the staging folders whose owner.json names a process of this host that is no longer running (an
+    import that was killed). A folder of a live process, of another host, or without owner.json is never touched:
+    nothing proves it abandoned."""
+    staging = runs_dir / STAGING
+    if not staging.is_dir():
+        return []
+    host, removed = socket.gethostname(), []
+    for scratch in sorted(staging.iterdir()):
+        try:
+            owner = json.loads((scratch / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        pid = owner.get("pid") if isinstance(owner, dict) else None
+        if owner.get("host") == host and isinstance(pid, int) and pid > 0 and not _running(pid):
+            shutil.rmtree(scratch, ignore_errors=True)
+            removed.append(scratch)
+    with contextlib.suppress(OSError):
+        staging.rmdir()
+    return removed
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` exists on this host (a reused pid reads as running: its folder is kept, the safe way)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of `path` that does not exist yet (None: it exists)."""
+    missing = None
+    while not path.exists():
+        missing, path = path, path.parent
+    return missing
+
+
+def _remove_empty(runs_dir: Path, created: Path | None) -> None:
+    """The folders from `runs_dir` up to `created` (those this import made), when empty."""
+    if created is None:
+        return
+    for folder in [runs_dir, *runs_dir.parents]:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+        if folder == created:
+            return
 
 
 def _free_name(wanted: Path) -> Path:
@@ -235,7 +306,7 @@ def _build(legacy: LegacyRun, run_dir: Path, run_id: str) -> dict[str, Any]:
     checkpoint_rows = convert_checkpoints(legacy, run_dir, run_id, examples, report)
     tracking = run_dir / "tracking"
     write_tracking(tracking, run_id, legacy, examples, checkpoint_rows)
-    report["mappings"] = legacy_mappings.recompute_and_compare(tracking, run_id, legacy.source, legacy.dataset)
+    report["mappings"] = legacy_mappings.recompute_and_compare(tracking, run_id, legacy.mappings)
     from loratrace.samples_index import write_samples_index  # `trace`'s index, as the end of a run writes it
 
     write_samples_index(run_dir)
@@ -260,11 +331,18 @@ def _build(legacy: LegacyRun, run_dir: Path, run_id: str) -> dict[str, Any]:
     return report
 
 
+def _abandoned_lines(report: dict[str, Any]) -> list[str]:
+    return [f"  removed       {path} (left by an import that was killed)"
+            for path in report.get("abandoned_removed", [])]
+
+
 def summary(report: dict[str, Any]) -> str:
     """One screen: where the run went, what was converted, what was missing, what disagreed."""
     if report.get("existing"):
-        return f"{report['source']}: already imported as {report['run_dir']} (nothing written; --force for a copy)"
+        return "\n".join([f"{report['source']}: already imported as {report['run_dir']} (nothing written; --force "
+                          "for a copy)", *_abandoned_lines(report)])
     lines = [f"{report['source']}", f"  -> {report['run_dir']}   {report['steps']} steps"]
+    lines += _abandoned_lines(report)
     rules = ", ".join(f"{k}: {v} steps" for k, v in report["example_ids"]["rule_per_steps"].items())
     lines.append(f"  example ids   {rules}")
     checkpoints = report["checkpoints"]

@@ -48,10 +48,11 @@ def checkpoint_step(folder: Path) -> int:
     match = re.fullmatch(r"checkpoint-(\d+)", Path(folder).name)
     if match:
         return int(match.group(1))
-    state = _trainer_state(Path(folder))
-    if "global_step" not in state:
-        raise LegacyError(f"{folder}: neither named checkpoint-<step> nor holding trainer_state.json's global_step")
-    return int(state["global_step"])
+    step = _trainer_state(Path(folder)).get("global_step")
+    if not (isinstance(step, int) and not isinstance(step, bool) and step >= 1):
+        raise LegacyError(f"{folder}: neither named checkpoint-<step> nor holding trainer_state.json's global_step "
+                          "(a whole number from 1)")
+    return step
 
 
 @dataclass
@@ -69,9 +70,12 @@ def _trainer_state(folder: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
+        state = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise LegacyError(f"{path}: not readable JSON ({exc})") from None
+        raise LegacyError(f"{path}: not readable JSON ({first_line(exc)})") from None
+    if not isinstance(state, dict):
+        raise LegacyError(f"{path}: expected a JSON object (the Trainer's state)")
+    return state
 
 
 def _load(path: Path) -> Any:
@@ -139,10 +143,13 @@ def _adamw_state(folder: Path, trainable: list[str]) -> dict:
 def _scheduler_state(folder: Path, step: int, lr_stage1: float) -> dict:
     """LambdaLR's position (loratrace recomputes the factor from its own schedule: `learning_rate_at`)."""
     saved = _load(folder / "scheduler.pt") if (folder / "scheduler.pt").is_file() else {}
-    last_lr = saved.get("_last_lr") or [None]
-    return {"base_lrs": [lr_stage1], "last_epoch": int(saved.get("last_epoch", step)),
-            "_step_count": int(saved.get("_step_count", step + 1)), "_is_initial": False,
-            "_get_lr_called_within_step": False, "_last_lr": [last_lr[0]], "lr_lambdas": [None]}
+    try:
+        last_lr = saved.get("_last_lr") or [None]
+        return {"base_lrs": [lr_stage1], "last_epoch": int(saved.get("last_epoch", step)),
+                "_step_count": int(saved.get("_step_count", step + 1)), "_is_initial": False,
+                "_get_lr_called_within_step": False, "_last_lr": [last_lr[0]], "lr_lambdas": [None]}
+    except (AttributeError, TypeError, ValueError, IndexError, KeyError):  # not a scheduler's state_dict
+        raise LegacyError(f"{folder / 'scheduler.pt'}: not a learning-rate scheduler's state") from None
 
 
 def _rng_states(folder: Path) -> dict | None:
@@ -151,10 +158,13 @@ def _rng_states(folder: Path) -> dict | None:
     if not path.is_file():
         return None
     saved = _load(path)
-    kind, key, pos, has_gauss, cached = saved["numpy"]
-    state = {"torch": saved["cpu"], "python": saved["python"],
-             "numpy": (kind, torch.from_numpy(np.asarray(key).astype(np.int64)), int(pos), int(has_gauss),
-                       float(cached))}
+    try:
+        kind, key, pos, has_gauss, cached = saved["numpy"]
+        state = {"torch": saved["cpu"], "python": saved["python"],
+                 "numpy": (kind, torch.from_numpy(np.asarray(key).astype(np.int64)), int(pos), int(has_gauss),
+                           float(cached))}
+    except (KeyError, TypeError, ValueError, IndexError):  # a file of the right name, not the Trainer's content
+        raise LegacyError(f"{path}: not the Trainer's RNG state (cpu, python and numpy generators)") from None
     if "cuda" in saved:
         cuda = saved["cuda"]
         state["cuda"] = cuda if isinstance(cuda, list) else [cuda]

@@ -53,10 +53,7 @@ def checkpoint_to_resume(folder: Path, config_path: str | None, overrides: list[
             notice(legacy.summary(report))
         ckpt = run_dir / "checkpoints" / checkpoint_name(step)
         if not ckpt.is_file():
-            import json
-
-            why = json.loads((run_dir / legacy.REPORT_FILE).read_text())["checkpoints"].get("not_converted", {})
-            raise LegacyError(why.get(folder.name, f"{folder} was not converted (see {run_dir / legacy.REPORT_FILE})"))
+            raise LegacyError(_not_converted_why(run_dir, folder))
         return ckpt
     if config_path is None:
         raise ConfigError(f"{folder} is not inside a legacy run folder: give --config for the run it continues")
@@ -71,3 +68,17 @@ def checkpoint_to_resume(folder: Path, config_path: str | None, overrides: list[
     notice(f"note: {folder} has no batch tracking beside it: weights, optimizer, schedule and RNG continue at step "
            f"{step + 1}, the data order is loratrace's own from epoch 0")
     return ckpt
+
+
+def _not_converted_why(run_dir: Path, folder: Path) -> str:
+    """Why the import did not convert Trainer checkpoint `folder`, as its import_report.json says (when readable)."""
+    import json
+
+    from loratrace.legacy import REPORT_FILE
+
+    fallback = f"{folder} was not converted (see {run_dir / REPORT_FILE})"
+    try:
+        why = json.loads((run_dir / REPORT_FILE).read_text())["checkpoints"].get("not_converted", {})
+        return str(why.get(folder.name, fallback))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):  # a report edited or cut since the import
+        return fallback

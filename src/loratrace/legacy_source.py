@@ -7,6 +7,7 @@ key translation, each row's example ids by the issue's rules, and every quirk me
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 from dataclasses import dataclass, field
@@ -25,12 +26,14 @@ from loratrace.config import (
 )
 from loratrace.errors import first_line
 from loratrace.legacy_checkpoint import LegacyError
+from loratrace.legacy_mappings import LegacyMappings, read_legacy_mappings
 
 ALIASES = {"global_step": "step", "indices": "sample_indices", "batch_indices": "sample_indices",
            "ids": "sample_ids", "example_ids": "sample_ids", "lr": "learning_rate", "time": "timestamp"}
 """Key aliases seen in legacy JSONL files -> the key LEGACY.md names."""
 FIELDS = ("step", "epoch", "batch_idx", "sample_indices", "line_numbers", "sample_ids", "loss", "learning_rate",
           "grad_norm", "timestamp")
+SHOWN = 20  # out-of-range indices listed in the report; the rest are counted
 FOLDER_NAME = re.compile(r"(?P<project>.+)_(?P<stamp>\d{8}_\d{6})_(?P<method>[A-Za-z0-9-]+)")
 
 
@@ -42,6 +45,7 @@ class LegacyRun:
     dataset: str
     cfg: Config
     rows: list[dict]
+    mappings: LegacyMappings
     quirks: dict[str, Any] = field(default_factory=dict)
 
 
@@ -64,7 +68,8 @@ def find_legacy_runs(paths: list[str | Path]) -> list[Path]:
 
 def read_jsonl(path: Path, quirks: dict[str, Any]) -> list[dict]:
     """The JSONL's objects with LEGACY.md's key names. A last line cut short by a crash (no newline, not JSON) is
-    dropped and reported; any other unreadable line is an error naming it."""
+    dropped and reported; any other unreadable line, or a value of the wrong kind, is an error naming the line and
+    the key as the file spells it."""
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -88,17 +93,20 @@ def read_jsonl(path: Path, quirks: dict[str, Any]) -> list[dict]:
                 quirks["truncated_last_line"] = {"line": number, "text": line[:80]}
                 continue
             raise LegacyError(f"{path} line {number}: not a JSON object ({exc}); fix or remove the line") from None
-        renamed = {}
+        renamed, spelled = {}, {}
         for key, value in item.items():
             if key in ALIASES and ALIASES[key] not in item:
                 aliases[key] = ALIASES[key]
+                spelled[ALIASES[key]] = key
                 key = ALIASES[key]
             renamed[key] = value
-        if "sample_indices" not in renamed and "line_numbers" in renamed:
+        _check_values(renamed, f"{path} line {number}", spelled)
+        if "sample_indices" not in renamed and renamed.get("line_numbers") is not None:
+            # The script wrote line_numbers as row + 1 (LEGACY.md); the rows come back by that rule, and say so.
             renamed["sample_indices"] = [n - 1 for n in renamed["line_numbers"]]
-            quirks.setdefault("rows_from_line_numbers", 0)
-            quirks["rows_from_line_numbers"] += 1
-        if "step" not in renamed or "sample_indices" not in renamed:
+            quirks.setdefault("rows_from_line_numbers", {"rule": "row = line_number - 1", "jsonl_lines": []})
+            quirks["rows_from_line_numbers"]["jsonl_lines"].append(number)
+        if renamed.get("step") is None or renamed.get("sample_indices") is None:
             quirks.setdefault("unusable_lines", []).append(number)
             continue
         for name in FIELDS:
@@ -111,6 +119,53 @@ def read_jsonl(path: Path, quirks: dict[str, Any]) -> list[dict]:
     if missing:
         quirks["missing_fields"] = missing  # field -> how many steps lack it (their column is null)
     return _one_row_per_step(rows, quirks)
+
+
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_values(row: dict, where: str, spelled: dict[str, str]) -> None:
+    """Each present value of the kind LEGACY.md gives it, else a LegacyError naming `where` (file and line) and the
+    key as the file spells it (`spelled`: LEGACY.md's name -> the alias used): a value the script never writes
+    cannot be converted without guessing. Null (or absent) is a missing field, not an error."""
+    def refuse(name: str, wants: str) -> LegacyError:
+        value = json.dumps(row[name], default=str)[:40]
+        return LegacyError(f"{where}: \"{spelled.get(name, name)}\" is {value}, not {wants}; fix or remove the line")
+
+    if row.get("step") is not None and not (_is_whole(row["step"]) and row["step"] >= 1):
+        raise refuse("step", "an optimizer step (a whole number from 1)")
+    for name in ("epoch", "batch_idx"):
+        if row.get(name) is not None and not (_is_whole(row[name]) and row[name] >= 0):
+            raise refuse(name, "a whole number from 0")
+    for name in ("loss", "learning_rate", "grad_norm"):
+        if row.get(name) is not None and not _is_number(row[name]):
+            raise refuse(name, "a number")
+    for name in ("sample_indices", "line_numbers"):
+        if row.get(name) is not None and not (isinstance(row[name], list) and all(map(_is_whole, row[name]))):
+            raise refuse(name, "a list of whole numbers")
+    ids = row.get("sample_ids")
+    if ids is not None and not (isinstance(ids, list) and all(isinstance(i, str) or _is_whole(i) for i in ids)):
+        raise refuse("sample_ids", "a list of ids")
+    if row.get("timestamp") is not None:
+        try:
+            row["timestamp"] = _timestamp(row["timestamp"])
+        except (TypeError, ValueError, OverflowError, OSError):
+            raise refuse("timestamp", "ISO time text or epoch seconds") from None
+
+
+def _timestamp(value: Any) -> dt.datetime:
+    """`timestamp` (ISO text; without an offset it is read as UTC) or `time` (epoch seconds)."""
+    if _is_number(value):
+        return dt.datetime.fromtimestamp(value, dt.timezone.utc)
+    if not isinstance(value, str):
+        raise TypeError(value)
+    parsed = dt.datetime.fromisoformat(value)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
 
 
 def _one_row_per_step(rows: list[dict], quirks: dict[str, Any]) -> list[dict]:
@@ -134,6 +189,7 @@ def read_legacy_run(source: Path) -> LegacyRun:
     rows = read_jsonl(logs[0], quirks)
     if not rows:
         raise LegacyError(f"{logs[0]}: no step recorded; nothing to import")
+    mappings = read_legacy_mappings(source, dataset)  # checked now: a bad entry stops the import before any work
     flat: dict[str, Any] = {}
     config_path = source / "training_config.yaml"
     if config_path.is_file():
@@ -158,15 +214,18 @@ def read_legacy_run(source: Path) -> LegacyRun:
         cfg = config_from_flat(resolved)
     except ConfigError as exc:
         raise LegacyError(f"{config_path}: {exc}") from None
-    return LegacyRun(source, dataset, cfg, rows, quirks)
+    return LegacyRun(source, dataset, cfg, rows, mappings, quirks)
 
 
 # ---------------------------------------------------------------------------------------------- example ids
 
 def resolve_ids(legacy: LegacyRun, report: dict[str, Any]) -> list[dict] | None:
     """Each row's example ids (`example_ids`) and 0-based rows (`lines`), by LEGACY.md's rules in order: the JSONL's
-    `sample_ids`; else the data set's id of that row, when it loads; else `<dataset>/train/<row>`. Returns the data
-    set's examples (None when it did not load); `report["example_ids"]` says which rule served how many steps."""
+    `sample_ids`; else the data set's id of that row, when it loads; else `<dataset>/train/<row>`. An index that is
+    no row (negative, or past the data set's end) becomes a null line (and a null id unless `sample_ids` gives it):
+    the batch keeps its length and order, nothing is made up, and the raw index is listed in the quirk
+    `rows_out_of_range`. Returns the data set's examples (None when it did not load); `report["example_ids"]` says
+    which rule served how many steps."""
     from loratrace.data import load_split
 
     cfg = legacy.cfg
@@ -176,24 +235,38 @@ def resolve_ids(legacy: LegacyRun, report: dict[str, Any]) -> list[dict] | None:
     except Exception as exc:  # noqa: BLE001 - a data set that does not load only means positional ids
         load_error = first_line(exc)
     rules = {"sample_ids": 0, "data set row": 0, "positional": 0}
-    lines_differ = 0
+    lines_differ, ids_length_differs = 0, 0
+    out_of_range: list[dict] = []
     for row in legacy.rows:
-        rows = [int(i) for i in row["sample_indices"]]
-        if row.get("line_numbers") is not None and [n - 1 for n in row["line_numbers"]] != rows:
+        indices = row["sample_indices"]
+        if row.get("line_numbers") is not None and [n - 1 for n in row["line_numbers"]] != indices:
             lines_differ += 1
-        row["lines"] = rows
-        if row.get("sample_ids") is not None and len(row["sample_ids"]) == len(rows):
-            row["example_ids"] = [str(i) for i in row["sample_ids"]]
+        lines = [i if i >= 0 and (examples is None or i < len(examples)) else None for i in indices]
+        out_of_range += [{"jsonl_line": row["_line"], "step": row["step"], "index": i}
+                         for i, line in zip(indices, lines) if line is None]
+        row["lines"] = lines
+        ids = row.get("sample_ids")
+        if ids is not None and len(ids) != len(indices):
+            ids_length_differs += 1
+        if ids is not None and len(ids) == len(indices):
+            row["example_ids"] = [str(i) for i in ids]
             rules["sample_ids"] += 1
-        elif examples is not None and all(0 <= r < len(examples) for r in rows):
-            row["example_ids"] = [examples[r].example_id for r in rows]
+        elif examples is not None:
+            row["example_ids"] = [None if r is None else examples[r].example_id for r in lines]
             rules["data set row"] += 1
         else:
-            row["example_ids"] = [f"{cfg.data.dataset}/{cfg.data.train_split}/{r}" for r in rows]
+            row["example_ids"] = [None if r is None else f"{cfg.data.dataset}/{cfg.data.train_split}/{r}"
+                                  for r in lines]
             rules["positional"] += 1
     report["example_ids"] = {"rule_per_steps": {k: v for k, v in rules.items() if v},
                              "data_set": f"{cfg.data.dataset} ({cfg.data.source}, {cfg.data.train_split})",
                              **({"data_set_not_loaded": load_error} if load_error else {})}
     if lines_differ:
         legacy.quirks["line_numbers_disagree"] = {"steps": lines_differ, "kept": "sample_indices"}
+    if ids_length_differs:
+        legacy.quirks["sample_ids_length_differs"] = {"steps": ids_length_differs, "ids_from": "the rules after it"}
+    if out_of_range:
+        legacy.quirks["rows_out_of_range"] = {
+            "count": len(out_of_range), "rows": f"0..{len(examples) - 1}" if examples is not None else "0..",
+            "kept_as": "null line", "first": out_of_range[:SHOWN]}
     return examples

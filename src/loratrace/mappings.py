@@ -112,7 +112,7 @@ class Mappings:
         step_map = step_checkpoint_table(self.run_id, self._steps, self._checkpoints)
         checkpoint_of = dict(zip(step_map["step"].to_pylist(), step_map["checkpoint_step"].to_pylist()))
         line_rows = []
-        for (example_id, line), steps in sorted(self._trained.items(), key=lambda item: (item[0][1], item[0][0])):
+        for (example_id, line), steps in sorted(self._trained.items(), key=_by_line_then_id):
             ordered = sorted(steps)
             checkpoints = [checkpoint_of[s] for s in ordered]
             line_rows.append({"run_id": self.run_id, "example_id": example_id, "line": line, "steps": ordered,
@@ -147,6 +147,13 @@ def abandoned_checkpoint_steps(tracking_dir: Path) -> set[int]:
     ranges = lineage_ranges(tracking_dir) if rows else {}
     recorded = {row["step"] for row in rows}
     return recorded - {row["step"] for row in rows if is_effective(ranges, row["attempt"], row["step"])}
+
+
+def _by_line_then_id(item: tuple[tuple[str | None, int | None], set]) -> tuple:
+    """Sort key of an indexed (example_id, line): by line, then id; a null one (an imported legacy index that is no
+    row of the data set) after the others."""
+    (example_id, line), _ = item
+    return (line is None, line or 0, example_id is None, example_id or "")
 
 
 def lineage_ranges(tracking_dir: Path, current_attempt: dict | None = None) -> dict[int, tuple[int, int | None]]:
