@@ -369,3 +369,45 @@ def test_resume_from_a_damaged_legacy_folder_is_one_line(legacy_copy, tmp_path, 
     assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("loratrace: error: ")
     assert expected in result.stderr
     assert tree_hash(legacy_copy) == before and not runs_dir.exists()
+
+
+def save_torch(value):
+    import torch
+
+    return lambda path: torch.save(value, path)
+
+
+DAMAGED_CHECKPOINT_FILES = [  # (file of checkpoint-9, how it is damaged, what the error says)
+    ("rng_state.pth", save_torch({"cpu": [0, 1]}), "rng_state.pth: not the Trainer's RNG state"),
+    ("scheduler.pt", save_torch([1, 2]), "scheduler.pt: not a learning-rate scheduler's state"),
+]
+
+
+@pytest.mark.parametrize("name, damage, expected", DAMAGED_CHECKPOINT_FILES, ids=["rng", "scheduler"])
+def test_a_trainer_file_of_the_wrong_content_is_one_line(legacy_copy, tmp_path, capsys, name, damage, expected):
+    damage(legacy_copy / "checkpoints" / "checkpoint-9" / name)
+    assert expected in refused(capsys, legacy_copy, tmp_path / "runs")
+
+
+@pytest.mark.parametrize("state", [{"global_step": "x"}, [9], {"global_step": 0}], ids=["text", "list", "zero"])
+def test_a_trainer_state_without_a_step_is_one_line(legacy_folder, tmp_path, state):
+    import shutil
+
+    lone = tmp_path / "hf-output" / "last"  # not named checkpoint-N: the step comes from trainer_state.json
+    shutil.copytree(legacy_folder / "checkpoints" / "checkpoint-9", lone)
+    (lone / "trainer_state.json").write_text(json.dumps(state))
+    result = run_cli("train", "--resume-from-checkpoint", str(lone), "--config",
+                     str(legacy_folder / "training_config.yaml"), "--runs-dir", str(tmp_path / "runs"))
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("loratrace: error: ")
+    assert "trainer_state.json" in result.stderr and not (tmp_path / "runs").exists()
+
+
+def test_the_rest_of_a_legacy_epoch_skips_indices_that_are_no_rows():
+    """A resume continues the legacy epoch with the rows the JSONL shows: a null line (no row) is not trained."""
+    from loratrace.legacy import loader_position
+
+    rows = [{"step": 1, "epoch": 0, "batch_idx": 0, "lines": [0, 1]},
+            {"step": 2, "epoch": 0, "batch_idx": 1, "lines": [None, 2]},
+            {"step": 3, "epoch": 0, "batch_idx": 2, "lines": [None]}]
+    assert loader_position(rows, 1, n_examples=5, batch_size=2).batches == [[2], [3, 4]]

@@ -196,12 +196,12 @@ def import_legacy(source: str | Path, runs_dir: str | Path = "runs", force: bool
     Staging folders of earlier imports that were killed on this host are removed first (`abandoned_removed`)."""
     source = Path(storage.local_form(source)).resolve()
     runs_dir = runs_folder(runs_dir)
+    existing = already_imported(runs_dir, source)
+    legacy = read_legacy_run(source) if existing is None or force else None  # a bad source fails before any change
     abandoned = remove_abandoned_imports(runs_dir)
     removed = {"abandoned_removed": [str(path) for path in abandoned]} if abandoned else {}
-    existing = already_imported(runs_dir, source)
-    if existing is not None and not force:
+    if legacy is None:
         return {"source": str(source), "run_dir": str(existing), "existing": True, **removed}
-    legacy = read_legacy_run(source)
     legacy.cfg.runs_dir = str(runs_dir)  # its config.yaml resumes into the folder it was imported to
     final = _free_name(runs_dir / run_name(legacy))
     created = _first_missing(runs_dir)
