@@ -93,6 +93,8 @@ WRONG_VALUES = [  # (change to the JSONL's line 3, the key the error names)
     (setting("step", 0), "step"),
     (setting("step", -4), "step"),
     (setting("step", 2.5), "step"),
+    (setting("step", 2**70), "step"),  # past the int64 column: not storable, not to be wrapped
+    (setting("epoch", 2**40), "epoch"),
     (setting("loss", "high"), "loss"),
     (setting("epoch", "zero"), "epoch"),
     (setting("epoch", -1), "epoch"),
@@ -103,6 +105,7 @@ WRONG_VALUES = [  # (change to the JSONL's line 3, the key the error names)
     (setting("sample_indices", "1,2,3"), "sample_indices"),
     (setting("sample_indices", [1, "2"]), "sample_indices"),
     (setting("sample_indices", [1.5, 2]), "sample_indices"),
+    (setting("sample_indices", [2**70]), "sample_indices"),
     (rename("sample_indices", "indices", [True, False]), "indices"),
     (setting("line_numbers", ["a"]), "line_numbers"),
     (setting("sample_ids", 7), "sample_ids"),
@@ -225,6 +228,18 @@ def test_line_numbers_without_indices_are_counted_printed_and_checked(legacy_cop
     assert got[1]["lines"] == [None, *[n - 1 for n in rows[1]["line_numbers"][1:]]]
 
 
+def test_sample_ids_of_another_length_are_not_paired_by_position(legacy_copy, tmp_path):
+    """Three ids for four rows cannot say which id is which row: the data set's ids serve that step, counted."""
+    from loratrace.legacy import import_legacy
+
+    damage_row(legacy_copy, 3, lambda row: row["sample_ids"].pop())
+    given = jsonl(legacy_copy)[3]
+    run_dir = Path(import_legacy(legacy_copy, tmp_path / "runs")["run_dir"])
+    assert batches(run_dir)[3]["example_ids"] == [f"LTSYN_TRA_{n:04d}" for n in given["sample_indices"]]
+    assert report(run_dir)["quirks"]["sample_ids_length_differs"]["steps"] == 1
+    assert report(run_dir)["example_ids"]["rule_per_steps"] == {"sample_ids": 11, "data set row": 1}
+
+
 # ---------------------------------------------------------------------------------------------- the mappings, both ways
 
 def test_a_checkpoint_the_mapping_omits_is_a_disagreement(legacy_copy, tmp_path):
@@ -295,6 +310,13 @@ def test_a_runs_dir_below_a_file(legacy_copy, tmp_path, capsys):
     err = refused(capsys, legacy_copy, tmp_path / "file" / "runs")
     assert "cannot write the run there" in err
     assert (tmp_path / "file").read_text() == "x"
+
+
+def test_a_failed_import_leaves_no_runs_folder_it_made(legacy_copy, tmp_path, capsys):
+    config = legacy_copy / "training_config.yaml"
+    config.write_text(config.read_text().replace("lora_r: 8", "lora_r: 4"))  # fails while converting checkpoints
+    assert "has shape" in refused(capsys, legacy_copy, tmp_path / "new" / "runs")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["experiments"]
 
 
 def dead_pid() -> int:

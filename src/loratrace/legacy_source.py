@@ -121,8 +121,12 @@ def read_jsonl(path: Path, quirks: dict[str, Any]) -> list[dict]:
     return _one_row_per_step(rows, quirks)
 
 
-def _is_whole(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+INT64, INT32 = 2**63, 2**31  # the tracking columns' integer types (DESIGN.md): a value past them cannot be stored
+
+
+def _is_whole(value: Any, low: int = -INT64, high: int = INT64) -> bool:
+    """An integer (not a bool) in [low, high)."""
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value < high
 
 
 def _is_number(value: Any) -> bool:
@@ -137,17 +141,17 @@ def _check_values(row: dict, where: str, spelled: dict[str, str]) -> None:
         value = json.dumps(row[name], default=str)[:40]
         return LegacyError(f"{where}: \"{spelled.get(name, name)}\" is {value}, not {wants}; fix or remove the line")
 
-    if row.get("step") is not None and not (_is_whole(row["step"]) and row["step"] >= 1):
+    if row.get("step") is not None and not _is_whole(row["step"], 1):
         raise refuse("step", "an optimizer step (a whole number from 1)")
-    for name in ("epoch", "batch_idx"):
-        if row.get(name) is not None and not (_is_whole(row[name]) and row[name] >= 0):
-            raise refuse(name, "a whole number from 0")
+    for name, high in (("epoch", INT32), ("batch_idx", INT64)):
+        if row.get(name) is not None and not _is_whole(row[name], 0, high):
+            raise refuse(name, f"a whole number from 0 (below {high:,})")
     for name in ("loss", "learning_rate", "grad_norm"):
         if row.get(name) is not None and not _is_number(row[name]):
             raise refuse(name, "a number")
     for name in ("sample_indices", "line_numbers"):
         if row.get(name) is not None and not (isinstance(row[name], list) and all(map(_is_whole, row[name]))):
-            raise refuse(name, "a list of whole numbers")
+            raise refuse(name, "a list of whole numbers (64-bit)")
     ids = row.get("sample_ids")
     if ids is not None and not (isinstance(ids, list) and all(isinstance(i, str) or _is_whole(i) for i in ids)):
         raise refuse("sample_ids", "a list of ids")
