@@ -94,7 +94,8 @@ def test_a_checkpoint_written_before_the_run_marker_still_resumes(run):
 
     old = run / "checkpoints" / "checkpoint-step-009.ckpt"
     state = torch.load(old, weights_only=True)
-    del state["loratrace"], state["callbacks"][f"BatchTracker[{run.name}]"]  # as an untracked launch wrote it before
+    state.pop("loratrace", None)  # as an untracked launch wrote it before the marker
+    del state["callbacks"][f"BatchTracker[{run.name}]"]
     torch.save(state, old)
     cfg = load_config(run / "config.yaml", ["training.max_steps=11", "tracking.enabled=false"])
     loratrace.train(cfg, resume_from=old, progress=False)
@@ -215,3 +216,31 @@ def test_two_resumes_at_once_one_trains_the_other_is_refused(run):
     assert sorted(steps) == list(range(1, 13)), steps  # each step once: no attempt wrote over another's
     info = _strict_json(run / "run.json")
     assert len(info["attempts"]) == 2 and info["steps"] == 12 and not (run / ".train.lock").exists()
+
+
+def test_the_training_lock_names_its_holder_and_dies_with_it(tmp_path):
+    """A holder killed with SIGKILL leaves its lock file behind, but not its lock: the next launch takes it."""
+    import os
+    import signal
+
+    from loratrace.runs import RunBusy, training_lock
+
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from loratrace.runs import training_lock
+        with training_lock({str(tmp_path)!r}):
+            print("held", flush=True)
+            time.sleep(60)
+    """)], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunBusy, match=rf"is being trained by another process \(host .+ pid {holder.pid}\)"):
+            with training_lock(tmp_path):
+                pass
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    assert (tmp_path / ".train.lock").exists()  # stale file, no lock
+    with training_lock(tmp_path):
+        assert f"pid {os.getpid()}" in (tmp_path / ".train.lock").read_text()
+    assert not (tmp_path / ".train.lock").exists()

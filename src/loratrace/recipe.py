@@ -230,8 +230,9 @@ class NonFiniteLoss(UpdateBoundary):
         self._first = torch.where((self._first == 0) & ~torch.isfinite(loss.detach()), step, self._first)
 
     def facts(self) -> dict:
+        """For run.json; null when the loss stayed finite (replacing what an earlier attempt said)."""
         step = int(self._first) if self._first is not None else 0
-        return {"non_finite_loss_at_step": step} if step else {}
+        return {"non_finite_loss_at_step": step or None}
 
 
 class DiskFull(LoratraceError):

@@ -33,9 +33,9 @@ def resume_run_dir(checkpoint: Path) -> Path:
 
 
 def validate_resume(checkpoint: Path, module: LoRAModule, cfg: Config, world_size: int = 1) -> int:
-    """The step a resume continues from, once the checkpoint is known to fit: readable, resumable, of this run, short of
-    `training.max_steps`, LoRA tensors of this model's shapes, the same data order (seed, and `world_size` processes
-    however launched), and (for a tracked run) the tracking history it continues readable and whole up to its step."""
+    """The step a resume continues from, once the checkpoint is known to fit: readable, resumable, of this run, LoRA
+    tensors of this model's shapes, the same data order (seed, and `world_size` processes however launched), (for a
+    tracked run) the tracking history it continues readable and whole up to its step; and short of max_steps."""
     try:
         state = read_checkpoint(checkpoint)
     except ValueError as exc:
@@ -46,9 +46,6 @@ def validate_resume(checkpoint: Path, module: LoRAModule, cfg: Config, world_siz
         instead = f"resume from {storage.public(full)}" if full else "this run has no full checkpoint to resume from"
         raise CheckpointError(f"{checkpoint.name} holds the LoRA weights only (checkpoint.tail=weights) and cannot "
                               f"resume a run; {instead}")
-    if cfg.training.max_steps <= step:  # nothing to train: it would only overwrite the exports with older weights
-        raise CheckpointError(f"training.max_steps={cfg.training.max_steps} is not past {checkpoint.name}'s step "
-                              f"{step}: the resume would train nothing; resume with training.max_steps above {step}")
     _check_same_run(checkpoint, state)
     problem = lora_mismatch(module, state.get("state_dict", {}))
     if problem:
@@ -59,6 +56,9 @@ def validate_resume(checkpoint: Path, module: LoRAModule, cfg: Config, world_siz
         raise CheckpointError(f"{checkpoint.name}: {problem}")
     if cfg.tracking.enabled:
         _check_tracking(checkpoint, state, step)
+    if cfg.training.max_steps <= step:  # nothing to train: it would only overwrite the exports with older weights
+        raise CheckpointError(f"training.max_steps={cfg.training.max_steps} is not past {checkpoint.name}'s step "
+                              f"{step}: the resume would train nothing; resume with training.max_steps above {step}")
     return step
 
 
