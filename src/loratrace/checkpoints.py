@@ -6,7 +6,8 @@ so a crash never leaves a half-written `.ckpt` under the final name.
 
 With `checkpoint.tail=weights` the stage-2 checkpoints between full ones (`weights_only_steps`) hold the LoRA tensors
 only: `state_dict` (the same names as a full checkpoint's, so every reader of it works on either kind),
-`global_step`, `epoch` and the marker `"loratrace": {"weights_only": True}`. A resume refuses them
+`global_step`, `epoch` and the marker `"loratrace": {"weights_only": True}`. Every file's marker names the run that
+wrote it (`"run_id"`): a resume refuses another run's file copied into this run's `checkpoints/`. A resume refuses them
 (`nearest_full_checkpoint` names the one to use instead).
 
 Whoever must know about a checkpoint subscribes as a `CheckpointListener`; the writer calls them, they never call
@@ -61,7 +62,7 @@ def weights_only_steps(steps: list[int], stage1_steps: int, max_steps: int, cfg:
     return weights_only
 
 
-WEIGHTS_ONLY_MARKER = "loratrace"
+WEIGHTS_ONLY_MARKER = RUN_MARKER = "loratrace"  # one dict: {"run_id": ..., and for a weights-only file "weights_only"}
 
 
 def is_weights_only(state: dict) -> bool:
@@ -97,10 +98,11 @@ class UpdateBoundary(Callback):
 
 class StepCheckpoint(UpdateBoundary, Checkpoint):
     def __init__(self, directory: str | Path, steps: list[int], listeners: Sequence[CheckpointListener] = (),
-                 weights_only: Iterable[int] = ()):
+                 weights_only: Iterable[int] = (), run_id: str | None = None):
         if not steps:
             raise ValueError("StepCheckpoint needs at least one step")
         self.directory = Path(directory)
+        self.run_id = run_id if run_id is not None else self.directory.parent.name  # the run folder's name
         self.steps = set(steps)
         self.weights_only = set(weights_only)  # of `steps`: saved as LoRA weights only
         self._weights_only_now = False
@@ -123,11 +125,13 @@ class StepCheckpoint(UpdateBoundary, Checkpoint):
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         # Called last of the callbacks, after the tracker has flushed its rows; the module's hook then keeps only the
         # LoRA tensors of `state_dict` and, seeing the marker, adds no RNG state.
+        marker = {"run_id": self.run_id}
         if self._weights_only_now:
             for key in [k for k in checkpoint if k not in ("state_dict", "global_step", "epoch",
                                                            "pytorch-lightning_version")]:
                 del checkpoint[key]
-            checkpoint[WEIGHTS_ONLY_MARKER] = {"weights_only": True, "step": trainer.global_step}
+            marker.update(weights_only=True, step=trainer.global_step)
+        checkpoint[RUN_MARKER] = marker
 
     def save(self, trainer: L.Trainer, step: int, full: bool = False) -> Path:
         """Write the checkpoint for `step`: weights only if it is one of `weights_only` and not `full`."""

@@ -15,6 +15,7 @@ per token (one forward per choice).
 from __future__ import annotations
 
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from loratrace.data import LETTERS, DataError, Encoded, collate, encode, load_sp
 from loratrace.errors import LoratraceError
 from loratrace.loggers import log_accuracies_after_training
 from loratrace.module import choice_scores, gold_probability, lora_mismatch, rng_state, set_rng_state
-from loratrace.runs import read_run_json, utc_now
+from loratrace.runs import final_export, read_run_json, utc_now
 
 
 class EvalError(LoratraceError):
@@ -212,6 +213,13 @@ def evaluate_run(run_dir: str | Path, checkpoints: str = "all", overrides: list[
                  progress: bool = True):
     """Evaluate checkpoints of a finished (or stopped) run; returns a DataFrame: checkpoint_step, accuracy, delta. A
     run on object storage is evaluated in a local copy, and its new evaluation parts and logs are published back."""
+    with warnings.catch_warnings():  # the libraries' deprecation notices are for their callers' developers, not users
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return _evaluate_somewhere(run_dir, checkpoints, overrides, progress)
+
+
+def _evaluate_somewhere(run_dir: str | Path, checkpoints: str, overrides, progress: bool):
     if not storage.is_remote(run_dir):
         return _evaluate_run(Path(storage.local_form(run_dir)), checkpoints, overrides, progress)
     with storage.staging():
@@ -230,11 +238,17 @@ def _evaluate_run(run_dir: Path, checkpoints: str, overrides, progress: bool):
         raise EvalError(f"{run_dir} is not a run folder (no config.yaml)")
     cfg = load_config(run_dir / "config.yaml", list(overrides))
     chosen = select_checkpoints(run_dir, checkpoints)
-    peft_model, tokenizer = load_run_model(cfg, run_dir)
-    evaluator = Evaluator(cfg, tokenizer)
+    for _, path in chosen:  # an unreadable file is one line now, before the model loads and the bar starts
+        try:
+            read_checkpoint(path)
+        except ValueError as exc:
+            raise EvalError(str(exc)) from None
     final = run_dir / "final_model"
     if checkpoints == "final" and not final.is_dir():
         raise EvalError(f"{run_dir} has no final_model/")
+    final_step = _final_model_step(run_dir, cfg) if checkpoints == "final" else None
+    peft_model, tokenizer = load_run_model(cfg, run_dir)
+    evaluator = Evaluator(cfg, tokenizer)
     results = []
     for step, path in tqdm(chosen, desc="checkpoints", disable=not progress):
         load_lora_weights(peft_model, path)
@@ -243,9 +257,8 @@ def _evaluate_run(run_dir: Path, checkpoints: str, overrides, progress: bool):
     if checkpoints == "final":
         from transformers import AutoModelForCausalLM
 
-        step = read_run_json(run_dir).get("steps", cfg.training.max_steps)
-        accuracy = evaluator.evaluate(AutoModelForCausalLM.from_pretrained(final), run_dir, step, "final_model")
-        results.append((step, "final_model", accuracy))
+        accuracy = evaluator.evaluate(AutoModelForCausalLM.from_pretrained(final), run_dir, final_step, "final_model")
+        results.append((final_step, "final_model", accuracy))
     if results:
         tags = [accuracy_tag(evaluator.settings, final_model=what == "final_model") for _, what, _ in results]
         log_accuracies_after_training(cfg, run_dir, [(tag, step, accuracy)
@@ -253,6 +266,14 @@ def _evaluate_run(run_dir: Path, checkpoints: str, overrides, progress: bool):
     frame = pd.DataFrame(results, columns=["checkpoint_step", "checkpoint", "accuracy"])
     frame["delta"] = frame.accuracy.diff()
     return frame
+
+
+def _final_model_step(run_dir: Path, cfg: Config) -> int:
+    """The step final_model/ was exported at; one line when a later attempt abandoned it (runs.final_export)."""
+    step, problem = final_export(read_run_json(run_dir))
+    if problem:
+        raise EvalError(f"{run_dir}: {problem}")
+    return step if step is not None else cfg.training.max_steps
 
 
 def accuracy_tag(settings: EvalConfig, final_model: bool = False) -> str:

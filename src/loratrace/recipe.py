@@ -8,46 +8,42 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.strategies import FSDPStrategy
 from typing_extensions import override
 
-from loratrace import runs, schema, storage
+from loratrace import runs, storage
 from loratrace.checkpoints import (
     StepCheckpoint,
+    UpdateBoundary,
     checkpoint_files,
     checkpoint_steps,
-    is_weights_only,
-    nearest_full_checkpoint,
-    read_checkpoint,
+    latest_full_checkpoint,
     weights_only_steps,
 )
 from loratrace.config import Config, ConfigError
 from loratrace.data import load_split
+from loratrace.errors import LoratraceError
 from loratrace.evaluate import CheckpointEvaluator, Evaluator
 from loratrace.export import export_adapter, export_merged, save_base_model
 from loratrace.interrupt import RunInterrupted, StopOnSignal, checkpoint_to_resume, interrupted_message
 from loratrace.launch import folder_for_children, identify, shared_run_dir
-from loratrace.loader import CommonsenseData, order_mismatch
+from loratrace.loader import CommonsenseData
 from loratrace.loggers import build_loggers, check_loggers, close_wandb, finish_loggers, logger_summary, quiet_loggers
 from loratrace.model import add_lora, load_base, trainable_parameter_count
-from loratrace.module import CheckpointError, LoRAModule, lora_mismatch
+from loratrace.module import LoRAModule
+from loratrace.resume import resume_run_dir, validate_resume
 from loratrace.tracking import BatchTracker, index_samples
-
-
-def resume_run_dir(checkpoint: Path) -> Path:
-    if not checkpoint.is_file():
-        raise ConfigError(f"checkpoint {checkpoint} does not exist")
-    if checkpoint.parent.name != "checkpoints":
-        raise ConfigError(f"{checkpoint} is not inside a run's checkpoints/ folder")
-    return checkpoint.parent.parent
 
 
 def _example_rows(cfg: Config, examples, datamodule) -> list[dict]:
@@ -65,12 +61,12 @@ def train(cfg: Config, resume_from: str | Path | None = None, progress: bool = T
     `checkpoint_listeners` (checkpoints.CheckpointListener) hear of each checkpoint after the tracker and evaluator
     (a sweep's trial reports its intermediate values there).
     """
-    with quiet_libraries(), storage.staging():
-        return storage.public(_train(cfg, resume_from, progress, callbacks, checkpoint_listeners))
+    with quiet_libraries(), storage.staging(), contextlib.ExitStack() as held:  # held: the run's training lock
+        return storage.public(_train(cfg, resume_from, progress, callbacks, checkpoint_listeners, held))
 
 
 def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callbacks: list | None,
-           checkpoint_listeners: list | None = None) -> Path:
+           checkpoint_listeners: list | None, held: contextlib.ExitStack) -> Path:
     storage.check_location(cfg.runs_dir)  # no credentials, no bucket: one line before any work
     if resume_from and storage.is_remote(resume_from):  # a run on object storage resumes in a local copy
         resume_from = stage_remote_checkpoint(str(resume_from))
@@ -95,13 +91,16 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
     check_loggers(cfg)  # a logger that cannot start is one line now, not a crash once training is under way
 
     # run folder: rank 0 makes it (or reopens the resumed run's) and writes run.json and config.yaml; all ranks learn it
+    # (a second launch on the same run is refused here, at its first write, by the lock the first one holds)
     def make_run_dir() -> Path:
         made = existing or runs.new_run_dir(cfg)
-        runs.start_run(made, cfg, str(storage.public(checkpoint)) if checkpoint else None)
+        held.enter_context(runs.training_lock(made))
+        runs.start_run(made, cfg, str(storage.public(checkpoint)) if checkpoint else None,
+                       resumed_step if checkpoint else None)
         return made
 
     run_dir = shared_run_dir(launch, make_run_dir)
-    trainer, tracker, stop = None, None, None
+    trainer, tracker, stop, non_finite = None, None, None, NonFiniteLoss()
     try:  # from here on the run folder is this launch's: whatever ends it is recorded in run.json
         if base_copy is not None:
             save_base_model(base_copy, tokenizer, run_dir / "base_model")
@@ -120,9 +119,10 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
         listeners += list(checkpoint_listeners or [])
         steps = checkpoint_steps(t.max_steps, t.stage1_steps, cfg.checkpoint)
         step_checkpoint = StepCheckpoint(run_dir / "checkpoints", steps, listeners,
-                                         weights_only_steps(steps, t.stage1_steps, t.max_steps, cfg.checkpoint))
+                                         weights_only_steps(steps, t.stage1_steps, t.max_steps, cfg.checkpoint),
+                                         run_id=run_dir.name)
         stop = StopOnSignal(step_checkpoint)
-        own_callbacks += [step_checkpoint, stop] + ([ProgressBar()] if progress else [])
+        own_callbacks += [step_checkpoint, stop, non_finite] + ([ProgressBar()] if progress else [])
         trainer = L.Trainer(
             max_steps=t.max_steps, max_epochs=-1, accumulate_grad_batches=t.accumulate_grad_batches,
             gradient_clip_val=t.max_grad_norm or None, gradient_clip_algorithm="norm", precision=t.precision,
@@ -139,7 +139,7 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
             close_wandb(trainer.loggers)
             if trainer.is_global_zero:
                 storage.publish_tree(run_dir)
-                runs.finish_run(run_dir, "interrupted", _cost(tracker), steps=trainer.global_step)
+                runs.finish_run(run_dir, "interrupted", _cost(tracker), steps=trainer.global_step, **non_finite.facts())
             return run_dir
         if not trainer.is_global_zero:
             close_wandb(trainer.loggers)
@@ -150,6 +150,7 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
         if isinstance(trainer.strategy, FSDPStrategy):  # each rank holds a shard: the last checkpoint has them whole
             peft_model = unsharded_model(cfg, run_dir, step_checkpoint.last_saved)
         trainable = trainable_parameter_count(peft_model)  # before merging folds the adapters away
+        exported = cfg.export.adapter or cfg.export.merged_model
         if cfg.export.adapter:
             base_path = run_dir / "base_model" if cfg.model.name == "tiny" else None
             export_adapter(peft_model, tokenizer, run_dir / "final_adapter", base_path)
@@ -167,20 +168,27 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
         if launch.rank == 0:
             with contextlib.suppress(Exception):  # the training error is the one to report
                 storage.publish_tree(run_dir)
-            runs.finish_run(run_dir, "interrupted" if signum is not None else "failed", _cost(tracker), steps=step)
+            with contextlib.suppress(OSError):  # a full disk may refuse run.json too: the error says what happened
+                runs.finish_run(run_dir, "interrupted" if signum is not None else "failed", _cost(tracker),
+                                steps=step, **non_finite.facts())
         if signum is not None:
             last = checkpoint_to_resume(run_dir, step, stop.step_checkpoint.last_saved,
                                         trainer.world_size if trainer is not None else 1, checkpoint)
             raise RunInterrupted(interrupted_message(signum, step, last and storage.public(last)), signum) from None
+        if is_disk_full(error):
+            raise DiskFull(disk_full_message(run_dir, error)) from None
         raise error
     final_loss = module.last_metrics.get("train/loss")
     written = [path.name for _, path in checkpoint_files(run_dir)]
     cost = _cost(tracker, index_s)
     storage.publish_tree(run_dir)  # logs and exports, before run.json says the run is complete
+    attempt = len(runs.read_run_json(run_dir).get("attempts", [])) - 1
     runs.finish_run(run_dir, "completed", cost, steps=trainer.global_step, final_loss=final_loss,
-                    trainable_parameters=trainable, checkpoints=len(written))
+                    trainable_parameters=trainable, checkpoints=len(written), **non_finite.facts(),
+                    **({"final_export": {"attempt": attempt, "step": trainer.global_step}} if exported else {}))
     if progress:
-        print_summary(cfg, run_dir, trainer.global_step, final_loss, written, cost.get("tracking_cost"))
+        print_summary(cfg, run_dir, trainer.global_step, final_loss, written, cost.get("tracking_cost"),
+                      non_finite.facts().get("non_finite_loss_at_step"))
     return run_dir
 
 
@@ -203,47 +211,58 @@ def stage_remote_checkpoint(url: str) -> Path:
     return storage.stage_run(run_url) / "checkpoints" / name
 
 
-def validate_resume(checkpoint: Path, module: LoRAModule, cfg: Config, world_size: int = 1) -> int:
-    """The step a resume continues from, once the checkpoint is known to fit: readable, LoRA tensors of this model's
-    shapes, the same data order (seed, and `world_size` processes however launched), and (for a tracked run) the
-    tracking history it continues still on disk. Runs before anything in the run folder changes, so a refused resume
-    leaves the run as it was."""
-    try:
-        state = read_checkpoint(checkpoint)
-    except ValueError as exc:
-        raise CheckpointError(f"{exc}; resume from another checkpoint-step-*.ckpt") from None
-    if is_weights_only(state):
-        full = nearest_full_checkpoint(checkpoint.parent.parent, int(state.get("global_step", 0)))
-        instead = f"resume from {storage.public(full)}" if full else "this run has no full checkpoint to resume from"
-        raise CheckpointError(f"{checkpoint.name} holds the LoRA weights only (checkpoint.tail=weights) and cannot "
-                              f"resume a run; {instead}")
-    problem = lora_mismatch(module, state.get("state_dict", {}))
-    if problem:
-        raise CheckpointError(f"checkpoint {problem}")
-    loader = _loader_state(state)
-    problem = order_mismatch(loader, cfg.training.seed, world_size) if loader else None
-    if problem:
-        raise CheckpointError(f"{checkpoint.name}: {problem}")
-    tracked = next((v for k, v in state.get("callbacks", {}).items() if k.startswith("BatchTracker[")), None)
-    tracking = checkpoint.parent.parent / "tracking"
-    if cfg.tracking.enabled and tracked is not None and \
-            not (tracking / "attempts" / schema.attempts_part_name(int(tracked["attempt"]))).exists():
-        raise CheckpointError(f"{checkpoint.name} continues tracked attempt {tracked['attempt']}, but its records in "
-                              f"{tracking} are gone; resuming would record a false lineage (restore tracking/, or "
-                              "resume with tracking.enabled=false)")
-    if cfg.tracking.enabled and tracked is None and schema.tracker_parts(tracking / "attempts"):
-        raise CheckpointError(f"{checkpoint.name} was written by an untracked launch of a tracked run: tracking from "
-                              "it would cut the recorded history off its lineage (resume it with "
-                              "tracking.enabled=false, or from a checkpoint a tracked launch wrote)")
-    return int(state.get("global_step", 0))
+class NonFiniteLoss(UpdateBoundary):
+    """The first update whose loss was not finite (NaN, inf): kept on the device and read once at the end, so finding it
+    costs no sync per step. run.json then says `non_finite_loss_at_step`."""
+
+    def __init__(self):
+        self._first: torch.Tensor | None = None  # 0 while every loss was finite
+
+    @override
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if not isinstance(loss, torch.Tensor):
+            return
+        step = trainer.global_step if self.update_finished(trainer) else trainer.global_step + 1
+        if self._first is None:
+            self._first = torch.zeros((), dtype=torch.long, device=loss.device)
+        self._first = torch.where((self._first == 0) & ~torch.isfinite(loss.detach()), step, self._first)
+
+    def facts(self) -> dict:
+        """For run.json; null when the loss stayed finite (replacing what an earlier attempt said)."""
+        step = int(self._first) if self._first is not None else 0
+        return {"non_finite_loss_at_step": step or None}
 
 
-def _loader_state(state: dict) -> dict | None:
-    """The EpochLoader's saved position (seed, world size), wherever Lightning keeps it."""
-    loader = state.get("loops", {}).get("fit_loop", {}).get("state_dict", {}).get("combined_loader")
-    if isinstance(loader, list):
-        loader = loader[0] if loader else None
-    return loader if isinstance(loader, dict) else None
+class DiskFull(LoratraceError):
+    """The run's file system filled up while training; the run is `failed` and resumes once there is room."""
+
+    exit_code = 1
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+    """ENOSPC (or a full quota) anywhere in the error's chain; safetensors reports it in its own error's text."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if type(error).__name__ == "SafetensorError" and any(
+                mark in str(error) for mark in ("No space left", "StorageFull", "os error 28")):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def disk_full_message(run_dir: Path, error: BaseException) -> str:
+    mount = Path(run_dir).resolve()
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    filename = getattr(error, "filename", None)
+    writing = f" writing {filename}" if filename else f" writing into {run_dir}"
+    last = latest_full_checkpoint(run_dir)
+    then = (f"resume with: loratrace train --resume-from-checkpoint {storage.public(last)}" if last is not None
+            else "start the run again")
+    return f"no space left on the file system at {mount} ({writing.strip()}); the run failed: free space, then {then}"
 
 
 def _finish_swanlab(trainer: L.Trainer) -> None:
@@ -312,12 +331,13 @@ def _cost(tracker: BatchTracker | None, index_s: float = 0.0) -> dict:
 
 
 def print_summary(cfg: Config, run_dir: Path, steps: int, final_loss: float | None, written: list[str],
-                  tracking_cost: dict | None = None) -> None:
+                  tracking_cost: dict | None = None, non_finite_at: int | None = None) -> None:
     shown = storage.public(run_dir)  # a run on object storage: its URL, not the scratch folder
     lines = [
         "",
         f"run          {shown}",
-        f"steps        {steps}" + (f"   final loss {final_loss:.4f}" if final_loss is not None else ""),
+        f"steps        {steps}" + (f"   final loss {final_loss:.4f}" if final_loss is not None else "")
+        + (f"   (the loss was not finite from step {non_finite_at} on: diverged)" if non_finite_at else ""),
         f"checkpoints  {len(written)}" + (f"  ({written[0]} .. {written[-1]})" if written else ""),
     ]
     if cfg.tracking.enabled:

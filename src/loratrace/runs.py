@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
+import math
 import os
 import platform
+import re
 import socket
 import subprocess
 from importlib import metadata
@@ -14,6 +17,7 @@ from typing import Any
 
 from loratrace import storage
 from loratrace.config import Config, save_config
+from loratrace.errors import LoratraceError
 
 PACKAGES = ("loratrace", "torch", "lightning", "transformers", "peft", "datasets", "swanlab", "pyarrow", "duckdb")
 
@@ -71,16 +75,30 @@ def read_run_json(run_dir: Path) -> dict[str, Any]:
 
 
 def write_run_json(run_dir: Path, info: dict[str, Any]) -> None:
+    """Always valid JSON: a non-finite number (a diverged loss, say) is written as null, never as NaN/Infinity, which
+    JSON has not and strict readers (DuckDB, jq, JavaScript) refuse."""
     path = Path(run_dir) / "run.json"
     tmp = path.with_name(f".run.json.{socket.gethostname()}-{os.getpid()}.partial")  # one per writing process
-    tmp.write_text(json.dumps(info, indent=2, default=str) + "\n")
+    tmp.write_text(json.dumps(_finite(info), indent=2, default=str, allow_nan=False) + "\n")
     os.replace(tmp, path)
     storage.publish(path)
 
 
-def start_run(run_dir: Path, cfg: Config, resumed_from: str | None) -> dict[str, Any]:
-    """Write config.yaml and add this launch to run.json's attempts. A resume with a changed config records what
-    changed (`config_changes`: key -> [before, now]) in its attempt, and config.yaml then holds the config in force."""
+def _finite(value: Any) -> Any:
+    """`value` with every non-finite float (at any depth) replaced by None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
+def start_run(run_dir: Path, cfg: Config, resumed_from: str | None, resumed_step: int | None = None) -> dict[str, Any]:
+    """Write config.yaml and add this launch to run.json's attempts (a resume's with the step it went back to). A
+    resume with a changed config records what changed (`config_changes`: key -> [before, now]) in its attempt, and
+    config.yaml then holds the config in force."""
     changes = _config_changes(run_dir / "config.yaml", cfg) if resumed_from else {}
     save_config(cfg, run_dir / "config.yaml")
     storage.publish(run_dir / "config.yaml")
@@ -91,6 +109,7 @@ def start_run(run_dir: Path, cfg: Config, resumed_from: str | None) -> dict[str,
     info.update(status="running", versions=versions(), git_sha=git_sha(), host=socket.gethostname(),
                 python=platform.python_version(), base_model=cfg.model.name)
     info["attempts"].append({"started_at": utc_now().isoformat(timespec="seconds"), "resumed_from": resumed_from,
+                             **({"resumed_step": resumed_step} if resumed_from else {}),
                              "status": "running", **({"config_changes": changes} if changes else {})})
     write_run_json(run_dir, info)
     return info
@@ -118,3 +137,76 @@ def _config_changes(path: Path, cfg: Config) -> dict[str, list]:
         return {}
     current = flatten_keys(cfg.to_dict())
     return {key: [saved.get(key), value] for key, value in current.items() if saved.get(key) != value}
+
+
+# ---------------------------------------------------------------------------------------------- one trainer per run
+
+LOCK_FILE = ".train.lock"
+"""Held (an fcntl lock, which dies with its process: a crashed trainer leaves no stale lock) by the process training
+the run; it holds the holder's host and pid for the refusal line, and is removed when training ends."""
+
+
+class RunBusy(LoratraceError):
+    """A run another process is training: two launches would both become the same attempt and overwrite each other's
+    parts and checkpoints."""
+
+
+@contextlib.contextmanager
+def training_lock(run_dir: Path):
+    """Hold the run's training lock for the block, or refuse at once (RunBusy) naming the holder."""
+    from filelock import FileLock, Timeout
+
+    path = Path(run_dir) / LOCK_FILE
+    lock = FileLock(path, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise RunBusy(f"{run_dir} is being trained by another process ({_lock_holder(path)}); wait for it to end, "
+                      "or stop it first") from None
+    try:
+        path.write_text(f"host {socket.gethostname()} pid {os.getpid()}\n")
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # before the release: a process that opened the file meanwhile sees it unlinked
+        lock.release()
+
+
+def _lock_holder(path: Path) -> str:
+    try:
+        return path.read_text().strip() or "holder not known yet"
+    except OSError:
+        return "holder not known"
+
+
+# ---------------------------------------------------------------------------------------------- the final model
+
+def final_export(info: dict[str, Any]) -> tuple[int | None, str | None]:
+    """(step, None) when final_model/ and final_adapter/ are the run's final weights, at that step; else (None, why
+    not). They are written by a completed attempt (run.json's `final_export`: attempt, step); a later attempt that
+    resumed from an earlier step abandoned them, whether or not it completed. run.json written before `final_export`
+    existed: the exports are final when the last attempt completed."""
+    attempts = info.get("attempts") or []
+    exported = info.get("final_export")
+    if not isinstance(exported, dict):
+        if attempts and attempts[-1].get("status") == "completed":
+            return info.get("steps"), None
+        completed = [n for n, attempt in enumerate(attempts) if attempt.get("status") == "completed"]
+        if completed:
+            return None, (f"final_model is from attempt {completed[-1]}, and attempt {len(attempts) - 1} resumed the "
+                          f"run since ({attempts[-1].get('status')}); evaluate its checkpoints instead")
+        return None, "no attempt of this run completed, so it has no final_model; evaluate its checkpoints instead"
+    attempt, step = int(exported["attempt"]), int(exported["step"])
+    for later, resumed in enumerate(attempts[attempt + 1:], start=attempt + 1):
+        went_back_to = _resumed_step(resumed)
+        if went_back_to is not None and went_back_to < step:
+            return None, (f"final_model is from abandoned attempt {attempt} (step {step}): attempt {later} resumed "
+                          f"from step {went_back_to}; evaluate its checkpoints instead")
+    return step, None
+
+
+def _resumed_step(attempt: dict[str, Any]) -> int | None:
+    """The step an attempt resumed from: recorded, or read off the checkpoint's name (run.json before it was)."""
+    if attempt.get("resumed_step") is not None:
+        return int(attempt["resumed_step"])
+    found = re.search(r"checkpoint-step-(\d+)\.ckpt$", str(attempt.get("resumed_from") or ""))
+    return int(found.group(1)) if found else None
