@@ -29,7 +29,8 @@ from loratrace.data import LETTERS, DataError, Encoded, collate, encode, load_sp
 from loratrace.errors import LoratraceError
 from loratrace.loggers import log_accuracies_after_training
 from loratrace.module import choice_scores, gold_probability, lora_mismatch, rng_state, set_rng_state
-from loratrace.runs import read_run_json, utc_now
+from loratrace.run_folders import read_run_folder
+from loratrace.runs import utc_now
 
 
 class EvalError(LoratraceError):
@@ -228,6 +229,7 @@ def _evaluate_run(run_dir: Path, checkpoints: str, overrides, progress: bool):
 
     if not (run_dir / "config.yaml").is_file():
         raise EvalError(f"{run_dir} is not a run folder (no config.yaml)")
+    info, _ = read_run_folder(run_dir)  # a damaged run.json, config.yaml or tracking/ is one line, before any work
     cfg = load_config(run_dir / "config.yaml", list(overrides))
     chosen = select_checkpoints(run_dir, checkpoints)
     peft_model, tokenizer = load_run_model(cfg, run_dir)
@@ -243,7 +245,7 @@ def _evaluate_run(run_dir: Path, checkpoints: str, overrides, progress: bool):
     if checkpoints == "final":
         from transformers import AutoModelForCausalLM
 
-        step = read_run_json(run_dir).get("steps", cfg.training.max_steps)
+        step = info.get("steps", cfg.training.max_steps)
         accuracy = evaluator.evaluate(AutoModelForCausalLM.from_pretrained(final), run_dir, step, "final_model")
         results.append((step, "final_model", accuracy))
     if results:
