@@ -276,3 +276,26 @@ def test_runs_counts_an_untracked_runs_checkpoint_files(small_run, tmp_path):
     [listed] = _runs(runs)
     assert (listed["checkpoints"], listed["last_checkpoint_step"]) == (len(files), 16)
     assert (listed["steps"], listed["missing_steps"]) == (None, None)
+
+
+@pytest.mark.parametrize("damage, words", [(b"PAR1 cut short", "cannot be read"),
+                                           ("params", "a trial's params are not JSON")])
+def test_a_report_on_a_study_with_damaged_trials_is_one_line(tmp_path, damage, words):
+    from loratrace import schema
+
+    study = tmp_path / "sweeps" / "study"
+    study.mkdir(parents=True)
+    (study / "sweep.json").write_text("{}")
+    trials = study / schema.TRIALS_FILE
+    if isinstance(damage, bytes):
+        trials.write_bytes(damage)
+    else:
+        row = {"study": "study", "trial": 0, "state": "complete", "params": "{lora: 8", "objective": 1.0,
+               "objective_name": "final_loss", "direction": "minimize"}
+        pq.write_table(pa.Table.from_pylist([row], schema=schema.TRIALS), trials)
+    before = _hashes(tmp_path)
+    result = run_cli("report", "--study", str(study), "-o", str(tmp_path / "report.html"))
+    assert (result.returncode, result.stdout) == (2, "")
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"loratrace: error: {trials.resolve()}: {words}")
+    assert _hashes(tmp_path) == before

@@ -120,7 +120,8 @@ def runs_info(run_dirs: list[Path], folders: dict | None = None) -> tuple[list[s
 
 
 class DamagedRun(LoratraceError):
-    """A run folder whose run.json, config.yaml or tracking/ is not what loratrace writes there."""
+    """A run folder whose run.json, config.yaml or tracking/ (or a sweep's trials.parquet) is not what loratrace
+    writes there."""
 
 
 # run.json fields readers use, with the JSON types they must have (null is allowed: "not recorded")
