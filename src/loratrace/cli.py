@@ -362,8 +362,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
     from loratrace.store import StoreError
 
     with _open(args.runs_dir) as db:
-        table = db.fetch_table("SELECT run_id, dataset, steps, checkpoints, last_checkpoint_step, status FROM runs "
-                               "ORDER BY run_id")
+        table = db.fetch_table("SELECT run_id, dataset, steps, missing_steps, checkpoints, last_checkpoint_step, "
+                               "status FROM runs ORDER BY run_id")
     if table.num_rows == 0:
         raise StoreError(f"no runs under {args.runs_dir}")
     _emit(table, args.format, None)
@@ -426,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:  # a bare `loratrace`: what it can do, not an error
         parser.print_help()
         return 0
+    import warnings
+
+    warnings.showwarning = _warning_line  # a run or part skipped (compare, report, ...) is one line too
     try:
         return COMMANDS[args.command](args)
     except LoratraceError as exc:

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
 from loratrace.config import flatten_keys
 from loratrace.errors import LoratraceError
+from loratrace.run_folders import read_run_config
 
 METRICS = ("train/loss", "train/grad_norm", "train/lr", "train/accuracy")
 SECTIONS = ("runs", "config", "metrics", "evals", "data_order", "examples", "forgetting")
@@ -93,10 +93,7 @@ def compare(paths, top: int = 20) -> Comparison:
 def config_differences(run_dirs: list[Path]) -> pd.DataFrame:
     """The dotted config keys whose values differ between the runs' config.yaml: key, then one column per run with the
     value as JSON text (null: the key is absent in that run)."""
-    configs = []
-    for run_dir in run_dirs:
-        path = Path(run_dir) / "config.yaml"
-        configs.append(flatten_keys(yaml.safe_load(path.read_text()) or {}) if path.is_file() else {})
+    configs = [flatten_keys(read_run_config(Path(run_dir))) for run_dir in run_dirs]
     keys = sorted({key for config in configs for key in config})
     rows = []
     for key in keys:

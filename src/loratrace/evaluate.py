@@ -30,7 +30,8 @@ from loratrace.data import LETTERS, DataError, Encoded, collate, encode, load_sp
 from loratrace.errors import LoratraceError
 from loratrace.loggers import log_accuracies_after_training
 from loratrace.module import choice_scores, gold_probability, lora_mismatch, rng_state, set_rng_state
-from loratrace.runs import final_export, read_run_json, utc_now
+from loratrace.run_folders import read_run_folder
+from loratrace.runs import final_export, utc_now
 
 
 class EvalError(LoratraceError):
@@ -236,6 +237,7 @@ def _evaluate_run(run_dir: Path, checkpoints: str, overrides, progress: bool):
 
     if not (run_dir / "config.yaml").is_file():
         raise EvalError(f"{run_dir} is not a run folder (no config.yaml)")
+    info, _ = read_run_folder(run_dir)  # a damaged run.json, config.yaml or tracking/ is one line, before any work
     cfg = load_config(run_dir / "config.yaml", list(overrides))
     chosen = select_checkpoints(run_dir, checkpoints)
     for _, path in chosen:  # an unreadable file is one line now, before the model loads and the bar starts
@@ -246,7 +248,7 @@ def _evaluate_run(run_dir: Path, checkpoints: str, overrides, progress: bool):
     final = run_dir / "final_model"
     if checkpoints == "final" and not final.is_dir():
         raise EvalError(f"{run_dir} has no final_model/")
-    final_step = _final_model_step(run_dir, cfg) if checkpoints == "final" else None
+    final_step = _final_model_step(run_dir, info, cfg) if checkpoints == "final" else None
     peft_model, tokenizer = load_run_model(cfg, run_dir)
     evaluator = Evaluator(cfg, tokenizer)
     results = []
@@ -268,9 +270,9 @@ def _evaluate_run(run_dir: Path, checkpoints: str, overrides, progress: bool):
     return frame
 
 
-def _final_model_step(run_dir: Path, cfg: Config) -> int:
+def _final_model_step(run_dir: Path, info: dict, cfg: Config) -> int:
     """The step final_model/ was exported at; one line when a later attempt abandoned it (runs.final_export)."""
-    step, problem = final_export(read_run_json(run_dir))
+    step, problem = final_export(info)
     if problem:
         raise EvalError(f"{run_dir}: {problem}")
     return step if step is not None else cfg.training.max_steps

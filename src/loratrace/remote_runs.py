@@ -34,7 +34,7 @@ class RemoteRuns:
         self.objects: dict[str, dict] = {}  # key (no protocol) -> the listing's info
         self.folders: set[str] = set()
         self._children: dict[str, set[str]] = {}
-        self._footers: dict[tuple, tuple | None] = {}  # (key, etag) -> columns, or None when unreadable
+        self._footers: dict[tuple, pa.Schema | None] = {}  # (key, etag) -> footer schema, or None: unreadable
         self._texts: dict[str, str | None] = {}
 
     def find_runs(self) -> list[RemotePath]:
@@ -75,9 +75,9 @@ class RemoteRuns:
     def url(self, key: str) -> str:
         return f"{self.protocol}://{key}"
 
-    def columns(self, key: str) -> tuple:
-        """A part's (name, type) columns from its footer; raises when it cannot be read. The footers of every part
-        listed and not read yet are fetched in one go."""
+    def footer_schema(self, key: str) -> pa.Schema:
+        """A part's Arrow schema from its footer; raises when it cannot be read. The footers of every part listed
+        and not read yet are fetched in one go."""
         wanted = (key, self.objects[key].get("ETag"))
         if wanted not in self._footers:
             self._fetch_footers()
@@ -96,7 +96,7 @@ class RemoteRuns:
         for (key, info), tail in zip(new, tails):
             self._footers[(key, info.get("ETag"))] = self._parse_footer(key, tail)
 
-    def _parse_footer(self, key: str, tail) -> tuple | None:
+    def _parse_footer(self, key: str, tail) -> pa.Schema | None:
         try:
             if isinstance(tail, Exception) or len(tail) < 12 or tail[-4:] != b"PAR1":
                 return None
@@ -104,7 +104,7 @@ class RemoteRuns:
             if length + 8 > len(tail):
                 tail = self.fs.cat_file(key, start=max(0, int(self.objects[key]["size"]) - length - 8))
             meta = pq.read_metadata(pa.BufferReader(tail))
-            return tuple((f.name, str(f.type)) for f in meta.schema.to_arrow_schema())
+            return meta.schema.to_arrow_schema()
         except Exception:  # noqa: BLE001 - any failure to parse is an unreadable part, reported by the caller
             return None
 
@@ -179,8 +179,8 @@ class RemotePath:
         return SimpleNamespace(st_mtime_ns=int(modified.timestamp() * 1e9) if modified else 0,
                                st_ino=hash(info.get("ETag")), st_size=int(info["size"]))
 
-    def columns(self) -> tuple:
-        return self.runs.columns(self.key)
+    def footer_schema(self) -> pa.Schema:
+        return self.runs.footer_schema(self.key)
 
     def read_text(self) -> str:
         return self.runs.text(self.key)

@@ -20,6 +20,7 @@ import pandas as pd
 from loratrace.comparison import FORGETTING, config_differences
 from loratrace.errors import LoratraceError
 from loratrace.formats import write_text
+from loratrace.run_folders import read_run_config, read_run_info
 
 CARTOGRAPHY = """WITH per_epoch AS (
     SELECT run_id, example_id, epoch, avg(p_gold) AS p_gold, avg(correct::INT) AS correct FROM samples GROUP BY ALL)
@@ -101,30 +102,21 @@ def _gather(db, run_dirs: list[Path]) -> dict:
 
 def _with_run_json(runs: pd.DataFrame, run_dirs: list[Path]) -> pd.DataFrame:
     """An untracked run's steps and checkpoints from its run.json (the views count them from tracking data)."""
-    from loratrace.runs import read_run_json
-
     for key in ("steps", "checkpoints"):
-        recorded = [read_run_json(d).get(key) for d in run_dirs]
+        recorded = [read_run_info(d).get(key) for d in run_dirs]
         runs[key] = [v if pd.notna(v) else r for v, r in zip(runs[key].astype(object), recorded)]
     return runs
 
 
 def _config_value(run_dir: Path, section: str, key: str):
-    import yaml
-
-    try:
-        return (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get(section, {}).get(key)
-    except (OSError, yaml.YAMLError):
-        return None
+    return (read_run_config(run_dir).get(section) or {}).get(key)
 
 
 def _tracking_cost(run_dirs: list[Path]) -> pd.DataFrame:
     """One row per launch of each run that was tracked: run.json's `tracking_cost`."""
-    from loratrace.runs import read_run_json
-
     rows = []
     for run_dir in run_dirs:
-        for number, attempt in enumerate(read_run_json(run_dir).get("attempts", []), start=1):
+        for number, attempt in enumerate(read_run_info(run_dir).get("attempts") or [], start=1):
             cost = attempt.get("tracking_cost")
             if cost:
                 rows.append({"run_id": run_dir.name, "launch": number, **cost})

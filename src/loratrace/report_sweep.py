@@ -11,9 +11,11 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 
 from loratrace import schema
-from loratrace.run_folders import study_folders
+from loratrace.errors import first_line
+from loratrace.run_folders import DamagedRun, study_folders
 
 STATE_COLORS = {"complete": "#1f77b4", "pruned": "#ff7f0e", "fail": "#d62728", "running": "#7f7f7f",
                 "waiting": "#bcbd22"}
@@ -21,12 +23,31 @@ STATE_COLORS = {"complete": "#1f77b4", "pruned": "#ff7f0e", "fail": "#d62728", "
 
 def study_trials(studies) -> pd.DataFrame:
     """Every trial of the named study folders (their trials.parquet), params flattened to dotted keys."""
-    frames = [pd.read_parquet(folder / schema.TRIALS_FILE) for folder in study_folders(studies)
+    frames = [_read_trials(folder / schema.TRIALS_FILE) for folder in study_folders(studies)
               if (folder / schema.TRIALS_FILE).exists()]
     if not frames:
         return pd.DataFrame(columns=[f.name for f in schema.TRIALS])
-    trials = pd.concat(frames, ignore_index=True)
-    trials["params"] = [_flat(json.loads(text)) for text in trials.params]
+    return pd.concat(frames, ignore_index=True)
+
+
+def _read_trials(path: Path) -> pd.DataFrame:
+    """A study's trials.parquet, its params parsed; one that cannot be read as the sweep writes it is one line naming
+    it (the report was asked for this study: it cannot answer without it)."""
+    try:
+        table = pq.read_table(path)
+    except (OSError, ValueError) as exc:
+        raise DamagedRun(f"{path}: cannot be read ({first_line(exc)})") from None
+    problem = schema.part_problem(table.schema, schema.TRIALS)
+    if problem:
+        raise DamagedRun(f"{path}: {problem}")
+    trials = table.to_pandas()
+    try:
+        params = [json.loads(text) for text in trials.params]
+    except (TypeError, ValueError) as exc:
+        raise DamagedRun(f"{path}: a trial's params are not JSON ({first_line(exc)})") from None
+    if not all(isinstance(tree, dict) for tree in params):
+        raise DamagedRun(f"{path}: a trial's params are not a JSON object")
+    trials["params"] = [_flat(tree) for tree in params]
     return trials
 
 

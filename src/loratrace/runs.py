@@ -18,6 +18,7 @@ from typing import Any
 from loratrace import storage
 from loratrace.config import Config, save_config
 from loratrace.errors import LoratraceError
+from loratrace.run_folders import process_identity, read_run_info
 
 PACKAGES = ("loratrace", "torch", "lightning", "transformers", "peft", "datasets", "swanlab", "pyarrow", "duckdb")
 
@@ -70,8 +71,8 @@ def git_sha() -> str | None:
 
 
 def read_run_json(run_dir: Path) -> dict[str, Any]:
-    path = Path(run_dir) / "run.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """run.json, checked by run_folders.read_run_info: a damaged one is one DamagedRun line, not a traceback."""
+    return read_run_info(Path(run_dir))
 
 
 def write_run_json(run_dir: Path, info: dict[str, Any]) -> None:
@@ -110,7 +111,8 @@ def start_run(run_dir: Path, cfg: Config, resumed_from: str | None, resumed_step
                 python=platform.python_version(), base_model=cfg.model.name)
     info["attempts"].append({"started_at": utc_now().isoformat(timespec="seconds"), "resumed_from": resumed_from,
                              **({"resumed_step": resumed_step} if resumed_from else {}),
-                             "status": "running", **({"config_changes": changes} if changes else {})})
+                             "status": "running", **({"config_changes": changes} if changes else {}),
+                             "process": process_identity()})  # so `runs` can tell a killed run: stale
     write_run_json(run_dir, info)
     return info
 

@@ -145,6 +145,23 @@ TRIALS_FILE = "trials.parquet"
 
 COMPRESS_FROM_BYTES = 64 * 1024
 
+# Columns added after the first release: an older tracker's file lacks them, and the views read them as NULL.
+LATER_COLUMNS = frozenset({"prompt"})
+
+
+def part_problem(found: pa.Schema, expected: pa.Schema) -> str | None:
+    """What keeps a file (its footer's schema: the data is not read) from being read as a part of `expected`: a
+    column missing or of another type. Extra columns are ignored. None when it reads."""
+    for field in expected:
+        index = found.get_field_index(field.name)
+        if index < 0 and field.name in LATER_COLUMNS and field.name not in found.names:
+            continue
+        if index < 0:
+            return f"no {field.name} column" if field.name not in found.names else f"two {field.name} columns"
+        if not found.field(index).type.equals(field.type):
+            return f"column {field.name} is {found.field(index).type}, expected {field.type}"
+    return None
+
 
 def write_atomic(table: pa.Table, path: Path) -> None:
     """Write next to `path` under a name no reader globs (`.tmp-*`), then rename into place: a reader sees the

@@ -27,7 +27,17 @@ from loratrace import sandbox, schema, storage
 from loratrace.errors import LoratraceError, first_line
 from loratrace.mappings import first_checkpoint
 from loratrace.remote_runs import RemoteRuns
-from loratrace.run_folders import as_list, find_runs, folders_of_runs, runs_info, study_folders
+from loratrace.run_folders import (
+    DamagedRun,
+    as_list,
+    checkpoint_file_steps,
+    find_runs,
+    folders_of_runs,
+    named_run_folders,
+    read_run_folder,
+    runs_info,
+    study_folders,
+)
 from loratrace.samples_index import INDEX_FILE, TRACE_COLUMNS, TRACE_ORDER, SamplesIndex, index_fingerprint
 from loratrace.views import VIEWS
 
@@ -39,8 +49,10 @@ class StoreError(LoratraceError):
 
 
 class StoreWarning(UserWarning):
-    """A file in a run the views skip: foreign, unreadable, or missing."""
+    """A file or run the views skip: foreign, unreadable, damaged, or missing."""
 
+
+RUN_FILES = ("run.json", "config.yaml", "tracking", "checkpoints")  # what `runs_info` and its checks read
 
 TABLES = {  # view name -> (folder or file under tracking/, schema)
     "batches_raw": ("batches", schema.BATCHES),
@@ -70,6 +82,8 @@ class Runs:
 
     def __init__(self, run_dirs: list[Path], read_only: bool = False, sources=None):
         self.run_dirs = list(run_dirs)
+        self._given = list(run_dirs)  # without `sources`: the runs to read, each named (a damaged one is an error)
+        self._folders: dict = {}  # run folder -> its (run.json, config.yaml) as read_run_folder read them
         self.sources = sources
         self.read_only = read_only
         self.con = duckdb.connect(":memory:")
@@ -86,7 +100,7 @@ class Runs:
         self._open_indexes: dict[str, tuple[tuple, SamplesIndex]] = {}  # path -> (stat when opened, reader)
         self._all_indexed = False
         self._listed: tuple[float, int, tuple] | None = None  # monotonic and wall time of the last listing, what it saw
-        self._runs_key: tuple | None = None  # the run folders and their run.json/config.yaml behind `runs_info`
+        self._runs_key: tuple | None = None  # the run folders and the files behind `runs_info`, by `_key_of`
         self.relist_after = 1.0  # seconds: repeated calls inside this (a trace loop, say) skip re-listing
         self.refresh(force=True)
         if read_only:
@@ -100,7 +114,7 @@ class Runs:
             self._reported.add(key)
             warnings.warn(message, StoreWarning, stacklevel=4)
 
-    def _complete_parts(self, tracking: Path, name: str) -> list[str]:
+    def _complete_parts(self, tracking: Path, name: str, expected: pa.Schema) -> list[str]:
         """The readable parts the tracker wrote under tracking/`name` (a folder, or one file)."""
         target = tracking / name
         if name == schema.EXAMPLES_FILE:
@@ -114,10 +128,11 @@ class Runs:
                     paths.append(path)
                 elif not path.name.startswith(".tmp-"):  # a part being written is not foreign
                     self._report(str(path), f"ignoring {path}: not a file name the tracker writes")
-        return self._readable(paths)
+        return self._readable(paths, expected)
 
-    def _readable(self, paths: list[Path]) -> list[str]:
-        """The files among `paths` whose Parquet footer reads (checked again only when a file changes)."""
+    def _readable(self, paths: list[Path], expected: pa.Schema) -> list[str]:
+        """The files among `paths` whose Parquet footer reads and has `expected`'s columns (schema.part_problem),
+        checked again only when a file changes: a part DuckDB could not bind never reaches a view."""
         good = []
         for path in paths:
             key = str(path)
@@ -126,11 +141,16 @@ class Runs:
                 continue
             if key not in self._checked or self._checked[key][0] != stat_key:
                 try:
-                    self._checked[key] = (stat_key, _columns(path))
-                    self._reported.discard(key)
+                    found = _footer_schema(path)
                 except Exception:
                     self._checked[key] = (stat_key, None)
                     self._report(key, f"skipping unreadable tracking part {path}")
+                else:
+                    problem = schema.part_problem(found, expected)
+                    self._checked[key] = (stat_key, None if problem else tuple((f.name, str(f.type)) for f in found))
+                    self._reported.discard(key)
+                    if problem:
+                        self._report(key, f"skipping tracking part {path}: {problem}")
             if self._checked[key][1] is not None:
                 good.append(key)
         return good
@@ -144,7 +164,7 @@ class Runs:
         signature = [_key_of(f) for f in folders] + [_key_of(f / "sweeps") for f in folders]
         signature += [_key_of(study) for study in self._studies()]
         for run_dir in self.run_dirs:
-            signature += [_key_of(run_dir / "run.json"), _key_of(run_dir / "config.yaml")]
+            signature += [_key_of(run_dir / name) for name in RUN_FILES]
             for name in ("", *(name for name, _ in TABLES.values())):  # "": tracking/ itself, for the index
                 signature.append(_key_of(run_dir / "tracking" / name))
         return tuple(signature)
@@ -166,14 +186,23 @@ class Runs:
         if not force and self._unchanged():
             return
         listed_wall = time.time_ns()
-        if self.sources is not None:
-            self.run_dirs = self.remote.find_runs() if self.remote else find_runs(self.sources)
+        listed = self._given if self.sources is None else self.remote.find_runs() if self.remote else find_runs(
+            self.sources)
+        runs_key = tuple((d, *(_key_of(d / name) for name in RUN_FILES)) for d in listed)
+        if runs_key != self._runs_key:
+            self._folders = self._read_folders(listed)
+            self.run_dirs = list(self._folders)
+            columns, rows = runs_info(self.run_dirs, self._folders)
+            self._create_table("runs_info", [(c, "VARCHAR") for c in columns], rows)
+            self._create_table("checkpoint_files", [("run_id", "VARCHAR"), ("step", "BIGINT")],
+                               [[row[0], step] for row, d in zip(rows, self.run_dirs)
+                                for step in checkpoint_file_steps(d)])
+            self._runs_key = runs_key
         signature = self._signature()
-        runs_key = tuple((d, _key_of(d / "run.json"), _key_of(d / "config.yaml")) for d in self.run_dirs)
-        files = {view: [f for d in self.run_dirs for f in self._complete_parts(d / "tracking", name)]
-                 for view, (name, _) in TABLES.items()}
+        files = {view: [f for d in self.run_dirs for f in self._complete_parts(d / "tracking", name, table_schema)]
+                 for view, (name, table_schema) in TABLES.items()}
         files["trials_raw"] = self._readable([study / schema.TRIALS_FILE for study in self._studies()
-                                              if (study / schema.TRIALS_FILE).exists()])
+                                              if (study / schema.TRIALS_FILE).exists()], schema.TRIALS)
         self._listed = (0.0, listed_wall, signature)
         for run_dir in self.run_dirs:
             batches = str(run_dir / "tracking" / "batches") + "/"
@@ -181,10 +210,6 @@ class Runs:
             if any(f.startswith(batches) for f in files["batches_raw"]) and not examples.exists():
                 self._report(str(examples), f"{examples} is missing: the examples view has no rows of run "
                                             f"{run_dir.name}")
-        if runs_key != self._runs_key:
-            self._runs_key = runs_key
-            columns, rows = runs_info(self.run_dirs)
-            self._create_table("runs_info", [(c, "VARCHAR") for c in columns], rows)
         if files != self.files or force:
             self.files = files
             for view, (_, table_schema) in TABLES.items():
@@ -194,6 +219,21 @@ class Runs:
             self._create_views()
         self._listed = (time.monotonic(), *self._listed[1:])  # aged from here: the CLI's next query won't re-list
         self._indexes = None
+
+    def _read_folders(self, listed: list) -> dict:
+        """Each run folder's (run.json, config.yaml). A damaged one (read_run_folder) found among many is skipped,
+        reported once; one the caller named is the error: a command addressed at it cannot answer."""
+        named = set(self._given) if self.sources is None else (
+            {d for d in listed if str(d) in self.remote.sources} if self.remote else named_run_folders(self.sources))
+        folders = {}
+        for run_dir in listed:
+            try:
+                folders[run_dir] = read_run_folder(run_dir)
+            except DamagedRun as exc:
+                if run_dir in named:
+                    raise
+                self._report(f"{run_dir}: {exc}", f"skipping run {run_dir.name}: {exc}")
+        return folders
 
     def _studies(self) -> list[Path]:
         """The sweep study folders this connection reads trials from (runs/sweeps/*/, or the folders named); none on
@@ -223,7 +263,9 @@ class Runs:
 
     def _create_raw_view(self, view: str, files: list[str], table_schema: pa.Schema) -> None:
         if files:
-            columns = ", ".join(_quoted(f.name) for f in table_schema)
+            present = {name for f in files for name, _ in self._checked[f][1]}  # schema.LATER_COLUMNS may lack
+            columns = ", ".join(_quoted(f.name) if f.name in present else
+                                f"CAST(NULL AS {_duckdb_type(f.type)}) AS {_quoted(f.name)}" for f in table_schema)
             # union_by_name only when the parts' columns differ (an older tracker's, say): it makes DuckDB read every
             # footer at each bind of every view built on this one, a third of a second over a long run
             mixed = len({self._checked[f][1] for f in files}) > 1
@@ -308,23 +350,62 @@ class Runs:
             raise StoreError(f"no tracked batches yet under {self.where}: a tracked run writes its first part at its "
                              "first checkpoint or after tracking.flush_every_steps updates")
         columns = ", ".join(TRACE_COLUMNS)
-        tables, parts = [], []
+        tables = []
         # a run's samples index is sorted by example_id: read only the row groups that can hold it
-        for run, path in self._find_indexes().items():
-            if example_id is not None and run_id in (None, run):
-                tables.append(self._open_index(path).rows(example_id))
-            elif example_id is None:  # a line: every row group, but DuckDB reads just the line column first
-                parts.append(f"SELECT {columns} FROM read_parquet({_sql_list([path])}) s WHERE {where}")
+        for run, path in list(self._find_indexes().items()):
+            try:
+                if example_id is not None and run_id in (None, run):
+                    tables.append(self._open_index(path).rows(example_id))
+                elif example_id is None:  # a line: every row group, but DuckDB reads just the line column first
+                    tables.append(self.con.sql(f"SELECT {columns} FROM read_parquet({_sql_list([path])}) s "
+                                               f"WHERE {where}", params=params).to_arrow_table())
+            except (OSError, ValueError, duckdb.Error) as exc:
+                self._distrust_index(run, path, exc)
         if not self._all_indexed:  # runs without a current index: the views, which unnest every batch
             params["indexed"] = sorted(self._indexes)
-            parts.append(f"SELECT {columns} FROM example_trace s WHERE {where} "
-                         "AND NOT list_contains($indexed::VARCHAR[], run_id)")
-        if parts:
-            tables.append(self.con.sql(" UNION ALL ".join(parts), params=params).to_arrow_table())
+            views = (f"SELECT {columns} FROM example_trace s WHERE {where} "
+                     "AND NOT list_contains($indexed::VARCHAR[], run_id)")
+            tables.append(self._skipping_undecodable(lambda: self.con.sql(views, params=params).to_arrow_table(),
+                                                     ("batches_raw",)))
         if not tables or sum(t.num_rows for t in tables) == 0:
-            raise StoreError(self._miss(example_id, line, run_id))
+            raise StoreError(self._skipping_undecodable(lambda: self._miss(example_id, line, run_id),
+                                                        ("examples_raw", "batches_raw")))
         table = pa.concat_tables(tables, promote_options="permissive")
         return table.sort_by([(c.strip(), "ascending") for c in TRACE_ORDER.split(",")])
+
+    def _distrust_index(self, run: str, path, exc: Exception) -> None:
+        """A samples index whose data cannot be read: `trace` answers for its run from the views (what the index
+        was computed from), and says so once. The index is a reader's cache: it is left as it is."""
+        self._report(str(path), f"samples index {path} cannot be read ({first_line(exc)}): tracing run {run} from "
+                                "its batches instead")
+        self._indexes.pop(run, None)
+        self._all_indexed = False
+
+    def _skipping_undecodable(self, answer, views: tuple[str, ...]):
+        """`answer()`; if DuckDB fails reading a file, `answer()` again without the files of `views` whose data
+        cannot be decoded (their footers read, so the listing kept them), each reported once and skipped while it
+        is unchanged. Nothing is read twice unless a read fails."""
+        try:
+            return answer()
+        except duckdb.Error:
+            if not any([self._drop_undecodable(view) for view in views]):
+                raise
+            return answer()
+
+    def _drop_undecodable(self, view: str) -> bool:
+        """Drop from `view` every file whose data pages DuckDB cannot decode; whether any was."""
+        damaged = []
+        for file in self.files[view]:
+            try:
+                self.con.sql(f"SELECT * FROM read_parquet({_sql_list([file])})").to_arrow_table()  # one part at a time
+            except duckdb.Error as exc:
+                damaged.append(file)
+                self._checked[file] = (self._checked[file][0], None)  # `_readable` skips it until it changes
+                self._report(file, f"skipping tracking part {file}: its data cannot be read ({first_line(exc)})")
+        if damaged:
+            self.files[view] = [f for f in self.files[view] if f not in damaged]
+            self._create_raw_view(view, self.files[view], TABLES[view][1])
+        return bool(damaged)
 
     @property
     def where(self) -> str:
@@ -403,13 +484,13 @@ def _duckdb_type(kind: pa.DataType) -> str:
     return DUCKDB_TYPES[kind]
 
 
-def _columns(path: Path) -> tuple:
-    """The (name, type) of each column in a part's footer; raises if the footer cannot be read."""
+def _footer_schema(path: Path) -> pa.Schema:
+    """The Arrow schema in a part's footer (no data read); raises if the footer cannot be read."""
     import pyarrow.parquet as pq
 
-    if hasattr(path, "columns"):
-        return path.columns()  # a RemotePath: footers fetched together
-    return tuple((f.name, str(f.type)) for f in pq.read_metadata(path).schema.to_arrow_schema())
+    if hasattr(path, "footer_schema"):
+        return path.footer_schema()  # a RemotePath: footers fetched together
+    return pq.read_metadata(path).schema.to_arrow_schema()
 
 
 def _quoted(name: str) -> str:

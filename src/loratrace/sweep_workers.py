@@ -25,6 +25,7 @@ from pathlib import Path
 from loratrace import runs
 from loratrace.config import Config, ConfigError
 from loratrace.errors import LoratraceError, first_line
+from loratrace.run_folders import process_alive, process_identity
 from loratrace.search_space import SearchSpace
 from loratrace.sweeps import (
     SweepInterrupted,
@@ -104,7 +105,7 @@ def take_trial(spec: SweepSpec, study):
         with warnings.catch_warnings():  # "heartbeat is supposed to be used with optimize": we beat (`heartbeat`)
             warnings.simplefilter("ignore")
             trial = study.ask()  # a re-queued or enqueued trial first
-        trial.set_user_attr("worker", worker_identity())
+        trial.set_user_attr("worker", process_identity())
         write_trials(spec.folder, spec.study, study.get_trials(deepcopy=False), spec.goal())
     return trial
 
@@ -130,33 +131,6 @@ def release_dead_workers(spec: SweepSpec, study) -> list[int]:
 
 def _frozen(study, number: int):
     return next(t for t in study.get_trials(deepcopy=False) if t.number == number)
-
-
-def worker_identity() -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "started": _process_start(os.getpid())}
-
-
-def _process_start(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (Linux), so a reused pid is not taken for the worker."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return None if fields[0] == "Z" else fields[19]  # a zombie is dead
-
-
-def process_alive(worker: dict) -> bool:
-    pid = worker.get("pid")
-    if not isinstance(pid, int):
-        return True  # not ours to judge: the heartbeat decides
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    started = _process_start(pid)
-    return started is not None and (worker.get("started") is None or started == worker.get("started"))
 
 
 def resume_point(run_dir: Path) -> Path | None:

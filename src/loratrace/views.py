@@ -1,6 +1,6 @@
 """The SQL of the views (DESIGN.md, "Query layer"), created in this order over the raw views of store.py
 (`batches_raw`, `examples_raw`, `checkpoints_raw`, `attempts_raw`, `evals_raw`, `trials_raw`, `influence_raw`) and
-its `runs_info` and `lineage`.
+its `runs_info`, `checkpoint_files` and `lineage`.
 """
 
 from __future__ import annotations
@@ -76,13 +76,21 @@ VIEWS = [
         INTO NAME name VALUE value""",
     # A sweep's trials (trials.parquet of each study folder found), joinable to every view by run_id.
     "CREATE OR REPLACE VIEW trials AS SELECT * FROM trials_raw",
+    # missing_steps: steps 1..steps (the last tracked) with no effective batch row (a batches part deleted or lost):
+    # the run's tracked history has a gap there. An untracked run's checkpoints are its checkpoint files (store.py's
+    # `checkpoint_files`); a tracked run's come from its tracking parts, in its lineage.
     """CREATE OR REPLACE VIEW runs AS
-        SELECT r.*, s.steps, s.examples_seen, c.checkpoints, c.last_checkpoint_step
+        SELECT r.*, s.steps, s.examples_seen, coalesce(c.checkpoints, f.checkpoints) AS checkpoints,
+               coalesce(c.last_checkpoint_step, f.last_checkpoint_step) AS last_checkpoint_step,
+               s.steps - s.distinct_steps AS missing_steps
         FROM runs_info r
-        LEFT JOIN (SELECT run_id, max(step) AS steps, sum(len(example_ids)) AS examples_seen
+        LEFT JOIN (SELECT run_id, max(step) AS steps, count(DISTINCT step) FILTER (WHERE step >= 1) AS distinct_steps,
+                          sum(len(example_ids)) AS examples_seen
                    FROM batches GROUP BY run_id) s USING (run_id)
         LEFT JOIN (SELECT run_id, count(*) AS checkpoints, max(step) AS last_checkpoint_step
-                   FROM checkpoints GROUP BY run_id) c USING (run_id)""",
+                   FROM checkpoints GROUP BY run_id) c USING (run_id)
+        LEFT JOIN (SELECT run_id, count(*) AS checkpoints, max(step) AS last_checkpoint_step
+                   FROM checkpoint_files GROUP BY run_id) f USING (run_id)""",
 ]
 VIEW_NAMES = ("runs", "batches", "batches_all", "samples", "examples", "checkpoints", "attempts", "step_checkpoint",
               "example_checkpoint", "metrics", "example_trace", "evals", "trials", "influence")
