@@ -1,12 +1,16 @@
 """Values in the record and inputs to training (issues #21, #27): the loss a run records under gradient accumulation,
-and a runs folder that cannot be one."""
+a runs folder that cannot be one, and what a SIGTERM'd run prints."""
 
 import csv
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, small_config
+from conftest import ROOT, SMALL, run_cli, small_config
 
 import loratrace
 
@@ -69,3 +73,26 @@ def test_train_into_a_runs_dir_that_is_a_file_is_one_line_and_writes_nothing(tmp
     assert result.stderr == (f"loratrace: error: runs_dir {runs_dir}: {blocker} is a file, not a folder "
                              "(name a folder)\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"] and blocker.read_text() == "not a folder\n"
+
+
+@pytest.mark.slow
+def test_a_sigterm_stop_leaves_no_swanlab_warning_on_stderr(tmp_path):
+    """Lightning finalizes the loggers with "failed" on a SIGTERM's stop, and SwanLab's logger printed "received
+    non-success Lightning finalize status" next to the one line that says how to resume."""
+    args = ["--config", str(ROOT / "configs" / "tiny.yaml"), *SMALL, "logging.swanlab=true",
+            "training.max_steps=2000", "training.stage1_steps=1990", f"--runs-dir={tmp_path}"]
+    process = subprocess.Popen([sys.executable, "-m", "loratrace", "train", *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(tmp_path.glob("*/tracking/batches/*.parquet")):  # some steps are done and flushed
+            assert time.monotonic() < deadline and process.poll() is None, "training did not start"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    assert process.returncode == 143, err[-2000:]
+    assert "swanlab" not in err.lower(), err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("loratrace: error: interrupted by SIGTERM after step ")
+    assert (next(tmp_path.iterdir()) / "swanlab_logs").is_dir()  # SwanLab did record the run

@@ -68,7 +68,8 @@ class DataConfig:
     """Registry name: arc-challenge, arc-easy, boolq, piqa, hellaswag, winogrande, openbookqa, siqa."""
     source: str = "sample"
     """`sample` (bundled synthetic ARC-format set), `hub` (Hugging Face hub), or a local path
-    (JSONL/Parquet file, folder of `<split>.jsonl|parquet`, or a `save_to_disk` folder)."""
+    (JSONL/Parquet file, folder of `<split>.jsonl|parquet`, or a `save_to_disk` folder). ARC rows may be in the
+    hub's layout or the original AI2 JSONL's (`"question": {"stem": ..., "choices": [{"text", "label"}, ...]}`)."""
     train_split: str = "train"
     """Split trained on."""
     max_length: int = 256
