@@ -42,7 +42,7 @@ def test_unknown_key_names_the_closest_known_key():
 @pytest.mark.parametrize("override, message", [
     ("training.batch_size=zero", "training.batch_size: expected an integer"),
     ("training.stage1_steps=500", "training.stage1_steps must be between 0 and training.max_steps"),
-    ("training.learning_rate_stage1=-1", "training.learning_rate_stage1 must be in (0, 10], got -1.0"),
+    ("training.learning_rate_stage1=-1", "training.learning_rate_stage1 must be in (0, 1000], got -1.0"),
     ("logging.swanlab_mode=online", "logging.swanlab_mode: 'online' is not one of"),
     ("data.dataset=mmlu", "data.dataset: unknown data set 'mmlu'"),
     ("tracking.enabled=maybe", "tracking.enabled: expected true or false"),
@@ -127,7 +127,7 @@ def test_config_that_is_not_utf8_is_one_line(tmp_path):
     ("training.learning_rate=inf", "training.learning_rate_stage1 must be a finite number, got inf"),
     ("training.learning_rate_stage2=.inf", "training.learning_rate_stage2 must be a finite number, got inf"),
     ("training.learning_rate_stage1=1e400", "training.learning_rate_stage1 must be a finite number, got inf"),
-    ("training.learning_rate_stage1=1e300", "training.learning_rate_stage1 must be in (0, 10], got 1e+300"),
+    ("training.learning_rate_stage1=1e300", "training.learning_rate_stage1 must be in (0, 1000], got 1e+300"),
     ("training.weight_decay=inf", "training.weight_decay must be a finite number, got inf"),
     ("training.max_grad_norm=nan", "training.max_grad_norm must be a finite number, got nan"),
     ("lora.dropout=-.inf", "lora.dropout must be a finite number, got -inf"),

@@ -299,9 +299,9 @@ BOUNDS = {
     "training.batch_size": Bounds(1, 2**20),
     "training.max_steps": COUNT,
     "training.stage1_steps": Bounds(0, 10**9),
-    # Above 10 no optimizer trains (AdamW's step is about lr): a rate that large, or an overflowing one, is a typo.
-    "training.learning_rate_stage1": Bounds(0, 10, low_open=True),
-    "training.learning_rate_stage2": Bounds(0, 10, low_open=True),
+    # AdamW moves each weight by about lr a step: past 1000 (a sweep's "absurd" rate) a rate is a typo or an overflow.
+    "training.learning_rate_stage1": Bounds(0, 1000, low_open=True),
+    "training.learning_rate_stage2": Bounds(0, 1000, low_open=True),
     "training.accumulate_grad_batches": Bounds(1, 2**16),
     "training.warmup_steps": Bounds(0, 10**9),
     "training.weight_decay": Bounds(0, 100),  # AdamW shrinks by lr x weight_decay each step
