@@ -278,7 +278,7 @@ class Bounds:
     def __contains__(self, value: float) -> bool:
         above = value > self.low if self.low_open else value >= self.low
         below = value < self.high if self.high_open else value <= self.high
-        return math.isfinite(value) and above and below
+        return above and below
 
     def __str__(self) -> str:
         return f"{'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
@@ -335,6 +335,12 @@ def _path_component_problem(value: str) -> str | None:
     return None
 
 
+def _shown(value: float) -> str:
+    """A number for an error line: an integer of hundreds of digits is cut, so the line stays one line of text."""
+    text = str(value)
+    return text if len(text) <= 30 else f"{text[:12]}...({len(text)} digits)"
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -357,8 +363,8 @@ def validate(cfg: Config) -> None:
     for key, bounds in BOUNDS.items():
         value = _value(cfg, key)
         if value is not None:
-            _require(math.isfinite(value), f"{key} must be a finite number, got {value}")
-            _require(value in bounds, f"{key} must be in {bounds}, got {value}")
+            _require(isinstance(value, int) or math.isfinite(value), f"{key} must be a finite number, got {value}")
+            _require(value in bounds, f"{key} must be in {bounds}, got {_shown(value)}")
     for key in NAME_PARTS:
         problem = _path_component_problem(_value(cfg, key))
         _require(problem is None, f"{key}: {_value(cfg, key)!r} cannot name a folder or file ({problem})")
