@@ -138,6 +138,8 @@ def test_config_that_is_not_utf8_is_one_line(tmp_path):
     ("training.warmup_steps=-1", "training.warmup_steps must be in [0, 1000000000], got -1"),
     ("data.max_length=99999999999", "data.max_length must be in [8, 10000000], got 99999999999"),
     ("training.seed=1" + "0" * 400, "training.seed must be in [0, 4294967295], got 100000000000...(401 digits)"),
+    ("training.weight_decay=1" + "0" * 400,
+     "training.weight_decay must be a finite number, got an integer of 401 digits"),
 ])
 def test_a_numeric_value_outside_its_bounds_is_one_line_naming_the_key(override, message):
     """Issues #21 and #27.5: infinite, overflowing and out-of-range numbers were accepted (or ended in numpy's
