@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,7 @@ def test_unknown_key_names_the_closest_known_key():
 @pytest.mark.parametrize("override, message", [
     ("training.batch_size=zero", "training.batch_size: expected an integer"),
     ("training.stage1_steps=500", "training.stage1_steps must be between 0 and training.max_steps"),
-    ("training.learning_rate_stage1=-1", "training.learning_rate_stage1 must be positive"),
+    ("training.learning_rate_stage1=-1", "training.learning_rate_stage1 must be in (0, 1000], got -1.0"),
     ("logging.swanlab_mode=online", "logging.swanlab_mode: 'online' is not one of"),
     ("data.dataset=mmlu", "data.dataset: unknown data set 'mmlu'"),
     ("tracking.enabled=maybe", "tracking.enabled: expected true or false"),
@@ -120,3 +121,69 @@ def test_config_that_is_not_utf8_is_one_line(tmp_path):
     result = run_cli("train", "--config", str(path), f"--runs-dir={tmp_path / 'runs'}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("loratrace: error:")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("training.learning_rate=inf", "training.learning_rate_stage1 must be a finite number, got inf"),
+    ("training.learning_rate_stage2=.inf", "training.learning_rate_stage2 must be a finite number, got inf"),
+    ("training.learning_rate_stage1=1e400", "training.learning_rate_stage1 must be a finite number, got inf"),
+    ("training.learning_rate_stage1=1e300", "training.learning_rate_stage1 must be in (0, 1000], got 1e+300"),
+    ("training.weight_decay=inf", "training.weight_decay must be a finite number, got inf"),
+    ("training.max_grad_norm=nan", "training.max_grad_norm must be a finite number, got nan"),
+    ("lora.dropout=-.inf", "lora.dropout must be a finite number, got -inf"),
+    ("training.seed=-1", "training.seed must be in [0, 4294967295], got -1"),
+    ("training.seed=99999999999999", "training.seed must be in [0, 4294967295], got 99999999999999"),
+    ("model.tiny_seed=-3", "model.tiny_seed must be in [0, 4294967295], got -3"),
+    ("lora.alpha=0", "lora.alpha must be in [1, 65536], got 0"),
+    ("training.warmup_steps=-1", "training.warmup_steps must be in [0, 1000000000], got -1"),
+    ("data.max_length=99999999999", "data.max_length must be in [8, 10000000], got 99999999999"),
+    ("training.seed=1" + "0" * 400, "training.seed must be in [0, 4294967295], got 100000000000...(401 digits)"),
+    ("training.weight_decay=1" + "0" * 400,
+     "training.weight_decay must be a finite number, got an integer of 401 digits"),
+])
+def test_a_numeric_value_outside_its_bounds_is_one_line_naming_the_key(override, message):
+    """Issues #21 and #27.5: infinite, overflowing and out-of-range numbers were accepted (or ended in numpy's
+    traceback at seeding)."""
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        load_config(None, [override])
+
+
+def test_a_yaml_infinity_is_refused(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  learning_rate_stage1: .inf\n")
+    with pytest.raises(ConfigError, match="training.learning_rate_stage1 must be a finite number, got inf"):
+        load_config(path)
+
+
+def test_every_numeric_field_has_bounds():
+    import typing
+
+    from loratrace.config import BOUNDS, known_keys
+
+    numeric = {key for key, hint in known_keys().items()
+               if {int, float} & {hint, *typing.get_args(hint)}}
+    assert numeric == set(BOUNDS)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("method=../../../escaped", "method: '../../../escaped' cannot name a folder or file (it holds a path separator)"),
+    ("method=a/b", "method: 'a/b' cannot name a folder or file (it holds a path separator)"),
+    ("method=..", "method: '..' cannot name a folder or file (it is '..')"),
+    ("method=", "method: '' cannot name a folder or file (it is empty)"),
+    ("data.train_split=../train", "data.train_split: '../train' cannot name a folder or file"),
+    ("eval.split=a\\b", "eval.split: 'a\\\\b' cannot name a folder or file (it holds a path separator)"),
+])
+def test_a_value_that_becomes_a_path_component_cannot_leave_its_folder(override, message):
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
+        load_config(None, [override])
+
+
+def test_train_with_an_escaping_method_writes_nothing_anywhere(tmp_path):
+    """Issue #27.4: `method=../../../escaped` made a run folder outside the runs folder."""
+    runs = tmp_path / "a" / "b" / "runs"
+    result = run_cli("train", "method=../../../escaped", f"runs_dir={runs}", "training.max_steps=2",
+                     "training.stage1_steps=1", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr == ("loratrace: error: method: '../../../escaped' cannot name a folder or file (it holds a "
+                             "path separator)\n")
+    assert list(tmp_path.iterdir()) == []

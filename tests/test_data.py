@@ -152,3 +152,84 @@ def test_junk_parquet_is_one_line(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("loratrace: error:")
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_a_positional_id_that_is_another_rows_own_id_is_refused(tmp_path):
+    """Issue #21: row 0's explicit id `arc-challenge/train/3` and row 3's missing id (its positional fallback) were
+    one example id, so `trace` merged two examples."""
+    no_id = {k: v for k, v in GOOD.items() if k != "id"}
+    path = _write(tmp_path, [GOOD | {"id": "arc-challenge/train/3"}, GOOD | {"id": "q2"}, GOOD | {"id": "q3"}, no_id])
+    with pytest.raises(DataError, match=rf"^{path} line 4: its example id 'arc-challenge/train/3' is also the id of "
+                                        r"line 1; give one of the two rows another id$"):
+        load_split("arc-challenge", str(path), "train")
+
+
+def test_a_repeated_id_whose_fallback_is_taken_is_refused(tmp_path):
+    path = _write(tmp_path, [GOOD, GOOD | {"id": "arc-challenge/train/2"}, GOOD])
+    with pytest.raises(DataError, match=r"line 3: its example id 'arc-challenge/train/2' is also the id of line 2"):
+        load_split("arc-challenge", str(path), "train", notice=lambda line: None)
+
+
+HUB_CHOICES = {"text": ["rain", "sand"], "label": ["A", "B"]}
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({**GOOD, "question": 3}, r"question is a number \(3\), expected text"),
+    ({**GOOD, "question": float("nan")}, "question is NaN, expected text"),
+    ({**GOOD, "choices": {"text": ["rain", None], "label": ["A", "B"]}}, r"choices.text\[1\] is null, expected text"),
+    ({**GOOD, "choices": {"text": [{"t": "rain"}, "sand"], "label": ["A", "B"]}},
+     r"choices.text\[0\] is a mapping, expected text"),
+    ({**GOOD, "choices": {"text": "ab", "label": ["A", "B"]}}, "choices.text is a string, expected a list"),
+    ({**GOOD, "choices": "rain, sand"}, "choices is a string, expected a list or a mapping"),
+    ({**GOOD, "choices": [{"text": None, "label": "A"}]}, r"choices\[0\].text is null, expected text"),
+    ({**GOOD, "choices": ["rain", "sand"]}, r"choices\[0\] is a string, expected a mapping with text and label"),
+    ({**GOOD, "question": {"stem": 7, "choices": [{"text": "a", "label": "A"}]}}, r"question.stem is a number \(7\)"),
+])
+def test_a_row_with_the_wrong_kind_of_value_is_refused_naming_file_and_line(tmp_path, bad, message):
+    """Issue #27.6: a number or NaN for a question, a null or mapping for a choice text, a string for the choice list
+    (it was split into letters) made a traceback or a silently odd prompt."""
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n" + json.dumps(bad) + "\n")  # json writes NaN as the reader takes it
+    with pytest.raises(DataError, match=rf"^{path} line 2: malformed arc-challenge row: {message}"):
+        load_split("arc-challenge", str(path), "train")
+
+
+def test_other_formats_refuse_a_value_that_is_not_text(tmp_path):
+    rows = [{"goal": "g", "sol1": "a", "sol2": None, "label": 0}]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"line 1: malformed piqa row: missing field 'sol2'"):
+        load_split("piqa", str(tmp_path), "train")
+    (tmp_path / "train.jsonl").write_text(json.dumps({"ctx": "c", "endings": "abcd", "label": "0"}) + "\n")
+    with pytest.raises(DataError, match=r"line 1: malformed hellaswag row: endings is a string, expected a list"):
+        load_split("hellaswag", str(tmp_path), "train")
+
+
+def test_the_original_ai2_arc_jsonl_layout_loads_like_the_hub_layout(tmp_path):
+    """The layout people download from AI2 nests stem and choices under `question`; it was refused for lacking a
+    top-level `choices`. Rows written here, in that layout and in the hub's, give the same examples."""
+    choices = [{"text": "rain", "label": "A"}, {"text": "sand", "label": "B"}, {"text": "dust", "label": "C"}]
+    ai2 = [{"id": f"made_up_{i}", "question": {"stem": f"Which is wet {i}?", "choices": choices},
+            "answerKey": "ABC"[i % 3]} for i in range(3)]
+    hub = [{"id": r["id"], "question": r["question"]["stem"],
+            "choices": {"text": [c["text"] for c in r["question"]["choices"]],
+                        "label": [c["label"] for c in r["question"]["choices"]]},
+            "answerKey": r["answerKey"]} for r in ai2]
+    (tmp_path / "ai2").mkdir()
+    (tmp_path / "hub").mkdir()
+    _write(tmp_path / "ai2", ai2)
+    _write(tmp_path / "hub", hub)
+    from_ai2 = load_split("arc-challenge", str(tmp_path / "ai2" / "train.jsonl"), "train")
+    assert from_ai2 == load_split("arc-challenge", str(tmp_path / "hub" / "train.jsonl"), "train")
+    assert [e.example_id for e in from_ai2] == ["made_up_0", "made_up_1", "made_up_2"]
+    assert [e.gold for e in from_ai2] == [0, 1, 2]
+    assert from_ai2[1].prompt == "Question: Which is wet 1?\nA. rain\nB. sand\nC. dust\nAnswer:"
+
+
+def test_a_bad_row_stops_train_in_one_line_before_anything_is_written(tmp_path):
+    path = _write(tmp_path, [GOOD, {**GOOD, "id": "q2", "question": 3}])  # was a traceback from format_prompt
+    result = run_cli("train", f"data.source={path}", f"runs_dir={tmp_path / 'runs'}", "logging.swanlab=false",
+                     "logging.tensorboard=false")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (f"loratrace: error: {path} line 2: malformed arc-challenge row: question is a number (3), "
+                             "expected text\n")
+    assert not (tmp_path / "runs").exists()

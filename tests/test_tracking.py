@@ -183,8 +183,9 @@ class Witness(L.Callback):
         self.seen = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.seen.append((list(batch["example_id"]), outputs["losses"].tolist(), outputs["loss"].item(),
-                          outputs["p_gold"].tolist()))
+        # Lightning hands callbacks loss / accumulate_grad_batches (what it back-propagates); a row holds the loss.
+        loss = outputs["loss"].item() * trainer.accumulate_grad_batches
+        self.seen.append((list(batch["example_id"]), outputs["losses"].tolist(), loss, outputs["p_gold"].tolist()))
 
 
 def test_each_row_holds_its_own_micro_batch_numbers(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -67,7 +68,8 @@ class DataConfig:
     """Registry name: arc-challenge, arc-easy, boolq, piqa, hellaswag, winogrande, openbookqa, siqa."""
     source: str = "sample"
     """`sample` (bundled synthetic ARC-format set), `hub` (Hugging Face hub), or a local path
-    (JSONL/Parquet file, folder of `<split>.jsonl|parquet`, or a `save_to_disk` folder)."""
+    (JSONL/Parquet file, folder of `<split>.jsonl|parquet`, or a `save_to_disk` folder). ARC rows may be in the
+    hub's layout or the original AI2 JSONL's (`"question": {"stem": ..., "choices": [{"text", "label"}, ...]}`)."""
     train_split: str = "train"
     """Split trained on."""
     max_length: int = 256
@@ -264,9 +266,91 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
     return config_from_flat(resolve_keys(sources, notice, stage1_default=TrainingConfig.stage1_steps))
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """The values a numeric field may take: finite, between `low` and `high` (each end closed unless marked open)."""
+
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        return f"{'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+
+
+COUNT = Bounds(1, 10**9)  # a count of steps, rows or items: past 10^9 it is a typo, and it must fit an int64 column
+SEED = Bounds(0, 2**32 - 1)  # numpy's seed range; Lightning's seed_everything refuses anything outside it too
+BOUNDS = {
+    "model.tiny_seed": SEED,
+    "model.tiny_hidden_size": Bounds(4, 65536),
+    "model.tiny_layers": Bounds(1, 1024),
+    "lora.r": Bounds(1, 65536),
+    "lora.alpha": Bounds(1, 65536),
+    "lora.dropout": Bounds(0, 1, high_open=True),
+    "data.max_length": Bounds(8, 10**7),
+    "data.limit": COUNT,
+    "data.num_workers": Bounds(0, 1024),
+    "training.batch_size": Bounds(1, 2**20),
+    "training.max_steps": COUNT,
+    "training.stage1_steps": Bounds(0, 10**9),
+    # AdamW moves each weight by about lr a step: past 1000 (a sweep's "absurd" rate) a rate is a typo or an overflow.
+    "training.learning_rate_stage1": Bounds(0, 1000, low_open=True),
+    "training.learning_rate_stage2": Bounds(0, 1000, low_open=True),
+    "training.accumulate_grad_batches": Bounds(1, 2**16),
+    "training.warmup_steps": Bounds(0, 10**9),
+    "training.weight_decay": Bounds(0, 100),  # AdamW shrinks by lr x weight_decay each step
+    "training.max_grad_norm": Bounds(0, 1e9),
+    "training.seed": SEED,
+    "training.devices": Bounds(1, 1024),
+    "training.num_nodes": Bounds(1, 100_000),
+    "training.log_every_n_steps": COUNT,
+    "checkpoint.stage1_every_n_steps": Bounds(0, 10**9),
+    "checkpoint.stage2_every_n_steps": COUNT,
+    "checkpoint.full_every": COUNT,
+    "tracking.flush_every_steps": COUNT,
+    "eval.limit": COUNT,
+    "eval.batch_size": Bounds(1, 2**20),
+}
+"""Every numeric field's bounds (a field that may be null is checked when set)."""
+
+
+NAME_PARTS = ("method", "data.train_split", "eval.split")
+"""Values that become one component of a path: the run folder's name (`<dataset>_<method>_<time>`), a split's file
+name (`<split>.jsonl`). One that could climb out of its folder, or name no file at all, is refused."""
+
+
+def _path_component_problem(value: str) -> str | None:
+    if not value.strip():
+        return "it is empty"
+    if any(separator in value for separator in ("/", "\\", "\0")):
+        return "it holds a path separator"
+    if value in (".", ".."):
+        return f"it is {value!r}"
+    return None
+
+
+def _shown(value: float) -> str:
+    """A number for an error line: an integer of hundreds of digits is cut, so the line stays one line of text."""
+    text = str(value)
+    return text if len(text) <= 30 else f"{text[:12]}...({len(text)} digits)"
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+def _value(cfg: Config, key: str) -> Any:
+    value = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def validate(cfg: Config) -> None:
@@ -274,35 +358,22 @@ def validate(cfg: Config) -> None:
 
     t = cfg.training
     for key, allowed in CHOICES.items():
-        section, leaf = key.split(".")
-        value = getattr(getattr(cfg, section), leaf)
+        value = _value(cfg, key)
         _require(value in allowed, f"{key}: {value!r} is not one of {', '.join(allowed)}")
+    for key, bounds in BOUNDS.items():
+        value = _value(cfg, key)
+        if value is not None:
+            _require(isinstance(value, int) or math.isfinite(value), f"{key} must be a finite number, got {value}")
+            _require(value in bounds, f"{key} must be in {bounds}, got {_shown(value)}")
+    for key in NAME_PARTS:
+        problem = _path_component_problem(_value(cfg, key))
+        _require(problem is None, f"{key}: {_value(cfg, key)!r} cannot name a folder or file ({problem})")
     _require(cfg.data.dataset in REGISTRY,
              f"data.dataset: unknown data set {cfg.data.dataset!r}; known: {', '.join(REGISTRY)}")
-    for key in ("batch_size", "max_steps", "accumulate_grad_batches", "devices", "num_nodes", "log_every_n_steps"):
-        _require(getattr(t, key) >= 1, f"training.{key} must be at least 1, got {getattr(t, key)}")
-    _require(0 <= t.stage1_steps <= t.max_steps,
+    _require(t.stage1_steps <= t.max_steps,
              f"training.stage1_steps must be between 0 and training.max_steps ({t.max_steps}), got {t.stage1_steps}")
-    for key in ("learning_rate_stage1", "learning_rate_stage2"):
-        _require(getattr(t, key) > 0, f"training.{key} must be positive, got {getattr(t, key)}")
-    _require(t.warmup_steps >= 0, f"training.warmup_steps must be >= 0, got {t.warmup_steps}")
-    _require(t.weight_decay >= 0, f"training.weight_decay must be >= 0, got {t.weight_decay}")
-    _require(t.max_grad_norm >= 0, f"training.max_grad_norm must be >= 0, got {t.max_grad_norm}")
-    _require(cfg.lora.r >= 1, f"lora.r must be at least 1, got {cfg.lora.r}")
-    _require(0 <= cfg.lora.dropout < 1, f"lora.dropout must be in [0, 1), got {cfg.lora.dropout}")
     _require(bool(cfg.lora.target_modules), "lora.target_modules must name at least one module")
-    _require(cfg.data.max_length >= 8, f"data.max_length must be at least 8, got {cfg.data.max_length}")
-    _require(cfg.data.limit is None or cfg.data.limit >= 1, f"data.limit must be at least 1, got {cfg.data.limit}")
-    _require(cfg.data.num_workers >= 0, f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
-    _require(cfg.checkpoint.stage1_every_n_steps >= 0, "checkpoint.stage1_every_n_steps must be >= 0")
-    _require(cfg.checkpoint.stage2_every_n_steps >= 1, "checkpoint.stage2_every_n_steps must be at least 1")
-    _require(cfg.checkpoint.full_every >= 1,
-             f"checkpoint.full_every must be at least 1, got {cfg.checkpoint.full_every}")
-    _require(cfg.tracking.flush_every_steps >= 1, "tracking.flush_every_steps must be at least 1")
-    _require(cfg.eval.batch_size >= 1, f"eval.batch_size must be at least 1, got {cfg.eval.batch_size}")
-    _require(cfg.eval.limit is None or cfg.eval.limit >= 1, f"eval.limit must be at least 1, got {cfg.eval.limit}")
     _require(cfg.model.tiny_hidden_size % 4 == 0, "model.tiny_hidden_size must be a multiple of 4")
-    _require(cfg.model.tiny_layers >= 1, "model.tiny_layers must be at least 1")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -52,23 +52,76 @@ def _need(row: dict, *keys: str) -> list[Any]:
     return [row[k] for k in keys]
 
 
-def _arc(row: dict) -> tuple[str | None, str, list[str], int]:
-    question, choices, answer = _need(row, "question", "choices", "answerKey")
-    if isinstance(question, dict):  # the original ARC JSONL nests stem + choices under "question"
-        choices, question = question.get("choices", choices), question.get("stem", "")
+def _kind(value: Any) -> str:
+    """How a value that should be text reads in an error: `null`, `a number (3)`, `a mapping`, ..."""
+    if value is None:
+        return "null"
+    if isinstance(value, float) and value != value:
+        return "NaN"
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, (int, float)):
+        return f"a number ({value!r})"
+    names = {dict: "a mapping", str: "a string", list: "a list"}
+    return names.get(type(value), f"a {type(value).__name__}")
+
+
+def _text(value: Any, what: str) -> str:
+    """`value` if it is text: a number, null or mapping where a question or choice belongs would make a silently odd
+    prompt (`Question: nan`) or a crash later."""
+    if not isinstance(value, str):
+        raise ValueError(f"{what} is {_kind(value)}, expected text")
+    return value
+
+
+def _texts(values: Any, what: str) -> list[str]:
+    """A list of texts (a string is not split into its letters)."""
+    if not isinstance(values, list):
+        raise ValueError(f"{what} is {_kind(values)}, expected a list")
+    return [_text(value, f"{what}[{index}]") for index, value in enumerate(values)]
+
+
+def _arc_choices(choices: Any) -> tuple[list[str], list[str]]:
+    """(texts, labels) from either ARC layout: a list of {text, label} (the original AI2 JSONL), or {text: [...],
+    label: [...]} (the hub's)."""
     if isinstance(choices, list):
-        texts, labels = [c["text"] for c in choices], [c["label"] for c in choices]
+        for index, choice in enumerate(choices):
+            if not isinstance(choice, dict):
+                raise ValueError(f"choices[{index}] is {_kind(choice)}, expected a mapping with text and label")
+        texts = [_text(choice.get("text"), f"choices[{index}].text") for index, choice in enumerate(choices)]
+        labels = [choice.get("label") for choice in choices]
+    elif isinstance(choices, dict):
+        texts, labels = _texts(choices.get("text"), "choices.text"), choices.get("label")
+        if not isinstance(labels, list):
+            raise ValueError(f"choices.label is {_kind(labels)}, expected a list")
     else:
-        texts, labels = list(choices.get("text", [])), list(choices.get("label", []))
+        raise ValueError(f"choices is {_kind(choices)}, expected a list or a mapping of text and label lists")
+    for index, label in enumerate(labels):
+        if not isinstance(label, (str, int)) or isinstance(label, bool):
+            raise ValueError(f"choice label {index} is {_kind(label)}, expected a letter or number")
+    return texts, [str(label) for label in labels]
+
+
+def _arc(row: dict) -> tuple[str | None, str, list[str], int]:
+    question, answer = _need(row, "question", "answerKey")
+    if isinstance(question, dict):  # the original AI2 ARC JSONL: {"question": {"stem": ..., "choices": [...]}}
+        choices, question = question.get("choices"), question.get("stem")
+        if choices is None:
+            raise ValueError("missing field 'question.choices'")
+        question = _text(question, "question.stem")
+    else:
+        (choices,) = _need(row, "choices")
+        question = _text(question, "question")
+    texts, labels = _arc_choices(choices)
     if not texts:
         raise ValueError("empty choices")
     if len(labels) != len(texts):
         raise ValueError(f"{len(labels)} choice labels for {len(texts)} choice texts")
-    if len(set(map(str, labels))) != len(labels):
+    if len(set(labels)) != len(labels):
         raise ValueError(f"repeated choice labels {labels}")
-    if str(answer) not in [str(label) for label in labels]:
+    if str(answer) not in labels:
         raise ValueError(f"answer key {answer!r} is not among the labels {labels}")
-    return row.get("id"), question, texts, [str(label) for label in labels].index(str(answer))
+    return row.get("id"), question, texts, labels.index(str(answer))
 
 
 def _openbookqa(row: dict) -> tuple[str | None, str, list[str], int]:
@@ -77,11 +130,13 @@ def _openbookqa(row: dict) -> tuple[str | None, str, list[str], int]:
 
 def _boolq(row: dict) -> tuple[str | None, str, list[str], int]:
     question, passage, answer = _need(row, "question", "passage", "answer")
+    question, passage = _text(question, "question"), _text(passage, "passage")
     return None, f"{passage}\n{question}?", ["no", "yes"], int(bool(answer))
 
 
 def _piqa(row: dict) -> tuple[str | None, str, list[str], int]:
     goal, sol1, sol2, label = _need(row, "goal", "sol1", "sol2", "label")
+    goal, sol1, sol2 = _text(goal, "goal"), _text(sol1, "sol1"), _text(sol2, "sol2")
     if int(label) not in (0, 1):
         raise ValueError(f"label {label!r} is not 0 or 1")
     return None, goal, [sol1, sol2], int(label)
@@ -89,6 +144,7 @@ def _piqa(row: dict) -> tuple[str | None, str, list[str], int]:
 
 def _hellaswag(row: dict) -> tuple[str | None, str, list[str], int]:
     ctx, endings, label = _need(row, "ctx", "endings", "label")
+    ctx, endings = _text(ctx, "ctx"), _texts(endings, "endings")
     if not endings:
         raise ValueError("empty choices")
     if str(label) not in [str(i) for i in range(len(endings))]:
@@ -99,6 +155,7 @@ def _hellaswag(row: dict) -> tuple[str | None, str, list[str], int]:
 
 def _winogrande(row: dict) -> tuple[str | None, str, list[str], int]:
     sentence, option1, option2, answer = _need(row, "sentence", "option1", "option2", "answer")
+    sentence, option1, option2 = _text(sentence, "sentence"), _text(option1, "option1"), _text(option2, "option2")
     if str(answer) not in ("1", "2"):
         raise ValueError(f"answer {answer!r} is not 1 or 2")
     return None, f"Fill in the blank: {sentence}", [option1, option2], int(answer) - 1
@@ -106,6 +163,8 @@ def _winogrande(row: dict) -> tuple[str | None, str, list[str], int]:
 
 def _siqa(row: dict) -> tuple[str | None, str, list[str], int]:
     context, question, a, b, c, label = _need(row, "context", "question", "answerA", "answerB", "answerC", "label")
+    context, question = _text(context, "context"), _text(question, "question")
+    a, b, c = _text(a, "answerA"), _text(b, "answerB"), _text(c, "answerC")
     if str(label).strip() not in ("1", "2", "3"):
         raise ValueError(f"label {label!r} is not 1, 2 or 3")
     return None, f"{context}\n{question}", [a, b, c], int(str(label).strip()) - 1
@@ -226,8 +285,9 @@ def raw_rows(dataset: str, source: str, split: str) -> tuple[list[dict], str]:
 
 
 def load_split(dataset: str, source: str, split: str, limit: int | None = None, notice=None) -> list[Example]:
-    """Formatted examples of one split; a malformed row is one DataError naming file and line. An id that repeats an
-    earlier row's is replaced by the row's positional id (`<dataset>/<split>/<row>`), with one `notice` line."""
+    """Formatted examples of one split; a malformed row is one DataError naming file and line (1-based, as an editor
+    counts the JSONL's lines). An id that repeats an earlier row's is replaced by the row's positional id
+    (`<dataset>/<split>/<row>`), with one `notice` line; a positional id that is another row's own id is refused."""
     spec = REGISTRY[dataset]
     rows, origin = raw_rows(dataset, source, split)
     if limit is not None:
@@ -244,7 +304,10 @@ def load_split(dataset: str, source: str, split: str, limit: int | None = None, 
         if example_id in seen:  # ids must be unique for tracking; fall back to the positional id
             repeated.append((line, example_id, seen[example_id]))
             example_id = f"{dataset}/{split}/{line}"
-        seen.setdefault(example_id, line)
+        if example_id in seen:  # another row's own id is this row's positional one: `trace` would merge the two
+            raise DataError(f"{origin} line {line + 1}: its example id {example_id!r} is also the id of line "
+                            f"{seen[example_id] + 1}; give one of the two rows another id")
+        seen[example_id] = line
         examples.append(Example(example_id, line, format_prompt(question, choices), list(choices), gold))
     if not examples:
         raise DataError(f"{origin}: split {split!r} has no rows")

@@ -17,6 +17,8 @@ import csv
 import importlib.util
 import logging
 import os
+import re
+import warnings
 from pathlib import Path
 
 from loratrace.config import Config, flatten_keys
@@ -29,6 +31,10 @@ PACKAGES = ("mlflow", "wandb", "swanlab", "tensorboard")  # loggers whose packag
 
 # Lines a loratrace user cannot act on: MLflow creating its tables, Lightning creating the experiment.
 QUIET = {"mlflow": logging.WARNING, "alembic": logging.WARNING, "lightning.pytorch.loggers.mlflow": logging.ERROR}
+# Lightning finalizes every logger with status "failed" on any exception that ends `fit`, a SIGTERM's or Ctrl+C's
+# planned stop included, and SwanLab's logger warns about it: the command's one error line and run.json's status
+# already say how the run ended (`interrupted` or `failed`).
+QUIET_WARNINGS = ("SwanLabLogger received non-success Lightning finalize status",)
 
 
 class LoggerError(LoratraceError):
@@ -117,12 +123,16 @@ def _environment(**values: str):
 
 @contextlib.contextmanager
 def quiet_loggers():
-    """While training: the loggers' set-up chatter off (`QUIET`), levels restored after."""
+    """While training: the loggers' set-up chatter off (`QUIET`) and their warnings of `QUIET_WARNINGS`, levels and
+    warning filters restored after."""
     saved = {name: logging.getLogger(name).level for name in QUIET}
     for name, level in QUIET.items():
         logging.getLogger(name).setLevel(level)
     try:
-        yield
+        with warnings.catch_warnings():
+            for message in QUIET_WARNINGS:
+                warnings.filterwarnings("ignore", message=re.escape(message))
+            yield
     finally:
         for name, level in saved.items():
             logging.getLogger(name).setLevel(level)

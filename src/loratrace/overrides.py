@@ -7,6 +7,7 @@ nested keys translated as a whole. `config.load_config` puts these together with
 
 from __future__ import annotations
 
+import sys
 import types
 import typing
 from pathlib import Path
@@ -76,6 +77,8 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
             return int(value)
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if hint is float:
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > sys.float_info.max:
+            raise ConfigError(f"{key} must be a finite number, got an integer of {len(str(abs(value)))} digits")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         if isinstance(value, str):

@@ -18,7 +18,7 @@ class StepOutputs(TypedDict, total=False):
     """What the tracker reads from a `training_step`'s return value; a key that is absent is written as null."""
 
     loss: Required[torch.Tensor]
-    """The loss back-propagated for the micro-batch (a scalar)."""
+    """The loss back-propagated for the micro-batch (a scalar; callbacks read it back with `micro_batch_loss`)."""
     losses: torch.Tensor
     """(batch,) each example's mean loss over its answer tokens."""
     p_gold: torch.Tensor
@@ -29,6 +29,15 @@ class StepOutputs(TypedDict, total=False):
     """Non-padding tokens of the micro-batch (summed if given per example)."""
     n_target: torch.Tensor
     """(batch,) answer tokens each example's loss averages over."""
+
+
+def micro_batch_loss(outputs: Mapping, trainer) -> torch.Tensor:
+    """The micro-batch's loss as `training_step` returned it, from the `outputs` Lightning hands `on_train_batch_end`.
+    Under automatic optimization Lightning divides the loss by `accumulate_grad_batches` before its backward (so the
+    accumulated gradient is the mean over the micro-batches) and hands callbacks that divided value."""
+    loss = outputs["loss"].detach()
+    scale = trainer.accumulate_grad_batches
+    return loss * scale if scale > 1 and trainer.lightning_module.automatic_optimization else loss
 
 
 def stage_of(step: int, stage1_steps: int | None) -> int:

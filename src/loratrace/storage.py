@@ -25,7 +25,7 @@ import shutil
 import tempfile
 from pathlib import Path, PurePosixPath
 
-from loratrace.errors import LoratraceError, first_line
+from loratrace.errors import ConfigError, LoratraceError, first_line
 
 STAGED_ENV = "LORATRACE_STAGED_RUN"  # "<local scratch run folder>\n<its URL>": inherited by the ranks a launcher starts
 NOT_STAGED = ("final_model/", "final_adapter/", "tensorboard_logs/", "swanlab_logs/")  # `stage_run` leaves these out
@@ -102,9 +102,11 @@ def _check_s3_credentials(url: str) -> None:
 
 
 def check_location(location) -> None:
-    """Before anything is written: a remote runs location is reachable with the credentials at hand, in a bucket
-    that exists."""
-    if is_remote(location):
+    """Before anything is written: a local runs folder is (or can become) a folder, a remote runs location is
+    reachable with the credentials at hand, in a bucket that exists."""
+    if not is_remote(location):
+        _check_local_folder(Path(local_form(location)))
+    else:
         fs, path = filesystem(str(location))
         bucket = path.split("/", 1)[0]
         with remote_errors(str(location)):
@@ -112,6 +114,16 @@ def check_location(location) -> None:
         if not found:
             raise StorageError(f"{location}: no bucket {bucket!r} at this endpoint (create it, or check "
                                "AWS_ENDPOINT_URL)")
+
+
+def _check_local_folder(folder: Path) -> None:
+    """The folder, or the nearest part of its path that exists, must be a folder: a file there would fail the
+    first mkdir, half-way through setting up a run."""
+    for existing in (folder, *folder.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                raise ConfigError(f"runs_dir {folder}: {existing} is a file, not a folder (name a folder)")
+            return
 
 
 @contextlib.contextmanager

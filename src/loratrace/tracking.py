@@ -43,7 +43,7 @@ from loratrace import schema, storage
 from loratrace.errors import LoratraceError, first_line
 from loratrace.mappings import Mappings, is_effective, lineage_ranges, read_parts
 from loratrace.runs import utc_now
-from loratrace.step_outputs import HostValues, gradient_norm, stage_of
+from loratrace.step_outputs import HostValues, gradient_norm, micro_batch_loss, stage_of
 from loratrace.writer import PartWriter
 
 NUMBERS = ("loss", "losses", "p_gold", "correct", "n_tokens", "n_target")
@@ -275,6 +275,7 @@ class _Rows:
         outputs = outputs if isinstance(outputs, Mapping) else {"loss": outputs}
         if outputs.get("loss") is not None:  # Lightning passes {} for a training_step that returned None
             numbers = {key: outputs[key] for key in NUMBERS if isinstance(outputs.get(key), torch.Tensor)}
+            numbers["loss"] = micro_batch_loss(outputs, trainer)  # not the share Lightning back-propagated
             if update is not None and update["grad_norm"] is not None:
                 numbers["grad_norm"] = update["grad_norm"]
             lines = batch["line"]

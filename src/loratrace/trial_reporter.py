@@ -20,6 +20,7 @@ from typing_extensions import override
 from loratrace import runs
 from loratrace.checkpoints import UpdateBoundary
 from loratrace.config import Config
+from loratrace.step_outputs import micro_batch_loss
 from loratrace.trials import Objective
 
 
@@ -58,7 +59,7 @@ class TrialReporter(UpdateBoundary):
         if not isinstance(outputs, dict) or "n_target" not in outputs:
             return
         tokens = outputs["n_target"].sum()
-        weighted = outputs["loss"].detach() * tokens
+        weighted = micro_batch_loss(outputs, trainer) * tokens
         sums = self._sums
         self._sums = (weighted, tokens) if sums is None else (sums[0] + weighted, sums[1] + tokens)
         if self.update_finished(trainer):
