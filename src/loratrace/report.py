@@ -19,7 +19,7 @@ import pandas as pd
 
 from loratrace.comparison import FORGETTING, config_differences
 from loratrace.errors import LoratraceError
-from loratrace.formats import write_text
+from loratrace.formats import check_output, write_text
 
 CARTOGRAPHY = """WITH per_epoch AS (
     SELECT run_id, example_id, epoch, avg(p_gold) AS p_gold, avg(correct::INT) AS correct FROM samples GROUP BY ALL)
@@ -53,6 +53,7 @@ def write_report(paths, output: str | Path = "report.html", title: str | None = 
     from loratrace.run_folders import as_list, study_folders
     from loratrace.store import open_runs
 
+    check_output(output, [*as_list(paths or []), *as_list(studies or [])])  # before any work: no run is written into
     sweep = []
     if studies:
         if not study_folders(studies):
@@ -74,7 +75,7 @@ def write_report(paths, output: str | Path = "report.html", title: str | None = 
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(name)}</title>'
             f"<style>{STYLE}</style>\n<script>{plotly.offline.get_plotlyjs()}</script></head>\n<body>\n"
             f"<h1>loratrace report: {html.escape(name)}</h1>\n{body}\n</body></html>\n")
-    write_text(page, str(output))
+    write_text(page, str(output), [*as_list(paths or []), *as_list(studies or [])])
     return Path(output)
 
 
