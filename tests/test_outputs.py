@@ -41,13 +41,13 @@ def _hashes(root: Path) -> dict[str, str | None]:
     return tree
 
 
-def _refused(args: list[str], root: Path, capsys) -> str:
-    """Run `args`; assert exit 2, one error line, nothing on stdout, every file under `root` unchanged."""
+def _refused(args: list[str], root: Path, capsys, exit_code: int = 2) -> str:
+    """Run `args`; assert `exit_code`, one error line, nothing on stdout, every file under `root` unchanged."""
     before = _hashes(root)
     code = main(args)
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("loratrace: error: "), (code, captured.err)
+    assert code == exit_code and len(lines) == 1 and lines[0].startswith("loratrace: error: "), (code, captured.err)
     assert captured.out == ""
     assert _hashes(root) == before
     return lines[0]
@@ -162,8 +162,10 @@ def test_a_symlink_outside_the_runs_writes_its_target_and_stays_a_link(runs, tmp
 
 
 def test_a_folder_output_is_refused(runs, tmp_path, capsys):
+    """Exit 1, as for a missing folder: an output file that cannot be written."""
     (tmp_path / "folder").mkdir()
-    line = _refused(["query", "SELECT 1", "--runs-dir", str(runs), "-o", str(tmp_path / "folder")], tmp_path, capsys)
+    line = _refused(["query", "SELECT 1", "--runs-dir", str(runs), "-o", str(tmp_path / "folder")], tmp_path, capsys,
+                    exit_code=1)
     assert line.endswith("is a folder; name a file")
 
 

@@ -391,12 +391,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from loratrace.formats import check_output
     from loratrace.report import write_report
+    from loratrace.run_folders import study_folders
 
     if not args.runs and not args.study:
         from loratrace.config import ConfigError
 
         raise ConfigError("name run folders (loratrace report runs/) or a sweep (--study runs/sweeps/<study>)")
-    check_output(args.output, [*args.runs, *(args.study or [])])
+    check_output(args.output, [*args.runs, *study_folders(args.study or [])])
     path = write_report(args.runs, args.output, title=args.title, studies=args.study)
     print(f"report  {path}  ({path.stat().st_size / 1e6:.1f} MB, opens offline)")
     return 0

@@ -127,9 +127,9 @@ def _check_output_file(output, target: Path, flag: str) -> None:
         return
     mode = os.stat(target).st_mode
     if stat.S_ISDIR(mode):
-        raise OutputRefused(f"{flag} {output}: {target} is a folder; name a file")
+        raise OutputError(f"{flag} {output}: {target} is a folder; name a file")
     if not (stat.S_ISREG(mode) or stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):
-        raise OutputRefused(f"{flag} {output}: {target} is not a regular file, a character device or a FIFO")
+        raise OutputError(f"{flag} {output}: {target} is not a regular file, a character device or a FIFO")
 
 
 def _check_output_folder(output, target: Path, flag: str) -> None:

@@ -53,7 +53,8 @@ def write_report(paths, output: str | Path = "report.html", title: str | None = 
     from loratrace.run_folders import as_list, study_folders
     from loratrace.store import open_runs
 
-    check_output(output, [*as_list(paths or []), *as_list(studies or [])])  # before any work: no run is written into
+    read = [*as_list(paths or []), *study_folders(studies or [])]  # what `output` must stay out of
+    check_output(output, read)  # before any work
     sweep = []
     if studies:
         if not study_folders(studies):
@@ -75,7 +76,7 @@ def write_report(paths, output: str | Path = "report.html", title: str | None = 
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(name)}</title>'
             f"<style>{STYLE}</style>\n<script>{plotly.offline.get_plotlyjs()}</script></head>\n<body>\n"
             f"<h1>loratrace report: {html.escape(name)}</h1>\n{body}\n</body></html>\n")
-    write_text(page, str(output), [*as_list(paths or []), *as_list(studies or [])])
+    write_text(page, str(output), [*read, *as_list(paths or [])])  # with the trials' runs
     return Path(output)
 
 
