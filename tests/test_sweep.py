@@ -322,7 +322,9 @@ def test_report_study_with_no_trials_yet_says_so(tmp_path, capsys):
 
 def test_trials_0_is_refused_not_taken_for_the_default(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code = main(["sweep", "--param", "lora.r=choice(4,8)", "--trials", "0", f"runs_dir={tmp_path / 'runs'}"])
+    # A storage that cannot open: taken for 10 trials, the sweep would fail there (not train) and name the storage
+    code = main(["sweep", "--param", "lora.r=choice(4,8)", "--trials", "0", "--storage", "sqlite:////nonexistent/x.db",
+                 f"runs_dir={tmp_path / 'runs'}"])
     err = capsys.readouterr().err
     assert code == 2 and err == "loratrace: error: --trials must be at least 1, got 0\n"
     assert list(tmp_path.iterdir()) == []
@@ -436,7 +438,7 @@ def test_sigkill_of_a_sweep_with_jobs_ends_its_workers_and_resume_finishes(tmp_p
     study_dir = runs / "sweeps" / "orphans"
     args = [sys.executable, "-m", "loratrace", "sweep", *CONFIG, "--param", "lora.r=choice(4,8,16)", "--trials", "2",
             "--jobs", "2", "--objective", "final_loss", "--pruner", "none", "--study", "orphans", *BASE,
-            "training.max_steps=40", f"runs_dir={runs}"]
+            "training.max_steps=100", "checkpoint.stage2_every_n_steps=10", f"runs_dir={runs}"]  # longer than the 30 s
     sweep = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     workers, deadline = [], time.monotonic() + 600
     while len(workers) < 2 and time.monotonic() < deadline and sweep.poll() is None:
@@ -452,6 +454,7 @@ def test_sigkill_of_a_sweep_with_jobs_ends_its_workers_and_resume_finishes(tmp_p
     while any(process_alive(w) for w in workers) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(process_alive(w) for w in workers), "a worker outlived its sweep by 30 s"
+    assert "COMPLETE" not in [t.state.name for t in load_study(study_dir).trials]  # stopped, not finished
 
     resumed = run_cli("sweep", "--resume", str(study_dir), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="value for the next ? placeholder (repeatable)")
     query.add_argument("--format", choices=FORMATS, default="table", help="output format (default: table; see above)")
     query.add_argument("--output", "-o", help="write to this file instead of stdout (needed for parquet); its folder "
-                                              "must exist")
+                                              "must exist, outside the runs folder; - is stdout")
     add_runs_dir(query)
 
     trace = sub.add_parser("trace", help="every step and checkpoint that trained one example",

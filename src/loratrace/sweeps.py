@@ -5,7 +5,8 @@
     loratrace sweep --study runs/sweeps/<study> --jobs 2     # two worker processes on one study
 
 `runs/sweeps/<study>/` holds sweep.json (what was asked: base config, params, objective, sampler, pruner, storage),
-study.db (Optuna's SQLite storage, unless --storage names another) and trials.parquet (the `trials` view). Workers
+study.db (Optuna's SQLite storage, unless --storage names another) and trials.parquet (the `trials` view); sweep.json's
+paths are relative to the study folder, so a copied study reads its own study.db, never the original's. Workers
 take trials with Optuna's ask/tell under a lock on the study folder, so the requested number is never exceeded and
 no two workers train one trial. A worker that dies (SIGKILL, power loss) leaves its trial RUNNING: the next worker on
 this host sees the process gone, another host after the heartbeat's grace period (Optuna's `fail_stale_trials`);
