@@ -438,7 +438,7 @@ def test_sigkill_of_a_sweep_with_jobs_ends_its_workers_and_resume_finishes(tmp_p
     study_dir = runs / "sweeps" / "orphans"
     args = [sys.executable, "-m", "loratrace", "sweep", *CONFIG, "--param", "lora.r=choice(4,8,16)", "--trials", "2",
             "--jobs", "2", "--objective", "final_loss", "--pruner", "none", "--study", "orphans", *BASE,
-            "training.max_steps=100", "checkpoint.stage2_every_n_steps=10", f"runs_dir={runs}"]  # longer than the 30 s
+            "training.max_steps=100", "checkpoint.stage2_every_n_steps=10", f"runs_dir={runs}"]  # orphans would finish
     sweep = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     workers, deadline = [], time.monotonic() + 600
     while len(workers) < 2 and time.monotonic() < deadline and sweep.poll() is None:
