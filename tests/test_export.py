@@ -143,7 +143,7 @@ def test_steps_list_and_mixed(run, tmp_path):
 
 
 def test_untracked_run_has_null_batches_not_empty_lists(run, tmp_path):
-    untracked = tmp_path / run.name
+    untracked = tmp_path / "runs" / run.name  # its runs folder apart from the output
     shutil.copytree(run, untracked, ignore=shutil.ignore_patterns("tracking"))
     export_adapters(untracked, tmp_path / "out", steps="2,5", progress=False)
     table = pq.read_table(tmp_path / "out" / "manifest.parquet")
@@ -216,7 +216,7 @@ def test_a_named_base_model_is_recorded_as_config_yaml_names_it(run, tmp_path):
 
     from loratrace.model import PRETRAINED_DIR
 
-    named = tmp_path / run.name
+    named = tmp_path / "runs" / run.name  # its runs folder apart from the output
     shutil.copytree(run, named, ignore=shutil.ignore_patterns("base_model"))
     config = yaml.safe_load((named / "config.yaml").read_text())
     config["model"]["name"] = str(PRETRAINED_DIR)

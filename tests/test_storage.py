@@ -8,8 +8,11 @@ import json
 import logging
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from conftest import small_config
@@ -334,3 +337,65 @@ def test_a_resume_from_a_remote_checkpoint_continues_the_remote_run(s3, remote_r
     key = url.removeprefix(f"s3://{BUCKET}/") + "/run.json"
     info = json.loads(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
     assert [a["resumed_from"] for a in info["attempts"]] == [None, checkpoint] and info["status"] == "completed"
+
+
+def test_an_unreachable_endpoint_is_named_not_taken_for_a_missing_bucket(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("s3fs")
+    monkeypatch.chdir(tmp_path)
+    port = _free_port()  # nothing listens there
+    for key, value in {**NO_CREDENTIALS, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
+        monkeypatch.setenv(key, value) if value is not None else monkeypatch.delenv(key, raising=False)
+    assert cli.main(["train", "--runs-dir", f"{RUNS}", "training.max_steps=2", "training.stage1_steps=1"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith(f"loratrace: error: {RUNS}: cannot reach the "
+                                                                 f"endpoint http://127.0.0.1:{port} "), err
+    assert "no bucket" not in err and list(tmp_path.iterdir()) == []
+
+
+def _scratch_owner(tmp_path: Path, then: str) -> tuple[subprocess.Popen, Path]:
+    """A process that makes a scratch folder (as a staged run does), under tmp_path, then runs `then`."""
+    code = ("import sys, time; from loratrace import storage; "
+            "print(storage._scratch_folder('run').parent, flush=True); " + then)
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "TMPDIR": str(tmp_path)})
+    return process, Path(process.stdout.readline().strip())
+
+
+def test_the_next_command_removes_a_killed_commands_scratch_folder_never_one_in_use(s3, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """A SIGKILLed `train` to s3:// leaves its scratch folder: the next command removes it (its owner's pid is dead
+    on this host), and leaves the folder of a process still running and one with no owner record."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    train = subprocess.Popen([sys.executable, "-m", "loratrace", "train", "--runs-dir", f"{RUNS}/killed",
+                              *small_config_overrides()], cwd=work,
+                             env={**os.environ, "TMPDIR": str(tmp_path)}, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list(tmp_path.glob("loratrace-stage-*/*/run.json")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    train.kill()
+    train.wait()
+    (killed,) = tmp_path.glob("loratrace-stage-*")
+    running, in_use = _scratch_owner(tmp_path, "time.sleep(600)")
+    legacy = tmp_path / "loratrace-stage-older"  # made by a version that recorded no owner
+    (legacy / "run").mkdir(parents=True)
+    try:
+        assert cli.main(["train", "--runs-dir", "s3://no-such-bucket/runs", "training.max_steps=2",
+                         "training.stage1_steps=1"]) == 1
+        assert "no bucket" in capsys.readouterr().err
+        assert not killed.exists() and in_use.is_dir() and legacy.is_dir()
+    finally:
+        running.kill()
+        running.wait()
+
+
+def small_config_overrides() -> list[str]:
+    from conftest import SMALL
+
+    return [*SMALL, "training.max_steps=400"]  # long enough to be killed while it trains

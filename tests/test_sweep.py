@@ -3,6 +3,7 @@ trial, a SIGKILLed sweep resumes without training a trial twice, two workers sha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -317,3 +318,145 @@ def test_report_study_with_no_trials_yet_says_so(tmp_path, capsys):
     assert code == 0, captured.err
     page = (tmp_path / "sweep.html").read_text()
     assert "<title>sweep empty</title>" in page and "no trials yet: run loratrace sweep" in page
+
+
+def test_trials_0_is_refused_not_taken_for_the_default(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # A storage that cannot open: taken for 10 trials, the sweep would fail there (not train) and name the storage
+    code = main(["sweep", "--param", "lora.r=choice(4,8)", "--trials", "0", "--storage", "sqlite:////nonexistent/x.db",
+                 f"runs_dir={tmp_path / 'runs'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err == "loratrace: error: --trials must be at least 1, got 0\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def _new_study(tmp_path: Path, name: str = "s1") -> Path:
+    from loratrace.sweeps import create_study, plan_sweep
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"runs_dir={tmp_path / 'runs'}"])
+    create_study(plan_sweep(cfg, ["lora.r=choice(4,8)"], 1, study=name))
+    return tmp_path / "runs" / "sweeps" / name
+
+
+def test_sweep_json_paths_are_relative_so_a_copy_reads_its_own_study(tmp_path):
+    from loratrace.sweeps import read_spec
+
+    study = _new_study(tmp_path)
+    recorded = json.loads((study / "sweep.json").read_text())
+    assert (recorded["study_dir"], recorded["storage"], recorded["base"]["runs_dir"]) == (
+        ".", "sqlite:///study.db", os.path.join("..", ".."))
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-a", str(tmp_path / "runs"), str(copy)], check=True)
+    spec = read_spec(copy / "sweeps" / "s1")
+    assert (spec.study_dir, spec.storage, spec.base["runs_dir"]) == (
+        str(copy / "sweeps" / "s1"), f"sqlite:///{copy / 'sweeps' / 's1' / 'study.db'}", str(copy))
+
+
+def test_a_copied_study_whose_trials_ran_in_the_original_runs_is_refused(tmp_path, capsys):
+    from loratrace.sweep_workers import worker_identity
+
+    study_dir = _new_study(tmp_path)
+    study = load_study(study_dir)
+    trial = study.ask()
+    trial.set_user_attr("run_dir", str(tmp_path / "runs" / "trial0"))
+    trial.set_user_attr("worker", worker_identity())
+    study.tell(trial, 0.5)
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-a", str(tmp_path / "runs"), str(copy)], check=True)
+    before = _tree(tmp_path)
+    code = main(["sweep", "--resume", str(copy / "sweeps" / "s1")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "moved or copied" in err and str(tmp_path / "runs") in err, err
+    assert _tree(tmp_path) == before
+
+
+def test_an_older_absolute_sweep_json_is_read_in_place_and_refused_when_moved(tmp_path, capsys):
+    from loratrace.sweeps import read_spec
+
+    study = _new_study(tmp_path)
+    recorded = json.loads((study / "sweep.json").read_text())
+    absolute = {**recorded, "study_dir": str(study), "storage": f"sqlite:///{study / 'study.db'}",
+                "base": {**recorded["base"], "runs_dir": str(tmp_path / "runs")}}
+    (study / "sweep.json").write_text(json.dumps(absolute))
+    assert read_spec(study).storage == absolute["storage"]
+    moved = tmp_path / "moved"
+    study.rename(moved)
+    code = main(["sweep", "--resume", str(moved)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and f"the study was made in {study}" in err, err
+
+
+def test_a_second_sweep_making_the_same_study_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    """While one `sweep` makes the study (it holds the study folder's lock), another is refused and touches
+    nothing; once sweep.json is written, another is told to --resume."""
+    import fcntl
+
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "runs" / "sweeps" / "s1"
+    folder.mkdir(parents=True)
+    args = ["sweep", "--study", "s1", "--param", "lora.r=choice(4,8)", f"runs_dir={tmp_path / 'runs'}"]
+    with open(folder / ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # the first sweep, making the study
+        code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "is being made by another loratrace sweep" in err, err
+    assert [p.name for p in folder.iterdir()] == [".lock"]
+
+
+def test_two_sweeps_racing_to_make_one_study_make_it_once(tmp_path):
+    import threading
+
+    from loratrace.errors import LoratraceError
+    from loratrace.sweeps import create_study, plan_sweep
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"runs_dir={tmp_path / 'runs'}"])
+    specs = [plan_sweep(cfg, ["lora.r=choice(4,8)"], 1, study="raced") for _ in range(2)]
+    start, outcomes = threading.Barrier(2), []
+
+    def make(spec) -> None:
+        start.wait()
+        try:
+            create_study(spec)
+            outcomes.append("made")
+        except LoratraceError as exc:
+            outcomes.append(str(exc))
+
+    threads = [threading.Thread(target=make, args=(spec,)) for spec in specs]
+    [t.start() for t in threads]
+    [t.join(60) for t in threads]
+    assert sorted(outcomes)[0] == "made" and "--resume" in sorted(outcomes)[1], outcomes  # made, or just made
+    assert len(load_study(tmp_path / "runs" / "sweeps" / "raced").trials) == 0
+
+
+@pytest.mark.slow
+def test_sigkill_of_a_sweep_with_jobs_ends_its_workers_and_resume_finishes(tmp_path):
+    """The workers live in their own sessions: SIGKILL of `sweep --jobs 2` reaches them through the kernel
+    (PR_SET_PDEATHSIG) as a SIGTERM; their trials are re-queued and `sweep --resume` finishes the study."""
+    from loratrace.sweep_workers import process_alive
+
+    runs = tmp_path / "runs"
+    study_dir = runs / "sweeps" / "orphans"
+    args = [sys.executable, "-m", "loratrace", "sweep", *CONFIG, "--param", "lora.r=choice(4,8,16)", "--trials", "2",
+            "--jobs", "2", "--objective", "final_loss", "--pruner", "none", "--study", "orphans", *BASE,
+            "training.max_steps=100", "checkpoint.stage2_every_n_steps=10", f"runs_dir={runs}"]  # orphans would finish
+    sweep = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers, deadline = [], time.monotonic() + 600
+    while len(workers) < 2 and time.monotonic() < deadline and sweep.poll() is None:
+        time.sleep(0.5)
+        if (study_dir / "sweep.json").exists():
+            with contextlib.suppress(Exception):  # the workers may hold the database a moment
+                workers = [t.user_attrs["worker"] for t in load_study(study_dir).trials
+                           if t.state.name == "RUNNING" and "run_dir" in t.user_attrs]
+    assert len(workers) == 2, "the two workers never trained at the same time"
+    os.kill(sweep.pid, signal.SIGKILL)
+    sweep.wait()
+    deadline = time.monotonic() + 30
+    while any(process_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(process_alive(w) for w in workers), "a worker outlived its sweep by 30 s"
+    assert "COMPLETE" not in [t.state.name for t in load_study(study_dir).trials]  # stopped, not finished
+
+    resumed = run_cli("sweep", "--resume", str(study_dir), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    states = [t.state.name for t in load_study(study_dir).trials]
+    assert states.count("COMPLETE") == 2 and set(states) <= {"COMPLETE", "FAIL"}

@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="value for the next ? placeholder (repeatable)")
     query.add_argument("--format", choices=FORMATS, default="table", help="output format (default: table; see above)")
     query.add_argument("--output", "-o", help="write to this file instead of stdout (needed for parquet); its folder "
-                                              "must exist")
+                                              "must exist, outside the runs folder; - is stdout")
     add_runs_dir(query)
 
     trace = sub.add_parser("trace", help="every step and checkpoint that trained one example",
@@ -186,15 +186,16 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
-def _emit(table, fmt: str, output: str | None) -> None:
-    """Print or write a result (an Arrow table, or a DataFrame) in one of FORMATS; see formats.py."""
+def _emit(table, fmt: str, output: str | None, protected=()) -> None:
+    """Print or write a result (an Arrow table, or a DataFrame) in one of FORMATS; see formats.py. `protected`: the
+    runs the command read, which `output` must stay out of."""
     import pyarrow as pa
 
     from loratrace import formats
 
     if not isinstance(table, pa.Table):
         table = pa.Table.from_pandas(table, preserve_index=False)
-    formats.write(table, fmt, output)
+    formats.write(table, fmt, output, protected)
 
 
 def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
@@ -258,10 +259,10 @@ def cmd_query(args: argparse.Namespace) -> int:
     sql = sys.stdin.read() if args.sql == "-" else args.sql
     if args.format == "parquet" and not args.output:
         return _fail("--format parquet needs --output FILE", 2)
-    check_output(args.output)  # before the query runs: nothing is half done
+    check_output(args.output, [args.runs_dir])  # before the query runs: nothing is half done
     with _open(args.runs_dir) as db:
         table = db.fetch_table(sql, params=args.param or None)
-    _emit(table, args.format, args.output)
+    _emit(table, args.format, args.output, [args.runs_dir])
     return 0
 
 
@@ -338,9 +339,11 @@ def cmd_influence(args: argparse.Namespace) -> int:
 
 def cmd_import_legacy(args: argparse.Namespace) -> int:
     from loratrace.errors import LoratraceError
+    from loratrace.formats import check_apart
     from loratrace.legacy import find_legacy_runs, import_legacy, read_legacy_run, runs_folder, summary
 
     runs_folder(args.runs_dir)  # before the sources are looked at
+    check_apart(args.runs_dir, args.paths, "--runs-dir")  # run folders written into a source would change it
     folders = find_legacy_runs(args.paths)
     for folder in folders:  # every source's files checked before the first import writes anything
         read_legacy_run(folder)
@@ -382,7 +385,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise ConfigError("--format csv writes one table: name it with --section (e.g. --section config)")
     if args.top < 1:
         raise ConfigError(f"--top must be at least 1, got {args.top}")
-    formats.check_output(args.output)
+    formats.check_output(args.output, args.runs)
     sections = compare(args.runs, top=args.top).sections()
     tables = {name: pa.Table.from_pandas(sections[name], preserve_index=False) for name in names}
     if args.format == "csv":
@@ -394,19 +397,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
     else:
         text = "".join(f"== {name} ==\n" + (formats.render_table(table) if table.num_rows else "(none)\n") + "\n"
                        for name, table in tables.items())
-    formats.write_text(text, args.output)
+    formats.write_text(text, args.output, args.runs)
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from loratrace.formats import check_output
     from loratrace.report import write_report
+    from loratrace.run_folders import study_folders
 
     if not args.runs and not args.study:
         from loratrace.config import ConfigError
 
         raise ConfigError("name run folders (loratrace report runs/) or a sweep (--study runs/sweeps/<study>)")
-    check_output(args.output)
+    check_output(args.output, [*args.runs, *study_folders(args.study or [])])
     path = write_report(args.runs, args.output, title=args.title, studies=args.study)
     print(f"report  {path}  ({path.stat().st_size / 1e6:.1f} MB, opens offline)")
     return 0

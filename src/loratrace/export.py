@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from loratrace import storage
 from loratrace.errors import LoratraceError
+from loratrace.formats import check_output
 
 MANIFEST_FILE = "manifest.parquet"
 FLAT_DIR = "flat"
@@ -77,6 +78,7 @@ def export_adapters(run_dir: str | Path, out: str | Path, steps: str | None = No
                                     "object storage (e.g. aws s3 sync OUT URL)")
     if not (run_dir / "config.yaml").is_file():
         raise ExportError(f"{run_dir} is not a run folder (no config.yaml)")
+    check_output(out, [run_dir], "--adapters", folder=True)  # never into, over or around the run it reads
     check_output_folder(out, overwrite)
     chosen = select_checkpoints(run_dir, steps)
 
@@ -159,10 +161,14 @@ def staged_folder(out: Path) -> Iterator[Path]:
     was there); on any error or interrupt it is removed, and so are parent folders made for it."""
     out = out.resolve()  # `.` or `..` has no name to put a sibling beside
     made = [p for p in [out.parent, *out.parent.parents] if not p.exists()]
-    out.parent.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:8]
     staging, old = out.parent / f".{out.name}.partial-{tag}", out.parent / f".{out.name}.replaced-{tag}"
-    staging.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
+    except OSError as exc:  # a file in the way, no permission, a full disk: what was made goes again
+        _remove_empty(made)
+        raise ExportError(f"{out}: cannot make its folder ({exc.strerror or exc})") from None
     try:
         yield staging
         if out.is_dir() and any(out.iterdir()):
@@ -177,10 +183,14 @@ def staged_folder(out: Path) -> Iterator[Path]:
             os.replace(staging, out)  # rename(2) replaces an empty folder
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
-        for folder in made:  # innermost first
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
+        _remove_empty(made)
         raise
+
+
+def _remove_empty(made: list[Path]) -> None:
+    for folder in made:  # innermost first
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def recorded_steps(run_dir: Path, steps: list[int]) -> dict[int, dict]:

@@ -20,9 +20,11 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import decimal
+import glob
 import json
 import math
 import os
+import stat
 import sys
 import uuid
 from pathlib import Path
@@ -42,38 +44,147 @@ class OutputError(LoratraceError):
     exit_code = 1
 
 
-def check_output(output: str | None) -> None:
-    """Fail before any work when `output`'s folder does not exist."""
-    if output and not Path(output).resolve().parent.is_dir():
-        raise OutputError(f"--output {output}: folder {Path(output).resolve().parent} does not exist")
+class OutputRefused(OutputError):
+    """An output that would write into, over or around what the command reads (a run folder, a folder of runs), or
+    that is no file to write (a folder, a socket): refused before any work, nothing written."""
+
+    exit_code = 2
 
 
-def write(table: pa.Table, fmt: str, output: str | None = None) -> None:
+# A folder with run.json or tracking/ was written by loratrace: a run folder, whether or not the command names it.
+# (run_folders.is_run_folder also takes config.yaml alone, which many project folders hold: too wide for a guard.)
+RUN_MARKERS = ("run.json", "tracking")
+
+
+def is_stdout(output) -> bool:
+    """No output file: stdout (`-o -`, or no -o at all)."""
+    return output is None or str(output) in ("", "-")
+
+
+def protected_folders(paths) -> list[Path]:
+    """The folders an output must stay out of, for the inputs a command names (`paths`: run folders, folders of runs,
+    globs, study folders): each one (symlinks and `..` resolved), and the folder that holds each run folder (a runs
+    folder). URLs on object storage are no local folder to protect."""
+    from loratrace import storage
+    from loratrace.run_folders import as_list, is_run_folder
+
+    folders: list[Path] = []
+    for item in as_list(paths if paths is not None else []):
+        if item is None or storage.is_remote(item):
+            continue
+        text = str(storage.local_form(item))
+        found = [Path(text)]
+        if glob.has_magic(text):  # the folder the glob lists, and what it matches
+            parts = Path(text).parts
+            found = [Path(*parts[:next(i for i, p in enumerate(parts) if glob.has_magic(p))] or ["."])]
+            found += [Path(m) for m in glob.glob(text)]
+        for path in (p.resolve() for p in found):
+            folders.append(path)
+            if is_run_folder(path):
+                folders.append(path.parent)
+    return list(dict.fromkeys(folders))
+
+
+def check_output(output, protected=(), flag: str = "--output", folder: bool = False) -> None:
+    """Fail before any work when `output` cannot or must not be written: it equals, holds or lies inside a folder in
+    `protected` (see `protected_folders`) or inside any run folder; it is a folder (a file output), or a folder of
+    runs (`folder`: an output folder, replaced whole); its folder does not exist or cannot be made. A symbolic link is
+    judged, and written, by its target; a character device or FIFO (/dev/null, a named pipe) is written through."""
+    if is_stdout(output) and not folder:
+        return
+    target = check_apart(output, protected, flag)
+    if folder:
+        _check_output_folder(output, target, flag)
+    else:
+        _check_output_file(output, target, flag)
+
+
+def check_apart(output, protected=(), flag: str = "--output") -> Path:
+    """`output` resolved (symlinks and `..`), refused in one line when it equals, holds or lies inside a folder in
+    `protected` (see `protected_folders`), or lies inside any run folder."""
+    target = Path(output).resolve()
+    for guarded in protected_folders(protected):
+        relation = "is" if target == guarded else "lies inside" if guarded in target.parents else \
+            "holds" if target in guarded.parents else None
+        if relation:
+            raise OutputRefused(f"{flag} {output}: {target} {relation} {guarded}, which this command reads; name a "
+                                "path outside it")
+    for ancestor in (target, *target.parents):
+        if _written_by_loratrace(ancestor):
+            raise OutputRefused(f"{flag} {output}: {target} {'is' if ancestor == target else 'lies inside'} the "
+                                f"run folder {ancestor}; name a path outside it")
+    return target
+
+
+def _written_by_loratrace(path: Path) -> bool:
+    return path.is_dir() and any((path / name).exists() for name in RUN_MARKERS)
+
+
+def _check_output_file(output, target: Path, flag: str) -> None:
+    if not target.parent.is_dir():
+        raise OutputError(f"{flag} {output}: folder {target.parent} does not exist")
+    if not os.path.lexists(target):
+        return
+    mode = os.stat(target).st_mode
+    if stat.S_ISDIR(mode):
+        raise OutputError(f"{flag} {output}: {target} is a folder; name a file")
+    if not (stat.S_ISREG(mode) or stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):
+        raise OutputError(f"{flag} {output}: {target} is not a regular file, a character device or a FIFO")
+
+
+def _check_output_folder(output, target: Path, flag: str) -> None:
+    from loratrace.run_folders import is_run_folder
+
+    if target.is_dir() and any(child.is_dir() and is_run_folder(child) for child in target.iterdir()):
+        raise OutputRefused(f"{flag} {output}: {target} holds run folders; name a path outside it")
+    existing = next(p for p in target.parents if os.path.lexists(p))  # the folders below it are made
+    if not existing.is_dir():
+        raise OutputRefused(f"{flag} {output}: cannot make its folder: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputRefused(f"{flag} {output}: cannot make its folder: permission denied in {existing}")
+
+
+def write(table: pa.Table, fmt: str, output: str | None = None, protected=()) -> None:
     """Write `table` in `fmt` to the file `output` (complete or not at all: a temporary name, then a rename), or to
-    stdout. Column names must be distinct: a JSON object or a CSV reader keeps one of two same-named columns."""
-    check_output(output)
+    stdout (no output, or `-`). Column names must be distinct: a JSON object or a CSV reader keeps one of two
+    same-named columns. `protected`: the inputs whose folders `output` must stay out of (`check_output`)."""
+    check_output(output, protected)
     repeated = sorted({name for name in table.column_names if table.column_names.count(name) > 1})
     if repeated:
         raise OutputError(f"the result has more than one column named {repeated[0]!r}: name them apart with AS "
                           "(e.g. SELECT b.step AS batch_step, c.step AS checkpoint_step ...)")
     if fmt == "parquet":
-        if not output:
+        if is_stdout(output):
             raise OutputError("--format parquet needs --output FILE")
         data = _parquet_bytes(table)
     else:
-        write_text({"table": render_table, "csv": render_csv, "json": render_json}[fmt](table), output)
+        write_text({"table": render_table, "csv": render_csv, "json": render_json}[fmt](table), output, protected)
         return
-    _replace(Path(output), data)
+    _write_file(Path(output), data)
 
 
-def write_text(text: str, output: str | None = None) -> None:
-    """Text to stdout, or to the file `output`, complete or not at all."""
-    if not output:
+def write_text(text: str, output: str | None = None, protected=()) -> None:
+    """Text to stdout (no output, or `-`), or to the file `output`, complete or not at all (`check_output`)."""
+    if is_stdout(output):
         sys.stdout.write(text)
         sys.stdout.flush()
         return
-    check_output(output)
-    _replace(Path(output), text.encode())
+    check_output(output, protected)
+    _write_file(Path(output), text.encode())
+
+
+def _write_file(output: Path, data: bytes) -> None:
+    """A character device or FIFO is opened and written (it has no contents to replace: /dev/null, a pipe a reader
+    waits on); a file, by a symlink to it or by its name, is replaced whole (`_replace`), the symlink kept."""
+    try:
+        mode = os.stat(output).st_mode if os.path.exists(output) else stat.S_IFREG
+        if stat.S_ISCHR(mode) or stat.S_ISFIFO(mode):
+            with open(output, "wb") as stream:
+                stream.write(data)
+            return
+    except OSError as exc:
+        raise OutputError(f"--output {output}: {exc.strerror or exc}") from None
+    _replace(output.resolve(), data)
 
 
 def _replace(target: Path, data: bytes) -> None:

@@ -19,7 +19,7 @@ import pandas as pd
 
 from loratrace.comparison import FORGETTING, config_differences
 from loratrace.errors import LoratraceError
-from loratrace.formats import write_text
+from loratrace.formats import check_output, write_text
 from loratrace.run_folders import read_run_config, read_run_info
 
 CARTOGRAPHY = """WITH per_epoch AS (
@@ -54,6 +54,8 @@ def write_report(paths, output: str | Path = "report.html", title: str | None = 
     from loratrace.run_folders import as_list, study_folders
     from loratrace.store import open_runs
 
+    read = [*as_list(paths or []), *study_folders(studies or [])]  # what `output` must stay out of
+    check_output(output, read)  # before any work
     sweep = []
     if studies:
         if not study_folders(studies):
@@ -75,7 +77,7 @@ def write_report(paths, output: str | Path = "report.html", title: str | None = 
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(name)}</title>'
             f"<style>{STYLE}</style>\n<script>{plotly.offline.get_plotlyjs()}</script></head>\n<body>\n"
             f"<h1>loratrace report: {html.escape(name)}</h1>\n{body}\n</body></html>\n")
-    write_text(page, str(output))
+    write_text(page, str(output), [*read, *as_list(paths or [])])  # with the trials' runs
     return Path(output)
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
-import os
 import re
 import socket
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from loratrace import processes
 from loratrace.config import Config
 from loratrace.errors import LoratraceError, first_line
 from loratrace.overrides import flatten_keys
@@ -219,38 +219,9 @@ def checkpoint_file_steps(run_dir) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------- is it still running
-# A launch records the process that runs it (`process_identity`, in run.json's attempt); a reader on the same host
-# can tell a run killed outright (SIGKILL, OOM killer, power loss) from one still training. The sweep's workers use
-# the same two functions for their trials.
-
-
-def process_identity() -> dict[str, Any]:
-    """This process: host, pid and start time (so a pid the system reuses later is not taken for it)."""
-    return {"host": socket.gethostname(), "pid": os.getpid(), "started": _process_start(os.getpid())}
-
-
-def _process_start(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (Linux), so a reused pid is not taken for the worker."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return None if fields[0] == "Z" else fields[19]  # a zombie is dead
-
-
-def process_alive(identity: dict) -> bool:
-    """Whether the process `process_identity` described is still running (on this host: the caller checks that)."""
-    pid = identity.get("pid")
-    if not isinstance(pid, int):
-        return True  # not ours to judge: the heartbeat decides
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    started = _process_start(pid)
-    return started is not None and (identity.get("started") is None or started == identity.get("started"))
+# A launch records the process that runs it (`processes.this_process`, in run.json's attempt); a reader on the same
+# host can tell a run killed outright (SIGKILL, OOM killer, power loss) from one still training. The sweep's workers
+# and the scratch folders of runs on object storage use the same record (processes.py).
 
 
 def shown_status(info: dict) -> str:
@@ -258,6 +229,6 @@ def shown_status(info: dict) -> str:
     another process under a reused pid). On another host nobody here can tell: it stays `running`."""
     status = info.get("status") or "unknown"
     process = ((info.get("attempts") or [{}])[-1]).get("process") or {}
-    if status == "running" and process.get("host") == socket.gethostname() and not process_alive(process):
+    if status == "running" and process.get("host") == socket.gethostname() and not processes.alive(process):
         return "stale"
     return status

@@ -18,7 +18,8 @@ from typing import Any
 from loratrace import storage
 from loratrace.config import Config, save_config
 from loratrace.errors import LoratraceError
-from loratrace.run_folders import process_identity, read_run_info
+from loratrace.processes import this_process
+from loratrace.run_folders import read_run_info
 
 PACKAGES = ("loratrace", "torch", "lightning", "transformers", "peft", "datasets", "swanlab", "pyarrow", "duckdb")
 
@@ -112,7 +113,7 @@ def start_run(run_dir: Path, cfg: Config, resumed_from: str | None, resumed_step
     info["attempts"].append({"started_at": utc_now().isoformat(timespec="seconds"), "resumed_from": resumed_from,
                              **({"resumed_step": resumed_step} if resumed_from else {}),
                              "status": "running", **({"config_changes": changes} if changes else {}),
-                             "process": process_identity()})  # so `runs` can tell a killed run: stale
+                             "process": this_process()})  # so `runs` can tell a killed run: stale
     write_run_json(run_dir, info)
     return info
 

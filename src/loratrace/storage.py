@@ -110,7 +110,7 @@ def check_location(location) -> None:
         fs, path = filesystem(str(location))
         bucket = path.split("/", 1)[0]
         with remote_errors(str(location)):
-            found = fs.exists(bucket)
+            found = _bucket_exists(fs, bucket)
         if not found:
             raise StorageError(f"{location}: no bucket {bucket!r} at this endpoint (create it, or check "
                                "AWS_ENDPOINT_URL)")
@@ -126,6 +126,31 @@ def _check_local_folder(folder: Path) -> None:
             return
 
 
+def _bucket_exists(fs, bucket: str) -> bool:
+    """S3: HEAD the bucket, so that an endpoint that cannot be reached or refuses access is told as such (s3fs's
+    `exists` answers False for every error); other stores: their `exists`."""
+    if not hasattr(fs, "call_s3"):
+        return fs.exists(bucket)
+    try:
+        fs.call_s3("head_bucket", Bucket=bucket)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _unreachable(exc: BaseException) -> str | None:
+    """The endpoint a connection error of botocore or aiohttp failed to reach (scheme://host:port), else None."""
+    import urllib.parse
+
+    kinds = {(c.__module__.split(".")[0], c.__name__) for c in type(exc).__mro__}
+    if not kinds & {("botocore", "ConnectionError"), ("aiohttp", "ClientConnectionError")}:
+        return None
+    endpoint = getattr(exc, "kwargs", {}).get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL_S3") or \
+        os.environ.get("AWS_ENDPOINT_URL") or "the S3 endpoint"
+    parts = urllib.parse.urlsplit(endpoint)
+    return f"{parts.scheme}://{parts.netloc}" if parts.netloc else endpoint
+
+
 @contextlib.contextmanager
 def remote_errors(url: str):
     """An error of the object store (access denied, no such bucket, endpoint down) as one StorageError line."""
@@ -134,6 +159,9 @@ def remote_errors(url: str):
     except OSError as exc:
         raise StorageError(f"{url}: {first_line(exc) or type(exc).__name__}") from None
     except Exception as exc:  # noqa: BLE001 - botocore and aiohttp raise their own types
+        if (endpoint := _unreachable(exc)) is not None:
+            raise StorageError(f"{url}: cannot reach the endpoint {endpoint} ({first_line(exc)}): check "
+                               "AWS_ENDPOINT_URL and that the server is up") from None
         if type(exc).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs"):
             raise StorageError(f"{url}: {first_line(exc) or type(exc).__name__}") from None
         raise
@@ -227,18 +255,64 @@ def new_staged_run(runs_url: str, name: str) -> Path:
     return local
 
 
+SCRATCH_PREFIX = "loratrace-stage-"
+OWNER_PREFIX = "owner-"  # owner-<pid>.json beside the run in a scratch folder: a process that writes into it
+
+
 def _scratch_folder(name: str) -> Path:
-    local = Path(tempfile.mkdtemp(prefix="loratrace-stage-"))
+    local = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX))
     _scratch.append(local)
+    _add_owner(local)
     (local / name).mkdir()
     return local / name
+
+
+def _add_owner(scratch: Path) -> None:
+    """Record this process (host, pid, start time) as one that writes into `scratch`: while any is alive the folder
+    is in use (`remove_abandoned_scratch`)."""
+    import json
+
+    from loratrace.processes import this_process
+
+    record = this_process()
+    tmp = scratch / f".{OWNER_PREFIX}{record['pid']}.json.partial"
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, scratch / f"{OWNER_PREFIX}{record['pid']}.json")
+
+
+def remove_abandoned_scratch(root: str | Path | None = None) -> list[Path]:
+    """Remove the scratch folders of killed commands (a SIGKILLed `train` on object storage leaves its staged run):
+    only those provably abandoned, every process recorded as writing there being dead on this host. A folder with no
+    owner record (being made, or made by an older version) or an owner on another host is left alone."""
+    removed = []
+    for scratch in sorted(Path(root or tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*")):
+        if scratch.is_dir() and not scratch.is_symlink() and _abandoned(scratch):
+            shutil.rmtree(scratch, ignore_errors=True)
+            removed.append(scratch)
+    return removed
+
+
+def _abandoned(scratch: Path) -> bool:
+    import json
+
+    from loratrace.processes import alive, on_this_host
+
+    owners = []
+    for path in scratch.glob(f"{OWNER_PREFIX}*.json"):
+        try:
+            owners.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            return False  # unreadable: not proven
+    return bool(owners) and all(isinstance(o, dict) and on_this_host(o) and not alive(o) for o in owners)
 
 
 def join_staged_run(local: Path, url: str) -> Path:
     """The staged run `url` as another rank of its launch sees it: the scratch folder rank 0 made at `local` when
     this machine has it (ranks of one node share it: rank 0 indexes and uploads the whole folder at the end), else a
     scratch folder of this rank's own (another node). Either way what this rank writes is published as it completes."""
-    if not local.is_dir():
+    if local.is_dir():
+        _add_owner(local.parent)  # rank 0 may die first: the folder stays in use while this rank writes
+    else:
         local = _scratch_folder(local.name)
     os.environ[STAGED_ENV] = f"{local}\n{url.rstrip('/')}"
     return local
@@ -275,6 +349,7 @@ def staging():
     """Around a command that may stage a run: at its end the scratch folders it made go, and the staging it found (none,
     or the one a launcher's parent process handed down) is back."""
     found, made = os.environ.get(STAGED_ENV), len(_scratch)
+    remove_abandoned_scratch()
     try:
         yield
     finally:

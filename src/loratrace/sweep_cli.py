@@ -100,7 +100,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     options = dict(objective=args.objective, direction=args.direction, checkpoint=args.checkpoint, study=args.study,
                    storage=args.storage, sampler=args.sampler, seed=args.seed, pruner=args.pruner, enqueue=enqueue,
                    heartbeat_s=args.heartbeat)
-    spec = plan_sweep(cfg, args.param, args.trials or 10, **options)  # every check, before anything is written
+    trials = 10 if args.trials is None else args.trials  # 0 is refused, not taken for the default
+    spec = plan_sweep(cfg, args.param, trials, **options)  # every check, before anything is written
     if args.jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
     from loratrace.sweep_workers import run_sweep

@@ -22,10 +22,9 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
-from loratrace import runs
+from loratrace import processes, runs
 from loratrace.config import Config, ConfigError
 from loratrace.errors import LoratraceError, first_line
-from loratrace.run_folders import process_alive, process_identity
 from loratrace.search_space import SearchSpace
 from loratrace.sweeps import (
     SweepInterrupted,
@@ -47,9 +46,10 @@ def run_sweep(spec: SweepSpec, jobs: int = 1) -> int:
     if jobs == 1:
         work(spec, worker=0)
         return 0
+    env = {**os.environ, PARENT_ENV: str(os.getpid())}  # each worker dies with this process (`follow_parent`)
     children = [subprocess.Popen([sys.executable, "-m", "loratrace", "sweep", "--study", spec.study_dir,
                                   "--storage", spec.storage, "--worker", str(i), "--jobs", str(jobs)],
-                                 start_new_session=True)  # Ctrl+C reaches them once, through `forward`
+                                 start_new_session=True, env=env)  # Ctrl+C reaches them once, through `forward`
                 for i in range(jobs)]
     forward = lambda signum, frame: [c.send_signal(signum) for c in children if c.poll() is None]  # noqa: E731
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -66,6 +66,7 @@ def work(spec: SweepSpec, worker: int, jobs: int = 1) -> None:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    follow_parent()
     if jobs > 1:
         import torch
 
@@ -88,6 +89,47 @@ def work(spec: SweepSpec, worker: int, jobs: int = 1) -> None:
         failures += state == "fail"
 
 
+PARENT_ENV = "LORATRACE_SWEEP_PARENT"  # the pid of the `sweep` that started this worker process
+PARENT_POLL_S = 1.0
+
+
+def follow_parent() -> None:
+    """A worker started by `run_sweep` lives in its own session (Ctrl+C reaches it once, forwarded), so nothing would
+    stop it when its `sweep` is SIGKILLed: it asks the kernel for SIGTERM when the parent dies (Linux's
+    PR_SET_PDEATHSIG) and, where that is missing, a thread sends it once the parent is gone. SIGTERM stops the trial
+    at the end of its update with a checkpoint, re-queued for `sweep --resume`, as a scheduler's pre-emption would."""
+    parent = os.environ.pop(PARENT_ENV, None)  # the trials' own processes are not workers
+    if not parent:
+        return
+    parent = int(parent)
+    kernel_sends = _ask_kernel_for_sigterm_on_parent_death()
+    if os.getppid() != parent:  # died before the request: nothing will send it
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    if kernel_sends:  # one SIGTERM, not a second one that would abort the checkpointed stop
+        return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            threading.Event().wait(PARENT_POLL_S)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="sweep-parent-watch", daemon=True).start()
+
+
+def _ask_kernel_for_sigterm_on_parent_death() -> bool:
+    """prctl(PR_SET_PDEATHSIG, SIGTERM) on Linux; whether the kernel took the request."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1  # noqa: N806 - linux/prctl.h's name
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM) == 0
+    except (OSError, AttributeError):
+        return False
+
+
 def take_trial(spec: SweepSpec, study):
     """Under the study lock: release the trials of dead workers, then ask for a trial if the study needs one."""
     import optuna
@@ -105,7 +147,7 @@ def take_trial(spec: SweepSpec, study):
         with warnings.catch_warnings():  # "heartbeat is supposed to be used with optimize": we beat (`heartbeat`)
             warnings.simplefilter("ignore")
             trial = study.ask()  # a re-queued or enqueued trial first
-        trial.set_user_attr("worker", process_identity())
+        trial.set_user_attr("worker", worker_identity())
         write_trials(spec.folder, spec.study, study.get_trials(deepcopy=False), spec.goal())
     return trial
 
@@ -131,6 +173,13 @@ def release_dead_workers(spec: SweepSpec, study) -> list[int]:
 
 def _frozen(study, number: int):
     return next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+
+
+def worker_identity() -> dict:
+    return processes.this_process()
+
+
+process_alive = processes.alive  # a worker's record is a process record (processes.py)
 
 
 def resume_point(run_dir: Path) -> Path | None:

@@ -5,7 +5,8 @@
     loratrace sweep --study runs/sweeps/<study> --jobs 2     # two worker processes on one study
 
 `runs/sweeps/<study>/` holds sweep.json (what was asked: base config, params, objective, sampler, pruner, storage),
-study.db (Optuna's SQLite storage, unless --storage names another) and trials.parquet (the `trials` view). Workers
+study.db (Optuna's SQLite storage, unless --storage names another) and trials.parquet (the `trials` view); sweep.json's
+paths are relative to the study folder, so a copied study reads its own study.db, never the original's. Workers
 take trials with Optuna's ask/tell under a lock on the study folder, so the requested number is never exceeded and
 no two workers train one trial. A worker that dies (SIGKILL, power loss) leaves its trial RUNNING: the next worker on
 this host sees the process gone, another host after the heartbeat's grace period (Optuna's `fail_stale_trials`);
@@ -34,6 +35,7 @@ from loratrace.search_space import SearchSpace, parse_params
 from loratrace.trials import OBJECTIVES, Objective, write_trials
 
 SPEC_FILE = "sweep.json"
+LOCK_FILE = ".lock"  # the study folder's lock: one creator, one worker taking a trial at a time
 SAMPLERS = ("tpe", "random", "gp", "qmc")
 PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "threshold", "none")
 
@@ -115,10 +117,12 @@ def plan_sweep(cfg: Config, params: list[str], trials: int = 10, objective: str 
     if (folder / SPEC_FILE).exists():
         raise ConfigError(f"study {name} exists ({folder}): continue it with loratrace sweep --resume {folder}, "
                           "or name another --study")
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+    if folder.exists() and (not folder.is_dir() or any(p.name != LOCK_FILE for p in folder.iterdir())):
         raise ConfigError(f"--study {study or folder}: {folder} is not a sweep's folder (no {SPEC_FILE}) and not "
                           "empty; name a new or empty folder")
     url = storage or f"sqlite:///{(folder / 'study.db').resolve()}"
+    if (database := _sqlite_path(url)) is not None and not database.is_absolute():  # as SQLAlchemy reads it: from here
+        url = f"sqlite:///{database.resolve()}"
     return SweepSpec(name, str(folder), url, base.to_dict(), space.texts, trials, objective, goal.direction,
                      checkpoint, sampler, seed, pruner, heartbeat_s, list(enqueue or []))
 
@@ -229,27 +233,47 @@ def create_study(spec: SweepSpec):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     made = [p for p in (spec.folder, *spec.folder.parents) if not p.exists()]  # deepest first
     spec.folder.mkdir(parents=True, exist_ok=True)
-    try:
-        storage = open_storage(spec)
-        study = optuna.create_study(storage=storage, study_name=spec.study, direction=spec.direction)
-    except optuna.exceptions.DuplicatedStudyError:
-        _remove_made(spec.folder, made)
-        raise ConfigError(f"--study {spec.study}: the storage already has a study of that name") from None
-    except BaseException:
-        _remove_made(spec.folder, made)
-        raise
-    study.set_user_attr("loratrace_sweep", {k: v for k, v in asdict(spec).items() if k != "storage"})
-    for fixed in spec.enqueue:
-        study.enqueue_trial(fixed)
-    write_spec(spec)
+    with creation_lock(spec):
+        try:
+            storage = open_storage(spec)
+            study = optuna.create_study(storage=storage, study_name=spec.study, direction=spec.direction)
+        except optuna.exceptions.DuplicatedStudyError:
+            _remove_made(spec.folder, made)
+            raise ConfigError(f"--study {spec.study}: the storage already has a study of that name") from None
+        except BaseException:
+            _remove_made(spec.folder, made)
+            raise
+        study.set_user_attr("loratrace_sweep", {k: v for k, v in asdict(spec).items() if k != "storage"})
+        for fixed in spec.enqueue:
+            study.enqueue_trial(fixed)
+        write_spec(spec)
     snapshot(spec, study)
     return study
+
+
+@contextlib.contextmanager
+def creation_lock(spec: SweepSpec):
+    """The study folder's lock while a new study is made: a second `sweep` making the same study at the same time is
+    refused in one line (it would find half a study.db), and so is one that comes once sweep.json is written."""
+    with open(spec.folder / LOCK_FILE, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"study {spec.study} ({spec.folder}) is being made by another loratrace sweep: wait for "
+                              f"it, then join with loratrace sweep --resume {spec.folder}") from None
+        try:
+            if (spec.folder / SPEC_FILE).exists():
+                raise ConfigError(f"study {spec.study} exists ({spec.folder}): continue it with loratrace sweep "
+                                  f"--resume {spec.folder}, or name another --study")
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _remove_made(folder: Path, made: list[Path]) -> None:
     """Undo a failed `create_study`: its default SQLite file (the folder was empty before: plan_sweep checks) and the
     folders it made, deepest first, each only if nothing else is in it."""
-    for name in ("study.db", "study.db-journal"):
+    for name in ("study.db", "study.db-journal", LOCK_FILE):
         (folder / name).unlink(missing_ok=True)
     for path in made:
         with contextlib.suppress(OSError):  # not empty: something else put a file there
@@ -257,27 +281,71 @@ def _remove_made(folder: Path, made: list[Path]) -> None:
 
 
 def write_spec(spec: SweepSpec) -> None:
+    """sweep.json, its paths relative to the study folder (`_relative_paths`): a copied or moved study reads its own
+    study.db and runs, never the original's."""
     path = spec.folder / SPEC_FILE
     tmp = path.with_suffix(".json.partial")
-    tmp.write_text(json.dumps(asdict(spec), indent=2, default=str) + "\n")
+    tmp.write_text(json.dumps(_relative_paths(asdict(spec)), indent=2, default=str) + "\n")
     os.replace(tmp, path)
 
 
 def read_spec(folder: str | Path) -> SweepSpec:
+    """The study's spec, its paths as absolute ones for this folder. An older sweep.json holds absolute paths: read
+    where it was made, refused when the folder was moved or copied (it would go on with the original's storage)."""
     path = Path(folder) / SPEC_FILE
     if not path.is_file():
         raise ConfigError(f"{folder} is not a sweep's folder (no {SPEC_FILE}); start one with loratrace sweep --param")
     try:
-        return SweepSpec(**json.loads(path.read_text()))
-    except (ValueError, TypeError) as exc:
+        recorded = json.loads(path.read_text())
+        spec = SweepSpec(**_absolute_paths(recorded, Path(folder).resolve()))
+    except (ValueError, TypeError, AttributeError) as exc:
         raise ConfigError(f"{path}: not a sweep spec ({first_line(exc)})") from None
+    if Path(spec.study_dir).resolve() != Path(folder).resolve():
+        raise ConfigError(f"{path}: the study was made in {spec.study_dir}, not {Path(folder).resolve()} (moved or "
+                          "copied): resume it there, or start a new study here")
+    return spec
+
+
+HERE = "."  # sweep.json's study_dir from now on: paths in it are relative to the study folder
+
+
+def _relative_paths(recorded: dict) -> dict:
+    """sweep.json's form of a spec: study_dir ".", runs_dir and a SQLite storage in the study folder relative to it."""
+    folder = Path(recorded["study_dir"])
+    base = {**recorded["base"], "runs_dir": os.path.relpath(recorded["base"]["runs_dir"], folder)}
+    storage = recorded["storage"]
+    database = _sqlite_path(storage)
+    if database is not None and database.is_absolute():
+        storage = "sqlite:///" + os.path.relpath(database, folder)
+    return {**recorded, "study_dir": HERE, "storage": storage, "base": base}
+
+
+def _absolute_paths(recorded: dict, folder: Path) -> dict:
+    """A spec as sweep.json holds it, read from `folder`: relative paths resolved there (an older, absolute sweep.json
+    unchanged)."""
+    if recorded.get("study_dir") != HERE:
+        return recorded
+    base = {**recorded["base"], "runs_dir": str((folder / recorded["base"]["runs_dir"]).resolve())}
+    storage = recorded["storage"]
+    database = _sqlite_path(storage)
+    if database is not None and not database.is_absolute():
+        storage = f"sqlite:///{(folder / database).resolve()}"
+    return {**recorded, "study_dir": str(folder), "storage": storage, "base": base}
+
+
+def _sqlite_path(storage: str) -> Path | None:
+    """The database file of a `sqlite:///PATH` URL (relative or absolute); None for any other storage."""
+    prefix = "sqlite:///"
+    if not storage.startswith(prefix) or storage[len(prefix):] in ("", ":memory:"):
+        return None
+    return Path(storage[len(prefix):].split("?", 1)[0])
 
 
 @contextlib.contextmanager
 def study_lock(folder: Path):
     """One worker at a time takes a trial or rewrites trials.parquet (workers on this machine; another machine on a
     shared --storage may overshoot the trial count by its own in-flight trials)."""
-    with open(Path(folder) / ".lock", "a") as handle:
+    with open(Path(folder) / LOCK_FILE, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -355,6 +423,22 @@ def join_sweep(storage: str, study: str, runs_dir: str | Path = "runs") -> Path:
     return folder
 
 
+def check_trial_runs(spec: SweepSpec, study) -> None:
+    """A study copied or moved with its study.db (its runs folder too, or not) still names the original's run folders
+    in its trials: resumed, it would train on in them. Refused when a trial of this host ran outside the runs folder
+    the spec names (trials of other hosts joined through a shared --storage keep their own folders)."""
+    import socket
+
+    runs_dir = Path(spec.base["runs_dir"]).resolve()
+    for trial in study.get_trials(deepcopy=False):
+        run_dir = trial.user_attrs.get("run_dir")
+        host = (trial.user_attrs.get("worker") or {}).get("host")
+        if run_dir and host == socket.gethostname() and not Path(run_dir).resolve().is_relative_to(runs_dir):
+            raise ConfigError(f"{spec.folder}: trial {trial.number} ran in {run_dir}, outside this study's runs "
+                              f"folder {runs_dir} (the study was moved or copied): resume the original study, or "
+                              "start a new one")
+
+
 def resume_sweep(folder: str | Path, jobs: int = 1, trials: int | None = None, storage: str | None = None) -> SweepSpec:
     """Continue a study from its folder: finished trials are kept, a dead worker's trial is re-queued and continues
     its run from the last checkpoint; `trials` raises (or lowers) the number wanted."""
@@ -370,9 +454,10 @@ def resume_sweep(folder: str | Path, jobs: int = 1, trials: int | None = None, s
         raise ConfigError(f"--jobs must be at least 1, got {jobs}")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        optuna.load_study(study_name=spec.study, storage=open_storage(spec))
+        study = optuna.load_study(study_name=spec.study, storage=open_storage(spec))
     except KeyError:
         raise ConfigError(f"{spec.storage} has no study {spec.study}") from None
+    check_trial_runs(spec, study)
     if trials is not None:
         write_spec(spec)
     from loratrace.sweep_workers import run_sweep
