@@ -88,10 +88,14 @@ class Runs:
         self._listed: tuple[float, int, tuple] | None = None  # monotonic and wall time of the last listing, what it saw
         self._runs_key: tuple | None = None  # the run folders and their run.json/config.yaml behind `runs_info`
         self.relist_after = 1.0  # seconds: repeated calls inside this (a trace loop, say) skip re-listing
+        # read_only: the folders DuckDB may read, fixed when the connection is locked; None: any
+        self.readable: list[Path] | None = None
+        if read_only and self.remote is None:
+            self.readable = sandbox.named_folders(sources) if sources is not None else [d.resolve() for d in run_dirs]
         self.refresh(force=True)
         if read_only:
-            folders = self.remote.sources if self.remote else folders_of_runs(sources) if sources is not None else []
-            sandbox.lock_down(self.con, [str(d) for d in [*folders, *self.run_dirs]])
+            folders = self.remote.sources if self.remote else self.readable
+            sandbox.lock_down(self.con, [str(d) for d in folders])
 
     # ------------------------------------------------------------------ files -> views
 
@@ -167,7 +171,7 @@ class Runs:
             return
         listed_wall = time.time_ns()
         if self.sources is not None:
-            self.run_dirs = self.remote.find_runs() if self.remote else find_runs(self.sources)
+            self.run_dirs = self.remote.find_runs() if self.remote else self._sandboxed(find_runs(self.sources))
         signature = self._signature()
         runs_key = tuple((d, _key_of(d / "run.json"), _key_of(d / "config.yaml")) for d in self.run_dirs)
         files = {view: [f for d in self.run_dirs for f in self._complete_parts(d / "tracking", name)]
@@ -194,6 +198,17 @@ class Runs:
             self._create_views()
         self._listed = (time.monotonic(), *self._listed[1:])  # aged from here: the CLI's next query won't re-list
         self._indexes = None
+
+    def _sandboxed(self, run_dirs: list[Path]) -> list[Path]:
+        """`run_dirs` but those outside the folders a read-only connection may read (a run folder a glob matches only
+        since the connection was locked, say), each reported once: DuckDB would refuse every query that reads it."""
+        if self.readable is None:
+            return run_dirs
+        for run_dir in run_dirs:
+            if not sandbox.inside(run_dir, self.readable):
+                self._report(str(run_dir), f"skipping run folder {run_dir}: it is outside the folders this read-only "
+                                           "connection was opened on (open it again to read it)")
+        return [run_dir for run_dir in run_dirs if sandbox.inside(run_dir, self.readable)]
 
     def _studies(self) -> list[Path]:
         """The sweep study folders this connection reads trials from (runs/sweeps/*/, or the folders named); none on
