@@ -2,6 +2,8 @@
 read, damaged or foreign parts, runaway queries, odd result types, bytes that are not UTF-8, DuckDB's hints."""
 
 import secrets
+import subprocess
+import sys
 
 import duckdb
 import pyarrow as pa
@@ -75,3 +77,48 @@ def test_no_runs_dir_spelling_lets_a_query_read_outside_the_runs(lab, capsys):
             assert lab["token"] not in out + err and lab["listed"] not in out + err, (spelling, probe)
             assert len(err.strip().splitlines()) == 1, err
     assert sorted(p.name for p in lab["parent"].iterdir())[-1] == "secret.txt"  # nothing was written there
+
+
+def test_sql_on_stdin_that_is_not_utf8_is_one_line(two_runs):  # noqa: F811
+    for sql, where in ((b"SELECT \xff\xfe 1", "byte 0xff at character 8"),
+                       (b"SELECT 'caf\xe9'", "byte 0xe9 at character 12")):
+        result = subprocess.run([sys.executable, "-m", "loratrace", "query", "-", "--runs-dir", str(two_runs)],
+                                input=sql, capture_output=True, timeout=120)
+        assert result.returncode == 2 and result.stdout == b""
+        assert result.stderr.decode().splitlines() == [
+            f"loratrace: error: the SQL is not UTF-8 text ({where}): save it as UTF-8"]
+
+
+@pytest.mark.parametrize(("sql", "shown"), [
+    ("SELECT * FROM batchs", 'Table with name batchs does not exist! Did you mean "batches"?'),
+    ("SELECT stpe FROM batches", 'Referenced column "stpe" not found in FROM clause! Candidate bindings: "step"'),
+    ("SELECT step FROM batches b, checkpoints c", "Ambiguous reference to column name \"step\""),
+    ("SELECT 1,\n  2 +", "Parser Error: syntax error at or near \"+\"; LINE 2:   2 + (at '+')"),
+    ("SELECT CAST('x' AS INT)", "Could not convert string 'x' to INT32; LINE 1: SELECT CAST('x' AS INT) "
+                                "(at \"CAST('x' AS INT)\")"),
+])
+def test_duckdb_s_hints_are_kept_on_the_one_line(two_runs, capsys, sql, shown):  # noqa: F811
+    assert main(["query", sql, "--runs-dir", str(two_runs)]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1
+    assert err.startswith("loratrace: error: SQL error: ") and shown in err, err
+
+
+def test_trace_of_a_run_trained_without_tracking_says_so(tmp_path, capsys):
+    run = tmp_path / "arc-challenge_lora_20250720_143052"
+    run.mkdir()
+    (run / "run.json").write_text('{"run_id": "arc-challenge_lora_20250720_143052", "status": "completed"}')
+    (run / "config.yaml").write_text("tracking:\n  enabled: false\n  flush_every_steps: 50\n")
+    for extra in ([], ["--run", run.name]):
+        assert main(["trace", "--example-id", "LTSYN_TRA_0001", "--runs-dir", str(tmp_path), *extra]) == 1
+        assert capsys.readouterr().err == (
+            f"loratrace: error: run {run.name} was trained without batch tracking, so no example can be traced in "
+            "it: train with --track-batches (tracking.enabled=true) to record which examples each step trained on\n")
+
+
+def test_trace_names_the_untracked_run_asked_for_beside_tracked_ones(two_runs, capsys):  # noqa: F811
+    (two_runs / "C").mkdir()
+    (two_runs / "C" / "run.json").write_text('{"run_id": "C"}')
+    (two_runs / "C" / "config.yaml").write_text("tracking:\n  enabled: false\n")
+    assert main(["trace", "--example-id", "y", "--run", "C", "--runs-dir", str(two_runs)]) == 1
+    assert "run C was trained without batch tracking" in capsys.readouterr().err

@@ -255,7 +255,8 @@ def _train_runs(args: argparse.Namespace, overrides: list[str]) -> int:
 def cmd_query(args: argparse.Namespace) -> int:
     from loratrace.formats import check_output
 
-    sql = sys.stdin.read() if args.sql == "-" else args.sql
+    # bytes that are not UTF-8 kept as surrogates (as in argv), for the library to refuse in one line naming them
+    sql = sys.stdin.buffer.read().decode("utf-8", "surrogateescape") if args.sql == "-" else args.sql
     if args.format == "parquet" and not args.output:
         return _fail("--format parquet needs --output FILE", 2)
     check_output(args.output)  # before the query runs: nothing is half done

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import duckdb
 
-from loratrace.errors import first_line
+from loratrace.errors import duckdb_message
 
 # PRAGMAs that only report; the rest change settings or read and write files (import_database, copy_database, ...).
 REPORTING_PRAGMAS = frozenset({"show_tables", "show_tables_expanded", "table_info", "database_list", "database_size",
@@ -36,7 +36,7 @@ def refusal(con: duckdb.DuckDBPyConnection, sql: str) -> str | None:
         statements = duckdb.extract_statements(sql)
         kinds = [statement.type for statement in statements]
     except duckdb.Error as exc:
-        return f"SQL error: {first_line(exc)}"
+        return f"SQL error: {duckdb_message(exc)}"
     except ValueError:  # the parser knows a statement type this duckdb module has no name for
         return f"a statement of a type loratrace does not know is not allowed: {ALLOWED}"
     if len(statements) != 1:
@@ -66,7 +66,7 @@ def _select_refusal(con: duckdb.DuckDBPyConnection, sql: str) -> str | None:
     try:
         tree = json.loads(con.execute("SELECT json_serialize_sql($1::VARCHAR)", [sql]).fetchall()[0][0])
     except (duckdb.Error, TypeError, ValueError) as exc:
-        return f"cannot check this statement ({first_line(exc)}): {ALLOWED}"
+        return f"cannot check this statement ({duckdb_message(exc)}): {ALLOWED}"
     if tree.get("error"):
         return f"cannot check this statement ({tree.get('error_message')}): {ALLOWED}"
     writing = sorted(set(_query_nodes(tree)) - READING_QUERY_NODES)

@@ -24,7 +24,7 @@ import pyarrow as pa
 from typing_extensions import Self
 
 from loratrace import sandbox, schema, storage
-from loratrace.errors import LoratraceError, first_line
+from loratrace.errors import LoratraceError, duckdb_message
 from loratrace.mappings import first_checkpoint
 from loratrace.remote_runs import RemoteRuns
 from loratrace.run_folders import as_list, find_runs, folders_of_runs, runs_info, study_folders
@@ -36,6 +36,12 @@ class StoreError(LoratraceError):
     """A query or lookup the user made that cannot be answered."""
 
     exit_code = 1
+
+
+class SqlTextError(StoreError):
+    """SQL text that cannot be handed to DuckDB at all (not UTF-8): input that cannot run."""
+
+    exit_code = 2
 
 
 class StoreWarning(UserWarning):
@@ -285,13 +291,14 @@ class Runs:
 
     def sql(self, query: str, params: list | None = None) -> duckdb.DuckDBPyRelation:
         """Run SQL over the views. With `read_only`, anything but one reading statement is refused."""
+        _check_text(query)
         self.refresh()
         if self.read_only and (reason := sandbox.refusal(self.con, query)):
             raise StoreError(reason)
         try:
             return self.con.sql(query, params=params) if params else self.con.sql(query)
         except duckdb.Error as exc:
-            raise StoreError(f"SQL error: {first_line(exc)}") from None
+            raise StoreError(f"SQL error: {duckdb_message(exc)}") from None
 
     def fetch_table(self, query: str, params: list | None = None) -> pa.Table:
         """`sql` run to the end as an Arrow table: an error while running (a bad cast, say) is a StoreError too."""
@@ -299,7 +306,7 @@ class Runs:
         try:
             return relation.to_arrow_table() if relation is not None else pa.table({})
         except duckdb.Error as exc:
-            raise StoreError(f"SQL error: {first_line(exc)}") from None
+            raise StoreError(f"SQL error: {duckdb_message(exc)}") from None
 
     def trace(self, example_id: str | None = None, line: int | None = None, run_id: str | None = None):
         """Every step where the example trained, with its loss, p(gold), correctness and the first checkpoint that
@@ -320,6 +327,9 @@ class Runs:
         if not self.run_dirs:
             raise StoreError(f"no runs under {self.where}")
         if not self.files["batches_raw"]:
+            untracked = self._untracked(run_id)
+            if untracked and (run_id or len(untracked) == len(self.run_dirs)):  # not a tracked run's first seconds
+                raise StoreError(_not_tracked(untracked))
             raise StoreError(f"no tracked batches yet under {self.where}: a tracked run writes its first part at its "
                              "first checkpoint or after tracking.flush_every_steps updates")
         columns = ", ".join(TRACE_COLUMNS)
@@ -358,6 +368,8 @@ class Runs:
                                                 "ORDER BY 1", params).fetchall()]
         if known:
             return f"{what} is in the examples of run {', '.join(known)} but was never trained (so far)"
+        if run_id and self._untracked(run_id):
+            return _not_tracked([run_id])
         if run_id:
             elsewhere = [r[0] for r in self.con.execute(f"SELECT DISTINCT run_id FROM samples WHERE {column} = $key "
                                                         "ORDER BY 1", {"key": key}).fetchall()]
@@ -365,6 +377,15 @@ class Runs:
                 return f"run {run_id} did not train {what} (run {', '.join(elsewhere)} did)"
         closest = self._closest(example_id)
         return f"no run trained {what}{f' in run {run_id}' if run_id else ''}{closest}"
+
+    def _untracked(self, run_id: str | None) -> list[str]:
+        """The runs (`run_id`, or all) whose config.yaml says they were trained without tracking.enabled."""
+        columns = [c[0] for c in self.con.execute("SELECT * FROM runs_info LIMIT 0").description]
+        if "tracking_enabled" not in columns:
+            return []
+        rows = self.con.execute("SELECT run_id FROM runs_info WHERE lower(tracking_enabled) = 'false' "
+                                "AND ($run IS NULL OR run_id = $run) ORDER BY 1", {"run": run_id}).fetchall()
+        return [row[0] for row in rows]
 
     def _open_index(self, path) -> SamplesIndex:
         key = _file_key(path.stat())
@@ -402,6 +423,24 @@ def open_runs(paths: str | Path | list = "runs", read_only: bool = False) -> Run
     """DuckDB views over every run under `paths` (see module docstring); a run added there later shows up too."""
     paths = [storage.local_form(p) for p in paths] if isinstance(paths, (list, tuple)) else storage.local_form(paths)
     return Runs([], read_only=read_only, sources=paths)  # its first refresh lists the runs (or says there are none)
+
+
+def _check_text(query: str) -> None:
+    """Refuse SQL that is not UTF-8 text. Bytes that are not UTF-8 (SQL piped from a Latin-1 file, say) reach Python
+    as lone surrogates (the surrogateescape of stdin and argv), which DuckDB's bindings reject with a TypeError."""
+    try:
+        query.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        char = ord(query[exc.start])
+        what = f"byte 0x{char - 0xDC00:02x}" if 0xDC80 <= char <= 0xDCFF else f"character U+{char:04X}"
+        raise SqlTextError(f"the SQL is not UTF-8 text ({what} at character {exc.start + 1}): save it as UTF-8") \
+            from None
+
+
+def _not_tracked(run_ids: list[str]) -> str:
+    runs = f"run {run_ids[0]} was" if len(run_ids) == 1 else f"runs {', '.join(run_ids)} were"
+    return (f"{runs} trained without batch tracking, so no example can be traced in it: train with --track-batches "
+            "(tracking.enabled=true) to record which examples each step trained on")
 
 
 DUCKDB_TYPES = {pa.string(): "VARCHAR", pa.bool_(): "BOOLEAN", pa.int8(): "TINYINT", pa.int32(): "INTEGER",
