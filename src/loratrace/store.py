@@ -15,6 +15,7 @@ part that cannot be read (cut short by a crash, say) or a missing examples.parqu
 from __future__ import annotations
 
 import os
+import re
 import time
 import warnings
 from pathlib import Path
@@ -24,7 +25,7 @@ import pyarrow as pa
 from typing_extensions import Self
 
 from loratrace import sandbox, schema, storage
-from loratrace.errors import LoratraceError, duckdb_message
+from loratrace.errors import LoratraceError, duckdb_message, first_line
 from loratrace.mappings import first_checkpoint
 from loratrace.remote_runs import RemoteRuns
 from loratrace.run_folders import as_list, find_runs, folders_of_runs, runs_info, study_folders
@@ -303,8 +304,16 @@ class Runs:
     def fetch_table(self, query: str, params: list | None = None) -> pa.Table:
         """`sql` run to the end as an Arrow table: an error while running (a bad cast, say) is a StoreError too."""
         relation = self.sql(query, params)
+        if relation is None:
+            return pa.table({})
+        exact = _arrow_exact(relation)
         try:
-            return relation.to_arrow_table() if relation is not None else pa.table({})
+            return exact.to_arrow_table()
+        except duckdb.ConversionException as exc:
+            if exact is relation:
+                raise StoreError(f"SQL error: {duckdb_message(exc)}") from None
+            raise StoreError(f"SQL error: {first_line(exc)} (the output formats hold a UHUGEINT below 2^127 only: "
+                             "cast it to VARCHAR or DOUBLE)") from None
         except duckdb.Error as exc:
             raise StoreError(f"SQL error: {duckdb_message(exc)}") from None
 
@@ -423,6 +432,20 @@ def open_runs(paths: str | Path | list = "runs", read_only: bool = False) -> Run
     """DuckDB views over every run under `paths` (see module docstring); a run added there later shows up too."""
     paths = [storage.local_form(p) for p in paths] if isinstance(paths, (list, tuple)) else storage.local_form(paths)
     return Runs([], read_only=read_only, sources=paths)  # its first refresh lists the runs (or says there are none)
+
+
+UHUGEINT = re.compile(r"\bUHUGEINT\b")
+
+
+def _arrow_exact(relation: duckdb.DuckDBPyRelation) -> duckdb.DuckDBPyRelation:
+    """`relation` with each UHUGEINT (at any depth) cast to HUGEINT: DuckDB hands Arrow both as decimal128(38, 0), and
+    a UHUGEINT from 2^127 on comes out as a negative number; cast, it is an out-of-range error instead."""
+    types = [str(kind) for kind in relation.types]
+    if not any(UHUGEINT.search(kind) for kind in types):
+        return relation
+    columns = [f"CAST(#{n} AS {UHUGEINT.sub('HUGEINT', kind)})" if UHUGEINT.search(kind) else f"#{n}"
+               for n, kind in enumerate(types, 1)]
+    return relation.project(", ".join(f"{c} AS {_quoted(name)}" for c, name in zip(columns, relation.columns)))
 
 
 def _check_text(query: str) -> None:
