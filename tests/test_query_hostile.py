@@ -9,8 +9,10 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import run_cli
 from test_store import two_runs  # noqa: F401  (the fixture)
 
+import loratrace
 from loratrace.cli import main
 
 # Every way a query could read a file or list a folder; {parent} holds the secret, {runs} is the runs folder.
@@ -122,3 +124,48 @@ def test_trace_names_the_untracked_run_asked_for_beside_tracked_ones(two_runs, c
     (two_runs / "C" / "config.yaml").write_text("tracking:\n  enabled: false\n")
     assert main(["trace", "--example-id", "y", "--run", "C", "--runs-dir", str(two_runs)]) == 1
     assert "run C was trained without batch tracking" in capsys.readouterr().err
+
+
+def _garble_pages(path):
+    """Garbage over every byte between the magic number and the footer: the footer reads, the pages do not."""
+    data = bytearray(path.read_bytes())
+    footer = int.from_bytes(data[-8:-4], "little")
+    data[4:len(data) - 8 - footer] = bytes((n * 37 + 11) & 0xFF for n in range(4, len(data) - 8 - footer))
+    path.write_bytes(bytes(data))
+    pq.read_metadata(path)  # the footer still reads
+
+
+def _b_part(runs):
+    [part] = (runs / "B" / "tracking" / "batches").iterdir()
+    return part
+
+
+def _only_a(runs, part, why):
+    """A query and a trace over the runs answer from run A alone, with one warning line naming B's part."""
+    result = run_cli("query", "SELECT run_id, count(*) AS n, sum(loss) AS loss FROM batches GROUP BY 1", "--format",
+                     "csv", "--runs-dir", str(runs), timeout=120)
+    assert result.returncode == 0 and result.stdout.splitlines() == ["run_id,n,loss", "A,5,15.0"], result.stderr
+    [warning] = result.stderr.splitlines()
+    assert warning.startswith(f"loratrace: warning: skipping {why} {part}")
+    result = run_cli("trace", "--example-id", "y", "--format", "csv", "--runs-dir", str(runs), timeout=120)
+    assert result.returncode == 0 and [line.split(",")[0] for line in result.stdout.splitlines()[1:]] == ["A"] * 5
+    assert result.stderr.splitlines() == [warning]
+    return warning
+
+
+def test_a_part_linked_from_outside_the_run_is_skipped_with_one_warning(two_runs, tmp_path_factory):  # noqa: F811
+    part = _b_part(two_runs)
+    outside = tmp_path_factory.mktemp("elsewhere") / part.name
+    part.rename(outside)
+    part.symlink_to(outside)
+    assert _only_a(two_runs, part, "tracking part").endswith(f"a link to {outside}, outside its run folder")
+
+
+def test_a_part_with_damaged_pages_is_skipped_with_one_warning(two_runs):  # noqa: F811
+    part = _b_part(two_runs)
+    _garble_pages(part)
+    _only_a(two_runs, part, "damaged tracking part")
+    with pytest.warns(UserWarning, match=f"skipping damaged tracking part {part}"):
+        with loratrace.open_runs(two_runs) as db:  # the Python API too, and its later queries
+            assert db.fetch_table("SELECT count(*) AS n FROM samples").to_pylist() == [{"n": 10}]  # A: 5 batches of 2
+            assert db.fetch_table("SELECT max(step) AS s FROM batches").to_pylist() == [{"s": 5}]

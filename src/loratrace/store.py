@@ -8,8 +8,9 @@ Connections are in-memory (a `.duckdb` file would lock other processes out). The
 notebooks; `read_only=True` (the CLI) is the sandbox of sandbox.py: one reading statement, files only under the runs.
 Views re-list the runs folder and the tracking folders before each query, so a run still training shows its new
 parts and a new run shows up. Only the file names the tracker writes (schema.PART_NAMES) are read; a foreign file, a
-part that cannot be read (cut short by a crash, say) or a missing examples.parquet is reported once as a
-`StoreWarning` and skipped.
+part that cannot be read (cut short by a crash, say), a part linked from outside its run folder, a part whose pages
+turn out damaged when a query reads them (`fetch_table` and `trace` then run again without it) or a missing
+examples.parquet is reported once as a `StoreWarning` and skipped.
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ class Runs:
         self.files: dict[str, list[str]] = {}  # view -> the parts it reads
         self._reported: set[str] = set()  # files already reported as foreign, unreadable or missing
         self._checked: dict[str, tuple] = {}  # part -> (`_file_key` when its footer was read, its columns or None)
+        self._pages_ok: dict[str, tuple] = {}  # part -> the `_file_key` at which all its pages read (`_pages_read`)
         self._indexes: dict | None = None  # run_id -> its index (a Path or RemotePath), found when `trace` needs them
         self._open_indexes: dict[str, tuple[tuple, SamplesIndex]] = {}  # path -> (stat when opened, reader)
         self._all_indexed = False
@@ -125,7 +127,15 @@ class Runs:
                     paths.append(path)
                 elif not path.name.startswith(".tmp-"):  # a part being written is not foreign
                     self._report(str(path), f"ignoring {path}: not a file name the tracker writes")
-        return self._readable(paths)
+        return self._readable([path for path in paths if self._inside_run(path, tracking.parent)])
+
+    def _inside_run(self, path: Path, run_dir: Path) -> bool:
+        """Whether a part is in its run folder once links are followed: nothing outside the runs is read (and the
+        read-only connection's DuckDB would refuse every query that reads it)."""
+        if self.remote is not None or sandbox.inside(path, [run_dir.resolve()]):
+            return True  # object storage has no links
+        self._report(str(path), f"skipping tracking part {path}: a link to {path.resolve()}, outside its run folder")
+        return False
 
     def _readable(self, paths: list[Path]) -> list[str]:
         """The files among `paths` whose Parquet footer reads (checked again only when a file changes)."""
@@ -198,13 +208,49 @@ class Runs:
             self._create_table("runs_info", [(c, "VARCHAR") for c in columns], rows)
         if files != self.files or force:
             self.files = files
-            for view, (_, table_schema) in TABLES.items():
-                self._create_raw_view(view, files[view], table_schema)
-            self._create_raw_view("trials_raw", files["trials_raw"], schema.TRIALS)
-            self._create_lineage()
-            self._create_views()
+            self._build_views()
         self._listed = (time.monotonic(), *self._listed[1:])  # aged from here: the CLI's next query won't re-list
         self._indexes = None
+
+    def _build_views(self) -> None:
+        for view, (_, table_schema) in TABLES.items():
+            self._create_raw_view(view, self.files[view], table_schema)
+        self._create_raw_view("trials_raw", self.files["trials_raw"], schema.TRIALS)
+        try:
+            self._create_lineage()  # reads every attempts part
+        except duckdb.Error as exc:
+            if not (_may_be_damage(exc) and self._skip_damaged()):
+                raise StoreError(f"cannot read the attempts of {self.where}: {duckdb_message(exc)}") from None
+            return  # _skip_damaged built them without the damaged parts
+        self._create_views()
+
+    def _skip_damaged(self) -> bool:
+        """Read every part the views read through (each once per version of the file); drop those whose data pages
+        do not read (a footer that reads over garbage pages passes `_readable`), each reported once, and rebuild
+        the views. False when every part reads: the error was not theirs."""
+        damaged = {part for parts in self.files.values() for part in parts if not self._pages_read(part)}
+        if not damaged:
+            return False
+        self.files = {view: [part for part in parts if part not in damaged] for view, parts in self.files.items()}
+        self._indexes = None
+        self._build_views()
+        return True
+
+    def _pages_read(self, part: str) -> bool:
+        stat_key = self._checked[part][0]
+        if self._pages_ok.get(part) == stat_key:
+            return True
+        try:
+            for _ in self.con.sql(f"SELECT * FROM read_parquet({_sql_list([part])})").fetch_arrow_reader():
+                pass
+        except duckdb.Error as exc:
+            if not _may_be_damage(exc):
+                raise  # the network, say: not the part's fault
+            self._checked[part] = (stat_key, None)  # skipped by every later refresh until the file changes
+            self._report(part, f"skipping damaged tracking part {part}: {first_line(exc)}")
+            return False
+        self._pages_ok[part] = stat_key
+        return True
 
     def _sandboxed(self, run_dirs: list[Path]) -> list[Path]:
         """`run_dirs` but those outside the folders a read-only connection may read (a run folder a glob matches only
@@ -297,25 +343,34 @@ class Runs:
         if self.read_only and (reason := sandbox.refusal(self.con, query)):
             raise StoreError(reason)
         try:
-            return self.con.sql(query, params=params) if params else self.con.sql(query)
+            return self._relation(query, params)
         except duckdb.Error as exc:
             raise StoreError(f"SQL error: {duckdb_message(exc)}") from None
 
     def fetch_table(self, query: str, params: list | None = None) -> pa.Table:
-        """`sql` run to the end as an Arrow table: an error while running (a bad cast, say) is a StoreError too."""
+        """`sql` run to the end as an Arrow table: an error while running (a bad cast, say) is a StoreError too. A
+        part whose pages turn out damaged is skipped with a warning, and the query runs again without it."""
         relation = self.sql(query, params)
         if relation is None:
             return pa.table({})
-        exact = _arrow_exact(relation)
         try:
-            return exact.to_arrow_table()
+            try:
+                return _arrow_exact(relation).to_arrow_table()
+            except duckdb.Error as exc:
+                if not (_may_be_damage(exc) and self._skip_damaged()):
+                    raise
+            # bound to the views it was made on: made again on the rebuilt ones
+            return _arrow_exact(self._relation(query, params)).to_arrow_table()
         except duckdb.ConversionException as exc:
-            if exact is relation:
+            if not _has_uhugeint(relation):
                 raise StoreError(f"SQL error: {duckdb_message(exc)}") from None
             raise StoreError(f"SQL error: {first_line(exc)} (the output formats hold a UHUGEINT below 2^127 only: "
                              "cast it to VARCHAR or DOUBLE)") from None
         except duckdb.Error as exc:
             raise StoreError(f"SQL error: {duckdb_message(exc)}") from None
+
+    def _relation(self, query: str, params: list | None) -> duckdb.DuckDBPyRelation:
+        return self.con.sql(query, params=params) if params else self.con.sql(query)
 
     def trace(self, example_id: str | None = None, line: int | None = None, run_id: str | None = None):
         """Every step where the example trained, with its loss, p(gold), correctness and the first checkpoint that
@@ -324,7 +379,18 @@ class Runs:
 
     def trace_table(self, example_id: str | None = None, line: int | None = None,
                     run_id: str | None = None) -> pa.Table:
-        """`trace` as an Arrow table (no pandas needed)."""
+        """`trace` as an Arrow table (no pandas needed); a damaged part is skipped as `fetch_table` skips it."""
+        try:
+            try:
+                return self._trace_table(example_id, line, run_id)
+            except duckdb.Error as exc:
+                if not (_may_be_damage(exc) and self._skip_damaged()):
+                    raise
+            return self._trace_table(example_id, line, run_id)
+        except duckdb.Error as exc:
+            raise StoreError(f"cannot trace: {duckdb_message(exc)}") from None
+
+    def _trace_table(self, example_id: str | None, line: int | None, run_id: str | None) -> pa.Table:
         if (example_id is None) == (line is None):
             raise StoreError("trace needs exactly one of an example id or a line")
         where, params = ("s.example_id = $key", {"key": example_id}) if example_id is not None else (
@@ -437,15 +503,29 @@ def open_runs(paths: str | Path | list = "runs", read_only: bool = False) -> Run
 UHUGEINT = re.compile(r"\bUHUGEINT\b")
 
 
+def _has_uhugeint(relation: duckdb.DuckDBPyRelation) -> bool:
+    return any(UHUGEINT.search(str(kind)) for kind in relation.types)
+
+
 def _arrow_exact(relation: duckdb.DuckDBPyRelation) -> duckdb.DuckDBPyRelation:
     """`relation` with each UHUGEINT (at any depth) cast to HUGEINT: DuckDB hands Arrow both as decimal128(38, 0), and
     a UHUGEINT from 2^127 on comes out as a negative number; cast, it is an out-of-range error instead."""
-    types = [str(kind) for kind in relation.types]
-    if not any(UHUGEINT.search(kind) for kind in types):
+    if not _has_uhugeint(relation):
         return relation
+    types = [str(kind) for kind in relation.types]
     columns = [f"CAST(#{n} AS {UHUGEINT.sub('HUGEINT', kind)})" if UHUGEINT.search(kind) else f"#{n}"
                for n, kind in enumerate(types, 1)]
     return relation.project(", ".join(f"{c} AS {_quoted(name)}" for c, name in zip(columns, relation.columns)))
+
+
+# Errors that reading a damaged part gives (a bare duckdb.Error: "don't know what type", from the page headers'
+# decoder); a query's own mistakes (parser, binder, catalog, conversion, ...) and the network's are other classes.
+DAMAGE_ERRORS = (duckdb.IOException, duckdb.InvalidInputException, duckdb.InternalException,
+                 duckdb.SerializationException)
+
+
+def _may_be_damage(exc: duckdb.Error) -> bool:
+    return (type(exc) is duckdb.Error or isinstance(exc, DAMAGE_ERRORS)) and not isinstance(exc, duckdb.HTTPException)
 
 
 def _check_text(query: str) -> None:
