@@ -1,9 +1,13 @@
 """Hostile inputs to the query layer (issues #21, #27): `--runs-dir` spellings that must not widen what SQL may
 read, damaged or foreign parts, runaway queries, odd result types, bytes that are not UTF-8, DuckDB's hints."""
 
+import os
 import secrets
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import duckdb
 import pyarrow as pa
@@ -14,6 +18,7 @@ from test_store import two_runs  # noqa: F401  (the fixture)
 
 import loratrace
 from loratrace.cli import main
+from loratrace.store import QueryTimeout
 
 # Every way a query could read a file or list a folder; {parent} holds the secret, {runs} is the runs folder.
 PROBES = [
@@ -169,3 +174,43 @@ def test_a_part_with_damaged_pages_is_skipped_with_one_warning(two_runs):  # noq
         with loratrace.open_runs(two_runs) as db:  # the Python API too, and its later queries
             assert db.fetch_table("SELECT count(*) AS n FROM samples").to_pylist() == [{"n": 10}]  # A: 5 batches of 2
             assert db.fetch_table("SELECT max(step) AS s FROM batches").to_pylist() == [{"s": 5}]
+
+
+RUNAWAY = "SELECT count(*) FROM range(1000000000) a, range(1000000000) b WHERE a.range + b.range = -1"
+
+
+def test_query_timeout_stops_a_runaway_query(two_runs):  # noqa: F811
+    started = time.monotonic()
+    result = run_cli("query", "--timeout", "1", RUNAWAY, "--runs-dir", str(two_runs), timeout=120)
+    assert time.monotonic() - started < 60
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == ("loratrace: error: the query ran past its time limit of 1 s and was stopped "
+                             "(--timeout)\n")
+    with loratrace.open_runs(two_runs, read_only=True) as db:  # the Python API, and the connection afterwards
+        with pytest.raises(QueryTimeout, match="time limit of 0.5 s"):
+            db.fetch_table(RUNAWAY, timeout=0.5)
+        assert db.fetch_table("SELECT count(*) AS n FROM batches", timeout=30).to_pylist() == [{"n": 7}]
+
+
+def test_ctrl_c_stops_a_running_query_at_once(two_runs):  # noqa: F811
+    command = [sys.executable, "-m", "loratrace", "query", RUNAWAY, "--runs-dir", str(two_runs)]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+        time.sleep(6)  # started, and into the query
+        process.send_signal(signal.SIGINT)
+        try:
+            out, err = process.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise AssertionError("Ctrl+C did not stop the query") from None
+    assert process.returncode == 130 and out == "" and err == "loratrace: error: interrupted\n"
+
+
+def test_ctrl_c_stops_a_python_api_query_and_the_connection_still_answers(two_runs):  # noqa: F811
+    with loratrace.open_runs(two_runs) as db:
+        timer = threading.Timer(1.0, os.kill, [os.getpid(), signal.SIGINT])
+        timer.start()
+        started = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            db.fetch_table(RUNAWAY)
+        assert time.monotonic() - started < 10
+        assert db.fetch_table("SELECT count(*) AS n FROM batches").to_pylist() == [{"n": 7}]

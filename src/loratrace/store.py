@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -38,6 +39,10 @@ class StoreError(LoratraceError):
     """A query or lookup the user made that cannot be answered."""
 
     exit_code = 1
+
+
+class QueryTimeout(StoreError):
+    """A query stopped at its time limit (`query --timeout`, `fetch_table(timeout=...)`)."""
 
 
 class SqlTextError(StoreError):
@@ -347,12 +352,17 @@ class Runs:
         except duckdb.Error as exc:
             raise StoreError(f"SQL error: {duckdb_message(exc)}") from None
 
-    def fetch_table(self, query: str, params: list | None = None) -> pa.Table:
+    def fetch_table(self, query: str, params: list | None = None, timeout: float | None = None) -> pa.Table:
         """`sql` run to the end as an Arrow table: an error while running (a bad cast, say) is a StoreError too. A
-        part whose pages turn out damaged is skipped with a warning, and the query runs again without it."""
+        part whose pages turn out damaged is skipped with a warning, and the query runs again without it. A query
+        still running after `timeout` seconds is stopped (`QueryTimeout`); Ctrl+C stops it at once (KeyboardInterrupt
+        as usual, DuckDB interrupted first)."""
         relation = self.sql(query, params)
         if relation is None:
             return pa.table({})
+        return self._interruptible(lambda: self._fetch(relation, query, params), timeout)
+
+    def _fetch(self, relation: duckdb.DuckDBPyRelation, query: str, params: list | None) -> pa.Table:
         try:
             try:
                 return _arrow_exact(relation).to_arrow_table()
@@ -361,6 +371,8 @@ class Runs:
                     raise
             # bound to the views it was made on: made again on the rebuilt ones
             return _arrow_exact(self._relation(query, params)).to_arrow_table()
+        except duckdb.InterruptException:
+            raise
         except duckdb.ConversionException as exc:
             if not _has_uhugeint(relation):
                 raise StoreError(f"SQL error: {duckdb_message(exc)}") from None
@@ -368,6 +380,39 @@ class Runs:
                              "cast it to VARCHAR or DOUBLE)") from None
         except duckdb.Error as exc:
             raise StoreError(f"SQL error: {duckdb_message(exc)}") from None
+
+    def _interruptible(self, compute, timeout: float | None):
+        """`compute()` on a worker thread while this one waits: a thread blocked inside DuckDB runs no Python signal
+        handler, so Ctrl+C would wait for the query's end; the waiting thread takes it (or the time limit) at once
+        and stops DuckDB with `interrupt()`, DuckDB's way to cancel a running query from another thread."""
+        outcome: dict = {}
+        done = threading.Event()  # not Thread.join: a join that Ctrl+C interrupted can take the thread for ended
+
+        def work() -> None:
+            try:
+                outcome["table"] = compute()
+            except BaseException as exc:  # handed to the waiting thread, which raises it
+                outcome["error"] = exc
+            finally:
+                done.set()
+
+        threading.Thread(target=work, name="loratrace-query", daemon=True).start()
+        try:
+            timed_out = not done.wait(timeout)
+        except KeyboardInterrupt:
+            self.con.interrupt()
+            _wait_out(done)
+            raise
+        if timed_out:
+            self.con.interrupt()
+            _wait_out(done)
+            if "table" not in outcome:
+                raise QueryTimeout(f"the query ran past its time limit of {timeout:g} s and was stopped (--timeout)")
+        if isinstance(outcome.get("error"), duckdb.InterruptException):  # interrupted by another thread
+            raise StoreError("the query was interrupted")
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["table"]
 
     def _relation(self, query: str, params: list | None) -> duckdb.DuckDBPyRelation:
         return self.con.sql(query, params=params) if params else self.con.sql(query)
@@ -501,6 +546,17 @@ def open_runs(paths: str | Path | list = "runs", read_only: bool = False) -> Run
 
 
 UHUGEINT = re.compile(r"\bUHUGEINT\b")
+
+
+def _wait_out(done: threading.Event) -> None:
+    """Wait for an interrupted query to end (DuckDB stops within a vector's work), through a second Ctrl+C too: the
+    interpreter must not exit while a thread runs inside DuckDB (it aborts the process)."""
+    while True:
+        try:
+            done.wait()
+            return
+        except KeyboardInterrupt:
+            continue
 
 
 def _has_uhugeint(relation: duckdb.DuckDBPyRelation) -> bool:
