@@ -214,3 +214,12 @@ def test_ctrl_c_stops_a_python_api_query_and_the_connection_still_answers(two_ru
             db.fetch_table(RUNAWAY)
         assert time.monotonic() - started < 10
         assert db.fetch_table("SELECT count(*) AS n FROM batches").to_pylist() == [{"n": 7}]
+
+
+def test_a_run_folder_linked_into_the_runs_folder_is_still_read(two_runs, tmp_path_factory, capsys):  # noqa: F811
+    elsewhere = tmp_path_factory.mktemp("other-disk") / "B"
+    (two_runs / "B").rename(elsewhere)
+    (two_runs / "B").symlink_to(elsewhere)
+    assert main(["query", "SELECT run_id, count(*) AS n FROM batches GROUP BY 1 ORDER BY 1", "--format", "csv",
+                 "--runs-dir", str(two_runs)]) == 0
+    assert capsys.readouterr().out.splitlines() == ["run_id,n", "A,5", "B,2"]

@@ -41,8 +41,8 @@ PRAGMA show_tables); SQL reads files only under the runs folder; a refused or fa
 
 Formats (every value comes back from csv, json and parquet as the views hold it):
   table    for reading: at most 200 rows, cells cut at 60 characters, floats to 6 significant digits, NULL as NULL
-  csv      RFC 4180 with a header row; NULL is an empty field, an empty string is ""; lists, structs and maps are
-           JSON text (e.g. ["a", null]); float32 values written as their exact double; DECIMAL/HUGEINT exact digits
+  csv      RFC 4180 with a header row; NULL is an empty field, an empty string is ""; lists and structs are JSON text
+           (e.g. ["a", null]; maps too); float32 values written as their exact double; DECIMAL/HUGEINT exact digits
   json     JSON Lines: one JSON object per row, keys in column order; lists as arrays (null inside kept); timestamps
            ISO 8601 with microseconds and offset; NaN/Infinity as bare words (Python's json and DuckDB read them);
            DECIMAL/HUGEINT as numbers with their exact digits; INTERVAL as DuckDB's text; BLOB as base64

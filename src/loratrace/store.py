@@ -258,10 +258,14 @@ class Runs:
         return True
 
     def _sandboxed(self, run_dirs: list[Path]) -> list[Path]:
-        """`run_dirs` but those outside the folders a read-only connection may read (a run folder a glob matches only
-        since the connection was locked, say), each reported once: DuckDB would refuse every query that reads it."""
+        """`run_dirs` but those outside the folders a read-only connection may read, each reported once: DuckDB would
+        refuse every query that reads them. The first listing, before the lock, adds its run folders to those
+        folders (a run folder linked into the runs folder from another disk is the user's own); a run folder that
+        appears outside them later (one a glob matches only now, say) is skipped."""
         if self.readable is None:
             return run_dirs
+        if self._listed is None:
+            self.readable += [run_dir.resolve() for run_dir in run_dirs]
         for run_dir in run_dirs:
             if not sandbox.inside(run_dir, self.readable):
                 self._report(str(run_dir), f"skipping run folder {run_dir}: it is outside the folders this read-only "
