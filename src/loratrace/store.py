@@ -132,15 +132,23 @@ class Runs:
                     paths.append(path)
                 elif not path.name.startswith(".tmp-"):  # a part being written is not foreign
                     self._report(str(path), f"ignoring {path}: not a file name the tracker writes")
-        return self._readable([path for path in paths if self._inside_run(path, tracking.parent)])
+        return self._readable(self._inside_run(paths, tracking.parent))
 
-    def _inside_run(self, path: Path, run_dir: Path) -> bool:
-        """Whether a part is in its run folder once links are followed: nothing outside the runs is read (and the
-        read-only connection's DuckDB would refuse every query that reads it)."""
-        if self.remote is not None or sandbox.inside(path, [run_dir.resolve()]):
-            return True  # object storage has no links
-        self._report(str(path), f"skipping tracking part {path}: a link to {path.resolve()}, outside its run folder")
-        return False
+    def _inside_run(self, paths: list[Path], run_dir: Path) -> list[Path]:
+        """The parts among `paths` (all in one folder) that are in their run folder once links are followed: nothing
+        outside the runs is read (and the read-only connection's DuckDB would refuse every query that reads one).
+        The folder is resolved once; a part only when it is a link itself. Object storage has no links."""
+        if self.remote is not None or not paths:
+            return paths
+        run_dir, folder = run_dir.resolve(), paths[0].parent.resolve()
+        inside = []
+        for path in paths:
+            real = path.resolve() if path.is_symlink() else folder / path.name
+            if real == run_dir or real.is_relative_to(run_dir):
+                inside.append(path)
+            else:
+                self._report(str(path), f"skipping tracking part {path}: a link to {real}, outside its run folder")
+        return inside
 
     def _readable(self, paths: list[Path]) -> list[str]:
         """The files among `paths` whose Parquet footer reads (checked again only when a file changes)."""
