@@ -369,12 +369,12 @@ class Runs:
         part whose pages turn out damaged is skipped with a warning, and the query runs again without it. A query
         still running after `timeout` seconds is stopped (`QueryTimeout`); Ctrl+C stops it at once (KeyboardInterrupt
         as usual, DuckDB interrupted first)."""
+        return self._interruptible(lambda: self._fetch(query, params), timeout)
+
+    def _fetch(self, query: str, params: list | None) -> pa.Table:
         relation = self.sql(query, params)
         if relation is None:
             return pa.table({})
-        return self._interruptible(lambda: self._fetch(relation, query, params), timeout)
-
-    def _fetch(self, relation: duckdb.DuckDBPyRelation, query: str, params: list | None) -> pa.Table:
         try:
             try:
                 return _arrow_exact(relation).to_arrow_table()
@@ -436,7 +436,11 @@ class Runs:
 
     def trace_table(self, example_id: str | None = None, line: int | None = None,
                     run_id: str | None = None) -> pa.Table:
-        """`trace` as an Arrow table (no pandas needed); a damaged part is skipped as `fetch_table` skips it."""
+        """`trace` as an Arrow table (no pandas needed); a damaged part is skipped, and Ctrl+C stops it, as in
+        `fetch_table`."""
+        return self._interruptible(lambda: self._trace_skipping_damage(example_id, line, run_id), None)
+
+    def _trace_skipping_damage(self, example_id: str | None, line: int | None, run_id: str | None) -> pa.Table:
         try:
             try:
                 return self._trace_table(example_id, line, run_id)
