@@ -107,8 +107,7 @@ def _parquet_bytes(table: pa.Table) -> bytes:
 def interval_text(value: pa.MonthDayNano) -> str:
     """An INTERVAL as DuckDB writes it and casts it back: `14 months -2 days 01:02:03.000004` (its own parts, not a
     length of time: a month has no fixed number of days). DuckDB's intervals hold microseconds."""
-    micros = value.nanoseconds // 1000
-    seconds, micros = divmod(abs(micros), 1_000_000)
+    seconds, micros = divmod(abs(value.nanoseconds) // 1000, 1_000_000)
     minutes, seconds = divmod(seconds, 60)
     hours, minutes = divmod(minutes, 60)
     sign = "-" if value.nanoseconds < 0 else ""
