@@ -123,3 +123,98 @@ def test_repeated_column_names_are_one_line_and_write_nothing(small_run, tmp_pat
     assert result.returncode == 1 and not out.exists()
     assert result.stderr.strip() == ("loratrace: error: the result has more than one column named 'a': name them "
                                      "apart with AS (e.g. SELECT b.step AS batch_step, c.step AS checkpoint_step ...)")
+
+
+# Every DuckDB type a query can give, at its edges, with NULLs at each depth; each column's DuckDB type, for reading
+# the text back.
+EVERY_TYPE = {
+    "hugeint": ("HUGEINT", ["sum(x)::HUGEINT", "170141183460469231731687303715884105727::HUGEINT",
+                            "-170141183460469231731687303715884105727::HUGEINT - 1", "NULL"]),
+    "uhugeint": ("UHUGEINT", ["170141183460469231731687303715884105727::UHUGEINT", "0::UHUGEINT", "7::UHUGEINT",
+                              "NULL"]),
+    "dec": ("DECIMAL(10,2)", ["1.5::DECIMAL(10,2)", "-0.01::DECIMAL(10,2)", "0::DECIMAL(10,2)", "NULL"]),
+    "dec38": ("DECIMAL(38,10)", ["'1234567890123456789012345678.0123456789'::DECIMAL(38,10)",
+                                 "'-0.0000000001'::DECIMAL(38,10)", "0::DECIMAL(38,10)", "NULL"]),
+    "interval": ("INTERVAL", ["INTERVAL '14 months 3 days 04:05:06.000007'", "-INTERVAL '1 month 2 days 1 second'",
+                              "INTERVAL '0 seconds'", "NULL"]),
+    "uuid": ("UUID", ["'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'::UUID", "'00000000-0000-0000-0000-000000000000'::UUID",
+                      "'ffffffff-ffff-ffff-ffff-ffffffffffff'::UUID", "NULL"]),
+    "blob": ("BLOB", ["'\\x00\\xff,\"\\x0a'::BLOB", "''::BLOB", "'abc'::BLOB", "NULL"]),
+    "time": ("TIME", ["TIME '12:34:56.789012'", "TIME '00:00:00'", "TIME '23:59:59.999999'", "NULL"]),
+    "tstz": ("TIMESTAMPTZ", ["TIMESTAMPTZ '2025-07-20 01:02:03.123456+02'", "TIMESTAMPTZ '1970-01-01 00:00:00+00'",
+                             "TIMESTAMPTZ '0001-01-01 00:00:00+00'", "NULL"]),
+    "ts": ("TIMESTAMP", ["TIMESTAMP '2025-07-20 01:02:03.000001'", "TIMESTAMP '9999-12-31 23:59:59'",
+                         "TIMESTAMP '1969-12-31 23:59:59.5'", "NULL"]),
+    "date": ("DATE", ["DATE '2025-07-20'", "DATE '0001-01-01'", "DATE '9999-12-31'", "NULL"]),
+    "map": ("MAP(VARCHAR, INTEGER)", ["MAP {'a': 1, 'b,\"': NULL}", "MAP {}::MAP(VARCHAR, INTEGER)",
+                                      "MAP {'': 0}", "NULL"]),
+    "lists": ("DECIMAL(38,2)[][]", ["[[1.25::DECIMAL(38,2), NULL], NULL, []]", "[]::DECIMAL(38,2)[][]",
+                                    "[NULL]::DECIMAL(38,2)[][]", "NULL"]),
+    "struct": ("STRUCT(\"a\" HUGEINT, \"b\" VARCHAR[], \"c\" STRUCT(\"d\" DOUBLE))",
+               ["{'a': 12::HUGEINT, 'b': ['x', NULL], 'c': {'d': 0.1}}",
+                "{'a': NULL, 'b': NULL, 'c': NULL}::STRUCT(a HUGEINT, b VARCHAR[], c STRUCT(d DOUBLE))",
+                "{'a': -1::HUGEINT, 'b': [], 'c': {'d': NULL}}", "NULL"]),
+    "floats": ("DOUBLE", ["'nan'::DOUBLE", "'inf'::DOUBLE", "'-inf'::DOUBLE", "NULL"]),
+    "float32": ("FLOAT", ["'nan'::FLOAT", "'-inf'::FLOAT", "0.1::FLOAT", "NULL"]),
+    "ubig": ("UBIGINT", ["18446744073709551615::UBIGINT", "0::UBIGINT", "1::UBIGINT", "NULL"]),
+}
+EVERY_TYPE_SQL = ("SELECT * FROM (" + " UNION ALL ".join(
+    f"SELECT {n} AS row_number, " + ", ".join(f"{values[n]} AS {name}" for name, (_, values) in EVERY_TYPE.items())
+    + (" FROM range(2000) t(x)" if n == 0 else "") for n in range(4)) + ") ORDER BY row_number")
+
+
+def _typed_back(path, fmt: str):
+    """The file read back by DuckDB as a user would read a csv or json output of a typed query: json with each
+    column's type declared, csv as text cast to each type (nested ones through JSON); a BLOB is base64 text."""
+    if fmt == "json":
+        declared = {name: "VARCHAR" if kind == "BLOB" else kind for name, (kind, _) in EVERY_TYPE.items()}
+        reader = f"read_json('{path}', columns = {{'row_number': 'INTEGER', " + ", ".join(
+            f"'{name}': '{kind}'" for name, kind in declared.items()) + "})"
+    else:
+        reader = f"read_csv('{path}', all_varchar = true, allow_quoted_nulls = false)"
+
+    def cast(name: str, kind: str) -> str:
+        if kind == "BLOB":
+            return f"from_base64({name})"
+        if fmt == "json":
+            return name
+        nested = kind.endswith("]") or kind.startswith(("MAP", "STRUCT"))
+        return f"{name}::JSON::{kind}" if nested else f"{name}::{kind}"
+
+    columns = ", ".join(f"{cast(name, kind)} AS {name}" for name, (kind, _) in EVERY_TYPE.items())
+    with duckdb.connect() as con:
+        con.execute("SET TimeZone = 'UTC'")
+        return con.sql(f"SELECT {columns} FROM {reader} ORDER BY row_number::INTEGER").fetchall()
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json"])
+def test_every_duckdb_type_round_trips_through_csv_and_json(runs, tmp_path, fmt):
+    out = tmp_path / f"every.{fmt}"
+    with loratrace.open_runs(runs) as db:
+        db.con.execute("SET TimeZone = 'UTC'")
+        expected = db.sql(f"SELECT * EXCLUDE (row_number) FROM ({EVERY_TYPE_SQL})").fetchall()
+        table = db.fetch_table(f"SELECT * EXCLUDE (row_number), row_number FROM ({EVERY_TYPE_SQL})")
+    from loratrace import formats
+
+    formats.write(table, fmt, str(out))
+    lines = out.read_text().splitlines()  # numbers are numbers, not quoted strings ("""1999000""", "1.50")
+    if fmt == "csv":
+        assert lines[1].startswith("1999000,170141183460469231731687303715884105727,1.50,1234567890123456789012345678.")
+    else:
+        assert lines[0].startswith('{"hugeint": 1999000, "uhugeint": 170141183460469231731687303715884105727, '
+                                   '"dec": 1.50, "dec38": 1234567890123456789012345678.0123456789, ')
+    got = _typed_back(out, fmt)
+    for row_got, row_want in zip(got, expected, strict=True):
+        for name, value_got, value_want in zip(EVERY_TYPE, row_got, row_want):
+            assert _same(value_got, value_want), (name, value_got, value_want)
+
+
+def test_a_uhugeint_arrow_cannot_hold_is_an_error_not_a_wrong_number(runs, capsys):
+    from loratrace.cli import main
+
+    assert main(["query", "SELECT 2::UHUGEINT ** 100 AS small, 1 + (2::UHUGEINT << 126) AS big", "--format", "json",
+                 "--runs-dir", str(runs)]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and "the output formats hold a UHUGEINT below 2^127 only" in err and len(err.splitlines()) == 1
+    assert main(["query", "SELECT (1::UHUGEINT << 126) AS fits", "--format", "csv", "--runs-dir", str(runs)]) == 0
+    assert capsys.readouterr().out.split() == ["fits", str(2 ** 126)]

@@ -2,6 +2,7 @@
 
     loratrace train [--config F] [key=value ...] [--track-batches] [--resume-from-checkpoint CKPT] [--dataset D ...]
     loratrace query "SELECT ..." [-p VALUE ...] [--format table|csv|json|parquet] [--output FILE] [--runs-dir DIR]
+                    [--timeout SECONDS]
     loratrace trace --example-id ID | --line N [--run RUN_ID]
     loratrace eval RUN [--checkpoints all|last|final|76,100] [--split S] [--limit N]
     loratrace influence RUN [--example-id ID ...] [--split S] [--limit N] [--method tracin|tracin-cp] [--top N]
@@ -36,13 +37,15 @@ QUERY_DESCRIPTION = f"""SQL over the views {', '.join(VIEWS)} (DESIGN.md, README
 
 The connection is read-only: one SELECT (or EXPLAIN [ANALYZE] SELECT, or a reporting PRAGMA such as
 PRAGMA show_tables); SQL reads files only under the runs folder; a refused or failing query is one line, exit 1.
+--timeout SECONDS stops a query that runs longer (one line, exit 1); Ctrl+C stops it at once (exit 130).
 
 Formats (every value comes back from csv, json and parquet as the views hold it):
   table    for reading: at most 200 rows, cells cut at 60 characters, floats to 6 significant digits, NULL as NULL
   csv      RFC 4180 with a header row; NULL is an empty field, an empty string is ""; lists and structs are JSON text
-           (e.g. ["a", null]); float32 values written as their exact double
+           (e.g. ["a", null]; maps too); float32 values written as their exact double; DECIMAL/HUGEINT exact digits
   json     JSON Lines: one JSON object per row, keys in column order; lists as arrays (null inside kept); timestamps
-           ISO 8601 with microseconds and offset; NaN/Infinity as bare words (Python's json and DuckDB read them)
+           ISO 8601 with microseconds and offset; NaN/Infinity as bare words (Python's json and DuckDB read them);
+           DECIMAL/HUGEINT as numbers with their exact digits; INTERVAL as DuckDB's text; BLOB as base64
   parquet  the result as an Arrow table (needs --output)"""
 
 
@@ -75,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     query.add_argument("--format", choices=FORMATS, default="table", help="output format (default: table; see above)")
     query.add_argument("--output", "-o", help="write to this file instead of stdout (needed for parquet); its folder "
                                               "must exist, outside the runs folder; - is stdout")
+    query.add_argument("--timeout", type=_seconds, metavar="SECONDS",
+                       help="stop the query if it runs longer than this (exit 1; default: no limit; Ctrl+C stops it "
+                            "at once, exit 130)")
     add_runs_dir(query)
 
     trace = sub.add_parser("trace", help="every step and checkpoint that trained one example",
@@ -181,6 +187,16 @@ Gradients of training's per-example loss, LoRA parameters only. Scores go to tra
 view); a computation stopped part-way continues where it stopped when run again with the same arguments."""
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text!r}")
+    return value
+
+
 def _fail(message: str, code: int) -> int:
     print(f"loratrace: error: {message}", file=sys.stderr)
     return code
@@ -256,12 +272,13 @@ def _train_runs(args: argparse.Namespace, overrides: list[str]) -> int:
 def cmd_query(args: argparse.Namespace) -> int:
     from loratrace.formats import check_output
 
-    sql = sys.stdin.read() if args.sql == "-" else args.sql
+    # bytes that are not UTF-8 kept as surrogates (as in argv), for the library to refuse in one line naming them
+    sql = sys.stdin.buffer.read().decode("utf-8", "surrogateescape") if args.sql == "-" else args.sql
     if args.format == "parquet" and not args.output:
         return _fail("--format parquet needs --output FILE", 2)
     check_output(args.output, [args.runs_dir])  # before the query runs: nothing is half done
     with _open(args.runs_dir) as db:
-        table = db.fetch_table(sql, params=args.param or None)
+        table = db.fetch_table(sql, params=args.param or None, timeout=args.timeout)
     _emit(table, args.format, args.output, [args.runs_dir])
     return 0
 

@@ -5,12 +5,18 @@ scalars, microsecond timestamps, float32 and float64 values exactly, any string)
   parquet  the Arrow table as it is.
   json     JSON Lines: one JSON object per row, keys in column order. Floats in the shortest text that reads back as
            the same double (a float32 as its exact double value), NaN/Infinity/-Infinity as bare words (Python's json
-           and DuckDB's read_json read them; strict JSON parsers do not); timestamps ISO 8601 with microseconds and
-           offset; lists as arrays, NULL as null at any depth; bytes as base64 text; decimals as strings.
+           and DuckDB's read_json read them; strict JSON parsers do not); DECIMAL and HUGEINT as numbers with their
+           exact digits (DuckDB's read_json given the column's type reads them exactly; a reader that parses numbers
+           as doubles rounds them); timestamps ISO 8601 with microseconds and offset; INTERVAL as DuckDB's text
+           (`14 months 3 days 04:05:06.000007`, which casts back); lists as arrays, structs and MAPs as objects, NULL
+           as null at any depth; bytes as base64 text.
   csv      RFC 4180: a header row, a field quoted when it holds a comma, quote or line break, quotes doubled. NULL is
            an empty field, an empty string is "" (DuckDB: read_csv(..., allow_quoted_nulls = false); pandas reads both
-           as missing, and needs keep_default_na=False, na_values=[""] to keep a text such as NULL or NA). Lists and
-           structs are their JSON text as above (json.loads or a DuckDB cast reads them back).
+           as missing, and needs keep_default_na=False, na_values=[""] to keep a text such as NULL or NA). Scalars as
+           in json, unquoted (numbers, base64, times, intervals); lists, structs and MAPs are their JSON text as
+           above (json.loads or a DuckDB cast through JSON reads them back).
+  (DuckDB hands Arrow a UHUGEINT as decimal128(38, 0): store.py casts it to HUGEINT, so one of 2^127 or more is an
+  error, not a wrong number.)
   table    for reading, not parsing: at most `TABLE_ROWS` rows (first and last half), cells cut at `TABLE_CELL` chars,
            floats to 6 significant digits, NULL as NULL. An empty result prints the header alone.
 """
@@ -209,10 +215,23 @@ def _parquet_bytes(table: pa.Table) -> bytes:
 
 # ---------------------------------------------------------------------------------------------- json and csv
 
+def interval_text(value: pa.MonthDayNano) -> str:
+    """An INTERVAL as DuckDB writes it and casts it back: `14 months -2 days 01:02:03.000004` (its own parts, not a
+    length of time: a month has no fixed number of days). DuckDB's intervals hold microseconds."""
+    seconds, micros = divmod(abs(value.nanoseconds) // 1000, 1_000_000)
+    minutes, seconds = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    sign = "-" if value.nanoseconds < 0 else ""
+    return f"{value.months} months {value.days} days {sign}{hours:02d}:{minutes:02d}:{seconds:02d}.{micros:06d}"
+
+
 def jsonable(value):
-    """A value of `Table.to_pylist()` as what `json.dumps` writes in the json format (see the module docstring)."""
+    """A value of `Table.to_pylist()` as what the json format writes (see the module docstring); a Decimal stays one,
+    for `json_text` to write as a number."""
     if isinstance(value, dict):
         return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, pa.MonthDayNano):  # a tuple: before the lists
+        return interval_text(value)
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
     if isinstance(value, dt.datetime):
@@ -223,20 +242,41 @@ def jsonable(value):
         return f"PT{value.total_seconds():.6f}S"
     if isinstance(value, (bytes, bytearray)):
         return base64.b64encode(value).decode()
-    if isinstance(value, (decimal.Decimal, uuid.UUID)):
+    if isinstance(value, uuid.UUID):
         return str(value)
     return value
 
 
+def json_text(value) -> str:
+    """A `jsonable` value as JSON text. A Decimal (DECIMAL, and HUGEINT, which DuckDB hands Arrow as decimal128(38, 0))
+    is a number written with its exact digits: json.dumps would need a float, which rounds past 2^53."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k, ensure_ascii=False)}: {json_text(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(json_text(v) for v in value) + "]"
+    if isinstance(value, decimal.Decimal):
+        return _decimal_text(value)
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _decimal_text(value: decimal.Decimal) -> str:
+    return format(value, "f")  # never an exponent: 0.0000000000, not 0E-10
+
+
+def _holds_decimal(kind: pa.DataType) -> bool:
+    """Whether a column of this type can hold a Decimal at any depth (then rows take `json_text`'s slower path)."""
+    return pa.types.is_decimal(kind) or any(_holds_decimal(kind.field(i).type) for i in range(kind.num_fields))
+
+
 def _rows(table: pa.Table):
-    """Rows as dicts of Python values. A time-zone-aware timestamp column is read as its UTC instant (pyarrow would
-    import pandas to convert a time zone) and comes back as a UTC datetime."""
+    """Rows as dicts of Python values, a MAP as a dict. A time-zone-aware timestamp column is read as its UTC instant
+    (pyarrow would import pandas to convert a time zone) and comes back as a UTC datetime."""
     aware = [f.name for f in table.schema if pa.types.is_timestamp(f.type) and f.type.tz]
     for name in aware:
         kind = table.schema.field(name).type
         table = table.set_column(table.schema.get_field_index(name), name, table[name].cast(pa.timestamp(kind.unit)))
     for batch in table.to_batches(max_chunksize=65536):
-        for row in batch.to_pylist():
+        for row in batch.to_pylist(maps_as_pydicts="strict"):  # a MAP's keys are distinct in DuckDB
             for name in aware:
                 if row[name] is not None:
                     row[name] = row[name].replace(tzinfo=dt.timezone.utc)
@@ -244,22 +284,24 @@ def _rows(table: pa.Table):
 
 
 def render_json(table: pa.Table) -> str:
+    if any(_holds_decimal(kind) for kind in table.schema.types):
+        return "".join(json_text(jsonable(row)) + "\n" for row in _rows(table))
     return "".join(json.dumps(jsonable(row), ensure_ascii=False) + "\n" for row in _rows(table))
 
 
 def _csv_field(value) -> str:
     if value is None:
         return ""
-    if isinstance(value, (list, tuple, dict, bytes, bytearray, decimal.Decimal, dt.timedelta)):
-        value = json.dumps(jsonable(value), ensure_ascii=False)
+    if isinstance(value, (list, tuple, dict)) and not isinstance(value, pa.MonthDayNano):
+        value = json_text(jsonable(value))
     elif isinstance(value, bool):
         value = "true" if value else "false"
     elif isinstance(value, float):
         value = repr(value)  # the shortest text that reads back as the same double: a float32 as its exact double
-    elif isinstance(value, (dt.datetime, dt.date, dt.time)):
-        value = jsonable(value)
-    else:
-        value = str(value)
+    elif isinstance(value, decimal.Decimal):
+        value = _decimal_text(value)
+    elif not isinstance(value, str):
+        value = str(jsonable(value))  # times, bytes (base64), intervals, ints
     if value == "" or any(c in value for c in ',"\r\n'):
         return '"' + value.replace('"', '""') + '"'
     return value
@@ -282,6 +324,10 @@ def _cell(value, nested: bool = False) -> str:
         return f"{value:.6g}" if math.isfinite(value) else str(value)
     if isinstance(value, dt.datetime):
         return value.isoformat(sep=" ", timespec="microseconds" if value.microsecond else "seconds")
+    if isinstance(value, decimal.Decimal):
+        return _decimal_text(value)
+    if isinstance(value, pa.MonthDayNano):
+        return interval_text(value)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_cell(v, True) for v in value) + "]"
     if isinstance(value, dict):

@@ -5,18 +5,21 @@ Two locks, each enough for what it covers:
      (a `WITH ... AS (INSERT ... RETURNING ...)` is a SELECT statement too, and is refused), an EXPLAIN [ANALYZE] of
      such a SELECT, or one of `REPORTING_PRAGMAS`. Anything else (COPY, EXPORT, ATTACH, CALL, SET, INSTALL, a
      statement type this duckdb has no name for, two statements, ...) is refused before it runs.
-  2. `lock_down(con, folders)`, DuckDB's own settings: files are read only under `folders`, no extension is loaded or
-     installed, nothing spills to a temp folder, no Python variable is scanned, and then the configuration is locked.
+  2. `lock_down(con, folders)`, DuckDB's own settings: files are read only under `folders` (`named_folders`: the
+     folders the user named, a glob's matches and never its fixed prefix), no extension is loaded or installed,
+     nothing spills to a temp folder, no Python variable is scanned, and then the configuration is locked.
      (DuckDB's `allowed_directories` lets COPY and EXPORT *write* there too: only lock 1 keeps the runs unchanged.)
 """
 
 from __future__ import annotations
 
+import glob
 import json
+from pathlib import Path
 
 import duckdb
 
-from loratrace.errors import first_line
+from loratrace.errors import duckdb_message
 
 # PRAGMAs that only report; the rest change settings or read and write files (import_database, copy_database, ...).
 REPORTING_PRAGMAS = frozenset({"show_tables", "show_tables_expanded", "table_info", "database_list", "database_size",
@@ -33,7 +36,7 @@ def refusal(con: duckdb.DuckDBPyConnection, sql: str) -> str | None:
         statements = duckdb.extract_statements(sql)
         kinds = [statement.type for statement in statements]
     except duckdb.Error as exc:
-        return f"SQL error: {first_line(exc)}"
+        return f"SQL error: {duckdb_message(exc)}"
     except ValueError:  # the parser knows a statement type this duckdb module has no name for
         return f"a statement of a type loratrace does not know is not allowed: {ALLOWED}"
     if len(statements) != 1:
@@ -63,7 +66,7 @@ def _select_refusal(con: duckdb.DuckDBPyConnection, sql: str) -> str | None:
     try:
         tree = json.loads(con.execute("SELECT json_serialize_sql($1::VARCHAR)", [sql]).fetchall()[0][0])
     except (duckdb.Error, TypeError, ValueError) as exc:
-        return f"cannot check this statement ({first_line(exc)}): {ALLOWED}"
+        return f"cannot check this statement ({duckdb_message(exc)}): {ALLOWED}"
     if tree.get("error"):
         return f"cannot check this statement ({tree.get('error_message')}): {ALLOWED}"
     writing = sorted(set(_query_nodes(tree)) - READING_QUERY_NODES)
@@ -114,6 +117,24 @@ def _explained(sql: str) -> str | None:
             if depth <= 0:
                 break
     return sql[tokens[at][0]:] if at < len(tokens) else None
+
+
+def named_folders(sources) -> list[Path]:
+    """The folders `sources` (a path, a glob or a list of them) name, resolved as DuckDB checks them (symlinks
+    followed, `..` gone). A glob stands for its matches: its fixed prefix (`/` for `/tm*/x/runs`) is no runs folder,
+    and a folder that matches later is not readable on this connection (store.py skips its runs with a warning)."""
+    folders = []
+    for item in sources if isinstance(sources, (list, tuple)) else [sources]:
+        text = str(item)
+        matches = sorted(glob.glob(text)) if glob.has_magic(text) else [text]
+        folders += [Path(match).resolve() for match in matches if Path(match).is_dir()]
+    return list(dict.fromkeys(folders))
+
+
+def inside(path: Path, folders: list[Path]) -> bool:
+    """Whether `path`, resolved, lies in one of the (resolved) `folders`: what `lock_down` lets DuckDB read."""
+    real = Path(path).resolve()
+    return any(real == folder or real.is_relative_to(folder) for folder in folders)
 
 
 def lock_down(con: duckdb.DuckDBPyConnection, folders: list[str]) -> None:

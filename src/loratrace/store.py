@@ -8,13 +8,16 @@ Connections are in-memory (a `.duckdb` file would lock other processes out). The
 notebooks; `read_only=True` (the CLI) is the sandbox of sandbox.py: one reading statement, files only under the runs.
 Views re-list the runs folder and the tracking folders before each query, so a run still training shows its new
 parts and a new run shows up. Only the file names the tracker writes (schema.PART_NAMES) are read; a foreign file, a
-part that cannot be read (cut short by a crash, say) or a missing examples.parquet is reported once as a
-`StoreWarning` and skipped.
+part that cannot be read (cut short by a crash, say), a part linked from outside its run folder, a part whose pages
+turn out damaged when a query reads them (`fetch_table` and `trace` then run again without it) or a missing
+examples.parquet is reported once as a `StoreWarning` and skipped.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -24,7 +27,7 @@ import pyarrow as pa
 from typing_extensions import Self
 
 from loratrace import sandbox, schema, storage
-from loratrace.errors import LoratraceError, first_line
+from loratrace.errors import LoratraceError, duckdb_message, first_line
 from loratrace.mappings import first_checkpoint
 from loratrace.remote_runs import RemoteRuns
 from loratrace.run_folders import (
@@ -46,6 +49,16 @@ class StoreError(LoratraceError):
     """A query or lookup the user made that cannot be answered."""
 
     exit_code = 1
+
+
+class QueryTimeout(StoreError):
+    """A query stopped at its time limit (`query --timeout`, `fetch_table(timeout=...)`)."""
+
+
+class SqlTextError(StoreError):
+    """SQL text that cannot be handed to DuckDB at all (not UTF-8): input that cannot run."""
+
+    exit_code = 2
 
 
 class StoreWarning(UserWarning):
@@ -96,16 +109,21 @@ class Runs:
         self.files: dict[str, list[str]] = {}  # view -> the parts it reads
         self._reported: set[str] = set()  # files already reported as foreign, unreadable or missing
         self._checked: dict[str, tuple] = {}  # part -> (`_file_key` when its footer was read, its columns or None)
+        self._pages_ok: dict[str, tuple] = {}  # part -> the `_file_key` at which all its pages read (`_pages_read`)
         self._indexes: dict | None = None  # run_id -> its index (a Path or RemotePath), found when `trace` needs them
         self._open_indexes: dict[str, tuple[tuple, SamplesIndex]] = {}  # path -> (stat when opened, reader)
         self._all_indexed = False
         self._listed: tuple[float, int, tuple] | None = None  # monotonic and wall time of the last listing, what it saw
         self._runs_key: tuple | None = None  # the run folders and the files behind `runs_info`, by `_key_of`
         self.relist_after = 1.0  # seconds: repeated calls inside this (a trace loop, say) skip re-listing
+        # read_only: the folders DuckDB may read, fixed when the connection is locked; None: any
+        self.readable: list[Path] | None = None
+        if read_only and self.remote is None:
+            self.readable = sandbox.named_folders(sources) if sources is not None else [d.resolve() for d in run_dirs]
         self.refresh(force=True)
         if read_only:
-            folders = self.remote.sources if self.remote else folders_of_runs(sources) if sources is not None else []
-            sandbox.lock_down(self.con, [str(d) for d in [*folders, *self.run_dirs]])
+            folders = self.remote.sources if self.remote else self.readable
+            sandbox.lock_down(self.con, [str(d) for d in folders])
 
     # ------------------------------------------------------------------ files -> views
 
@@ -128,7 +146,23 @@ class Runs:
                     paths.append(path)
                 elif not path.name.startswith(".tmp-"):  # a part being written is not foreign
                     self._report(str(path), f"ignoring {path}: not a file name the tracker writes")
-        return self._readable(paths, expected)
+        return self._readable(self._inside_run(paths, tracking.parent), expected)
+
+    def _inside_run(self, paths: list[Path], run_dir: Path) -> list[Path]:
+        """The parts among `paths` (all in one folder) that are in their run folder once links are followed: nothing
+        outside the runs is read (and the read-only connection's DuckDB would refuse every query that reads one).
+        The folder is resolved once; a part only when it is a link itself. Object storage has no links."""
+        if self.remote is not None or not paths:
+            return paths
+        run_dir, folder = run_dir.resolve(), paths[0].parent.resolve()
+        inside = []
+        for path in paths:
+            real = path.resolve() if path.is_symlink() else folder / path.name
+            if real == run_dir or real.is_relative_to(run_dir):
+                inside.append(path)
+            else:
+                self._report(str(path), f"skipping tracking part {path}: a link to {real}, outside its run folder")
+        return inside
 
     def _readable(self, paths: list[Path], expected: pa.Schema) -> list[str]:
         """The files among `paths` whose Parquet footer reads and has `expected`'s columns (schema.part_problem),
@@ -186,8 +220,8 @@ class Runs:
         if not force and self._unchanged():
             return
         listed_wall = time.time_ns()
-        listed = self._given if self.sources is None else self.remote.find_runs() if self.remote else find_runs(
-            self.sources)
+        listed = self._given if self.sources is None else self.remote.find_runs() if self.remote else self._sandboxed(
+            find_runs(self.sources))
         runs_key = tuple((d, *(_key_of(d / name) for name in RUN_FILES)) for d in listed)
         if runs_key != self._runs_key:
             self._folders = self._read_folders(listed)
@@ -212,11 +246,7 @@ class Runs:
                                             f"{run_dir.name}")
         if files != self.files or force:
             self.files = files
-            for view, (_, table_schema) in TABLES.items():
-                self._create_raw_view(view, files[view], table_schema)
-            self._create_raw_view("trials_raw", files["trials_raw"], schema.TRIALS)
-            self._create_lineage()
-            self._create_views()
+            self._build_views()
         self._listed = (time.monotonic(), *self._listed[1:])  # aged from here: the CLI's next query won't re-list
         self._indexes = None
 
@@ -234,6 +264,61 @@ class Runs:
                     raise
                 self._report(f"{run_dir}: {exc}", f"skipping run {run_dir.name}: {exc}")
         return folders
+
+    def _build_views(self) -> None:
+        for view, (_, table_schema) in TABLES.items():
+            self._create_raw_view(view, self.files[view], table_schema)
+        self._create_raw_view("trials_raw", self.files["trials_raw"], schema.TRIALS)
+        try:
+            self._create_lineage()  # reads every attempts part
+        except duckdb.Error as exc:
+            if not (_may_be_damage(exc) and self._skip_damaged()):
+                raise StoreError(f"cannot read the attempts of {self.where}: {duckdb_message(exc)}") from None
+            return  # _skip_damaged built them without the damaged parts
+        self._create_views()
+
+    def _skip_damaged(self) -> bool:
+        """Read every part the views read through (each once per version of the file); drop those whose data pages
+        do not read (a footer that reads over garbage pages passes `_readable`), each reported once, and rebuild
+        the views. False when every part reads: the error was not theirs."""
+        damaged = {part for parts in self.files.values() for part in parts if not self._pages_read(part)}
+        if not damaged:
+            return False
+        self.files = {view: [part for part in parts if part not in damaged] for view, parts in self.files.items()}
+        self._indexes = None
+        self._build_views()
+        return True
+
+    def _pages_read(self, part: str) -> bool:
+        stat_key = self._checked[part][0]
+        if self._pages_ok.get(part) == stat_key:
+            return True
+        try:
+            for _ in self.con.sql(f"SELECT * FROM read_parquet({_sql_list([part])})").fetch_arrow_reader():
+                pass
+        except duckdb.Error as exc:
+            if not _may_be_damage(exc):
+                raise  # the network, say: not the part's fault
+            self._checked[part] = (stat_key, None)  # skipped by every later refresh until the file changes
+            self._report(part, f"skipping damaged tracking part {part}: {first_line(exc)}")
+            return False
+        self._pages_ok[part] = stat_key
+        return True
+
+    def _sandboxed(self, run_dirs: list[Path]) -> list[Path]:
+        """`run_dirs` but those outside the folders a read-only connection may read, each reported once: DuckDB would
+        refuse every query that reads them. The first listing, before the lock, adds its run folders to those
+        folders (a run folder linked into the runs folder from another disk is the user's own); a run folder that
+        appears outside them later (one a glob matches only now, say) is skipped."""
+        if self.readable is None:
+            return run_dirs
+        if self._listed is None:
+            self.readable += [run_dir.resolve() for run_dir in run_dirs]
+        for run_dir in run_dirs:
+            if not sandbox.inside(run_dir, self.readable):
+                self._report(str(run_dir), f"skipping run folder {run_dir}: it is outside the folders this read-only "
+                                           "connection was opened on (open it again to read it)")
+        return [run_dir for run_dir in run_dirs if sandbox.inside(run_dir, self.readable)]
 
     def _studies(self) -> list[Path]:
         """The sweep study folders this connection reads trials from (runs/sweeps/*/, or the folders named); none on
@@ -312,21 +397,79 @@ class Runs:
 
     def sql(self, query: str, params: list | None = None) -> duckdb.DuckDBPyRelation:
         """Run SQL over the views. With `read_only`, anything but one reading statement is refused."""
+        _check_text(query)
         self.refresh()
         if self.read_only and (reason := sandbox.refusal(self.con, query)):
             raise StoreError(reason)
         try:
-            return self.con.sql(query, params=params) if params else self.con.sql(query)
+            return self._relation(query, params)
         except duckdb.Error as exc:
-            raise StoreError(f"SQL error: {first_line(exc)}") from None
+            raise StoreError(f"SQL error: {duckdb_message(exc)}") from None
 
-    def fetch_table(self, query: str, params: list | None = None) -> pa.Table:
-        """`sql` run to the end as an Arrow table: an error while running (a bad cast, say) is a StoreError too."""
+    def fetch_table(self, query: str, params: list | None = None, timeout: float | None = None) -> pa.Table:
+        """`sql` run to the end as an Arrow table: an error while running (a bad cast, say) is a StoreError too. A
+        part whose pages turn out damaged is skipped with a warning, and the query runs again without it. A query
+        still running after `timeout` seconds is stopped (`QueryTimeout`); Ctrl+C stops it at once (KeyboardInterrupt
+        as usual, DuckDB interrupted first)."""
+        return self._interruptible(lambda: self._fetch(query, params), timeout)
+
+    def _fetch(self, query: str, params: list | None) -> pa.Table:
         relation = self.sql(query, params)
+        if relation is None:
+            return pa.table({})
         try:
-            return relation.to_arrow_table() if relation is not None else pa.table({})
+            try:
+                return _arrow_exact(relation).to_arrow_table()
+            except duckdb.Error as exc:
+                if not (_may_be_damage(exc) and self._skip_damaged()):
+                    raise
+            # bound to the views it was made on: made again on the rebuilt ones
+            return _arrow_exact(self._relation(query, params)).to_arrow_table()
+        except duckdb.InterruptException:
+            raise
+        except duckdb.ConversionException as exc:
+            if not _has_uhugeint(relation):
+                raise StoreError(f"SQL error: {duckdb_message(exc)}") from None
+            raise StoreError(f"SQL error: {first_line(exc)} (the output formats hold a UHUGEINT below 2^127 only: "
+                             "cast it to VARCHAR or DOUBLE)") from None
         except duckdb.Error as exc:
-            raise StoreError(f"SQL error: {first_line(exc)}") from None
+            raise StoreError(f"SQL error: {duckdb_message(exc)}") from None
+
+    def _interruptible(self, compute, timeout: float | None):
+        """`compute()` on a worker thread while this one waits: a thread blocked inside DuckDB runs no Python signal
+        handler, so Ctrl+C would wait for the query's end; the waiting thread takes it (or the time limit) at once
+        and stops DuckDB with `interrupt()`, DuckDB's way to cancel a running query from another thread."""
+        outcome: dict = {}
+        done = threading.Event()  # not Thread.join: a join that Ctrl+C interrupted can take the thread for ended
+
+        def work() -> None:
+            try:
+                outcome["table"] = compute()
+            except BaseException as exc:  # handed to the waiting thread, which raises it
+                outcome["error"] = exc
+            finally:
+                done.set()
+
+        threading.Thread(target=work, name="loratrace-query", daemon=True).start()
+        try:
+            timed_out = not done.wait(timeout)
+        except KeyboardInterrupt:
+            self.con.interrupt()
+            _wait_out(done)
+            raise
+        if timed_out:
+            self.con.interrupt()
+            _wait_out(done)
+            if "table" not in outcome:
+                raise QueryTimeout(f"the query ran past its time limit of {timeout:g} s and was stopped (--timeout)")
+        if isinstance(outcome.get("error"), duckdb.InterruptException):  # interrupted by another thread
+            raise StoreError("the query was interrupted")
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["table"]
+
+    def _relation(self, query: str, params: list | None) -> duckdb.DuckDBPyRelation:
+        return self.con.sql(query, params=params) if params else self.con.sql(query)
 
     def trace(self, example_id: str | None = None, line: int | None = None, run_id: str | None = None):
         """Every step where the example trained, with its loss, p(gold), correctness and the first checkpoint that
@@ -335,7 +478,22 @@ class Runs:
 
     def trace_table(self, example_id: str | None = None, line: int | None = None,
                     run_id: str | None = None) -> pa.Table:
-        """`trace` as an Arrow table (no pandas needed)."""
+        """`trace` as an Arrow table (no pandas needed); a damaged part is skipped, and Ctrl+C stops it, as in
+        `fetch_table`."""
+        return self._interruptible(lambda: self._trace_skipping_damage(example_id, line, run_id), None)
+
+    def _trace_skipping_damage(self, example_id: str | None, line: int | None, run_id: str | None) -> pa.Table:
+        try:
+            try:
+                return self._trace_table(example_id, line, run_id)
+            except duckdb.Error as exc:
+                if not (_may_be_damage(exc) and self._skip_damaged()):
+                    raise
+            return self._trace_table(example_id, line, run_id)
+        except duckdb.Error as exc:
+            raise StoreError(f"cannot trace: {duckdb_message(exc)}") from None
+
+    def _trace_table(self, example_id: str | None, line: int | None, run_id: str | None) -> pa.Table:
         if (example_id is None) == (line is None):
             raise StoreError("trace needs exactly one of an example id or a line")
         where, params = ("s.example_id = $key", {"key": example_id}) if example_id is not None else (
@@ -347,6 +505,9 @@ class Runs:
         if not self.run_dirs:
             raise StoreError(f"no runs under {self.where}")
         if not self.files["batches_raw"]:
+            untracked = self._untracked(run_id)
+            if untracked and (run_id or len(untracked) == len(self.run_dirs)):  # not a tracked run's first seconds
+                raise StoreError(_not_tracked(untracked))
             raise StoreError(f"no tracked batches yet under {self.where}: a tracked run writes its first part at its "
                              "first checkpoint or after tracking.flush_every_steps updates")
         columns = ", ".join(TRACE_COLUMNS)
@@ -424,6 +585,8 @@ class Runs:
                                                 "ORDER BY 1", params).fetchall()]
         if known:
             return f"{what} is in the examples of run {', '.join(known)} but was never trained (so far)"
+        if run_id and self._untracked(run_id):
+            return _not_tracked([run_id])
         if run_id:
             elsewhere = [r[0] for r in self.con.execute(f"SELECT DISTINCT run_id FROM samples WHERE {column} = $key "
                                                         "ORDER BY 1", {"key": key}).fetchall()]
@@ -431,6 +594,15 @@ class Runs:
                 return f"run {run_id} did not train {what} (run {', '.join(elsewhere)} did)"
         closest = self._closest(example_id)
         return f"no run trained {what}{f' in run {run_id}' if run_id else ''}{closest}"
+
+    def _untracked(self, run_id: str | None) -> list[str]:
+        """The runs (`run_id`, or all) whose config.yaml says they were trained without tracking.enabled."""
+        columns = [c[0] for c in self.con.execute("SELECT * FROM runs_info LIMIT 0").description]
+        if "tracking_enabled" not in columns:
+            return []
+        rows = self.con.execute("SELECT run_id FROM runs_info WHERE lower(tracking_enabled) = 'false' "
+                                "AND ($run IS NULL OR run_id = $run) ORDER BY 1", {"run": run_id}).fetchall()
+        return [row[0] for row in rows]
 
     def _open_index(self, path) -> SamplesIndex:
         key = _file_key(path.stat())
@@ -468,6 +640,63 @@ def open_runs(paths: str | Path | list = "runs", read_only: bool = False) -> Run
     """DuckDB views over every run under `paths` (see module docstring); a run added there later shows up too."""
     paths = [storage.local_form(p) for p in paths] if isinstance(paths, (list, tuple)) else storage.local_form(paths)
     return Runs([], read_only=read_only, sources=paths)  # its first refresh lists the runs (or says there are none)
+
+
+UHUGEINT = re.compile(r"\bUHUGEINT\b")
+
+
+def _wait_out(done: threading.Event) -> None:
+    """Wait for an interrupted query to end (DuckDB stops within a vector's work), through a second Ctrl+C too: the
+    interpreter must not exit while a thread runs inside DuckDB (it aborts the process)."""
+    while True:
+        try:
+            done.wait()
+            return
+        except KeyboardInterrupt:
+            continue
+
+
+def _has_uhugeint(relation: duckdb.DuckDBPyRelation) -> bool:
+    return any(UHUGEINT.search(str(kind)) for kind in relation.types)
+
+
+def _arrow_exact(relation: duckdb.DuckDBPyRelation) -> duckdb.DuckDBPyRelation:
+    """`relation` with each UHUGEINT (at any depth) cast to HUGEINT: DuckDB hands Arrow both as decimal128(38, 0), and
+    a UHUGEINT from 2^127 on comes out as a negative number; cast, it is an out-of-range error instead."""
+    if not _has_uhugeint(relation):
+        return relation
+    types = [str(kind) for kind in relation.types]
+    columns = [f"CAST(#{n} AS {UHUGEINT.sub('HUGEINT', kind)})" if UHUGEINT.search(kind) else f"#{n}"
+               for n, kind in enumerate(types, 1)]
+    return relation.project(", ".join(f"{c} AS {_quoted(name)}" for c, name in zip(columns, relation.columns)))
+
+
+# Errors that reading a damaged part gives (a bare duckdb.Error: "don't know what type", from the page headers'
+# decoder); a query's own mistakes (parser, binder, catalog, conversion, ...) and the network's are other classes.
+DAMAGE_ERRORS = (duckdb.IOException, duckdb.InvalidInputException, duckdb.InternalException,
+                 duckdb.SerializationException)
+
+
+def _may_be_damage(exc: duckdb.Error) -> bool:
+    return (type(exc) is duckdb.Error or isinstance(exc, DAMAGE_ERRORS)) and not isinstance(exc, duckdb.HTTPException)
+
+
+def _check_text(query: str) -> None:
+    """Refuse SQL that is not UTF-8 text. Bytes that are not UTF-8 (SQL piped from a Latin-1 file, say) reach Python
+    as lone surrogates (the surrogateescape of stdin and argv), which DuckDB's bindings reject with a TypeError."""
+    try:
+        query.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        char = ord(query[exc.start])
+        what = f"byte 0x{char - 0xDC00:02x}" if 0xDC80 <= char <= 0xDCFF else f"character U+{char:04X}"
+        raise SqlTextError(f"the SQL is not UTF-8 text ({what} at character {exc.start + 1}): save it as UTF-8") \
+            from None
+
+
+def _not_tracked(run_ids: list[str]) -> str:
+    runs = f"run {run_ids[0]} was" if len(run_ids) == 1 else f"runs {', '.join(run_ids)} were"
+    return (f"{runs} trained without batch tracking, so no example can be traced in it: train with --track-batches "
+            "(tracking.enabled=true) to record which examples each step trained on")
 
 
 DUCKDB_TYPES = {pa.string(): "VARCHAR", pa.bool_(): "BOOLEAN", pa.int8(): "TINYINT", pa.int32(): "INTEGER",
