@@ -210,8 +210,8 @@ def test_trace_skips_an_examples_file_whose_data_is_damaged(small_run, tmp_path)
         assert result.returncode == 1 and result.stdout == ""
         lines = result.stderr.splitlines()
         assert lines[-1].startswith("loratrace: error: no run trained ") and "Traceback" not in result.stderr
-        assert lines[:-1] in ([], [f"loratrace: warning: skipping tracking part {examples.resolve()}: its data "
-                                   f"cannot be read ({lines[0].split('(', 1)[-1]}"])
+        assert lines[:-1] in ([], [f"loratrace: warning: skipping damaged tracking part {examples.resolve()}: "
+                                   f"{lines[0].split(': ', 3)[-1]}"])
     assert _hashes(runs) == before
 
 

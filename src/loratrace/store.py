@@ -526,11 +526,9 @@ class Runs:
             params["indexed"] = sorted(self._indexes)
             views = (f"SELECT {columns} FROM example_trace s WHERE {where} "
                      "AND NOT list_contains($indexed::VARCHAR[], run_id)")
-            tables.append(self._skipping_undecodable(lambda: self.con.sql(views, params=params).to_arrow_table(),
-                                                     ("batches_raw",)))
+            tables.append(self.con.sql(views, params=params).to_arrow_table())
         if not tables or sum(t.num_rows for t in tables) == 0:
-            raise StoreError(self._skipping_undecodable(lambda: self._miss(example_id, line, run_id),
-                                                        ("examples_raw", "batches_raw")))
+            raise StoreError(self._miss(example_id, line, run_id))  # a damaged part: `_trace_skipping_damage`
         table = pa.concat_tables(tables, promote_options="permissive")
         return table.sort_by([(c.strip(), "ascending") for c in TRACE_ORDER.split(",")])
 
@@ -541,32 +539,6 @@ class Runs:
                                 "its batches instead")
         self._indexes.pop(run, None)
         self._all_indexed = False
-
-    def _skipping_undecodable(self, answer, views: tuple[str, ...]):
-        """`answer()`; if DuckDB fails reading a file, `answer()` again without the files of `views` whose data
-        cannot be decoded (their footers read, so the listing kept them), each reported once and skipped while it
-        is unchanged. Nothing is read twice unless a read fails."""
-        try:
-            return answer()
-        except duckdb.Error:
-            if not any([self._drop_undecodable(view) for view in views]):
-                raise
-            return answer()
-
-    def _drop_undecodable(self, view: str) -> bool:
-        """Drop from `view` every file whose data pages DuckDB cannot decode; whether any was."""
-        damaged = []
-        for file in self.files[view]:
-            try:
-                self.con.sql(f"SELECT * FROM read_parquet({_sql_list([file])})").to_arrow_table()  # one part at a time
-            except duckdb.Error as exc:
-                damaged.append(file)
-                self._checked[file] = (self._checked[file][0], None)  # `_readable` skips it until it changes
-                self._report(file, f"skipping tracking part {file}: its data cannot be read ({first_line(exc)})")
-        if damaged:
-            self.files[view] = [f for f in self.files[view] if f not in damaged]
-            self._create_raw_view(view, self.files[view], TABLES[view][1])
-        return bool(damaged)
 
     @property
     def where(self) -> str:
