@@ -325,11 +325,13 @@ def test_a_requeued_trial_resumes_from_the_latest_full_checkpoint(sparse_tail_ru
     from loratrace.sweep_workers import resume_point
 
     run = shutil.copytree(sparse_tail_run, tmp_path / sparse_tail_run.name)
+    # killed after its last checkpoint (16) but before the end: step 16 again, from 11 (a resume from 16 trains nothing)
+    assert resume_point(run, 16) == run / "checkpoints" / "checkpoint-step-011.ckpt"
     (run / "checkpoints" / "checkpoint-step-016.ckpt").unlink()  # killed after 15: the latest file is weights-only
-    assert resume_point(run) == run / "checkpoints" / "checkpoint-step-011.ckpt"
+    assert resume_point(run, 16) == run / "checkpoints" / "checkpoint-step-011.ckpt"
     (run / "checkpoints" / "checkpoint-step-011.ckpt").unlink()
-    assert resume_point(run) is None  # only weights-only 7 and 15 left: the trial trains from the start
-    assert resume_point(tmp_path / "never-written") is None
+    assert resume_point(run, 16) is None  # only weights-only 7 and 15 left: the trial trains from the start
+    assert resume_point(tmp_path / "never-written", 16) is None
 
 
 def test_write_errors_are_one_line_and_leave_nothing_half_written(full_run, capsys, monkeypatch):

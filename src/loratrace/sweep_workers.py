@@ -182,12 +182,14 @@ def worker_identity() -> dict:
 process_alive = processes.alive  # a worker's record is a process record (processes.py)
 
 
-def resume_point(run_dir: Path) -> Path | None:
+def resume_point(run_dir: Path, max_steps: int) -> Path | None:
     """The checkpoint a re-queued trial continues its run folder from: the latest full one (a weights-only tail
-    file cannot resume), or None to train from the start."""
+    file cannot resume) before `max_steps`, or None to train from the start. A worker that died after its last
+    checkpoint but before the run's end trains that last step again: a resume from the last step would train
+    nothing, and is refused."""
     from loratrace.checkpoints import latest_full_checkpoint
 
-    return latest_full_checkpoint(run_dir) if Path(run_dir).is_dir() else None
+    return latest_full_checkpoint(run_dir, step=max_steps - 1) if Path(run_dir).is_dir() else None
 
 
 @contextlib.contextmanager
@@ -225,7 +227,7 @@ def run_trial(spec: SweepSpec, study, storage, trial, space: SearchSpace, goal: 
     values = space.suggest(trial)
     cfg = space.config(base, values)
     previous = Path(trial.user_attrs["run_dir"]) if trial.user_attrs.get("run_dir") else None
-    resume_from = resume_point(previous) if previous is not None else None
+    resume_from = resume_point(previous, cfg.training.max_steps) if previous is not None else None
     shown = ", ".join(f"{k}={v}" for k, v in values.items())
     print(f"trial {trial.number}: {shown}" + (f" (continues {previous.name})" if resume_from else "")
           + (f" [worker {worker}]" if worker else ""), file=sys.stderr, flush=True)
