@@ -401,10 +401,15 @@ SQL_CASES = [
 ]
 
 
+def still_a_device(result, w) -> str | None:
+    """An output onto a device (a copy of /dev/null) writes into it: it never replaces the device with a file."""
+    return None if stat.S_ISCHR((w.out / "null").lstat().st_mode) else "the device node was replaced by a file"
+
+
 def _out(case_id: str, command: str, argv: tuple[str, ...], output: str, expect: str = "either",
          quick: bool = False, needs: str | None = None) -> Case:
     return Case(f"{command}-output-{case_id}", command, (*argv, "-o", output), expect=expect, outputs=(output,),
-                quick=quick, needs=needs)
+                quick=quick, needs=needs, check=still_a_device if needs == "mknod" else None)
 
 
 OUTPUT_COMMANDS = {"query": ("query", "SELECT step FROM batches", "--format", "csv", "--runs-dir", "{runs}"),
@@ -425,8 +430,9 @@ def output_cases() -> list[Case]:
     cases = []
     for command, argv in OUTPUT_COMMANDS.items():
         for target_id, path, expect in OUTPUT_TARGETS:
-            cases.append(_out(target_id, command, argv, path, expect, quick=command == "query" and
-                              target_id in ("run_json", "dev_null"), needs="mknod" if target_id == "dev_null" else None))
+            quick = command == "query" and target_id in ("run_json", "dev_null")
+            cases.append(_out(target_id, command, argv, path, expect, quick,
+                              needs="mknod" if target_id == "dev_null" else None))
     return cases
 
 

@@ -121,6 +121,7 @@ class Verdict:
     command: str
     first_stderr_line: str
     reasons: list[str] = field(default_factory=list)
+    last_stderr_line: str = ""  # a traceback's exception, or the line after a progress bar
 
 
 # ------------------------------------------------------------------------------------------------ the world, once
@@ -128,9 +129,10 @@ class Verdict:
 @pytest.fixture(scope="session")
 def pristine(tmp_path_factory) -> Pristine:
     """A tracked 16-step run, an untracked 4-step run and a legacy folder: built once (about 30 s on one core)."""
-    import loratrace
     from conftest import small_config
     from legacy_script import write_legacy_run
+
+    import loratrace
 
     root = tmp_path_factory.mktemp("hostile-world")
     runs = root / "runs"
@@ -300,9 +302,19 @@ def _judge_result(w: World, result: Result, ok: bool, expect: str, names, check,
 
 def record(case_id: str, w: World, result: Result, outcome: str, reasons: list[str]) -> Verdict:
     command = "loratrace " + " ".join(_quoted(a) for a in result.argv)
-    verdict = Verdict(case_id, outcome, command.replace(str(w.root), "$CASE"),
-                      result.first_stderr_line.replace(str(w.root), "$CASE")[:200], reasons)
+    lines = [line for line in result.stderr.splitlines() if line.strip(" ^~\t")]  # not 3.11's caret lines
+    last = lines[-1].replace(str(w.root), "$CASE")[-200:] if len(lines) > 1 else ""
+    return keep(Verdict(case_id, outcome, command.replace(str(w.root), "$CASE"),
+                        result.first_stderr_line.replace(str(w.root), "$CASE")[:200], reasons, last))
+
+
+def keep(verdict: Verdict) -> Verdict:
+    """A verdict into the session summary (and HOSTILE_REPORT, a JSON Lines file, when set)."""
     VERDICTS.append(verdict)
+    path = os.environ.get("HOSTILE_REPORT")
+    if path:  # one JSON line per case as it ends: a lead comparing branches, or reading a run still going
+        with open(path, "a") as file:
+            file.write(json.dumps(verdict.__dict__) + "\n")
     return verdict
 
 
@@ -325,10 +337,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         if verdict.outcome != "clean":
             terminalreporter.write_line(f"  [{verdict.outcome}] {verdict.case_id}: {verdict.command}")
             terminalreporter.write_line(f"      stderr: {verdict.first_stderr_line or '(none)'}")
+            if verdict.last_stderr_line:
+                terminalreporter.write_line(f"      last stderr line: {verdict.last_stderr_line}")
             terminalreporter.write_line(f"      why: {'; '.join(verdict.reasons)[:300]}")
-    path = os.environ.get("HOSTILE_REPORT")
-    if path:  # the verdicts as JSON, for a lead comparing two branches
-        Path(path).write_text(json.dumps([v.__dict__ for v in VERDICTS], indent=1))
 
 
 def pytest_collection_modifyitems(config, items):

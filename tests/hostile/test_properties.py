@@ -16,7 +16,7 @@ import traceback
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hostile.conftest import VERDICTS, Result, Verdict, changed_paths, judge, snapshot
+from hostile.conftest import Result, Verdict, changed_paths, judge, keep, snapshot
 from loratrace.cli import main
 
 PROPERTY_SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
@@ -59,9 +59,9 @@ def as_case(case_id: str, body) -> None:
     try:
         body()
     except Finding as finding:
-        VERDICTS.append(Verdict(case_id, finding.outcome, finding.command, finding.first_line[:200], finding.reasons))
+        keep(Verdict(case_id, finding.outcome, finding.command, finding.first_line[:200], finding.reasons))
         raise
-    VERDICTS.append(Verdict(case_id, "clean", "(generated)", ""))
+    keep(Verdict(case_id, "clean", "(generated)", ""))
 
 
 # ------------------------------------------------------------------------------------------------ run.json
