@@ -137,6 +137,12 @@ def study_written(result, w) -> str | None:
     return None if len(studies) == 1 else "no study with trials.parquet under runs/sweeps/"
 
 
+def title_escaped(result, w) -> str | None:
+    """A title is text: the report shows it, it never runs as markup."""
+    html = (w.out / "r.html").read_text(errors="replace")
+    return "the title's <script> is in the HTML unescaped" if "<script>alert(1)</script>" in html else None
+
+
 def no_outside_paths(result, w) -> str | None:
     """A listing that succeeded shows nothing outside the runs folder."""
     for line in result.stdout.splitlines():
@@ -612,7 +618,8 @@ OTHER_CASES = [
     Case("report-args-nothing", "report", ("report", "-o", "{out}/r.html"), expect="fail", outputs=("{out}/r.html",),
          quick=True),
     Case("report-args-title_html", "report", ("report", "{T}", "-o", "{out}/r.html", "--title",
-                                              "<script>alert(1)</script>"), outputs=("{out}/r.html",)),
+                                              "<script>alert(1)</script>"), outputs=("{out}/r.html",),
+         check=title_escaped),
     Case("import-legacy-args-not_legacy", "import-legacy", ("import-legacy", "{T}", "--runs-dir", "{runs}"),
          expect="fail", writes_runs=True),
     Case("import-legacy-args-runs_dir_a_file", "import-legacy", ("import-legacy", "{legacy}", "--runs-dir",
