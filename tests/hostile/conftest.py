@@ -227,19 +227,20 @@ def run_command(w: World, argv: list[str], stdin: bytes | None = None, timeout: 
 # ------------------------------------------------------------------------------------------------ the verdict
 
 def judge(w: World, result: Result, *, expect: str = "either", names: tuple[str, ...] = (), check=None,
-          writes_runs: bool = False, outputs: tuple[str, ...] = ()) -> tuple[str, list[str]]:
+          writes_runs: bool = False, outputs: tuple[str, ...] = (), cwd: Path | None = None) -> tuple[str, list[str]]:
     """The rule, applied to one command's result: (outcome, reasons).
 
     expect: "ok" (must succeed), "fail" (must fail) or "either". names: on failure the error line must contain one
     of them (the file, line or key at fault). check(result, world) -> reason or None: the result, when it succeeded.
     writes_runs: on success the command may change files under runs/ (train, eval, influence, import-legacy, sweep).
-    outputs: the named outputs (paths, filled): on success they, and anything under them, may change.
+    outputs: the named outputs (paths, filled; a relative one from `cwd`, default the case folder): on success they,
+    and anything under them, may change.
     """
     reasons: dict[str, list[str]] = {name: [] for name in OUTCOMES}
     if result.rc is None:
         reasons["hang"].append("timed out")
     ok = result.rc == 0
-    _judge_leaks(w, result, ok, writes_runs, outputs, reasons)
+    _judge_leaks(w, result, ok, writes_runs, [Path(cwd or w.root, o) for o in outputs], reasons)
     if "Traceback" in result.stderr:
         reasons["traceback"].append("a traceback on stderr")
     elif result.rc is not None and result.rc < 0:
@@ -253,13 +254,18 @@ def judge(w: World, result: Result, *, expect: str = "either", names: tuple[str,
     if result.rc is not None:
         _judge_result(w, result, ok, expect, names, check, reasons["wrong"])
     outcome = next((name for name in OUTCOMES if reasons[name]), "clean")
-    return outcome, [f"{name}: {text}" for name in OUTCOMES for text in reasons[name]]
+    return outcome, [f"{name}: {text}" for name in OUTCOMES for text in _few(reasons[name])]
 
 
-def _judge_leaks(w: World, result: Result, ok: bool, writes_runs: bool, outputs: tuple[str, ...],
+def _few(texts: list[str], most: int = 4) -> list[str]:
+    """A long list of changed files as its first few and a count: a whole run deleted is one line of the summary."""
+    return texts if len(texts) <= most else [*texts[:most], f"... and {len(texts) - most} more"]
+
+
+def _judge_leaks(w: World, result: Result, ok: bool, writes_runs: bool, outputs: list[Path],
                  reasons: dict[str, list[str]]) -> None:
     """Changed files and the sentinel: `changed` inside runs/ or legacy/, `outside` anywhere else."""
-    named = [os.path.relpath(Path(o).absolute(), w.root) for o in outputs]
+    named = [os.path.relpath(o, w.root) for o in outputs]
     for rel in sorted(result.changed):
         under_output = any(rel == o or rel.startswith(o.rstrip("/") + "/") for o in named)
         if rel.startswith("legacy"):
@@ -290,9 +296,10 @@ def _judge_result(w: World, result: Result, ok: bool, expect: str, names, check,
         wrong.append(f"failed where it must succeed: {result.first_stderr_line}")
     elif expect == "fail" and ok:
         wrong.append("succeeded where it must fail")
-    if not ok and names and result.error_lines:
-        line = result.error_lines[-1]
-        if not any(name in line for name in names):
+    if not ok and names and result.error_lines:  # the error line, or a warning line before it, names the fault
+        said = result.error_lines[-1:] + [line for line in result.stderr.splitlines()
+                                          if line.startswith("loratrace: warning:")]
+        if not any(name in line for line in said for name in names):
             wrong.append(f"the error line names none of {', '.join(names)}")
     if ok and check is not None:
         reason = check(result, w)

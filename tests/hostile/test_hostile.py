@@ -86,6 +86,7 @@ def test_hostile(case: table.Case, world, undamaged_stdout):
     result = run_command(world, list(filled.argv), filled.stdin, filled.timeout,
                          Path(filled.cwd) if filled.cwd else None)
     outcome, reasons = judge(world, result, expect=filled.expect, names=filled.names, check=check,
-                             writes_runs=filled.writes_runs, outputs=filled.outputs)
+                             writes_runs=filled.writes_runs, outputs=filled.outputs,
+                             cwd=Path(filled.cwd) if filled.cwd else None)
     verdict = record(case.id, world, result, outcome, reasons)
     assert outcome == "clean", f"{outcome}: {verdict.command}\n{'; '.join(reasons)}\nstderr: {result.stderr[-1500:]}"
