@@ -268,6 +268,21 @@ def test_runs_counts_the_steps_a_deleted_part_left_out(small_run, tmp_path):
     assert _runs(small_run)[0]["missing_steps"] == 0
 
 
+def test_a_query_over_a_run_with_a_hole_warns_naming_the_steps(small_run, tmp_path):
+    runs = tmp_path / "runs"
+    run = _copy(small_run, runs, "run")
+    parts = sorted((run / "tracking" / "batches").iterdir())
+    gone = sorted(set(pq.read_table(parts[1], columns=["step"])["step"].to_pylist()))
+    parts[1].unlink()
+    result = run_cli("query", "SELECT count(DISTINCT step) AS n FROM batches", "--format", "csv", "--runs-dir",
+                     str(runs))
+    assert result.returncode == 0 and result.stdout.splitlines() == ["n", str(16 - len(gone))]
+    run_id = json.loads((run / "run.json").read_text())["run_id"]
+    assert result.stderr.splitlines() == [f"loratrace: warning: run {run_id} has no tracked rows for step(s) {gone[0]}-"
+                                          f"{gone[-1]} (a batches part is missing): the views leave those steps out"]
+    assert run_cli("query", "SELECT 1", "--runs-dir", str(small_run)).stderr == ""  # no hole, no warning
+
+
 def test_runs_counts_an_untracked_runs_checkpoint_files(small_run, tmp_path):
     runs = tmp_path / "runs"
     run = _copy(small_run, runs, "run")

@@ -51,6 +51,19 @@ class StoreError(LoratraceError):
     exit_code = 1
 
 
+# The runs whose effective batches miss steps below their last, with the missing steps as [first, last] spans
+# (gaps and islands: consecutive missing steps share step - row_number()). Only runs with missing_steps > 0 expand.
+GAPS = """
+    WITH holey AS (SELECT run_id, steps FROM runs WHERE missing_steps > 0),
+    present AS (SELECT DISTINCT run_id, step FROM batches WHERE run_id IN (SELECT run_id FROM holey)),
+    missing AS (SELECT run_id, unnest(range(1, steps + 1)) AS step FROM holey
+                EXCEPT SELECT run_id, step FROM present),
+    spans AS (SELECT run_id, min(step) AS first, max(step) AS last
+              FROM (SELECT *, step - row_number() OVER (PARTITION BY run_id ORDER BY step) AS island FROM missing)
+              GROUP BY run_id, island)
+    SELECT run_id, list([first, last] ORDER BY first) FROM spans GROUP BY run_id ORDER BY run_id"""
+
+
 class QueryTimeout(StoreError):
     """A query stopped at its time limit (`query --timeout`, `fetch_table(timeout=...)`)."""
 
@@ -247,8 +260,22 @@ class Runs:
         if files != self.files or force:
             self.files = files
             self._build_views()
+            self._report_gaps()
         self._listed = (time.monotonic(), *self._listed[1:])  # aged from here: the CLI's next query won't re-list
         self._indexes = None
+
+    def _report_gaps(self) -> None:
+        """One warning per run whose tracked history has a hole (steps 1..its last with no effective batch row: a
+        batches part deleted or lost), so that a count or a trace that leaves those steps out says why. Read once
+        per change of the files; the runs view's `missing_steps` holds the count."""
+        try:
+            gaps = self.con.sql(GAPS).fetchall()
+        except duckdb.Error:
+            return  # a part that cannot be read: the query that reads it says so
+        for run_id, spans in gaps:
+            shown = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+            self._report(f"gap:{run_id}:{shown}", f"run {run_id} has no tracked rows for step(s) {shown} (a batches "
+                                                  "part is missing): the views leave those steps out")
 
     def _read_folders(self, listed: list) -> dict:
         """Each run folder's (run.json, config.yaml). A damaged one (read_run_folder) found among many is skipped,
