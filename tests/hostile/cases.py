@@ -4,7 +4,7 @@ kind of damage, and the hostile arguments of each command.
 A `Case` is one command line on one damaged copy of the world (conftest.World). Its command line is a template:
 {runs}, {T} (the tracked run), {U} (the untracked run), {legacy}, {out}, {case} and {sentinel} become the case's
 paths. What the rule asks of it is in expect/names/check (conftest.judge); `quick` marks the one case per damage class
-that runs by default, the rest carry the `slow` marker.
+that runs by default, the rest carry the `hostile_full` marker (run with `-m hostile_full`).
 """
 
 from __future__ import annotations

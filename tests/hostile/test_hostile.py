@@ -1,7 +1,7 @@
 """Every command against every kind of damage (cases.py), judged by the rule of issue #27 (conftest.judge).
 
     python -m pytest tests/hostile -q                 # the quick subset: one case per damage class
-    python -m pytest tests/hostile -q -m slow         # the rest of the cross product
+    python -m pytest tests/hostile -q -m hostile_full  # the rest of the cross product
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ CASES = table.all_cases()
 
 
 def _param(case: table.Case):
-    return pytest.param(case, id=case.id, marks=() if case.quick else (pytest.mark.slow,))
+    return pytest.param(case, id=case.id, marks=() if case.quick else (pytest.mark.hostile_full,))
 
 
 def _subcommands() -> set[str]:
