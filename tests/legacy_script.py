@@ -1,5 +1,5 @@
 """The "traditional" script, as the tests' witness: a real `transformers.Trainer` + PEFT run on the tiny preset whose
-callback writes the legacy folder LEGACY.md describes (JSONL batch tracking, the two JSON mappings, `checkpoint-N/`
+callback writes the legacy folder docs/LEGACY.md describes (JSONL batch tracking, the two JSON mappings, `checkpoint-N/`
 folders and `models/`, with `training_config.yaml` in the seed's nested keys).
 
     folder = write_legacy_run(tmp / "experiments")     # -> experiments/icoding/arc-challenge/icoding_<stamp>_lora

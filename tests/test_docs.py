@@ -285,3 +285,16 @@ def assert_default_jobs(runs, line: str) -> None:
     if "eval.every_checkpoint=true" in line:
         with loratrace.open_runs(runs) as db:
             assert db.sql("SELECT count(DISTINCT checkpoint_step) AS n FROM evals").df().n[0] == 50
+
+
+def test_every_document_the_code_and_docs_cite_is_in_the_repository():
+    """A help text, docstring or doc that sends the reader to a .md file names one that exists here (a file outside
+    the repository, such as a planning document, is no help to a user)."""
+    cited = {}
+    for path in [*ROOT.glob("src/**/*.py"), ROOT / "README.md", *ROOT.glob("docs/*.md"), *ROOT.glob("bench/*.py")]:
+        for name in re.findall(r"[\w./-]*\b[A-Z][A-Z_]+\.md\b", path.read_text()):
+            cited.setdefault(name, path.relative_to(ROOT))
+    assert cited, "no citations found: the pattern is wrong"
+    missing = {name: where for name, where in cited.items()
+               if not any((ROOT / base / name.lstrip("./")).is_file() for base in ("", "docs", "bench"))}
+    assert not missing, f"cited but not in the repository: {missing}"

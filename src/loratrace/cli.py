@@ -33,7 +33,7 @@ COMPARE_SECTIONS = ("runs", "config", "metrics", "evals", "data_order", "example
 # views.VIEW_NAMES (tests/test_cli.py checks --help lists each), without importing pyarrow for every command
 VIEWS = ("runs", "batches", "batches_all", "samples", "examples", "checkpoints", "attempts", "step_checkpoint",
          "example_checkpoint", "metrics", "example_trace", "evals", "trials", "influence")
-QUERY_DESCRIPTION = f"""SQL over the views {', '.join(VIEWS)} (DESIGN.md, README "Query views").
+QUERY_DESCRIPTION = f"""SQL over the views {', '.join(VIEWS)} (docs/ARCHITECTURE.md, README "Query views").
 
 The connection is read-only: one SELECT (or EXPLAIN [ANALYZE] SELECT, or a reporting PRAGMA such as
 PRAGMA show_tables); SQL reads files only under the runs folder; a refused or failing query is one line, exit 1.

@@ -1,5 +1,5 @@
 """`loratrace import-legacy`: the "traditional" script's experiment folders (JSONL batch tracking, JSON mappings,
-Hugging Face Trainer checkpoints) as normal loratrace run folders (LEGACY.md).
+Hugging Face Trainer checkpoints) as normal loratrace run folders (docs/LEGACY.md).
 
     report = import_legacy("experiments/icoding/arc-challenge/icoding_20250720_143052_lora", runs_dir="runs")
     for folder in find_legacy_runs(["experiments/icoding"]): ...

@@ -62,7 +62,7 @@ def _read_json(path: Path, read_entry) -> dict | None:
 
 
 class _BadEntry(Exception):
-    """An entry of a mapping file that is not of the kind LEGACY.md shows: `what` is wrong with `key`."""
+    """An entry of a mapping file that is not of the kind docs/LEGACY.md shows: `what` is wrong with `key`."""
 
     def __init__(self, key: str, what: str):
         super().__init__(what)

@@ -1,4 +1,4 @@
-"""Reading a legacy run folder (LEGACY.md): its JSONL rows under LEGACY.md's key names, its config through the legacy
+"""Reading a legacy run folder (docs/LEGACY.md): its JSONL rows under its key names, its config through the legacy
 key translation, each row's example ids by the issue's rules, and every quirk met on the way.
 
     legacy = read_legacy_run(Path("experiments/icoding/arc-challenge/icoding_20250720_143052_lora"))
@@ -30,7 +30,7 @@ from loratrace.legacy_mappings import LegacyMappings, read_legacy_mappings
 
 ALIASES = {"global_step": "step", "indices": "sample_indices", "batch_indices": "sample_indices",
            "ids": "sample_ids", "example_ids": "sample_ids", "lr": "learning_rate", "time": "timestamp"}
-"""Key aliases seen in legacy JSONL files -> the key LEGACY.md names."""
+"""Key aliases seen in legacy JSONL files -> the key docs/LEGACY.md names."""
 FIELDS = ("step", "epoch", "batch_idx", "sample_indices", "line_numbers", "sample_ids", "loss", "learning_rate",
           "grad_norm", "timestamp")
 SHOWN = 20  # out-of-range indices listed in the report; the rest are counted
@@ -67,7 +67,7 @@ def find_legacy_runs(paths: list[str | Path]) -> list[Path]:
 # ---------------------------------------------------------------------------------------------- reading the source
 
 def read_jsonl(path: Path, quirks: dict[str, Any]) -> list[dict]:
-    """The JSONL's objects with LEGACY.md's key names. A last line cut short by a crash (no newline, not JSON) is
+    """The JSONL's objects with docs/LEGACY.md's key names. A last line cut short by a crash (no newline, not JSON) is
     dropped and reported; any other unreadable line, or a value of the wrong kind, is an error naming the line and
     the key as the file spells it."""
     try:
@@ -102,7 +102,7 @@ def read_jsonl(path: Path, quirks: dict[str, Any]) -> list[dict]:
             renamed[key] = value
         _check_values(renamed, f"{path} line {number}", spelled)
         if "sample_indices" not in renamed and renamed.get("line_numbers") is not None:
-            # The script wrote line_numbers as row + 1 (LEGACY.md); the rows come back by that rule, and say so.
+            # The script wrote line_numbers as row + 1 (docs/LEGACY.md); the rows come back by that rule, and say so.
             renamed["sample_indices"] = [n - 1 for n in renamed["line_numbers"]]
             quirks.setdefault("rows_from_line_numbers", {"rule": "row = line_number - 1", "jsonl_lines": []})
             quirks["rows_from_line_numbers"]["jsonl_lines"].append(number)
@@ -121,7 +121,8 @@ def read_jsonl(path: Path, quirks: dict[str, Any]) -> list[dict]:
     return _one_row_per_step(rows, quirks)
 
 
-INT64, INT32 = 2**63, 2**31  # the tracking columns' integer types (DESIGN.md): a value past them cannot be stored
+# the tracking columns' integer types (docs/ARCHITECTURE.md): a value past them cannot be stored
+INT64, INT32 = 2**63, 2**31
 
 
 def _is_whole(value: Any, low: int = -INT64, high: int = INT64) -> bool:
@@ -134,8 +135,8 @@ def _is_number(value: Any) -> bool:
 
 
 def _check_values(row: dict, where: str, spelled: dict[str, str]) -> None:
-    """Each present value of the kind LEGACY.md gives it, else a LegacyError naming `where` (file and line) and the
-    key as the file spells it (`spelled`: LEGACY.md's name -> the alias used): a value the script never writes
+    """Each present value of the kind docs/LEGACY.md gives it, else a LegacyError naming `where` (file and line) and the
+    key as the file spells it (`spelled`: docs/LEGACY.md's name -> the alias used): a value the script never writes
     cannot be converted without guessing. Null (or absent) is a missing field, not an error."""
     def refuse(name: str, wants: str) -> LegacyError:
         value = json.dumps(row[name], default=str)[:40]

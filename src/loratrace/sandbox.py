@@ -1,4 +1,5 @@
-"""The read-only sandbox of `open_runs(..., read_only=True)`, the CLI's connection (DESIGN.md, "Query layer").
+"""The read-only sandbox of `open_runs(..., read_only=True)`, the CLI's connection (docs/ARCHITECTURE.md, "Query
+layer").
 
 Two locks, each enough for what it covers:
   1. `refusal(con, sql)`, an allow-list of what may run: one SELECT whose parse tree holds only query nodes that read

@@ -1,4 +1,4 @@
-"""Arrow schemas of the files under `tracking/` (DESIGN.md, "Tracking data"), and the atomic part writer.
+"""Arrow schemas of the files under `tracking/` (docs/ARCHITECTURE.md, "Tracking data"), and the atomic part writer.
 
 Each file carries `loratrace.schema_version` in its Parquet metadata; readers can refuse what they don't know.
 """

@@ -1,4 +1,4 @@
-"""DuckDB views over the tracking Parquet of one or many runs (DESIGN.md, "Query layer").
+"""DuckDB views over the tracking Parquet of one or many runs (docs/ARCHITECTURE.md, "Query layer").
 
     db = open_runs("runs/")                  # a runs folder, one run folder, a list of them, or a glob
     db.sql("SELECT step, loss FROM batches ORDER BY step").df()

@@ -1,4 +1,4 @@
-"""The SQL of the views (DESIGN.md, "Query layer"), created in this order over the raw views of store.py
+"""The SQL of the views (docs/ARCHITECTURE.md, "Query layer"), created in this order over the raw views of store.py
 (`batches_raw`, `examples_raw`, `checkpoints_raw`, `attempts_raw`, `evals_raw`, `trials_raw`, `influence_raw`) and
 its `runs_info`, `checkpoint_files` and `lineage`.
 """
