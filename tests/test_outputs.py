@@ -1,7 +1,7 @@
 """No command writes into, over or around what it reads: `export --adapters`, `report -o`, `query -o`, `compare -o`
 and `import-legacy --runs-dir` refuse an output that is, holds or lies inside a run folder or a runs folder (symlinks
 and `..` resolved) in one line, exit 2, every file as it was. Outputs that are not regular files: `-o -` is stdout, a
-FIFO or character device is written through, a symlink is judged and written by its target."""
+FIFO or character device is written through (so is a symlink to one, /dev/stdout); a symlink to a file is refused."""
 
 from __future__ import annotations
 
@@ -157,14 +157,22 @@ def test_a_character_device_stays_a_device(runs, tmp_path):
     assert stat.S_ISCHR(os.lstat(null).st_mode)
 
 
-def test_a_symlink_outside_the_runs_writes_its_target_and_stays_a_link(runs, tmp_path):
+def test_a_symlink_to_a_file_is_refused_and_its_target_kept(runs, tmp_path, capsys):
+    """Replacing the file a link leads to would change a file the command line never named: one line, nothing
+    written, the link and its target as they were."""
     target, link = tmp_path / "elsewhere.csv", tmp_path / "out.csv"
     target.write_text("old")
     link.symlink_to(target)
-    assert main(["query", "SELECT 42 AS x", "--format", "csv", "--runs-dir", str(runs), "-o", str(link)]) == 0
-    assert link.is_symlink() and os.readlink(link) == str(target)
-    assert target.read_bytes() == b"x\r\n42\r\n"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere.csv", "out.csv", "runs"]  # no temporary left
+    line = _refused(["query", "SELECT 42 AS x", "--format", "csv", "--runs-dir", str(runs), "-o", str(link)], tmp_path,
+                    capsys)
+    assert line.endswith(f"a symbolic link to {target}; name the file itself")
+    assert link.is_symlink() and os.readlink(link) == str(target) and target.read_text() == "old"
+
+
+def test_a_symlink_to_a_pipe_is_written_through(runs, tmp_path, capfd):
+    """/dev/stdout is a link to the process's stdout: `-o /dev/stdout` works as it does with every Unix tool."""
+    assert main(["query", "SELECT 42 AS x", "--format", "csv", "--runs-dir", str(runs), "-o", "/dev/stdout"]) == 0
+    assert capfd.readouterr().out == "x\r\n42\r\n"
 
 
 def test_a_folder_output_is_refused(runs, tmp_path, capsys):

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from loratrace import schema, storage
-from loratrace.errors import LoratraceError
+from loratrace.errors import LoratraceError, first_line
 
 METHODS = ("tracin", "tracin-cp")
 
@@ -92,6 +92,9 @@ def compute(run_dir: str | Path, example_ids: list[str] | None = None, split: st
         raise InfluenceError(f"--method {method!r}: use one of {', '.join(METHODS)}")
     if not (run_dir / "config.yaml").is_file():
         raise InfluenceError(f"{run_dir} is not a run folder (no config.yaml)")
+    from loratrace.run_folders import read_run_folder
+
+    info, _ = read_run_folder(run_dir)  # a damaged run.json, config.yaml or tracking/ is one line, before any work
     for name, value, least in (("--limit", limit, 1), ("--project-dim", project_dim, 1), ("--batch-size",
                                                                                         batch_size, 1)):
         if value is not None and value < least:
@@ -116,6 +119,9 @@ def compute(run_dir: str | Path, example_ids: list[str] | None = None, split: st
                    f"{_steps_text(skipped)}")
     else:
         terms, skipped = tracin_cp_terms(run_dir, checkpoints, cfg), []
+    from loratrace.checkpoints import check_run_checkpoints
+
+    check_run_checkpoints(run_dir, info.get("run_id"), [(t.checkpoint_step, t.checkpoint) for t in terms])
     key = computation_key(method, split, [(e.example_id, e.line) for e in tests], project_dim, project_seed)
     folder = run_dir / "tracking" / "influence"
     todo = [t for t in terms if not _is_current(folder / schema.influence_part_name(method, key, t.step), t, run_dir)]
@@ -272,7 +278,11 @@ def _check_training_data(run_dir: Path, train) -> None:
     recorded = run_dir / "tracking" / schema.EXAMPLES_FILE
     if not recorded.is_file():
         return
-    table = pq.read_table(recorded, columns=["example_id", "line", "prompt_sha256"])
+    try:
+        table = pq.read_table(recorded, columns=["example_id", "line", "prompt_sha256"])
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError, ... for a damaged file
+        raise InfluenceError(f"{recorded}: not a readable examples file ({first_line(exc)}); restore it from a "
+                             "backup") from None
     then = set(zip(*(table[c].to_pylist() for c in ("example_id", "line", "prompt_sha256"))))
     now = {(e.example_id, e.line, e.prompt_sha256) for e in train}
     if then != now:

@@ -33,7 +33,7 @@ from typing_extensions import override
 
 from loratrace import storage
 from loratrace.config import CheckpointConfig
-from loratrace.errors import first_line
+from loratrace.errors import LoratraceError, first_line
 
 
 def checkpoint_name(step: int) -> str:
@@ -168,6 +168,46 @@ def read_checkpoint(path: Path) -> dict:
     except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, EOFError, UnpicklingError, ...
         first = first_line(exc)
         raise ValueError(f"{path}: not a readable checkpoint ({first})") from None
+
+
+class CheckpointFileError(LoratraceError):
+    """A checkpoint file a command was asked to read that cannot serve: unreadable, or written by another run."""
+
+
+def written_by(state: dict) -> str | None:
+    """The id of the run that wrote a checkpoint: StepCheckpoint's marker, or for files written before the marker, the
+    BatchTracker's saved state; None when it has neither (an untracked run's file of before the marker)."""
+    marker = state.get(RUN_MARKER)
+    if isinstance(marker, dict) and marker.get("run_id") is not None:
+        return marker["run_id"]
+    tracked = tracker_state(state)
+    return tracked.get("run_id") if isinstance(tracked, dict) else None
+
+
+def tracker_state(state: dict) -> dict | None:
+    """The BatchTracker's saved state (attempt, run_id) in a checkpoint, or None for an untracked launch's."""
+    return next((v for k, v in state.get("callbacks", {}).items() if k.startswith("BatchTracker[")), None)
+
+
+def foreign_writer(state: dict, run_dir: Path, run_id: str | None) -> str | None:
+    """The other run that wrote a checkpoint found in `run_dir` (whose run.json says `run_id`), else None. A folder
+    renamed since keeps its run.json's run_id, so either name is this run's."""
+    writer = written_by(state)
+    return writer if writer is not None and writer not in {Path(run_dir).name, run_id} else None
+
+
+def check_run_checkpoints(run_dir: Path, run_id: str | None, chosen: Iterable[tuple[int, Path]]) -> None:
+    """Every chosen checkpoint readable (memory-mapped: the tensors are not read) and written by this run, before a
+    command loads a model or starts a progress bar: eval, export and influence fail in one line, having done
+    nothing."""
+    for _, path in chosen:
+        try:
+            writer = foreign_writer(read_checkpoint(path), run_dir, run_id)
+        except ValueError as exc:
+            raise CheckpointFileError(str(exc)) from None
+        if writer is not None:
+            raise CheckpointFileError(f"{path}: written by run {writer}, not {run_id or Path(run_dir).name} (copied "
+                                      "here?); use the run's own checkpoints")
 
 
 def checkpoint_files(run_dir: Path) -> list[tuple[int, Path]]:

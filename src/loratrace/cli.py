@@ -162,7 +162,8 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("runs", nargs="*", metavar="RUN", help="run folders, folders of runs, or globs")
     report.add_argument("--study", action="append", metavar="DIR",
                         help="a sweep's folder (runs/sweeps/<study>): its trials, then their runs (repeatable)")
-    report.add_argument("--output", "-o", default="report.html", help="the HTML file (default: report.html)")
+    report.add_argument("--output", "-o", default="report.html",
+                        help="the HTML file (default: report.html; - for stdout)")
     report.add_argument("--title", help="the report's title (default: the run ids)")
     add_sweep(sub)
     return parser
@@ -419,7 +420,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from loratrace.formats import check_output
+    from loratrace.formats import check_output, is_stdout
     from loratrace.report import write_report
     from loratrace.run_folders import study_folders
 
@@ -429,7 +430,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise ConfigError("name run folders (loratrace report runs/) or a sweep (--study runs/sweeps/<study>)")
     check_output(args.output, [*args.runs, *study_folders(args.study or [])])
     path = write_report(args.runs, args.output, title=args.title, studies=args.study)
-    print(f"report  {path}  ({path.stat().st_size / 1e6:.1f} MB, opens offline)")
+    if not is_stdout(args.output):  # `-o -`: stdout holds the page alone
+        print(f"report  {path}  ({path.stat().st_size / 1e6:.1f} MB, opens offline)")
     return 0
 
 

@@ -24,7 +24,7 @@ import pyarrow as pa
 import torch
 
 from loratrace import schema, storage
-from loratrace.checkpoints import checkpoint_files, read_checkpoint
+from loratrace.checkpoints import check_run_checkpoints, checkpoint_files, read_checkpoint
 from loratrace.config import Config, EvalConfig, load_config
 from loratrace.data import LETTERS, DataError, Encoded, collate, encode, load_split, padding_token_id
 from loratrace.errors import LoratraceError
@@ -240,11 +240,7 @@ def _evaluate_run(run_dir: Path, checkpoints: str, overrides, progress: bool):
     info, _ = read_run_folder(run_dir)  # a damaged run.json, config.yaml or tracking/ is one line, before any work
     cfg = load_config(run_dir / "config.yaml", list(overrides))
     chosen = select_checkpoints(run_dir, checkpoints)
-    for _, path in chosen:  # an unreadable file is one line now, before the model loads and the bar starts
-        try:
-            read_checkpoint(path)
-        except ValueError as exc:
-            raise EvalError(str(exc)) from None
+    check_run_checkpoints(run_dir, info.get("run_id"), chosen)  # one line now, before the model loads and the bar
     final = run_dir / "final_model"
     if checkpoints == "final" and not final.is_dir():
         raise EvalError(f"{run_dir} has no final_model/")

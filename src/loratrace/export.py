@@ -80,7 +80,12 @@ def export_adapters(run_dir: str | Path, out: str | Path, steps: str | None = No
         raise ExportError(f"{run_dir} is not a run folder (no config.yaml)")
     check_output(out, [run_dir], "--adapters", folder=True)  # never into, over or around the run it reads
     check_output_folder(out, overwrite)
+    from loratrace.checkpoints import check_run_checkpoints
+    from loratrace.run_folders import read_run_folder
+
+    info, _ = read_run_folder(run_dir)  # a damaged run.json, config.yaml or tracking/ is one line, before any work
     chosen = select_checkpoints(run_dir, steps)
+    check_run_checkpoints(run_dir, info.get("run_id"), chosen)  # readable and this run's, before the bar starts
 
     from peft.utils import get_peft_model_state_dict  # torch, transformers: only once there is work to do
     from tqdm.auto import tqdm

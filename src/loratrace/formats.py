@@ -129,6 +129,10 @@ def _written_by_loratrace(path: Path) -> bool:
 def _check_output_file(output, target: Path, flag: str) -> None:
     if not target.parent.is_dir():
         raise OutputError(f"{flag} {output}: folder {target.parent} does not exist")
+    if Path(output).is_symlink() and not (target.exists() and _streams(os.stat(target).st_mode)):
+        # Replacing the file a link leads to would change a file the command line never named (a config, a note):
+        # refused, so nothing is replaced silently. A link to a device or a pipe (/dev/stdout) is written through.
+        raise OutputRefused(f"{flag} {output}: a symbolic link to {target}; name the file itself")
     if not os.path.lexists(target):
         return
     mode = os.stat(target).st_mode
@@ -136,6 +140,11 @@ def _check_output_file(output, target: Path, flag: str) -> None:
         raise OutputError(f"{flag} {output}: {target} is a folder; name a file")
     if not (stat.S_ISREG(mode) or stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):
         raise OutputError(f"{flag} {output}: {target} is not a regular file, a character device or a FIFO")
+
+
+def _streams(mode: int) -> bool:
+    """A character device or a FIFO: written through, never replaced."""
+    return stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)
 
 
 def _check_output_folder(output, target: Path, flag: str) -> None:
@@ -184,7 +193,7 @@ def _write_file(output: Path, data: bytes) -> None:
     waits on); a file, by a symlink to it or by its name, is replaced whole (`_replace`), the symlink kept."""
     try:
         mode = os.stat(output).st_mode if os.path.exists(output) else stat.S_IFREG
-        if stat.S_ISCHR(mode) or stat.S_ISFIFO(mode):
+        if _streams(mode):
             with open(output, "wb") as stream:
                 stream.write(data)
             return

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from loratrace import schema
+from loratrace.errors import first_line
 from loratrace.writer import BackgroundWriter
 
 
@@ -169,8 +170,16 @@ def _after(done: Future, fn, *args) -> None:
     fn(*args)
 
 
-def read_parts(folder: Path, table_schema: pa.Schema) -> pa.Table:
-    """Every part the tracker wrote in `folder` (temporary and foreign names are never matched)."""
-    tables = [pq.read_table(p, schema=table_schema) for p in schema.tracker_parts(folder)]
-    return pa.concat_tables(tables) if tables else table_schema.empty_table()
+def read_parts(folder: Path, table_schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
+    """Every part the tracker wrote in `folder` (temporary and foreign names are never matched); a part that cannot
+    be read as `table_schema` (damaged pages, a column of another type) is one DamagedPart line naming it."""
+    tables = []
+    for path in schema.tracker_parts(folder):
+        try:
+            tables.append(pq.read_table(path, schema=table_schema, columns=columns))
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError, ... for a damaged file
+            raise schema.DamagedPart(f"{path}: unreadable tracking part ({first_line(exc)}); restore it from a "
+                                     "backup") from None
+    chosen = table_schema if columns is None else pa.schema([table_schema.field(c) for c in columns])
+    return pa.concat_tables(tables) if tables else chosen.empty_table()
 

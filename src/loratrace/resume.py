@@ -11,13 +11,20 @@ import json
 from pathlib import Path
 
 from loratrace import schema, storage
-from loratrace.checkpoints import RUN_MARKER, is_weights_only, nearest_full_checkpoint, read_checkpoint
+from loratrace.checkpoints import (
+    foreign_writer,
+    is_weights_only,
+    nearest_full_checkpoint,
+    read_checkpoint,
+    tracker_state,
+)
 from loratrace.config import Config, ConfigError
 from loratrace.errors import LoratraceError, first_line
 from loratrace.loader import order_mismatch
+from loratrace.mappings import read_parts
 from loratrace.module import CheckpointError, LoRAModule, lora_mismatch
 from loratrace.runs import read_run_json
-from loratrace.tracking import TrackingError, checked_parts, missing_lineage_steps, step_ranges_text
+from loratrace.tracking import TrackingError, missing_lineage_steps, step_ranges_text
 
 
 class ResumeError(LoratraceError):
@@ -81,23 +88,19 @@ def _check_same_run(checkpoint: Path, state: dict) -> None:
     run.json's run_id, so either name is this run's."""
     run_dir = checkpoint.parent.parent
     info = run_json_to_resume(run_dir)
-    marker = state.get(RUN_MARKER)
-    written_by = marker.get("run_id") if isinstance(marker, dict) else None
-    if written_by is None:
-        tracked = _tracker_state(state)
-        written_by = tracked.get("run_id") if tracked else None
-    if written_by is not None and written_by not in {run_dir.name, info.get("run_id")}:
+    writer = foreign_writer(state, run_dir, info.get("run_id"))
+    if writer is not None:
         this_run = info.get("run_id", run_dir.name)
-        raise CheckpointError(f"{checkpoint.name} was written by run {written_by}, not {this_run} (copied here?); "
-                              f"resume run {written_by} from its own folder, or this run from one of its checkpoints")
+        raise CheckpointError(f"{checkpoint.name} was written by run {writer}, not {this_run} (copied here?); "
+                              f"resume run {writer} from its own folder, or this run from one of its checkpoints")
 
 
 def _check_tracking(checkpoint: Path, state: dict, step: int) -> None:
     """The tracked history this resume continues: its attempt's record on disk, every part it reads readable, and
     every step up to the checkpoint's in the lineage it continues (a lost part would leave a hole in `batches`)."""
-    tracked = _tracker_state(state)
+    tracked = tracker_state(state)
     tracking = checkpoint.parent.parent / "tracking"
-    attempts = checked_parts(tracking / "attempts", schema.ATTEMPTS)
+    attempts = read_parts(tracking / "attempts", schema.ATTEMPTS)
     if tracked is not None and \
             not (tracking / "attempts" / schema.attempts_part_name(int(tracked["attempt"]))).exists():
         raise CheckpointError(f"{checkpoint.name} continues tracked attempt {tracked['attempt']}, but its records in "
@@ -109,7 +112,7 @@ def _check_tracking(checkpoint: Path, state: dict, step: int) -> None:
                               "tracking.enabled=false, or from a checkpoint a tracked launch wrote)")
     if tracked is None:
         return  # an untracked run's first tracked launch: no history to continue
-    checked_parts(tracking / "checkpoints", schema.CHECKPOINTS)  # read by the tracker's mappings once it starts
+    read_parts(tracking / "checkpoints", schema.CHECKPOINTS)  # read by the tracker's mappings once it starts
     this_launch = {"attempt": max(attempts["attempt"].to_pylist(), default=-1) + 1,
                    "parent_attempt": int(tracked["attempt"]), "resumed_step": step}
     missing = missing_lineage_steps(tracking, step, this_launch)
@@ -117,11 +120,6 @@ def _check_tracking(checkpoint: Path, state: dict, step: int) -> None:
         raise TrackingError(f"{tracking / 'batches'} has no rows for step(s) {step_ranges_text(missing)} of the "
                             f"history {checkpoint.name} continues (a part was lost?); restore tracking/, or resume "
                             "with tracking.enabled=false")
-
-
-def _tracker_state(state: dict) -> dict | None:
-    """The BatchTracker's saved state (attempt, run_id) in a checkpoint, or None for an untracked launch's."""
-    return next((v for k, v in state.get("callbacks", {}).items() if k.startswith("BatchTracker[")), None)
 
 
 def _loader_state(state: dict) -> dict | None:

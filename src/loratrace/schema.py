@@ -14,6 +14,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from loratrace import storage
+from loratrace.errors import LoratraceError
+
+
+class DamagedPart(LoratraceError):
+    """A tracking part (or file) a command must read that cannot be read as the tracker wrote it."""
 
 SCHEMA_VERSION = "1"
 

@@ -33,14 +33,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from typing_extensions import override
 
 from loratrace import schema, storage
-from loratrace.errors import LoratraceError, first_line
+from loratrace.errors import LoratraceError
 from loratrace.mappings import Mappings, is_effective, lineage_ranges, read_parts
 from loratrace.runs import utc_now
 from loratrace.step_outputs import HostValues, gradient_norm, micro_batch_loss, stage_of
@@ -384,27 +382,14 @@ class TrackingError(LoratraceError):
     """A run's tracking/ history that cannot be continued: an unreadable part, or steps missing from its lineage."""
 
 
-def checked_parts(folder: Path, table_schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
-    """`read_parts`, but a part that cannot be read is one line naming it, not a pyarrow traceback."""
-    tables = []
-    for path in schema.tracker_parts(folder):
-        try:
-            tables.append(pq.read_table(path, schema=table_schema, columns=columns))
-        except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError, ... for a damaged file
-            raise TrackingError(f"{path}: unreadable tracking part ({first_line(exc)}); restore it from a backup, "
-                                "or resume with tracking.enabled=false") from None
-    chosen = table_schema if columns is None else pa.schema([table_schema.field(c) for c in columns])
-    return pa.concat_tables(tables) if tables else chosen.empty_table()
-
-
 def missing_lineage_steps(tracking_dir: Path, up_to_step: int, current_attempt: dict | None = None) -> list[int]:
     """The steps 1..`up_to_step` that no effective row of the `batches` parts covers: a hole in the history (a part
     deleted or lost). `current_attempt` (attempt, parent_attempt, resumed_step): a launch not yet on disk, whose
     lineage is the one to check. One rule for the resume check and the `runs` view."""
     tracking_dir = Path(tracking_dir)
-    checked_parts(tracking_dir / "attempts", schema.ATTEMPTS)  # a damaged part is named, not a pyarrow traceback
+    read_parts(tracking_dir / "attempts", schema.ATTEMPTS)  # a damaged part is named, not a pyarrow traceback
     ranges = lineage_ranges(tracking_dir, current_attempt)
-    rows = checked_parts(tracking_dir / "batches", schema.BATCHES, ["attempt", "step"])
+    rows = read_parts(tracking_dir / "batches", schema.BATCHES, ["attempt", "step"])
     present = {step for attempt, step in zip(rows["attempt"].to_pylist(), rows["step"].to_pylist())
                if is_effective(ranges, attempt, step)}
     return [step for step in range(1, up_to_step + 1) if step not in present]

@@ -314,7 +314,8 @@ class Damage:
 
 
 RUN_READERS = ("query", "trace", "runs", "compare", "report", "eval", "export", "influence", "resume")
-CONFIG_READERS = ("runs", "compare", "report", "eval", "export", "influence", "train", "resume", "sweep")
+CONFIG_READERS = ("query", "trace", "runs", "compare", "report", "eval", "export", "influence", "train", "resume",
+                  "sweep")  # query and trace too: the runs view's columns come from config.yaml
 TRACKING_READERS = ("query", "trace", "runs", "compare", "report", "eval", "export", "influence", "resume")
 CKPT_READERS = ("eval", "export", "influence", "resume")
 
