@@ -169,10 +169,20 @@ def test_a_symlink_to_a_file_is_refused_and_its_target_kept(runs, tmp_path, caps
     assert link.is_symlink() and os.readlink(link) == str(target) and target.read_text() == "old"
 
 
-def test_a_symlink_to_a_pipe_is_written_through(runs, tmp_path, capfd):
-    """/dev/stdout is a link to the process's stdout: `-o /dev/stdout` works as it does with every Unix tool."""
+def test_dev_stdout_is_stdout_and_a_symlink_to_a_pipe_is_written_through(runs, tmp_path, capfd):
+    """`-o /dev/stdout` is stdout wherever it is redirected (as with every Unix tool); a link to a FIFO writes the
+    FIFO, which a reader empties."""
     assert main(["query", "SELECT 42 AS x", "--format", "csv", "--runs-dir", str(runs), "-o", "/dev/stdout"]) == 0
     assert capfd.readouterr().out == "x\r\n42\r\n"
+    fifo, link = tmp_path / "pipe", tmp_path / "link"
+    os.mkfifo(fifo)
+    link.symlink_to(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    assert main(["query", "SELECT 42 AS x", "--format", "csv", "--runs-dir", str(runs), "-o", str(link)]) == 0
+    reader.join(10)
+    assert got == [b"x\r\n42\r\n"] and stat.S_ISFIFO(os.stat(fifo).st_mode) and link.is_symlink()
 
 
 def test_a_folder_output_is_refused(runs, tmp_path, capsys):

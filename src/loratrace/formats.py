@@ -63,8 +63,8 @@ RUN_MARKERS = ("run.json", "tracking")
 
 
 def is_stdout(output) -> bool:
-    """No output file: stdout (`-o -`, or no -o at all)."""
-    return output is None or str(output) in ("", "-")
+    """No output file: stdout (`-o -`, `-o /dev/stdout` whatever stdout is redirected to, or no -o at all)."""
+    return output is None or str(output) in ("", "-", "/dev/stdout")
 
 
 def protected_folders(paths) -> list[Path]:
