@@ -584,8 +584,20 @@ def legacy_reported(result, w) -> str | None:
     return None if quirks else "the damage is in no quirk of the import report"
 
 
+def legacy_step_from_name(result, w) -> str | None:
+    """checkpoint-12/'s step is its name: its trainer_state.json, damaged or not, is never read, so the checkpoint is
+    converted as on the undamaged folder (nothing read, nothing to report)."""
+    reports = list(w.runs.glob("*/import_report.json"))
+    if not reports:
+        return "no import_report.json"
+    converted = json.loads(reports[0].read_text()).get("checkpoints", {}).get("converted", [])
+    return None if any("012" in name or name.endswith("-12") for name in converted) else \
+        f"checkpoint-12 was not converted: {converted}"
+
+
 LEGACY_CASES = [
-    Case(f"import-legacy-{name}", "import-legacy", IMPORT, damage, names=names, check=legacy_reported,
+    Case(f"import-legacy-{name}", "import-legacy", IMPORT, damage, names=names,
+         check=legacy_step_from_name if name == "trainer_state_garbage" else legacy_reported,
          writes_runs=True, quick=name == "index_out_of_range")
     for name, (damage, names) in LEGACY_DAMAGES.items()
 ]
