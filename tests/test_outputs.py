@@ -165,7 +165,8 @@ def test_a_symlink_to_a_file_is_refused_and_its_target_kept(runs, tmp_path, caps
     link.symlink_to(target)
     line = _refused(["query", "SELECT 42 AS x", "--format", "csv", "--runs-dir", str(runs), "-o", str(link)], tmp_path,
                     capsys)
-    assert line.endswith(f"a symbolic link to {target}; name the file itself")
+    assert line.endswith(f"{link}: a symbolic link to a file, which would be replaced through it; name the file "
+                         "itself")
     assert link.is_symlink() and os.readlink(link) == str(target) and target.read_text() == "old"
 
 

@@ -132,7 +132,8 @@ def _check_output_file(output, target: Path, flag: str) -> None:
     if Path(output).is_symlink() and not (target.exists() and _streams(os.stat(target).st_mode)):
         # Replacing the file a link leads to would change a file the command line never named (a config, a note):
         # refused, so nothing is replaced silently. A link to a device or a pipe (/dev/stdout) is written through.
-        raise OutputRefused(f"{flag} {output}: a symbolic link to {target}; name the file itself")
+        raise OutputRefused(f"{flag} {output}: a symbolic link to a file, which would be replaced through it; name the "
+                            "file itself")
     if not os.path.lexists(target):
         return
     mode = os.stat(target).st_mode

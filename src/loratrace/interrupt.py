@@ -10,6 +10,7 @@ at once. A signal that comes while the trainer is still setting up stops it befo
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 import threading
@@ -78,7 +79,14 @@ class StopOnSignal(Callback):
 
     def _forward(self) -> None:
         if callable(self._lightning_sigterm) and self._lightning_sigterm is not self._on_signal:
-            self._lightning_sigterm(signal.SIGTERM, None)
+            # Lightning logs "[rank: 0] Received SIGTERM: 15" at INFO; the stop is told once, by loratrace's own line
+            connector_log = logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector")
+            level = connector_log.level
+            connector_log.setLevel(logging.WARNING)
+            try:
+                self._lightning_sigterm(signal.SIGTERM, None)
+            finally:
+                connector_log.setLevel(level)
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
