@@ -148,6 +148,8 @@ def read_run_info(run_dir) -> dict[str, Any]:
     for key, kind in RUN_JSON_FIELDS.items():
         _require_type(path, key, info.get(key), kind)
     for number, attempt in enumerate(info.get("attempts") or []):
+        if attempt is None:  # a missing field may be null; an attempt in the list may not
+            raise DamagedRun(f"{path}: attempts[{number}] is null, expected an object")
         _require_type(path, f"attempts[{number}]", attempt, dict)
         for key, kind in ATTEMPT_FIELDS.items():
             _require_type(path, f"attempts[{number}].{key}", attempt.get(key), kind)
