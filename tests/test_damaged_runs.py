@@ -318,3 +318,22 @@ def test_a_report_on_a_study_with_damaged_trials_is_one_line(tmp_path, damage, w
     [line] = result.stderr.splitlines()
     assert line.startswith(f"loratrace: error: {trials.resolve()}: {words}")
     assert _hashes(tmp_path) == before
+
+
+def test_a_copied_run_folder_is_read_once(small_run, tmp_path):
+    """Two folders of one run id would count every row twice: over a runs folder the copy is skipped with one
+    warning; named both (compare), one line, exit 2."""
+    runs = tmp_path / "runs"
+    first, copy = _copy(small_run, runs, "a"), _copy(small_run, runs, "b")
+    before = _hashes(runs)
+    alone = run_cli("query", "SELECT count(*) AS n FROM batches", "--format", "csv", "--runs-dir", str(small_run))
+    both = run_cli("query", "SELECT count(*) AS n FROM batches", "--format", "csv", "--runs-dir", str(runs))
+    assert both.returncode == 0 and both.stdout == alone.stdout
+    run_id = json.loads((first / "run.json").read_text())["run_id"]
+    assert both.stderr.splitlines() == [f"loratrace: warning: skipping {copy.resolve()} holds run {run_id}, as "
+                                        f"{first.resolve()} does (a copied run folder?)"]
+    compared = run_cli("compare", str(first), str(copy))
+    assert compared.returncode == 2 and "Traceback" not in compared.stderr
+    assert compared.stderr.splitlines() == [f"loratrace: error: {copy.resolve()} holds run {run_id}, as "
+                                            f"{first.resolve()} does (a copied run folder?): name one of them"]
+    assert _hashes(runs) == before

@@ -282,14 +282,28 @@ class Runs:
         reported once; one the caller named is the error: a command addressed at it cannot answer."""
         named = set(self._given) if self.sources is None else (
             {d for d in listed if str(d) in self.remote.sources} if self.remote else named_run_folders(self.sources))
-        folders = {}
+        folders, owners = {}, {}
         for run_dir in listed:
             try:
-                folders[run_dir] = read_run_folder(run_dir)
+                info, config = read_run_folder(run_dir)
             except DamagedRun as exc:
                 if run_dir in named:
                     raise
                 self._report(f"{run_dir}: {exc}", f"skipping run {run_dir.name}: {exc}")
+                continue
+            # Two folders of one run id (a copied run folder) would count every row twice in every view: the first
+            # is read; the copy is skipped, or the error when both were named.
+            run_id = info.get("run_id", run_dir.name)
+            if run_id in owners and owners[run_id].resolve() == run_dir.resolve():
+                continue  # one folder named twice (or by a link and by its name): read once, nothing to say
+            if run_id in owners:
+                what = f"{run_dir} holds run {run_id}, as {owners[run_id]} does (a copied run folder?)"
+                if run_dir in named and owners[run_id] in named:
+                    raise DamagedRun(f"{what}: name one of them")
+                self._report(f"copy:{run_dir}", f"skipping {what}")
+                continue
+            owners[run_id] = run_dir
+            folders[run_dir] = info, config
         return folders
 
     def _build_views(self) -> None:
