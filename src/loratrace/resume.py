@@ -2,12 +2,11 @@
 and judged before anything in the run folder changes, so a refused resume is one line and leaves the run as it was.
 
     run_dir = resume_run_dir(Path("runs/x/checkpoints/checkpoint-step-090.ckpt"))
-    step = validate_resume(checkpoint, module, cfg, world_size)     # CheckpointError / TrackingError / ResumeError
+    step = validate_resume(checkpoint, module, cfg, world_size)     # CheckpointError / TrackingError / DamagedRun
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from loratrace import schema, storage
@@ -19,16 +18,11 @@ from loratrace.checkpoints import (
     tracker_state,
 )
 from loratrace.config import Config, ConfigError
-from loratrace.errors import LoratraceError, first_line
 from loratrace.loader import order_mismatch
 from loratrace.mappings import read_parts
 from loratrace.module import CheckpointError, LoRAModule, lora_mismatch
 from loratrace.runs import read_run_json
 from loratrace.tracking import TrackingError, missing_lineage_steps, step_ranges_text
-
-
-class ResumeError(LoratraceError):
-    """A run folder a resume cannot continue (its run.json cannot be read)."""
 
 
 def resume_run_dir(checkpoint: Path) -> Path:
@@ -69,25 +63,12 @@ def validate_resume(checkpoint: Path, module: LoRAModule, cfg: Config, world_siz
     return step
 
 
-def run_json_to_resume(run_dir: Path) -> dict:
-    """The run's run.json, read as the resume will read it; one that cannot be is one line now, not a traceback once
-    config.yaml is rewritten."""
-    path = Path(run_dir) / "run.json"
-    try:
-        info = read_run_json(run_dir)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ResumeError(f"{path}: not readable JSON ({first_line(exc)}); restore it before resuming") from None
-    if not isinstance(info, dict) or not isinstance(info.get("attempts", []), list):
-        raise ResumeError(f"{path}: not a run.json (an object with an attempts list); restore it before resuming")
-    return info
-
-
 def _check_same_run(checkpoint: Path, state: dict) -> None:
     """A checkpoint resumes the run that wrote it. Its run id: StepCheckpoint's marker, or for files written before
     the marker, the tracker's state key; a file with neither resumes as before. A folder renamed since keeps its
     run.json's run_id, so either name is this run's."""
     run_dir = checkpoint.parent.parent
-    info = run_json_to_resume(run_dir)
+    info = read_run_json(run_dir)  # checked: a damaged run.json is one DamagedRun line, before any write
     writer = foreign_writer(state, run_dir, info.get("run_id"))
     if writer is not None:
         this_run = info.get("run_id", run_dir.name)
