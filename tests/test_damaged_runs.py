@@ -247,7 +247,8 @@ def test_a_run_killed_outright_shows_stale(small_run, tmp_path):
                           (elsewhere, {**process, "host": "another-host"})):
         info = json.loads((run / "run.json").read_text())
         info["attempts"][-1].update(process=identity)
-        _edit_run_json(run, status="running", attempts=info["attempts"])
+        # a run id of its own: copies of one run id are read once (test_a_copied_run_folder_is_read_once)
+        _edit_run_json(run, status="running", attempts=info["attempts"], run_id=run.name)
     before = _hashes(runs)
     assert {Path(r["run_id"]).name: r["status"] for r in _query(runs, "SELECT dir AS run_id, status FROM runs")} == {
         "killed": "stale", "alive": "running", "elsewhere": "running"}
