@@ -29,6 +29,25 @@ def run_cli(*args: str, cwd: Path | None = None, stdin: str | None = None, timeo
                           input=stdin, timeout=timeout)
 
 
+def train_then_signal(runs_dir: Path, args: list[str], signum: int, timeout: int = 120):
+    """`loratrace train ARGS --runs-dir RUNS_DIR` as a subprocess, sent `signum` once its first tracking part is
+    flushed (some steps are done): (exit code, stdout, stderr). `timeout` bounds the start and the stop each."""
+    import time
+
+    process = subprocess.Popen([sys.executable, "-m", "loratrace", "train", *args, f"--runs-dir={runs_dir}"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while not list(Path(runs_dir).glob("*/tracking/batches/*.parquet")):
+            assert time.monotonic() < deadline and process.poll() is None, "training did not start"
+            time.sleep(0.2)
+        process.send_signal(signum)
+        out, err = process.communicate(timeout=timeout)
+    finally:
+        process.kill()
+    return process.returncode, out, err
+
+
 @pytest.fixture(scope="session")
 def default_run(tmp_path_factory) -> Path:
     """The embedded default job (125 updates, 50 checkpoints), tracked, SwanLab offline: trained once."""

@@ -2,12 +2,9 @@
 
 import json
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
-from conftest import ROOT, SMALL, run_cli
+from conftest import ROOT, SMALL, run_cli, train_then_signal
 
 
 @pytest.mark.slow
@@ -18,20 +15,9 @@ from conftest import ROOT, SMALL, run_cli
 ], ids=["sigterm-stage1", "sigint-stage1", "sigterm-stage2-accumulating"])
 def test_a_signal_mid_run_leaves_a_resumable_interrupted_run(tmp_path, signum, code, stage1_steps, accumulate):
     args = ["--config", str(ROOT / "configs" / "tiny.yaml"), *SMALL, "training.max_steps=2000",
-            f"training.stage1_steps={stage1_steps}", f"training.accumulate_grad_batches={accumulate}",
-            f"--runs-dir={tmp_path}"]
-    process = subprocess.Popen([sys.executable, "-m", "loratrace", "train", *args], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not list(tmp_path.glob("*/tracking/batches/*.parquet")):  # some steps are done and flushed
-            assert time.monotonic() < deadline and process.poll() is None, "training did not start"
-            time.sleep(0.2)
-        process.send_signal(signum)
-        out, err = process.communicate(timeout=120)
-    finally:
-        process.kill()
-    assert process.returncode == code, err[-2000:]
+            f"training.stage1_steps={stage1_steps}", f"training.accumulate_grad_batches={accumulate}"]
+    returncode, _, err = train_then_signal(tmp_path, args, signum)
+    assert returncode == code, err[-2000:]
     (run,) = tmp_path.iterdir()
     info = json.loads((run / "run.json").read_text())
     assert info["status"] == "interrupted" and info["attempts"][-1]["status"] == "interrupted"

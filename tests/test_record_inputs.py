@@ -4,13 +4,10 @@ a runs folder that cannot be one, and what a SIGTERM'd run prints."""
 import csv
 import json
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, SMALL, run_cli, small_config
+from conftest import ROOT, SMALL, run_cli, small_config, train_then_signal
 
 import loratrace
 
@@ -80,19 +77,9 @@ def test_a_sigterm_stop_leaves_no_swanlab_or_lightning_line_on_stderr(tmp_path):
     """Lightning finalizes the loggers with "failed" on a SIGTERM's stop, and SwanLab's logger printed "received
     non-success Lightning finalize status" next to the one line that says how to resume."""
     args = ["--config", str(ROOT / "configs" / "tiny.yaml"), *SMALL, "logging.swanlab=true",
-            "training.max_steps=2000", "training.stage1_steps=1990", f"--runs-dir={tmp_path}"]
-    process = subprocess.Popen([sys.executable, "-m", "loratrace", "train", *args], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not list(tmp_path.glob("*/tracking/batches/*.parquet")):  # some steps are done and flushed
-            assert time.monotonic() < deadline and process.poll() is None, "training did not start"
-            time.sleep(0.2)
-        process.send_signal(signal.SIGTERM)
-        _, err = process.communicate(timeout=300)
-    finally:
-        process.kill()
-    assert process.returncode == 143, err[-2000:]
+            "training.max_steps=2000", "training.stage1_steps=1990"]
+    returncode, _, err = train_then_signal(tmp_path, args, signal.SIGTERM, timeout=300)
+    assert returncode == 143, err[-2000:]
     assert "swanlab" not in err.lower(), err[-2000:]
     assert "Received SIGTERM" not in err, err[-2000:]  # Lightning's own INFO line: the stop is said once, below
     assert err.strip().splitlines()[-1].startswith("loratrace: error: interrupted by SIGTERM after step ")
