@@ -16,17 +16,15 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
-import os
 import re
 import shutil
-import socket
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
-from loratrace import legacy_mappings, runs, schema, storage
+from loratrace import legacy_mappings, processes, runs, schema, storage
 from loratrace.checkpoints import checkpoint_name
 from loratrace.config import save_config
 from loratrace.legacy_checkpoint import (
@@ -224,12 +222,13 @@ def import_legacy(source: str | Path, runs_dir: str | Path = "runs", force: bool
 
 
 def _stage(runs_dir: Path) -> Path:
-    """A new `runs/.importing/<token>/` holding owner.json (this pid and host): a later import removes the folder
-    only once that process is gone, so a killed import's leftovers go and a running import's stay."""
+    """A new `runs/.importing/<token>/` holding owner.json (processes.this_process: host, pid, start time): a later
+    import removes the folder only once that process is gone, so a killed import's leftovers go and a running
+    import's stay."""
     scratch = runs_dir / STAGING / uuid.uuid4().hex[:12]
     try:
         scratch.mkdir(parents=True)
-        (scratch / OWNER_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n")
+        (scratch / OWNER_FILE).write_text(json.dumps(processes.this_process()) + "\n")
     except OSError as exc:
         shutil.rmtree(scratch, ignore_errors=True)
         raise LegacyError(f"{runs_dir}: cannot write the run there ({exc.strerror}); give --runs-dir a folder you "
@@ -244,30 +243,18 @@ def remove_abandoned_imports(runs_dir: Path) -> list[Path]:
     staging = runs_dir / STAGING
     if not staging.is_dir():
         return []
-    host, removed = socket.gethostname(), []
+    removed = []
     for scratch in sorted(staging.iterdir()):
         try:
             owner = json.loads((scratch / OWNER_FILE).read_text())
         except (OSError, ValueError):
             continue
-        pid = owner.get("pid") if isinstance(owner, dict) else None
-        if owner.get("host") == host and isinstance(pid, int) and pid > 0 and not _running(pid):
+        if isinstance(owner, dict) and processes.on_this_host(owner) and not processes.alive(owner):
             shutil.rmtree(scratch, ignore_errors=True)
             removed.append(scratch)
     with contextlib.suppress(OSError):
         staging.rmdir()
     return removed
-
-
-def _running(pid: int) -> bool:
-    """Whether process `pid` exists on this host (a reused pid reads as running: its folder is kept, the safe way)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def _first_missing(path: Path) -> Path | None:

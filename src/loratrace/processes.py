@@ -30,7 +30,7 @@ def alive(record: dict) -> bool:
     """Whether the process `record` names (see `this_process`) runs; True when the record cannot tell (no pid: not
     ours to judge). Only meaningful on the record's own host."""
     pid = record.get("pid")
-    if not isinstance(pid, int):
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:  # kill(0) would ask about our own group
         return True
     try:
         os.kill(pid, 0)
