@@ -22,7 +22,8 @@ from loratrace.loader import order_mismatch
 from loratrace.mappings import read_parts
 from loratrace.module import CheckpointError, LoRAModule, lora_mismatch
 from loratrace.runs import read_run_json
-from loratrace.tracking import TrackingError, missing_lineage_steps, step_ranges_text
+from loratrace.schema import step_ranges_text
+from loratrace.tracking import TrackingError, missing_lineage_steps
 
 
 def resume_run_dir(checkpoint: Path) -> Path:

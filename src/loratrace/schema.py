@@ -256,3 +256,20 @@ def tracker_parts(folder: Path) -> list[Path]:
     pattern = PART_NAMES[Path(folder).name]
     return sorted(p for p in Path(folder).glob("*.parquet") if pattern.fullmatch(p.name)) if Path(folder).is_dir() \
         else []
+
+
+def step_ranges_text(steps: list[int]) -> str:
+    """Sorted steps as short ranges: [5, 6, 7, 8, 12] -> "5-8, 12"."""
+    spans: list[list[int]] = []
+    for step in steps:
+        if spans and step == spans[-1][1] + 1:
+            spans[-1][1] = step
+        else:
+            spans.append([step, step])
+    return spans_text(spans)
+
+
+def spans_text(spans) -> str:
+    """[first, last] spans of steps as text: [[5, 8], [12, 12]] -> "5-8, 12" (the store's gap warning, the resume
+    check's refusal)."""
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)

@@ -273,7 +273,7 @@ class Runs:
         except duckdb.Error:
             return  # a part that cannot be read: the query that reads it says so
         for run_id, spans in gaps:
-            shown = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+            shown = schema.spans_text(spans)
             self._report(f"gap:{run_id}:{shown}", f"run {run_id} has no tracked rows for step(s) {shown} (a batches "
                                                   "part is missing): the views leave those steps out")
 

@@ -385,7 +385,8 @@ class TrackingError(LoratraceError):
 def missing_lineage_steps(tracking_dir: Path, up_to_step: int, current_attempt: dict | None = None) -> list[int]:
     """The steps 1..`up_to_step` that no effective row of the `batches` parts covers: a hole in the history (a part
     deleted or lost). `current_attempt` (attempt, parent_attempt, resumed_step): a launch not yet on disk, whose
-    lineage is the one to check. One rule for the resume check and the `runs` view."""
+    lineage is the one to check. The resume check's rule; the `runs` view counts the same holes in SQL
+    (missing_steps)."""
     tracking_dir = Path(tracking_dir)
     read_parts(tracking_dir / "attempts", schema.ATTEMPTS)  # a damaged part is named, not a pyarrow traceback
     ranges = lineage_ranges(tracking_dir, current_attempt)
@@ -393,14 +394,3 @@ def missing_lineage_steps(tracking_dir: Path, up_to_step: int, current_attempt: 
     present = {step for attempt, step in zip(rows["attempt"].to_pylist(), rows["step"].to_pylist())
                if is_effective(ranges, attempt, step)}
     return [step for step in range(1, up_to_step + 1) if step not in present]
-
-
-def step_ranges_text(steps: list[int]) -> str:
-    """Sorted steps as short ranges: [5, 6, 7, 8, 12] -> "5-8, 12"."""
-    spans: list[list[int]] = []
-    for step in steps:
-        if spans and step == spans[-1][1] + 1:
-            spans[-1][1] = step
-        else:
-            spans.append([step, step])
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
