@@ -182,13 +182,13 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
     written = [path.name for _, path in checkpoint_files(run_dir)]
     cost = _cost(tracker, index_s)
     storage.publish_tree(run_dir)  # logs and exports, before run.json says the run is complete
-    attempt = len(runs.read_run_json(run_dir).get("attempts", [])) - 1
+    diverged = non_finite.facts()  # one read of the flag kept on the device
     runs.finish_run(run_dir, "completed", cost, steps=trainer.global_step, final_loss=final_loss,
-                    trainable_parameters=trainable, checkpoints=len(written), **non_finite.facts(),
-                    **({"final_export": {"attempt": attempt, "step": trainer.global_step}} if exported else {}))
+                    trainable_parameters=trainable, checkpoints=len(written), **diverged,
+                    final_export_step=trainer.global_step if exported else None)
     if progress:
         print_summary(cfg, run_dir, trainer.global_step, final_loss, written, cost.get("tracking_cost"),
-                      non_finite.facts().get("non_finite_loss_at_step"))
+                      diverged.get("non_finite_loss_at_step"))
     return run_dir
 
 

@@ -118,9 +118,13 @@ def start_run(run_dir: Path, cfg: Config, resumed_from: str | None, resumed_step
     return info
 
 
-def finish_run(run_dir: Path, status: str, attempt: dict[str, Any] | None = None, **extra: Any) -> None:
-    """Close this launch in run.json: its status, end time and `attempt` facts; `extra` goes on the run."""
+def finish_run(run_dir: Path, status: str, attempt: dict[str, Any] | None = None,
+               final_export_step: int | None = None, **extra: Any) -> None:
+    """Close this launch in run.json: its status, end time and `attempt` facts; `extra` goes on the run;
+    `final_export_step`: this launch wrote final_* at that step (`final_export`)."""
     info = read_run_json(run_dir)
+    if final_export_step is not None:  # final_* written by this launch, the last attempt in run.json
+        info["final_export"] = {"attempt": len(info.get("attempts") or []) - 1, "step": final_export_step}
     info["status"] = status
     if info.get("attempts"):
         info["attempts"][-1].update(status=status, ended_at=utc_now().isoformat(timespec="seconds"), **(attempt or {}))
