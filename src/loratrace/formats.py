@@ -139,7 +139,7 @@ def _check_output_file(output, target: Path, flag: str) -> None:
     mode = os.stat(target).st_mode
     if stat.S_ISDIR(mode):
         raise OutputError(f"{flag} {output}: {target} is a folder; name a file")
-    if not (stat.S_ISREG(mode) or stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):
+    if not (stat.S_ISREG(mode) or _streams(mode)):
         raise OutputError(f"{flag} {output}: {target} is not a regular file, a character device or a FIFO")
 
 
@@ -172,21 +172,27 @@ def write(table: pa.Table, fmt: str, output: str | None = None, protected=()) ->
     if fmt == "parquet":
         if is_stdout(output):
             raise OutputError("--format parquet needs --output FILE")
-        data = _parquet_bytes(table)
-    else:
-        write_text({"table": render_table, "csv": render_csv, "json": render_json}[fmt](table), output, protected)
+        _write_file(Path(output), _parquet_bytes(table))
         return
-    _write_file(Path(output), data)
+    text = {"table": render_table, "csv": render_csv, "json": render_json}[fmt](table)
+    if is_stdout(output):
+        _to_stdout(text)
+    else:
+        _write_file(Path(output), text.encode())  # checked above
 
 
 def write_text(text: str, output: str | None = None, protected=()) -> None:
     """Text to stdout (no output, or `-`), or to the file `output`, complete or not at all (`check_output`)."""
     if is_stdout(output):
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        _to_stdout(text)
         return
     check_output(output, protected)
     _write_file(Path(output), text.encode())
+
+
+def _to_stdout(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 def _write_file(output: Path, data: bytes) -> None:
