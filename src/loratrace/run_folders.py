@@ -8,7 +8,6 @@ import dataclasses
 import glob
 import json
 import re
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -231,6 +230,6 @@ def shown_status(info: dict) -> str:
     another process under a reused pid). On another host nobody here can tell: it stays `running`."""
     status = info.get("status") or "unknown"
     process = ((info.get("attempts") or [{}])[-1]).get("process") or {}
-    if status == "running" and process.get("host") == socket.gethostname() and not processes.alive(process):
+    if status == "running" and processes.on_this_host(process) and not processes.alive(process):
         return "stale"
     return status

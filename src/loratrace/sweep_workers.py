@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -159,7 +158,7 @@ def release_dead_workers(spec: SweepSpec, study) -> list[int]:
     released = []
     for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = frozen.user_attrs.get("worker") or {}
-        if worker.get("host") != socket.gethostname() or process_alive(worker):
+        if not processes.on_this_host(worker) or processes.alive(worker):
             continue
         study.tell(frozen.number, state=TrialState.FAIL, skip_if_finished=True)
         run_dir = frozen.user_attrs.get("run_dir")
