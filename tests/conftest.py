@@ -64,3 +64,21 @@ def small_run(tmp_path_factory) -> Path:
     import loratrace
 
     return loratrace.train(small_config(tmp_path_factory.mktemp("small-runs")), progress=False)
+
+
+@pytest.fixture(scope="session")
+def legacy_folder(tmp_path_factory) -> Path:
+    """The traditional script's folder (legacy_script.py), written once per session."""
+    from legacy_script import write_legacy_run
+
+    return write_legacy_run(tmp_path_factory.mktemp("legacy") / "experiments")
+
+
+@pytest.fixture
+def legacy_copy(legacy_folder, tmp_path) -> Path:
+    """A copy of the legacy folder under the same name, to damage the way real folders are damaged."""
+    import shutil
+
+    copy = tmp_path / "experiments" / legacy_folder.name
+    shutil.copytree(legacy_folder, copy)
+    return copy

@@ -22,23 +22,8 @@ DATASET = "arc-challenge"
 
 
 @pytest.fixture(scope="session")
-def legacy_folder(tmp_path_factory) -> Path:
-    from legacy_script import write_legacy_run
-
-    return write_legacy_run(tmp_path_factory.mktemp("legacy") / "experiments")
-
-
-@pytest.fixture(scope="session")
 def imported(legacy_folder, tmp_path_factory) -> Path:
     return Path(import_legacy(legacy_folder, tmp_path_factory.mktemp("imported-runs"))["run_dir"])
-
-
-@pytest.fixture
-def legacy_copy(legacy_folder, tmp_path) -> Path:
-    """A copy of the legacy folder under the same name, to damage the way real folders are damaged."""
-    copy = tmp_path / "experiments" / legacy_folder.name
-    shutil.copytree(legacy_folder, copy)
-    return copy
 
 
 def jsonl(folder: Path) -> list[dict]:

@@ -26,24 +26,6 @@ CHECKPOINT_MAP = f"checkpoint_mapping_{DATASET}.json"
 LINE_MAP = f"line_checkpoint_mapping_{DATASET}.json"
 
 
-@pytest.fixture(scope="session")
-def legacy_folder(tmp_path_factory) -> Path:
-    """The traditional script's folder (legacy_script.py), written once."""
-    from legacy_script import write_legacy_run
-
-    return write_legacy_run(tmp_path_factory.mktemp("legacy") / "experiments")
-
-
-@pytest.fixture
-def legacy_copy(legacy_folder, tmp_path) -> Path:
-    """A copy of the legacy folder under the same name, to damage."""
-    import shutil
-
-    copy = tmp_path / "experiments" / legacy_folder.name
-    shutil.copytree(legacy_folder, copy)
-    return copy
-
-
 def batches(run_dir: Path) -> list[dict]:
     """The imported rows by step, as Arrow holds them (a null line stays None, not NaN)."""
     return sorted(pq.read_table(run_dir / "tracking" / "batches").to_pylist(), key=lambda row: row["step"])
