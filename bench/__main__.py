@@ -68,8 +68,8 @@ def qwen_shape_ratio(lora_overrides: list[str]) -> dict:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from loratrace.config import TrainingConfig
-    from loratrace.model import SHAPES, add_lora
-    from loratrace.module import LoRAModule
+    from loratrace.training.model import SHAPES, add_lora
+    from loratrace.training.module import LoRAModule
 
     shape = Qwen2Config(**SHAPES["qwen2.5-0.5b"][1])
     with torch.device("meta"):
@@ -103,8 +103,7 @@ def synthetic_run(root: Path, n_samples: int, batch_size: int = 32, n_examples: 
     import numpy as np
     import pyarrow as pa
 
-    from loratrace import schema
-
+    from loratrace.track import schema
     run = root / "synthetic_lora_20250720_000000"
     tracking = run / "tracking"
     rng = np.random.default_rng(0)
@@ -176,8 +175,8 @@ def _best_of(fn, repeats: int = 5) -> float:
 def trace_latency(root: Path, n_samples: int) -> dict:
     import subprocess
 
-    from loratrace.samples_index import write_samples_index
-    from loratrace.store import open_runs
+    from loratrace.query.samples_index import write_samples_index
+    from loratrace.query.store import open_runs
 
     run = synthetic_run(root, n_samples)
     start = time.perf_counter()
@@ -253,7 +252,7 @@ LONG_EPOCH = ["model.tiny_hidden_size=32", "model.tiny_layers=1", "data.max_leng
 def long_epoch_data(root: Path, n_rows: int) -> Path:
     """A folder holding an ARC-format train split of `n_rows` rows (the bundled sample's questions, cycled under new
     ids), so that one epoch at batch size 1 is longer than the resume points measured."""
-    from loratrace.data import SAMPLE_DIR
+    from loratrace.data.datasets import SAMPLE_DIR
 
     folder = root / "long-epoch"
     folder.mkdir(exist_ok=True)

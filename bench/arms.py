@@ -121,8 +121,8 @@ def hf_trainer(cfg: Config, output_dir: Path, callback, on_batch: Callable[[dict
     `on_batch` sees each collated batch, in the order the updates use them."""
     from transformers import Trainer, TrainingArguments
 
-    from loratrace.data import collate, encode, load_split, padding_token_id
-    from loratrace.model import add_lora, load_base
+    from loratrace.data.datasets import collate, encode, load_split, padding_token_id
+    from loratrace.training.model import add_lora, load_base
 
     t = cfg.training
     base, tokenizer = load_base(cfg.model)

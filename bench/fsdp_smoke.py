@@ -45,7 +45,7 @@ def run_checks(runs_dir: Path, overrides: list[str], results: list[str]) -> None
     from safetensors.torch import load_file
 
     from loratrace.evaluate import evaluate_run
-    from loratrace.model import add_lora, load_base
+    from loratrace.training.model import add_lora, load_base
 
     cfg = load_config(None, [*QUIET, *STEPS, f"runs_dir={runs_dir}", *overrides])
     run = loratrace.train(cfg, progress=False)

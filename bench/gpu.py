@@ -42,7 +42,7 @@ def peak_tflops(name: str) -> float | None:
 
 def recipe_flops(cfg, timing: dict) -> float:
     """FLOPs the counted updates need (see the module docstring), from the model's shape."""
-    from loratrace.model import build_tiny_model
+    from loratrace.training.model import build_tiny_model
 
     with torch.device("meta"):
         model = build_tiny_model(cfg.model, vocab_size=1024)

@@ -30,11 +30,11 @@ def run_arm(shape: str, mode: str, n_train: int, n_test: int, checkpoints: int, 
             project_dim: int | None) -> dict:
     import torch
 
+    from loratrace.attribution.gradients import ExampleGradients, Projection
     from loratrace.config import LoraConfig, ModelConfig
-    from loratrace.data import collate, encode, load_split, padding_token_id
-    from loratrace.gradients import ExampleGradients, Projection
-    from loratrace.model import add_lora, load_base
-    from loratrace.module import answer_statistics
+    from loratrace.data.datasets import collate, encode, load_split, padding_token_id
+    from loratrace.training.model import add_lora, load_base
+    from loratrace.training.module import answer_statistics
 
     torch.manual_seed(0)
     model, tokenizer = load_base(ModelConfig(tiny_shape=shape) if shape != "tiny" else ModelConfig())

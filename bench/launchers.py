@@ -30,7 +30,7 @@ def worker(out: Path, overrides: list[str]) -> None:
     import loratrace
     from bench.arms import QUIET, StepTimer
     from loratrace.config import load_config
-    from loratrace.tracking import BatchTracker
+    from loratrace.track.tracker import BatchTracker
 
     cfg = load_config(None, [*QUIET, *overrides])
     timer = StepTimer(cfg.training.max_steps, cuda=False)

@@ -66,7 +66,7 @@ def write_synthetic_legacy(root: Path, steps: int, batch: int, seed: int = 0) ->
 
 def measure(steps: int, batch: int, work: Path) -> dict:
     import loratrace
-    from loratrace.legacy import import_legacy
+    from loratrace.legacy.importer import import_legacy
 
     started = time.perf_counter()
     folder = write_synthetic_legacy(work / "experiments", steps, batch)

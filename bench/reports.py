@@ -20,8 +20,8 @@ from pathlib import Path
 import pyarrow as pa
 
 import loratrace
-from loratrace import schema
 from loratrace.config import load_config, save_config
+from loratrace.track import schema
 
 EXAMPLES = 2000   # distinct training examples: 10,000 steps x 32 = 160 epochs over them
 EVAL_EXAMPLES = 500

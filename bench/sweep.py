@@ -1,6 +1,6 @@
 """Sweep overhead and time to the first pruned trial: `python -m bench.sweep [--trials 4] [--steps 10] [--repeats 2]`.
 
-  overhead      N short trials through `loratrace.sweeps.sweep` (Optuna storage, snapshots, the reporter reading each
+  overhead      N short trials through `loratrace.sweep` (Optuna storage, snapshots, the reporter reading each
                 checkpoint's scores) / the same N configs (each trial's config.yaml) through `loratrace.train` one
                 after another; arms interleaved (sweep, train, sweep, train), objective eval_accuracy, no pruning
   first prune   a sweep whose trial 1 has an absurd learning rate, median pruner after one complete trial: seconds from
@@ -21,7 +21,7 @@ import optuna
 
 import loratrace
 from loratrace.config import load_config
-from loratrace.sweeps import sweep
+from loratrace.sweeps.run import sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 

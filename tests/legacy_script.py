@@ -17,9 +17,9 @@ import yaml
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from loratrace.config import LoraConfig, ModelConfig, TrainingConfig
-from loratrace.data import collate, encode, load_split, padding_token_id
-from loratrace.model import add_lora, load_base
-from loratrace.module import learning_rate_at
+from loratrace.data.datasets import collate, encode, load_split, padding_token_id
+from loratrace.training.model import add_lora, load_base
+from loratrace.training.module import learning_rate_at
 
 DATASET = "arc-challenge"
 STAMP = "20250720_143052"

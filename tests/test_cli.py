@@ -4,7 +4,7 @@ import re
 import pytest
 from conftest import ROOT, run_cli
 
-from loratrace.cli import COMMANDS, _parser
+from loratrace.cli.parser import COMMANDS, _parser
 
 
 def test_every_command_has_help_and_appears_in_the_readme():
@@ -151,7 +151,7 @@ def pq_first_example(run) -> str:
 
 
 def test_query_help_lists_every_view_and_the_formats():
-    from loratrace.views import VIEW_NAMES
+    from loratrace.query.views import VIEW_NAMES
 
     text = run_cli("query", "--help").stdout
     assert all(view in text for view in VIEW_NAMES)

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import run_cli
 
-from loratrace.run_folders import DamagedRun, read_run_folder
+from loratrace.runs.find import DamagedRun, read_run_folder
 
 
 def _hashes(folder: Path) -> dict[str, str]:
@@ -301,8 +301,7 @@ def test_runs_counts_an_untracked_runs_checkpoint_files(small_run, tmp_path):
 @pytest.mark.parametrize("damage, words", [(b"PAR1 cut short", "cannot be read"),
                                            ("params", "a trial's params are not JSON")])
 def test_a_report_on_a_study_with_damaged_trials_is_one_line(tmp_path, damage, words):
-    from loratrace import schema
-
+    from loratrace.track import schema
     study = tmp_path / "sweeps" / "study"
     study.mkdir(parents=True)
     (study / "sweep.json").write_text("{}")

@@ -4,8 +4,8 @@ from collections import Counter
 import pytest
 from conftest import run_cli
 
-from loratrace.data import REGISTRY, DataError, Encoded, load_split
-from loratrace.loader import EpochLoader
+from loratrace.data.datasets import REGISTRY, DataError, Encoded, load_split
+from loratrace.data.loader import EpochLoader
 
 
 def test_bundled_sample_keeps_ids_and_lines():

@@ -49,7 +49,7 @@ def checkpoint_tensors(run_dir, step):
 
 
 def a_batch(tokenizer, n=6):
-    from loratrace.data import collate, encode, load_split, padding_token_id
+    from loratrace.data.datasets import collate, encode, load_split, padding_token_id
 
     examples = load_split("arc-challenge", "sample", "validation", n)
     batch = collate(encode(examples, tokenizer, 256), padding_token_id(tokenizer))
@@ -74,7 +74,7 @@ def test_each_adapter_reproduces_its_checkpoints_logits(run, exported):
     from transformers import AutoTokenizer
 
     from loratrace.evaluate import load_lora_weights, load_run_model
-    from loratrace.model import load_small_model
+    from loratrace.training.model import load_small_model
 
     reference, tokenizer = load_run_model(load_config(run / "config.yaml"), run)
     reference.eval()
@@ -214,7 +214,7 @@ def test_a_named_base_model_is_recorded_as_config_yaml_names_it(run, tmp_path):
     import yaml
     from peft import AutoPeftModelForCausalLM
 
-    from loratrace.model import PRETRAINED_DIR
+    from loratrace.training.model import PRETRAINED_DIR
 
     named = tmp_path / "runs" / run.name  # its runs folder apart from the output
     shutil.copytree(run, named, ignore=shutil.ignore_patterns("base_model"))

@@ -194,8 +194,7 @@ def test_every_duckdb_type_round_trips_through_csv_and_json(runs, tmp_path, fmt)
         db.con.execute("SET TimeZone = 'UTC'")
         expected = db.sql(f"SELECT * EXCLUDE (row_number) FROM ({EVERY_TYPE_SQL})").fetchall()
         table = db.fetch_table(f"SELECT * EXCLUDE (row_number), row_number FROM ({EVERY_TYPE_SQL})")
-    from loratrace import formats
-
+    from loratrace.query import formats
     formats.write(table, fmt, str(out))
     lines = out.read_text().splitlines()  # numbers are numbers, not quoted strings ("""1999000""", "1.50")
     if fmt == "csv":

@@ -46,7 +46,7 @@ class Reference:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from loratrace.data import encode, load_split
+        from loratrace.data.datasets import encode, load_split
 
         self.run = run
         tokenizer = AutoTokenizer.from_pretrained(run / "base_model")
@@ -65,8 +65,8 @@ class Reference:
         assert not result.unexpected_keys and len(weights) == sum(p.requires_grad for p in self.model.parameters())
 
     def gradient(self, example_id: str) -> torch.Tensor:
-        from loratrace.data import collate
-        from loratrace.module import answer_statistics
+        from loratrace.data.datasets import collate
+        from loratrace.training.module import answer_statistics
 
         batch = collate([self.encoded[example_id]], self.pad_id)
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -92,7 +92,7 @@ def test_tracin_equals_a_plain_loop_over_steps_and_skips_the_step_without_a_chec
     import loratrace
 
     notices = []
-    from loratrace.attribution import influence
+    from loratrace.attribution.tracin import influence
 
     frame = influence(full_run, example_ids=TESTS, progress=False, notice=notices.append)
     assert notices == ["tracin: skipped 1 tail step(s) whose preceding checkpoint is missing: 5"]
@@ -116,7 +116,7 @@ def test_tracin_equals_a_plain_loop_over_steps_and_skips_the_step_without_a_chec
 
 
 def test_tracin_cp_on_one_checkpoint_is_lr_times_the_dot_product(full_run, reference):
-    from loratrace.attribution import influence
+    from loratrace.attribution.tracin import influence
 
     frame = influence(full_run, example_ids=TESTS[:1], method="tracin-cp", checkpoints="7", progress=False)
     assert len(frame) == 24 and (frame.terms == 1).all()
@@ -129,7 +129,7 @@ def test_tracin_cp_on_one_checkpoint_is_lr_times_the_dot_product(full_run, refer
 
 
 def test_self_influence_is_positive(full_run):
-    from loratrace.attribution import influence
+    from loratrace.attribution.tracin import influence
 
     member = _tail(full_run).query("step == 8").example_id.iloc[0]
     frame = influence(full_run, example_ids=[member], split="train", progress=False)
@@ -138,8 +138,8 @@ def test_self_influence_is_positive(full_run):
 
 
 def test_projection_is_seeded_and_close_to_exact(full_run):
-    from loratrace.attribution import influence
-    from loratrace.gradients import Projection
+    from loratrace.attribution.gradients import Projection
+    from loratrace.attribution.tracin import influence
 
     exact = influence(full_run, example_ids=TESTS[:1], progress=False)
     projected = influence(full_run, example_ids=TESTS[:1], project_dim=512, progress=False)
@@ -154,7 +154,7 @@ def test_projection_is_seeded_and_close_to_exact(full_run):
 
 def test_a_stopped_computation_continues_with_the_checkpoints_not_done(full_run, monkeypatch):
     import loratrace.evaluate
-    from loratrace.attribution import influence
+    from loratrace.attribution.tracin import influence
 
     loaded, original = [], loratrace.evaluate.load_lora_weights
 
@@ -187,7 +187,7 @@ def test_a_stopped_computation_continues_with_the_checkpoints_not_done(full_run,
 
 
 def test_cli_table_view_and_one_line_errors(full_run, capsys):
-    from loratrace.attribution import influence
+    from loratrace.attribution.tracin import influence
     from loratrace.cli import main
 
     frame = influence(full_run, example_ids=TESTS[:1], progress=False)
@@ -218,9 +218,9 @@ def test_cli_table_view_and_one_line_errors(full_run, capsys):
 
 
 def test_weights_only_tail_small_refused_for_resume_same_influence(weights_run, full_run):
-    from loratrace.attribution import influence
-    from loratrace.checkpoints import is_weights_only
+    from loratrace.attribution.tracin import influence
     from loratrace.evaluate import evaluate_run
+    from loratrace.training.checkpoints import is_weights_only
 
     trainable = sum(v.numel() for v in torch.load(weights_run / "checkpoints" / "checkpoint-step-008.ckpt",
                                                   weights_only=True)["state_dict"].values())
@@ -277,9 +277,9 @@ def test_a_stop_at_a_weights_only_step_writes_a_full_checkpoint(tmp_path):
 
     import lightning as L
 
-    from loratrace.checkpoints import is_weights_only
     from loratrace.config import ConfigError, load_config
-    from loratrace.interrupt import RunInterrupted
+    from loratrace.training.checkpoints import is_weights_only
+    from loratrace.training.interrupt import RunInterrupted
 
     class CtrlCDuringStep5(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -310,7 +310,7 @@ def sparse_tail_run(tmp_path_factory) -> Path:
 
 
 def test_a_sparse_weights_tail_has_a_full_checkpoint_before_its_last(sparse_tail_run):
-    from loratrace.checkpoints import checkpoint_files, is_weights_only
+    from loratrace.training.checkpoints import checkpoint_files, is_weights_only
 
     kinds = {step: is_weights_only(torch.load(path, weights_only=True))
              for step, path in checkpoint_files(sparse_tail_run)}
@@ -322,7 +322,7 @@ def test_a_requeued_trial_resumes_from_the_latest_full_checkpoint(sparse_tail_ru
     after it), or starts over when there is none."""
     import shutil
 
-    from loratrace.sweep_workers import resume_point
+    from loratrace.sweeps.workers import resume_point
 
     run = shutil.copytree(sparse_tail_run, tmp_path / sparse_tail_run.name)
     # killed after its last checkpoint (16) but before the end: step 16 again, from 11 (a resume from 16 trains nothing)
@@ -337,8 +337,8 @@ def test_a_requeued_trial_resumes_from_the_latest_full_checkpoint(sparse_tail_ru
 def test_write_errors_are_one_line_and_leave_nothing_half_written(full_run, capsys, monkeypatch):
     import errno
 
-    import loratrace.schema
-    from loratrace.attribution import InfluenceError, influence
+    import loratrace.track.schema
+    from loratrace.attribution.tracin import InfluenceError, influence
     from loratrace.cli import main
 
     tracking = full_run / "tracking"
@@ -362,7 +362,7 @@ def test_write_errors_are_one_line_and_leave_nothing_half_written(full_run, caps
     def disk_full(src, dst):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(loratrace.schema.os, "replace", disk_full)
+    monkeypatch.setattr(loratrace.track.schema.os, "replace", disk_full)
     with pytest.raises(InfluenceError, match="cannot write .*tracin-cp-.*: No space left on device$"):
         influence(full_run, example_ids=TESTS[1:], method="tracin-cp", checkpoints="6", progress=False)
     assert sorted(p.name for p in (tracking / "influence").iterdir()) == before  # no part, no .partial
@@ -374,7 +374,7 @@ def test_parts_of_a_rewritten_checkpoint_are_computed_again(full_run):
     import os
 
     import loratrace
-    from loratrace.attribution import influence
+    from loratrace.attribution.tracin import influence
     from loratrace.config import load_config
 
     both, one, cp = dict(example_ids=TESTS, progress=False), dict(example_ids=TESTS[:1], progress=False), dict(

@@ -47,8 +47,8 @@ def test_a_stop_under_several_ranks_names_the_latest_full_checkpoint_before_the_
     be weights-only (checkpoint.tail=weights). The message names the latest full one at or before the step reached."""
     import torch
 
-    from loratrace.checkpoints import WEIGHTS_ONLY_MARKER, checkpoint_name
-    from loratrace.interrupt import checkpoint_to_resume
+    from loratrace.training.checkpoints import WEIGHTS_ONLY_MARKER, checkpoint_name
+    from loratrace.training.interrupt import checkpoint_to_resume
 
     folder = tmp_path / "run" / "checkpoints"
     folder.mkdir(parents=True)

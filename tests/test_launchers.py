@@ -20,9 +20,9 @@ from conftest import ROOT, run_cli
 
 import loratrace
 from loratrace.config import ConfigError, load_config
-from loratrace.launch import identify
-from loratrace.loader import EpochLoader
-from loratrace.runs import read_run_json, write_run_json
+from loratrace.data.loader import EpochLoader
+from loratrace.runs.folder import read_run_json, write_run_json
+from loratrace.training.launch import identify
 
 BATCH, STEPS = 4, 12
 TRAIN = ["-m", "loratrace", "train", "--config", str(ROOT / "configs" / "tiny.yaml"), "--track-batches"]

@@ -8,10 +8,10 @@ import pytest
 from safetensors.torch import load_file
 
 import loratrace
-from loratrace.data import load_split
+from loratrace.data.datasets import load_split
 from loratrace.evaluate import evaluate_run
-from loratrace.model import PRETRAINED_DIR
 from loratrace.sample import pretrain_tiny
+from loratrace.training.model import PRETRAINED_DIR
 
 SPLITS = ("train", "validation", "test")
 
@@ -45,7 +45,7 @@ def test_the_shipped_base_is_what_the_script_makes():
     # The script today makes the same corpus, tokenizer and first updates as the run that made the weights.
     model, tokenizer, losses, documents = pretrain_tiny.pretrain(stop_after=3, log=None)
     assert pretrain_tiny.corpus_sha256(documents) == record["corpus_sha256"]
-    assert tokenizer.get_vocab() == loratrace.model.load_pretrained_tiny()[1].get_vocab()
+    assert tokenizer.get_vocab() == loratrace.training.model.load_pretrained_tiny()[1].get_vocab()
     assert losses == pytest.approx(record["first_losses"][:3], rel=1e-4)
     shipped = load_file(PRETRAINED_DIR / "model.safetensors")
     assert set(shipped) == set(model.state_dict())

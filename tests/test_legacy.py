@@ -15,8 +15,8 @@ import torch
 from conftest import run_cli
 
 from loratrace.cli import main
-from loratrace.legacy import import_legacy
-from loratrace.legacy_checkpoint import LegacyError
+from loratrace.legacy.checkpoint import LegacyError
+from loratrace.legacy.importer import import_legacy
 
 DATASET = "arc-challenge"
 
@@ -117,7 +117,7 @@ def test_the_run_folder_is_complete(legacy_folder, imported):
     from safetensors.torch import load_file
 
     from loratrace.config import ModelConfig
-    from loratrace.model import load_base
+    from loratrace.training.model import load_base
 
     base, _ = load_base(ModelConfig())
     adapter = PeftModel.from_pretrained(base, imported / "final_adapter")
@@ -328,8 +328,8 @@ def test_resume_from_a_legacy_checkpoint_matches_the_trainer(legacy_folder, tmp_
 def test_the_legacy_epoch_finishes_before_loratrace_order(tmp_path):
     """After the legacy batches the loader rolls into its own next epoch; its length stays an epoch's, and its state
     carries the legacy remainder so that a resume in the middle of it is exact."""
-    from loratrace.data import Encoded
-    from loratrace.loader import EpochLoader
+    from loratrace.data.datasets import Encoded
+    from loratrace.data.loader import EpochLoader
 
     examples = [Encoded(f"e{i}", i, [1, 2, 3], 1, [5, 6], 0) for i in range(10)]
     loader = EpochLoader(examples, batch_size=4, seed=1, pad_id=0)
@@ -356,7 +356,7 @@ def test_a_trainer_checkpoint_outside_a_legacy_run_needs_a_config(legacy_folder,
     assert result.returncode == 2 and "give --config" in result.stderr
     assert not (tmp_path / "runs").exists()
     with pytest.raises(LegacyError, match="not a Trainer checkpoint"):
-        from loratrace.legacy_resume import checkpoint_to_resume
+        from loratrace.legacy.resume import checkpoint_to_resume
 
         checkpoint_to_resume(tmp_path, None, [])
     # with the config it was trained with (the legacy keys are translated): a new run, continuing at step 10

@@ -164,7 +164,7 @@ def test_indices_out_of_the_data_set_are_null_lines_counted_and_printed(legacy_c
 
 
 def test_an_out_of_range_index_keeps_the_id_the_jsonl_gives(legacy_copy, tmp_path):
-    from loratrace.legacy import import_legacy
+    from loratrace.legacy.importer import import_legacy
 
     damage_row(legacy_copy, 4, lambda row: row["sample_indices"].__setitem__(0, 400))
     given = jsonl(legacy_copy)[4]
@@ -176,7 +176,7 @@ def test_an_out_of_range_index_keeps_the_id_the_jsonl_gives(legacy_copy, tmp_pat
 
 
 def test_a_negative_index_is_no_row_even_when_the_data_set_is_gone(legacy_copy, tmp_path):
-    from loratrace.legacy import import_legacy
+    from loratrace.legacy.importer import import_legacy
 
     rows = jsonl(legacy_copy)
     for row in rows:
@@ -212,7 +212,7 @@ def test_line_numbers_without_indices_are_counted_printed_and_checked(legacy_cop
 
 def test_sample_ids_of_another_length_are_not_paired_by_position(legacy_copy, tmp_path):
     """Three ids for four rows cannot say which id is which row: the data set's ids serve that step, counted."""
-    from loratrace.legacy import import_legacy
+    from loratrace.legacy.importer import import_legacy
 
     damage_row(legacy_copy, 3, lambda row: row["sample_ids"].pop())
     given = jsonl(legacy_copy)[3]
@@ -226,7 +226,7 @@ def test_sample_ids_of_another_length_are_not_paired_by_position(legacy_copy, tm
 
 def test_a_checkpoint_the_mapping_omits_is_a_disagreement(legacy_copy, tmp_path):
     """The rows and checkpoints/ give checkpoint-10 steps; the legacy mapping does not name it: listed."""
-    from loratrace.legacy import import_legacy
+    from loratrace.legacy.importer import import_legacy
 
     edit_json(legacy_copy / "logs" / CHECKPOINT_MAP, lambda d: d.pop("checkpoint-10"))
     mappings = report(Path(import_legacy(legacy_copy, tmp_path / "runs")["run_dir"]))["mappings"]
@@ -235,7 +235,7 @@ def test_a_checkpoint_the_mapping_omits_is_a_disagreement(legacy_copy, tmp_path)
 
 
 def test_a_checkpoint_entry_without_steps_is_a_disagreement(legacy_copy, tmp_path):
-    from loratrace.legacy import import_legacy
+    from loratrace.legacy.importer import import_legacy
 
     edit_json(legacy_copy / "logs" / CHECKPOINT_MAP, lambda d: d["checkpoint-8"].pop("steps"))
     mappings = report(Path(import_legacy(legacy_copy, tmp_path / "runs")["run_dir"]))["mappings"]
@@ -409,7 +409,7 @@ def test_a_trainer_state_without_a_step_is_one_line(legacy_folder, tmp_path, sta
 
 def test_the_rest_of_a_legacy_epoch_skips_indices_that_are_no_rows():
     """A resume continues the legacy epoch with the rows the JSONL shows: a null line (no row) is not trained."""
-    from loratrace.legacy import loader_position
+    from loratrace.legacy.importer import loader_position
 
     rows = [{"step": 1, "epoch": 0, "batch_idx": 0, "lines": [0, 1]},
             {"step": 2, "epoch": 0, "batch_idx": 1, "lines": [None, 2]},

@@ -43,7 +43,7 @@ def test_mlflow_client_reads_params_metrics_and_artifacts(logged_run, expected):
     from mlflow import MlflowClient
 
     from loratrace.config import load_config
-    from loratrace.loggers import find_mlflow_run, mlflow_tracking_uri
+    from loratrace.training.loggers import find_mlflow_run, mlflow_tracking_uri
 
     cfg = load_config(logged_run / "config.yaml")
     assert mlflow_tracking_uri(cfg).startswith("sqlite:///") and (logged_run.parent / "mlflow.db").is_file()
@@ -128,7 +128,7 @@ def test_eval_afterwards_reaches_csv_and_mlflow(logged_run):
     from mlflow import MlflowClient
 
     from loratrace.config import load_config
-    from loratrace.loggers import find_mlflow_run, mlflow_tracking_uri
+    from loratrace.training.loggers import find_mlflow_run, mlflow_tracking_uri
 
     result = run_cli("eval", str(logged_run), "--checkpoints", "last", "--split", "test", "--limit", "8")
     assert result.returncode == 0, result.stderr
@@ -169,7 +169,7 @@ def test_a_logger_that_cannot_start_is_one_line_before_training(tmp_path, prelud
 def test_a_resume_keeps_each_step_once_in_the_csv_and_continues_the_mlflow_run(tmp_path):
     from mlflow import MlflowClient
 
-    from loratrace.loggers import mlflow_tracking_uri
+    from loratrace.training.loggers import mlflow_tracking_uri
 
     cfg = small_config(tmp_path, "logging.csv=true", "logging.mlflow=true", "training.max_steps=6",
                        "training.stage1_steps=3", "export.merged_model=false")

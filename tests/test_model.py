@@ -1,8 +1,8 @@
 import torch
 
 from loratrace.config import LoraConfig, ModelConfig
-from loratrace.data import LETTERS
-from loratrace.model import add_lora, load_base, trainable_parameter_count
+from loratrace.data.datasets import LETTERS
+from loratrace.training.model import add_lora, load_base, trainable_parameter_count
 
 
 def test_tiny_preset_is_deterministic_and_offline():
@@ -33,7 +33,7 @@ def test_qwen2_arch_and_lora_freeze_the_base():
 
 def test_tiny_shape_builds_the_named_models_shape():
     from loratrace.config import CHOICES
-    from loratrace.model import SHAPES, build_tiny_model
+    from loratrace.training.model import SHAPES, build_tiny_model
 
     assert set(CHOICES["model.tiny_shape"]) == {"none", *SHAPES}
     with torch.device("meta"):
@@ -46,7 +46,7 @@ def test_tiny_shape_builds_the_named_models_shape():
 def test_tiny_preset_is_the_shipped_pretrained_base_unless_a_shape_key_is_set(monkeypatch):
     from safetensors.torch import load_file
 
-    from loratrace.model import PRETRAINED_DIR
+    from loratrace.training.model import PRETRAINED_DIR
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model, tokenizer = load_base(ModelConfig())

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from loratrace.config import TrainingConfig
-from loratrace.module import answer_statistics, learning_rate_at
-from loratrace.step_outputs import stage_of
+from loratrace.track.step_outputs import stage_of
+from loratrace.training.module import answer_statistics, learning_rate_at
 
 
 def test_two_stage_constant_schedule():
@@ -46,9 +46,9 @@ def test_answer_statistics_match_a_hand_computation():
 
 def test_plain_head_path_gives_the_full_forwards_statistics():
     from loratrace.config import LoraConfig, ModelConfig
-    from loratrace.data import collate, encode, load_split, padding_token_id
-    from loratrace.model import add_lora, load_base
-    from loratrace.module import LoRAModule
+    from loratrace.data.datasets import collate, encode, load_split, padding_token_id
+    from loratrace.training.model import add_lora, load_base
+    from loratrace.training.module import LoRAModule
 
     for arch in ("llama", "qwen2"):
         base, tokenizer = load_base(ModelConfig(tiny_arch=arch))

@@ -18,7 +18,7 @@ from test_store import two_runs  # noqa: F401  (the fixture)
 
 import loratrace
 from loratrace.cli import main
-from loratrace.store import QueryTimeout
+from loratrace.query.store import QueryTimeout
 
 # Every way a query could read a file or list a folder; {parent} holds the secret, {runs} is the runs folder.
 PROBES = [

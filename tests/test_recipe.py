@@ -197,7 +197,6 @@ def test_version_and_bare_command():
     from conftest import run_cli
 
     from loratrace import __version__
-
     version = run_cli("--version")
     assert version.returncode == 0 and version.stdout.strip() == f"loratrace {__version__}"
     bare = run_cli()
@@ -205,7 +204,7 @@ def test_version_and_bare_command():
 
 
 def test_a_tracked_resume_from_an_untracked_launchs_checkpoint_is_refused(finished_run):
-    from loratrace.module import CheckpointError
+    from loratrace.training.module import CheckpointError
 
     ckpt = finished_run / "checkpoints" / "checkpoint-step-010.ckpt"
     untracked = load_config(finished_run / "config.yaml", ["tracking.enabled=false"])

@@ -21,8 +21,8 @@ def test_recorded_loss_is_the_micro_batch_loss_under_gradient_accumulation(tmp_p
     import optuna
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from loratrace.trial_reporter import TrialReporter
-    from loratrace.trials import Objective
+    from loratrace.sweeps.reporter import TrialReporter
+    from loratrace.sweeps.trials import Objective
 
     cfg = small_config(tmp_path, "training.batch_size=4", "training.max_steps=4", "training.stage1_steps=2",
                        f"training.accumulate_grad_batches={accumulate}", "logging.csv=true", "logging.tensorboard=true")

@@ -153,7 +153,6 @@ def test_a_full_disk_during_train_is_one_line_naming_the_file_system_and_a_faile
     from safetensors import SafetensorError
 
     from loratrace import recipe
-
     def no_room(*args, **kwargs):
         if what == "base_model":
             raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
@@ -185,13 +184,13 @@ def test_eval_of_an_empty_or_truncated_checkpoint_is_one_line(run):
 
 _HOLD = textwrap.dedent("""
     import sys, time
-    from loratrace import runs
-    start_run = runs.start_run
+    from loratrace.runs import folder
+    start_run = folder.start_run
     def start_and_hold(*args, **kwargs):  # the lock is held from here on: keep it long enough for the other launch
         info = start_run(*args, **kwargs)
         time.sleep(8)
         return info
-    runs.start_run = start_and_hold
+    folder.start_run = start_and_hold
     from loratrace.cli import main
     sys.exit(main(sys.argv[1:]))
 """)
@@ -224,11 +223,11 @@ def test_the_training_lock_names_its_holder_and_dies_with_it(tmp_path):
     import os
     import signal
 
-    from loratrace.runs import RunBusy, training_lock
+    from loratrace.runs.folder import RunBusy, training_lock
 
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
-        from loratrace.runs import training_lock
+        from loratrace.runs.folder import training_lock
         with training_lock({str(tmp_path)!r}):
             print("held", flush=True)
             time.sleep(60)

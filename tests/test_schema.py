@@ -1,7 +1,7 @@
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from loratrace import schema
+from loratrace.track import schema
 
 
 def test_parts_are_compressed_only_when_big_enough_to_pay(tmp_path):

@@ -71,8 +71,8 @@ def remote_run(s3):
     """A tracked tiny run trained straight to s3://, while a reader polls the runs location with the CLI's
     read-only connection: (run URL, what the reader saw)."""
     import loratrace
-    from loratrace.run_folders import RunsNotFound
-    from loratrace.store import open_runs
+    from loratrace.query.store import open_runs
+    from loratrace.runs.find import RunsNotFound
 
     done, seen, failures = threading.Event(), [], []
 
@@ -239,8 +239,8 @@ def test_under_torchrun_every_rank_publishes_its_rows_before_the_checkpoint(s3, 
 def test_a_rank_started_by_lightning_finds_the_staged_run_it_inherits(remote_run, tmp_path, monkeypatch):
     """Lightning's launcher re-runs `train --resume-from-checkpoint s3://...` for ranks 1..N-1: each finds the copy
     its parent staged (in the environment it inherits) instead of downloading the run again, and leaves it in place."""
-    from loratrace import storage
     from loratrace.recipe import stage_remote_checkpoint
+    from loratrace.runs import storage
 
     url, _, _ = remote_run
     inherited = tmp_path / "parent-scratch" / url.rsplit("/", 1)[1]
@@ -305,7 +305,7 @@ def test_a_stopped_remote_run_names_its_checkpoint_by_its_url(s3):
     from lightning.pytorch.callbacks import Callback
 
     import loratrace
-    from loratrace.interrupt import RunInterrupted
+    from loratrace.training.interrupt import RunInterrupted
 
     class Preempt(Callback):
         def on_train_batch_start(self, trainer, *args) -> None:

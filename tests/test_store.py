@@ -7,8 +7,8 @@ import pyarrow as pa
 import pytest
 
 import loratrace
-from loratrace import schema
-from loratrace.store import StoreError
+from loratrace.query.store import StoreError
+from loratrace.track import schema
 
 T0 = dt.datetime(2025, 7, 20, tzinfo=dt.timezone.utc)
 
@@ -125,7 +125,7 @@ def test_views_over_a_real_run_see_new_parts(small_run, tmp_path):
 
 
 def test_samples_index_is_written_at_the_end_and_answers_like_the_views(small_run):
-    from loratrace.store import TRACE_COLUMNS, TRACE_ORDER
+    from loratrace.query.store import TRACE_COLUMNS, TRACE_ORDER
 
     assert (small_run / "tracking" / "samples_index.parquet").is_file()
     with loratrace.open_runs(small_run, read_only=True) as db:
@@ -142,7 +142,7 @@ def test_listing_is_skipped_only_while_recent_and_unchanged(two_runs):
     import os
     import time
 
-    from loratrace.store import Runs
+    from loratrace.query.store import Runs
 
     tracking = two_runs / "A" / "tracking"
     folders = [two_runs / "A", *(two_runs / "A").rglob("*")]  # every file and folder the listing looks at
@@ -170,7 +170,7 @@ def test_listing_is_skipped_only_while_recent_and_unchanged(two_runs):
 def test_samples_index_reads_every_row_group_an_id_spans(tmp_path):
     import pyarrow.parquet as pq
 
-    from loratrace.store import TRACE_COLUMNS, SamplesIndex
+    from loratrace.query.store import TRACE_COLUMNS, SamplesIndex
 
     ids = ["a"] * 3 + ["b"] * 6 + ["c"] * 2  # "b" spans three row groups of 3 rows
     rows = [{c: None for c in TRACE_COLUMNS} | {"run_id": "r", "example_id": e, "step": n, "epoch": 0,
@@ -196,7 +196,7 @@ def test_trace_by_line_reads_the_index_too(small_run):
 def test_foreign_files_are_reported_once_and_never_counted(two_runs):
     import warnings
 
-    from loratrace.store import StoreWarning
+    from loratrace.query.store import StoreWarning
 
     tracking = two_runs / "A" / "tracking"
     part = next((tracking / "batches").glob("a000-*.parquet"))

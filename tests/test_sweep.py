@@ -297,7 +297,7 @@ def test_a_sweep_on_object_storage_is_refused_before_anything_is_written(tmp_pat
 
 def test_a_file_url_runs_dir_is_that_local_folder(tmp_path, monkeypatch):
     """`runs_dir=file:///abs/runs`: the study goes to /abs/runs/sweeps/NAME, not to a folder named `file:`."""
-    from loratrace.sweeps import plan_sweep
+    from loratrace.sweeps.run import plan_sweep
 
     monkeypatch.chdir(tmp_path)
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"runs_dir=file://{tmp_path / 'runs'}"])
@@ -308,7 +308,7 @@ def test_a_file_url_runs_dir_is_that_local_folder(tmp_path, monkeypatch):
 
 
 def test_report_study_with_no_trials_yet_says_so(tmp_path, capsys):
-    from loratrace.sweeps import create_study, plan_sweep
+    from loratrace.sweeps.run import create_study, plan_sweep
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"runs_dir={tmp_path / 'runs'}"])
     create_study(plan_sweep(cfg, ["lora.r=choice(4,8)"], 2, study="empty"))  # the study exists, no trial started
@@ -331,7 +331,7 @@ def test_trials_0_is_refused_not_taken_for_the_default(tmp_path, capsys, monkeyp
 
 
 def _new_study(tmp_path: Path, name: str = "s1") -> Path:
-    from loratrace.sweeps import create_study, plan_sweep
+    from loratrace.sweeps.run import create_study, plan_sweep
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"runs_dir={tmp_path / 'runs'}"])
     create_study(plan_sweep(cfg, ["lora.r=choice(4,8)"], 1, study=name))
@@ -339,7 +339,7 @@ def _new_study(tmp_path: Path, name: str = "s1") -> Path:
 
 
 def test_sweep_json_paths_are_relative_so_a_copy_reads_its_own_study(tmp_path):
-    from loratrace.sweeps import read_spec
+    from loratrace.sweeps.run import read_spec
 
     study = _new_study(tmp_path)
     recorded = json.loads((study / "sweep.json").read_text())
@@ -353,7 +353,7 @@ def test_sweep_json_paths_are_relative_so_a_copy_reads_its_own_study(tmp_path):
 
 
 def test_a_copied_study_whose_trials_ran_in_the_original_runs_is_refused(tmp_path, capsys):
-    from loratrace.sweep_workers import worker_identity
+    from loratrace.sweeps.workers import worker_identity
 
     study_dir = _new_study(tmp_path)
     study = load_study(study_dir)
@@ -371,7 +371,7 @@ def test_a_copied_study_whose_trials_ran_in_the_original_runs_is_refused(tmp_pat
 
 
 def test_an_older_absolute_sweep_json_is_read_in_place_and_refused_when_moved(tmp_path, capsys):
-    from loratrace.sweeps import read_spec
+    from loratrace.sweeps.run import read_spec
 
     study = _new_study(tmp_path)
     recorded = json.loads((study / "sweep.json").read_text())
@@ -407,7 +407,7 @@ def test_two_sweeps_racing_to_make_one_study_make_it_once(tmp_path):
     import threading
 
     from loratrace.errors import LoratraceError
-    from loratrace.sweeps import create_study, plan_sweep
+    from loratrace.sweeps.run import create_study, plan_sweep
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"runs_dir={tmp_path / 'runs'}"])
     specs = [plan_sweep(cfg, ["lora.r=choice(4,8)"], 1, study="raced") for _ in range(2)]
@@ -432,7 +432,7 @@ def test_two_sweeps_racing_to_make_one_study_make_it_once(tmp_path):
 def test_sigkill_of_a_sweep_with_jobs_ends_its_workers_and_resume_finishes(tmp_path):
     """The workers live in their own sessions: SIGKILL of `sweep --jobs 2` reaches them through the kernel
     (PR_SET_PDEATHSIG) as a SIGTERM; their trials are re-queued and `sweep --resume` finishes the study."""
-    from loratrace.sweep_workers import process_alive
+    from loratrace.sweeps.workers import process_alive
 
     runs = tmp_path / "runs"
     study_dir = runs / "sweeps" / "orphans"

@@ -19,11 +19,11 @@ from conftest import ROOT, small_config
 
 import loratrace
 from loratrace.config import load_config, save_config
-from loratrace.data import load_split
-from loratrace.loader import CommonsenseData
-from loratrace.model import add_lora, load_base
-from loratrace.module import LoRAModule
-from loratrace.tracking import BatchTracker
+from loratrace.data.datasets import load_split
+from loratrace.data.loader import CommonsenseData
+from loratrace.track.tracker import BatchTracker
+from loratrace.training.model import add_lora, load_base
+from loratrace.training.module import LoRAModule
 
 
 def effective(run_dir):
@@ -225,8 +225,7 @@ def test_cost_counts_a_write_the_step_waits_for_once_and_as_wall_time(tmp_path, 
     """A checkpoint save waits for its rows (flush then wait, inside the hook): on a disk that takes a second per
     part, three saves cost the step three seconds, counted once (the hooks' time never exceeds training's wall time;
     counted twice it would be six seconds), and none of it is writer CPU."""
-    from loratrace import schema
-
+    from loratrace.track import schema
     write, pause = schema.write_atomic, 1.0
 
     def slow_disk(table, path):
@@ -379,7 +378,7 @@ class RowsOnDiskAtEachCheckpoint:
 
 
 def test_checkpoint_rows_are_on_disk_before_its_file_whatever_the_callback_order(tmp_path):
-    from loratrace.checkpoints import StepCheckpoint
+    from loratrace.training.checkpoints import StepCheckpoint
 
     module, data = plain_loop_data(small_config(tmp_path))
     tracker = BatchTracker(tmp_path / "tracking", run_id="plain", flush_every_steps=100)

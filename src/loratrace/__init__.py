@@ -23,14 +23,14 @@ _EXPORTS = {
     "train": "loratrace.recipe",
     "load_config": "loratrace.config",
     "Config": "loratrace.config",
-    "open_runs": "loratrace.store",
-    "BatchTracker": "loratrace.tracking",
-    "compare": "loratrace.comparison",
-    "write_report": "loratrace.report",
+    "open_runs": "loratrace.query.store",
+    "BatchTracker": "loratrace.track.tracker",
+    "compare": "loratrace.report.compare",
+    "write_report": "loratrace.report.runs",
     "export_adapters": "loratrace.export",
-    "sweep": "loratrace.sweeps",
-    "resume_sweep": "loratrace.sweeps",
-    "influence": "loratrace.attribution",
+    "sweep": "loratrace.sweeps.run",
+    "resume_sweep": "loratrace.sweeps.run",
+    "influence": "loratrace.attribution.tracin",
 }
 
 

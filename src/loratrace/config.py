@@ -354,7 +354,7 @@ def _value(cfg: Config, key: str) -> Any:
 
 
 def validate(cfg: Config) -> None:
-    from loratrace.data import REGISTRY  # light: no torch
+    from loratrace.data.datasets import REGISTRY  # light: no torch
 
     t = cfg.training
     for key, allowed in CHOICES.items():

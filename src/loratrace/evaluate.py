@@ -23,15 +23,16 @@ import lightning as L
 import pyarrow as pa
 import torch
 
-from loratrace import schema, storage
-from loratrace.checkpoints import check_run_checkpoints, checkpoint_files, read_checkpoint
 from loratrace.config import Config, EvalConfig, load_config
-from loratrace.data import LETTERS, DataError, Encoded, collate, encode, load_split, padding_token_id
+from loratrace.data.datasets import LETTERS, DataError, Encoded, collate, encode, load_split, padding_token_id
 from loratrace.errors import LoratraceError
-from loratrace.loggers import log_accuracies_after_training
-from loratrace.module import choice_scores, gold_probability, lora_mismatch, rng_state, set_rng_state
-from loratrace.run_folders import read_run_folder
-from loratrace.runs import final_export, utc_now
+from loratrace.runs import storage
+from loratrace.runs.find import read_run_folder
+from loratrace.runs.folder import final_export, utc_now
+from loratrace.track import schema
+from loratrace.training.checkpoints import check_run_checkpoints, checkpoint_files, read_checkpoint
+from loratrace.training.loggers import log_accuracies_after_training
+from loratrace.training.module import choice_scores, gold_probability, lora_mismatch, rng_state, set_rng_state
 
 
 class EvalError(LoratraceError):
@@ -164,7 +165,7 @@ class CheckpointEvaluator:
 def load_run_model(cfg: Config, run_dir: Path):
     from transformers import AutoTokenizer
 
-    from loratrace.model import add_lora, load_base, load_small_model
+    from loratrace.training.model import add_lora, load_base, load_small_model
 
     if cfg.model.name == "tiny":
         base_dir = run_dir / "base_model"

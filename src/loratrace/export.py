@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from loratrace import storage
 from loratrace.errors import LoratraceError
-from loratrace.formats import check_output
+from loratrace.query.formats import check_output
+from loratrace.runs import storage
 
 MANIFEST_FILE = "manifest.parquet"
 FLAT_DIR = "flat"
@@ -80,8 +80,8 @@ def export_adapters(run_dir: str | Path, out: str | Path, steps: str | None = No
         raise ExportError(f"{run_dir} is not a run folder (no config.yaml)")
     check_output(out, [run_dir], "--adapters", folder=True)  # never into, over or around the run it reads
     check_output_folder(out, overwrite)
-    from loratrace.checkpoints import check_run_checkpoints
-    from loratrace.run_folders import read_run_folder
+    from loratrace.runs.find import read_run_folder
+    from loratrace.training.checkpoints import check_run_checkpoints
 
     info, _ = read_run_folder(run_dir)  # a damaged run.json, config.yaml or tracking/ is one line, before any work
     chosen = select_checkpoints(run_dir, steps)
@@ -123,7 +123,7 @@ def export_adapters(run_dir: str | Path, out: str | Path, steps: str | None = No
 
 def select_checkpoints(run_dir: Path, steps: str | None) -> list[tuple[int, Path]]:
     """The (step, file) pairs `steps` names, from the run's effective checkpoints (see `export_adapters`)."""
-    from loratrace.checkpoints import checkpoint_files
+    from loratrace.training.checkpoints import checkpoint_files
 
     found = checkpoint_files(run_dir)
     if not found:
@@ -203,7 +203,7 @@ def recorded_steps(run_dir: Path, steps: list[int]) -> dict[int, dict]:
     ranks, in that order), from the `batches` view; empty for an untracked run."""
     if not (run_dir / "tracking" / "batches").is_dir():
         return {}
-    from loratrace.store import open_runs
+    from loratrace.query.store import open_runs
 
     sql = """SELECT step, any_value(stage) AS stage, max(lr) AS lr,
                     flatten(list(example_ids ORDER BY micro_batch, rank)) AS example_ids,
@@ -217,7 +217,7 @@ def recorded_steps(run_dir: Path, steps: list[int]) -> dict[int, dict]:
 def manifest_row(run_dir: Path, cfg, step: int, path: Path, folder: str, flat_file: str | None,
                  recorded: dict | None) -> dict:
     """Untracked steps: example ids, lines and lr NULL (nothing recorded them); the stage by the recipe's rule."""
-    from loratrace.step_outputs import stage_of
+    from loratrace.track.step_outputs import stage_of
 
     recorded = recorded or {"stage": stage_of(step, cfg.training.stage1_steps), "lr": None, "example_ids": None,
                             "lines": None}
@@ -226,7 +226,7 @@ def manifest_row(run_dir: Path, cfg, step: int, path: Path, folder: str, flat_fi
 
 
 def write_manifest(rows: list[dict], path: Path, base: str) -> pa.Table:
-    from loratrace.schema import write_atomic
+    from loratrace.track.schema import write_atomic
 
     table = pa.Table.from_pylist(rows, schema=MANIFEST).replace_schema_metadata({b"loratrace.base_model": base})
     write_atomic(table, path)

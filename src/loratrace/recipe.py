@@ -22,8 +22,15 @@ from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.strategies import FSDPStrategy
 from typing_extensions import override
 
-from loratrace import runs, storage
-from loratrace.checkpoints import (
+from loratrace.config import Config, ConfigError
+from loratrace.data.datasets import load_split
+from loratrace.data.loader import CommonsenseData
+from loratrace.errors import LoratraceError
+from loratrace.evaluate import CheckpointEvaluator, Evaluator
+from loratrace.export import export_adapter, export_merged, save_base_model
+from loratrace.runs import folder, storage
+from loratrace.track.tracker import BatchTracker, index_samples
+from loratrace.training.checkpoints import (
     StepCheckpoint,
     UpdateBoundary,
     checkpoint_files,
@@ -31,19 +38,19 @@ from loratrace.checkpoints import (
     latest_full_checkpoint,
     weights_only_steps,
 )
-from loratrace.config import Config, ConfigError
-from loratrace.data import load_split
-from loratrace.errors import LoratraceError
-from loratrace.evaluate import CheckpointEvaluator, Evaluator
-from loratrace.export import export_adapter, export_merged, save_base_model
-from loratrace.interrupt import RunInterrupted, StopOnSignal, checkpoint_to_resume, interrupted_message
-from loratrace.launch import folder_for_children, identify, shared_run_dir
-from loratrace.loader import CommonsenseData
-from loratrace.loggers import build_loggers, check_loggers, close_wandb, finish_loggers, logger_summary, quiet_loggers
-from loratrace.model import add_lora, load_base, trainable_parameter_count
-from loratrace.module import LoRAModule
-from loratrace.resume import resume_run_dir, validate_resume
-from loratrace.tracking import BatchTracker, index_samples
+from loratrace.training.interrupt import RunInterrupted, StopOnSignal, checkpoint_to_resume, interrupted_message
+from loratrace.training.launch import folder_for_children, identify, shared_run_dir
+from loratrace.training.loggers import (
+    build_loggers,
+    check_loggers,
+    close_wandb,
+    finish_loggers,
+    logger_summary,
+    quiet_loggers,
+)
+from loratrace.training.model import add_lora, load_base, trainable_parameter_count
+from loratrace.training.module import LoRAModule
+from loratrace.training.resume import resume_run_dir, validate_resume
 
 
 def _example_rows(cfg: Config, examples, datamodule) -> list[dict]:
@@ -93,9 +100,9 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
     # run folder: rank 0 makes it (or reopens the resumed run's) and writes run.json and config.yaml; all ranks learn it
     # (a second launch on the same run is refused here, at its first write, by the lock the first one holds)
     def make_run_dir() -> Path:
-        made = existing or runs.new_run_dir(cfg)
-        held.enter_context(runs.training_lock(made))
-        runs.start_run(made, cfg, str(storage.public(checkpoint)) if checkpoint else None,
+        made = existing or folder.new_run_dir(cfg)
+        held.enter_context(folder.training_lock(made))
+        folder.start_run(made, cfg, str(storage.public(checkpoint)) if checkpoint else None,
                        resumed_step if checkpoint else None)
         return made
 
@@ -139,7 +146,8 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
             close_wandb(trainer.loggers)
             if trainer.is_global_zero:
                 storage.publish_tree(run_dir)
-                runs.finish_run(run_dir, "interrupted", _cost(tracker), steps=trainer.global_step, **non_finite.facts())
+                folder.finish_run(run_dir, "interrupted", _cost(tracker), steps=trainer.global_step,
+                                  **non_finite.facts())
             return run_dir
         if not trainer.is_global_zero:
             close_wandb(trainer.loggers)
@@ -169,7 +177,7 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
             with contextlib.suppress(Exception):  # the training error is the one to report
                 storage.publish_tree(run_dir)
             with contextlib.suppress(OSError):  # a full disk may refuse run.json too: the error says what happened
-                runs.finish_run(run_dir, "interrupted" if signum is not None else "failed", _cost(tracker),
+                folder.finish_run(run_dir, "interrupted" if signum is not None else "failed", _cost(tracker),
                                 steps=step, **non_finite.facts())
         if signum is not None:
             last = checkpoint_to_resume(run_dir, step, stop.step_checkpoint.last_saved,
@@ -183,7 +191,7 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
     cost = _cost(tracker, index_s)
     storage.publish_tree(run_dir)  # logs and exports, before run.json says the run is complete
     diverged = non_finite.facts()  # one read of the flag kept on the device
-    runs.finish_run(run_dir, "completed", cost, steps=trainer.global_step, final_loss=final_loss,
+    folder.finish_run(run_dir, "completed", cost, steps=trainer.global_step, final_loss=final_loss,
                     trainable_parameters=trainable, checkpoints=len(written), **diverged,
                     final_export_step=trainer.global_step if exported else None)
     if progress:

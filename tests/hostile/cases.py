@@ -524,7 +524,7 @@ BAD_ROWS = {
 
 def data_folder(bad_row) -> Callable:
     def damage(w) -> None:
-        from loratrace.data import SAMPLE_DIR
+        from loratrace.data.datasets import SAMPLE_DIR
 
         folder = w.root / "data"
         folder.mkdir()

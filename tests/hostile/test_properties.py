@@ -191,7 +191,7 @@ ROW_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-5, 2**40) | s
 def test_generated_data_rows(tmp_path):
     """A local train.jsonl with one generated row at line 3: loading gives well-formed examples, or one DataError that
     names the file and the line."""
-    from loratrace.data import SAMPLE_DIR, load_split
+    from loratrace.data.datasets import SAMPLE_DIR, load_split
     from loratrace.errors import LoratraceError
 
     good = (SAMPLE_DIR / "train.jsonl").read_text().splitlines()[:6]

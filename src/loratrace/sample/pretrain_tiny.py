@@ -94,8 +94,8 @@ def train_tokenizer(documents: list[str]):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from loratrace.data import LETTERS
-    from loratrace.model import TINY_VOCAB
+    from loratrace.data.datasets import LETTERS
+    from loratrace.training.model import TINY_VOCAB
 
     tokenizer = Tokenizer(models.BPE(unk_token=None))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -121,7 +121,7 @@ def pretrain(steps: int = STEPS, stop_after: int | None = None, seed: int = SEED
     import torch
 
     from loratrace.config import ModelConfig
-    from loratrace.model import build_tiny_model
+    from loratrace.training.model import build_tiny_model
 
     documents = corpus(seed)
     tokenizer = train_tokenizer(documents)

@@ -1,0 +1,1 @@
+"""Which training examples helped or hurt a test example: TracIn over checkpoints, per-example gradients."""

@@ -1,0 +1,1 @@
+"""The data sets (the eight commonsense sets' row mappings, prompts, tokenization) and the resumable loader."""

@@ -1,0 +1,1 @@
+"""Runs side by side (`compare`) and the self-contained HTML report of runs and sweeps."""

@@ -1,0 +1,1 @@
+"""Run folders: run.json and config.yaml, finding runs and globs, local and fsspec storage, liveness records."""

@@ -1,0 +1,1 @@
+"""Batch tracking: Arrow schemas, the background writer, the tracker callback, the checkpoint mappings."""

@@ -1,0 +1,1 @@
+"""The training machinery the recipe assembles: model, LightningModule, launch, checkpoints, loggers, resume."""
