@@ -355,7 +355,7 @@ def test_an_unreachable_endpoint_is_named_not_taken_for_a_missing_bucket(tmp_pat
 
 def _scratch_owner(tmp_path: Path, then: str) -> tuple[subprocess.Popen, Path]:
     """A process that makes a scratch folder (as a staged run does), under tmp_path, then runs `then`."""
-    code = ("import sys, time; from loratrace import storage; "
+    code = ("import sys, time; from loratrace.runs import storage; "
             "print(storage._scratch_folder('run').parent, flush=True); " + then)
     process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                                env={**os.environ, "TMPDIR": str(tmp_path)})
