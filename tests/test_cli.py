@@ -4,7 +4,7 @@ import re
 import pytest
 from conftest import ROOT, run_cli
 
-from loratrace.cli.parser import COMMANDS, _parser
+from loratrace.cli.app import COMMANDS, _parser
 
 
 def test_every_command_has_help_and_appears_in_the_readme():

@@ -1,5 +1,5 @@
 """The `loratrace` command: parsing, dispatch and printing; the library does the work."""
 
-from loratrace.cli.parser import _parser, main
+from loratrace.cli.app import _parser, main
 
 __all__ = ["_parser", "main"]

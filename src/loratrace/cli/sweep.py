@@ -11,6 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from loratrace.config import ConfigError, load_config
+
 SWEEP_DESCRIPTION = """Hyperparameter search on Optuna: each trial is a normal run folder (run.json names study and
 trial), trained like `loratrace train`; the study lives in runs/sweeps/<study>/ (sweep.json, study.db,
 trials.parquet). --resume DIR continues a study; --storage URL --study NAME joins one on a shared storage.
@@ -57,11 +59,9 @@ def add_sweep(sub) -> None:
 def cmd_sweep(args: argparse.Namespace) -> int:
     import json
 
-    from loratrace.config import ConfigError, load_config
-
     if args.worker is not None:
-        from loratrace.sweeps.run import read_spec
-        from loratrace.sweeps.workers import work
+        from loratrace.sweeps.run import read_spec  # optuna and torch only when this command runs
+        from loratrace.sweeps.workers import work  # optuna and torch only when this command runs
 
         spec = read_spec(args.study)
         spec.storage = args.storage or spec.storage
@@ -69,7 +69,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return 0
     existing = args.resume or (args.study if args.study and (Path(args.study) / "sweep.json").is_file() else None)
     if not existing and args.storage and args.study and not args.param:  # another machine joins a shared study
-        from loratrace.sweeps.run import join_sweep
+        from loratrace.sweeps.run import join_sweep  # optuna and torch only when this command runs
 
         existing = str(join_sweep(args.storage, args.study, args.runs_dir or "runs"))
     if existing:
@@ -78,7 +78,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         if given:
             raise ConfigError(f"{existing} continues as its sweep.json records it: {given[0]} starts a new study "
                               "(name another --study)")
-        from loratrace.sweeps.run import resume_sweep, summary
+        from loratrace.sweeps.run import resume_sweep, summary  # optuna and torch only when this command runs
 
         spec = resume_sweep(existing, jobs=args.jobs, trials=args.trials, storage=args.storage)
         print(summary(spec))
@@ -95,7 +95,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + (["tracking.enabled=true"] if args.track_batches else []) + \
         ([f"runs_dir={args.runs_dir}"] if args.runs_dir else [])
     cfg = load_config(args.config, overrides)
-    from loratrace.sweeps.run import plan_sweep, summary
+    from loratrace.sweeps.run import plan_sweep, summary  # optuna and torch only when this command runs
 
     options = dict(objective=args.objective, direction=args.direction, checkpoint=args.checkpoint, study=args.study,
                    storage=args.storage, sampler=args.sampler, seed=args.seed, pruner=args.pruner, enqueue=enqueue,
@@ -104,8 +104,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     spec = plan_sweep(cfg, args.param, trials, **options)  # every check, before anything is written
     if args.jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
-    from loratrace.sweeps.run import create_study
-    from loratrace.sweeps.workers import run_sweep
+    from loratrace.sweeps.run import create_study  # optuna and torch only when this command runs
+    from loratrace.sweeps.workers import run_sweep  # optuna and torch only when this command runs
 
     create_study(spec)
     print(f"study {spec.study}: {spec.study_dir}", file=sys.stderr, flush=True)

@@ -1,1 +1,4 @@
 """Runs side by side (`compare`) and the self-contained HTML report of runs and sweeps."""
+
+# compare's sections, in order: here so that `loratrace compare --help` names them without importing pandas
+SECTIONS = ("runs", "config", "metrics", "evals", "data_order", "examples", "forgetting")

@@ -18,10 +18,10 @@ import pandas as pd
 
 from loratrace.config import flatten_keys
 from loratrace.errors import LoratraceError
+from loratrace.report import SECTIONS
 from loratrace.runs.find import read_run_config
 
 METRICS = ("train/loss", "train/grad_norm", "train/lr", "train/accuracy")
-SECTIONS = ("runs", "config", "metrics", "evals", "data_order", "examples", "forgetting")
 
 # Per run and step: the example ids trained, in the order the step met them (micro-batch, rank, position).
 STEP_ORDER = """SELECT run_id, step, flatten(list(example_ids ORDER BY micro_batch, rank)) AS ids

@@ -1,0 +1,58 @@
+"""`loratrace train`: parse, resolve what to resume from, call `loratrace.train` for each data set."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from loratrace.config import ConfigError, load_config
+from loratrace.runs import storage
+
+
+def add_train(sub) -> None:
+    train = sub.add_parser("train", help="fine-tune with LoRA and write a run folder",
+                           description="Fine-tune with LoRA; writes runs/<dataset>_<method>_<time>/.")
+    train.add_argument("--config", help="YAML config (default: the embedded default: tiny model, bundled sample)")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. training.max_steps=20")
+    train.add_argument("--track-batches", action="store_true", help="record every batch in tracking/ (Parquet)")
+    train.add_argument("--resume-from-checkpoint", metavar="CKPT",
+                       help="continue a run from one of its .ckpt files, or from a Hugging Face Trainer checkpoint-N/ "
+                            "folder (a legacy run's is imported first)")
+    train.add_argument("--dataset", action="append", metavar="NAME", help="train one run per data set, in turn")
+    train.add_argument("--runs-dir", help="folder for run folders (config key runs_dir)")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    if args.track_batches:
+        overrides.append("tracking.enabled=true")
+    if args.runs_dir:
+        overrides.append(f"runs_dir={args.runs_dir}")
+    if args.resume_from_checkpoint and args.dataset:
+        raise ConfigError("--dataset cannot be combined with --resume-from-checkpoint")
+    with storage.staging():  # a run on object storage is staged in a scratch folder until the command ends
+        return _train_runs(args, overrides)
+
+
+def _train_runs(args: argparse.Namespace, overrides: list[str]) -> int:
+    if args.resume_from_checkpoint and storage.is_remote(args.resume_from_checkpoint):
+        from loratrace.recipe import stage_remote_checkpoint  # torch only when this command runs
+
+        storage.check_location(args.resume_from_checkpoint)
+        args.resume_from_checkpoint = str(stage_remote_checkpoint(args.resume_from_checkpoint))
+    if args.resume_from_checkpoint and Path(args.resume_from_checkpoint).is_dir():  # a Trainer checkpoint-N/ folder
+        from loratrace.legacy.resume import checkpoint_to_resume  # torch only when this command runs
+
+        args.resume_from_checkpoint = str(checkpoint_to_resume(Path(args.resume_from_checkpoint), args.config,
+                                                               overrides))
+    if args.resume_from_checkpoint and not args.config:
+        from loratrace.recipe import resume_run_dir  # torch only when this command runs
+
+        args.config = str(resume_run_dir(Path(args.resume_from_checkpoint)) / "config.yaml")
+    names = args.dataset or [None]
+    configs = [load_config(args.config, overrides + ([f"data.dataset={n}"] if n else [])) for n in names]
+    from loratrace.recipe import train  # torch only when this command runs
+
+    for cfg in configs:
+        train(cfg, resume_from=args.resume_from_checkpoint)
+    return 0
