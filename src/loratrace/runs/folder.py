@@ -15,8 +15,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from loratrace.config import Config, save_config
 from loratrace.errors import LoratraceError
+from loratrace.overrides import flatten_keys
 from loratrace.runs import storage
 from loratrace.runs.find import read_run_info
 from loratrace.runs.processes import this_process
@@ -134,10 +137,6 @@ def finish_run(run_dir: Path, status: str, attempt: dict[str, Any] | None = None
 
 def _config_changes(path: Path, cfg: Config) -> dict[str, list]:
     """Dotted keys whose value in `cfg` differs from the config saved at `path`: key -> [saved, now]."""
-    import yaml
-
-    from loratrace.overrides import flatten_keys
-
     try:
         saved = flatten_keys(yaml.safe_load(path.read_text()) or {})
     except (OSError, ValueError):

@@ -20,12 +20,14 @@ AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3 (MinIO, Ceph, R2),
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path, PurePosixPath
 
 from loratrace.errors import ConfigError, LoratraceError, first_line
+from loratrace.runs.processes import alive, on_this_host, this_process
 
 STAGED_ENV = "LORATRACE_STAGED_RUN"  # "<local scratch run folder>\n<its URL>": inherited by the ranks a launcher starts
 NOT_STAGED = ("final_model/", "final_adapter/", "tensorboard_logs/", "swanlab_logs/")  # `stage_run` leaves these out
@@ -270,10 +272,6 @@ def _scratch_folder(name: str) -> Path:
 def _add_owner(scratch: Path) -> None:
     """Record this process (host, pid, start time) as one that writes into `scratch`: while any is alive the folder
     is in use (`remove_abandoned_scratch`)."""
-    import json
-
-    from loratrace.runs.processes import this_process
-
     record = this_process()
     tmp = scratch / f".{OWNER_PREFIX}{record['pid']}.json.partial"
     tmp.write_text(json.dumps(record))
@@ -293,10 +291,6 @@ def remove_abandoned_scratch(root: str | Path | None = None) -> list[Path]:
 
 
 def _abandoned(scratch: Path) -> bool:
-    import json
-
-    from loratrace.runs.processes import alive, on_this_host
-
     owners = []
     for path in scratch.glob(f"{OWNER_PREFIX}*.json"):
         try:

@@ -24,7 +24,10 @@ import random
 import time
 from pathlib import Path
 
+from loratrace.config import ModelConfig
+from loratrace.data.datasets import LETTERS
 from loratrace.sample.knowledge import GROUPS, Group, article, bare
+from loratrace.training.model import TINY_VOCAB, build_tiny_model
 
 OUT = Path(__file__).parent / "tiny_base"
 SEED = 1234
@@ -94,8 +97,6 @@ def train_tokenizer(documents: list[str]):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from loratrace.data.datasets import LETTERS
-    from loratrace.training.model import TINY_VOCAB
 
     tokenizer = Tokenizer(models.BPE(unk_token=None))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -120,8 +121,6 @@ def pretrain(steps: int = STEPS, stop_after: int | None = None, seed: int = SEED
     """(model, tokenizer, losses, documents): `stop_after` ends early with the same first steps as a full run."""
     import torch
 
-    from loratrace.config import ModelConfig
-    from loratrace.training.model import build_tiny_model
 
     documents = corpus(seed)
     tokenizer = train_tokenizer(documents)
