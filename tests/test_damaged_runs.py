@@ -232,7 +232,7 @@ def test_a_run_killed_outright_shows_stale(small_run, tmp_path):
     says running: nothing is rewritten), a live process's run stays running, and so does one on another host."""
     runs = tmp_path / "runs"
     killed = _copy(small_run, runs, "killed")
-    script = ("import os, signal, sys\nfrom pathlib import Path\nfrom loratrace import runs\n"
+    script = ("import os, signal, sys\nfrom pathlib import Path\nfrom loratrace.runs import folder as runs\n"
               "from loratrace.config import load_config\n"
               "run = Path(sys.argv[1]); runs.start_run(run, load_config(run / 'config.yaml'), None)\n"
               "os.kill(os.getpid(), signal.SIGKILL)\n")
