@@ -62,7 +62,7 @@ def write_run(root: Path, index: int, samples: int) -> Path:
     """One synthetic tracked run of `samples` sample rows, then its samples index."""
     import duckdb
 
-    from loratrace.query.samples_index import write_samples_index
+    from loratrace.track.index import write_samples_index
 
     run_id = f"synthetic_lora_20250720_{index:06d}"
     run, tracking = root / run_id, root / run_id / "tracking"

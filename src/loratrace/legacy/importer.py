@@ -45,6 +45,7 @@ from loratrace.legacy.source import (  # noqa: F401 - find_legacy_runs: the comm
 from loratrace.runs import folder as run_folder
 from loratrace.runs import processes, storage
 from loratrace.track import schema
+from loratrace.track.index import write_samples_index
 from loratrace.track.step_outputs import stage_of
 from loratrace.training.checkpoints import checkpoint_name
 
@@ -297,8 +298,6 @@ def _build(legacy: LegacyRun, run_dir: Path, run_id: str) -> dict[str, Any]:
     tracking = run_dir / "tracking"
     write_tracking(tracking, run_id, legacy, examples, checkpoint_rows)
     report["mappings"] = mappings.recompute_and_compare(tracking, run_id, legacy.mappings)
-    from loratrace.query.samples_index import write_samples_index  # `trace`'s index, as the end of a run writes it
-
     write_samples_index(run_dir)
     models = legacy.source / "models"
     if is_trainer_checkpoint(models):

@@ -36,8 +36,11 @@ import uuid
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from loratrace.errors import LoratraceError
+from loratrace.runs import storage
+from loratrace.runs.find import as_list, is_run_folder
 
 FORMATS = ("table", "csv", "json", "parquet")
 TABLE_ROWS = 200
@@ -71,9 +74,6 @@ def protected_folders(paths) -> list[Path]:
     """The folders an output must stay out of, for the inputs a command names (`paths`: run folders, folders of runs,
     globs, study folders): each one (symlinks and `..` resolved), and the folder that holds each run folder (a runs
     folder). URLs on object storage are no local folder to protect."""
-    from loratrace.runs import storage
-    from loratrace.runs.find import as_list, is_run_folder
-
     folders: list[Path] = []
     for item in as_list(paths if paths is not None else []):
         if item is None or storage.is_remote(item):
@@ -149,8 +149,6 @@ def _streams(mode: int) -> bool:
 
 
 def _check_output_folder(output, target: Path, flag: str) -> None:
-    from loratrace.runs.find import is_run_folder
-
     if target.is_dir() and any(child.is_dir() and is_run_folder(child) for child in target.iterdir()):
         raise OutputRefused(f"{flag} {output}: {target} holds run folders; name a path outside it")
     existing = next(p for p in target.parents if os.path.lexists(p))  # the folders below it are made
@@ -222,8 +220,6 @@ def _replace(target: Path, data: bytes) -> None:
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:
-    import pyarrow.parquet as pq
-
     buffer = pa.BufferOutputStream()
     pq.write_table(table, buffer)
     return buffer.getvalue().to_pybytes()

@@ -1,6 +1,6 @@
 """tracking/samples_index.parquet: every effective sample of a run sorted by example_id, so `trace` reads a row group
-or two instead of unnesting every batch. Written at the end of training (`write_samples_index`); read by `Runs.trace`
-while it still covers exactly the run's parts on disk.
+or two instead of unnesting every batch. Written at the end of training (track/index.py, `write_samples_index`); read
+here, by `Runs.trace`, while it still covers exactly the run's parts on disk.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from loratrace.runs import storage
+from loratrace.query.parts import file_key
 
 INDEX_ROW_GROUP = 8192  # rows per row group of the samples index: a trace decodes one or two of them
 TRACE_COLUMNS = ("run_id", "example_id", "line", "step", "epoch", "micro_batch", "rank", "position", "loss", "p_gold",
@@ -56,28 +56,43 @@ def index_fingerprint(run_dir: Path, files: dict[str, list[str]]) -> list[str]:
                   if f.startswith(prefix))
 
 
-def write_samples_index(run_dir: str | Path) -> Path:
-    """tracking/samples_index.parquet: every effective sample with its trace columns, sorted by example_id in row
-    groups of `INDEX_ROW_GROUP` rows, so `trace` reads one row group instead of unnesting every batch. Stamped with
-    the parts it covers: a run that trains on (or is resumed) falls back to the views until the index is rewritten."""
-    from loratrace.query.store import Runs, StoreError  # the views compute what the index holds
+class Indexes:
+    """The runs whose samples index covers exactly their parts on disk now (found when `trace` needs them, forgotten
+    at each listing that changes the parts), and each index opened once per version of its file."""
 
-    run_dir = Path(run_dir).resolve()
-    with Runs([run_dir]) as db:
-        run_id = db.con.sql("SELECT any_value(run_id) FROM batches_raw").fetchall()[0][0]
-        if run_id is None:
-            raise StoreError(f"{run_dir} has no tracked batches to index")
-        stamp = json.dumps({"run_id": run_id, "parts": index_fingerprint(run_dir, db.files)})
-        target = run_dir / "tracking" / INDEX_FILE
-        tmp = target.parent / f".tmp-{target.name}.partial"
-        try:
-            db.con.execute(f"""
-                COPY (SELECT {", ".join(TRACE_COLUMNS)} FROM example_trace ORDER BY example_id, {TRACE_ORDER})
-                TO '{str(tmp).replace("'", "''")}'
-                (FORMAT parquet, ROW_GROUP_SIZE {INDEX_ROW_GROUP}, COMPRESSION zstd,
-                 KV_METADATA {{'{INDEX_KEY.decode()}': '{stamp.replace("'", "''")}'}})""")
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)  # a failed COPY leaves no partial file
-    storage.publish(target)
-    return target
+    def __init__(self):
+        self.found: dict | None = None  # run_id -> its index (a Path or RemotePath)
+        self.all_indexed = False  # every tracked run has one: `trace` reads no view
+        self._open: dict[str, tuple[tuple, SamplesIndex]] = {}  # path -> (stat when opened, reader)
+
+    def find(self, run_dirs: list[Path], files: dict[str, list[str]]) -> dict:
+        if self.found is not None:
+            return self.found
+        self.found = {}
+        tracked = 0
+        for run_dir in run_dirs:
+            parts = index_fingerprint(run_dir, files)
+            if not parts:
+                continue  # nothing tracked in this folder
+            tracked += 1
+            try:
+                stamp = self.open(run_dir / "tracking" / INDEX_FILE).stamp
+            except (OSError, KeyError, TypeError, ValueError):
+                continue
+            if stamp and stamp["parts"] == parts:
+                self.found[stamp["run_id"]] = run_dir / "tracking" / INDEX_FILE
+        self.all_indexed = len(self.found) == tracked
+        return self.found
+
+    def open(self, path) -> SamplesIndex:
+        key = file_key(path.stat())
+        cached = self._open.get(str(path))
+        if cached is None or cached[0] != key:
+            cached = self._open[str(path)] = (key, SamplesIndex(path))
+        return cached[1]
+
+    def distrust(self, run: str) -> None:
+        """`run`'s index cannot be read: its run is traced from the views."""
+        if self.found is not None:
+            self.found.pop(run, None)
+        self.all_indexed = False

@@ -14,7 +14,7 @@ never rewritten. Each checkpoint file gets a `checkpoints` row: the tracker list
 (`StepCheckpoint(..., listeners=[tracker])`) and notices the files Lightning's `ModelCheckpoint` saves (a file that
 `save_top_k` later deletes keeps its row). Either way the rows a checkpoint includes are on disk before its file
 appears. The attempt number travels in the checkpoint, so a resume starts attempt a+1 and knows its parent.
-The samples index `trace` reads is written by whoever ends the run (`index_samples`; `loratrace.train` does).
+The samples index `trace` reads is written by whoever ends the run (track/index.py; `loratrace.train` does).
 
 The tracker accounts for its own cost (`cost()`): wall time in its hooks on the training thread, CPU time of its
 writer threads, and its end-of-training work; `train` records it in run.json and prints it.
@@ -361,22 +361,6 @@ def _attempt_row(trainer: L.Trainer, run_id: str, attempt: int, parent_attempt: 
     return {"run_id": run_id, "attempt": attempt, "parent_attempt": parent_attempt if resumed else None,
             "started_at": utc_now(), "resumed_from": str(storage.public(trainer.ckpt_path)) if resumed else None,
             "resumed_step": trainer.global_step, "world_size": trainer.world_size, "host": socket.gethostname()}
-
-
-def index_samples(run_dir: Path) -> float:
-    """For whoever ends a run: `tracking/samples_index.parquet`, the per-example index `trace` reads, built with
-    DuckDB. Without DuckDB, a warning: tracking itself needs only pyarrow, and `trace` falls back to the views.
-    Returns the seconds it took."""
-    started = time.perf_counter()
-    try:
-        import duckdb  # noqa: F401 - the index is built with DuckDB; tracking itself needs only pyarrow
-
-        from loratrace.query.samples_index import write_samples_index
-    except ImportError as error:
-        warnings.warn(f"loratrace: samples index not written ({error})", stacklevel=2)
-    else:
-        write_samples_index(run_dir)
-    return time.perf_counter() - started
 
 
 class TrackingError(LoratraceError):

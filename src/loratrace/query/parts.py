@@ -1,0 +1,149 @@
+"""The tracking parts the views read (docs/ARCHITECTURE.md, "Query layer"): only the file names the tracker writes
+(schema.PART_NAMES), inside their run folder, whose footer reads with the expected columns; each checked again only
+when the file changes, and each one skipped reported once as a `StoreWarning`."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from loratrace.errors import first_line
+from loratrace.query.damage import may_be_damage
+from loratrace.query.errors import StoreWarning
+from loratrace.query.tables import sql_list
+from loratrace.track import schema
+
+RUN_FILES = ("run.json", "config.yaml", "tracking", "checkpoints")  # what `runs_info` and its checks read
+
+TABLES = {  # view name -> (folder or file under tracking/, schema)
+    "batches_raw": ("batches", schema.BATCHES),
+    "examples_raw": (schema.EXAMPLES_FILE, schema.EXAMPLES),
+    "checkpoints_raw": ("checkpoints", schema.CHECKPOINTS),
+    "attempts_raw": ("attempts", schema.ATTEMPTS),
+    "evals_raw": ("evals", schema.EVALS),
+    "influence_raw": ("influence", schema.INFLUENCE),
+}
+
+
+def file_key(stat: os.stat_result) -> tuple[int, int, int]:
+    """What tells one version of a file or folder from the next: a write moves the time or size, a replace the inode."""
+    return stat.st_mtime_ns, stat.st_ino, stat.st_size
+
+
+def key_of(path: Path) -> tuple[int, int, int] | None:
+    try:
+        return file_key(path.stat())
+    except FileNotFoundError:
+        return None
+
+
+def footer_schema(path: Path) -> pa.Schema:
+    """The Arrow schema in a part's footer (no data read); raises if the footer cannot be read."""
+    if hasattr(path, "footer_schema"):
+        return path.footer_schema()  # a RemotePath: footers fetched together
+    return pq.read_metadata(path).schema.to_arrow_schema()
+
+
+class Parts:
+    """What is known of each part seen: the footer's columns at a version of the file (`checked`), the versions
+    whose pages all read (`pages_ok`), and what was already reported (`reported`). `local`: no object storage,
+    where there are no links to follow."""
+
+    def __init__(self, local: bool):
+        self.local = local
+        self.reported: set[str] = set()  # files already reported as foreign, unreadable or missing
+        self.checked: dict[str, tuple] = {}  # part -> (`file_key` when its footer was read, its columns or None)
+        self.pages_ok: dict[str, tuple] = {}  # part -> the `file_key` at which all its pages read (`pages_read`)
+
+    def report(self, key: str, message: str) -> None:
+        if key not in self.reported:
+            self.reported.add(key)
+            warnings.warn(message, StoreWarning, stacklevel=4)
+
+    def complete(self, tracking: Path, name: str, expected: pa.Schema) -> list[str]:
+        """The readable parts the tracker wrote under tracking/`name` (a folder, or one file)."""
+        target = tracking / name
+        if name == schema.EXAMPLES_FILE:
+            paths = [target] if target.exists() else []
+        elif not target.is_dir():
+            paths = []
+        else:
+            paths = []
+            for path in sorted(target.iterdir()):
+                if schema.PART_NAMES[name].fullmatch(path.name):
+                    paths.append(path)
+                elif not path.name.startswith(".tmp-"):  # a part being written is not foreign
+                    self.report(str(path), f"ignoring {path}: not a file name the tracker writes")
+        return self.readable(self._inside_run(paths, tracking.parent), expected)
+
+    def _inside_run(self, paths: list[Path], run_dir: Path) -> list[Path]:
+        """The parts among `paths` (all in one folder) that are in their run folder once links are followed: nothing
+        outside the runs is read (and the read-only connection's DuckDB would refuse every query that reads one).
+        The folder is resolved once; a part only when it is a link itself. Object storage has no links."""
+        if not self.local or not paths:
+            return paths
+        run_dir, folder = run_dir.resolve(), paths[0].parent.resolve()
+        inside = []
+        for path in paths:
+            real = path.resolve() if path.is_symlink() else folder / path.name
+            if real == run_dir or real.is_relative_to(run_dir):
+                inside.append(path)
+            else:
+                self.report(str(path), f"skipping tracking part {path}: a link to {real}, outside its run folder")
+        return inside
+
+    def readable(self, paths: list[Path], expected: pa.Schema) -> list[str]:
+        """The files among `paths` whose Parquet footer reads and has `expected`'s columns (schema.part_problem),
+        checked again only when a file changes: a part DuckDB could not bind never reaches a view."""
+        good = []
+        for path in paths:
+            key = str(path)
+            stat_key = key_of(path)
+            if stat_key is None:
+                continue
+            if key not in self.checked or self.checked[key][0] != stat_key:
+                self._check(path, stat_key, expected)
+            if self.checked[key][1] is not None:
+                good.append(key)
+        return good
+
+    def _check(self, path: Path, stat_key: tuple, expected: pa.Schema) -> None:
+        key = str(path)
+        try:
+            found = footer_schema(path)
+        except Exception:
+            self.checked[key] = (stat_key, None)
+            self.report(key, f"skipping unreadable tracking part {path}")
+            return
+        problem = schema.part_problem(found, expected)
+        self.checked[key] = (stat_key, None if problem else tuple((f.name, str(f.type)) for f in found))
+        self.reported.discard(key)
+        if problem:
+            self.report(key, f"skipping tracking part {path}: {problem}")
+
+    def columns(self) -> dict[str, tuple]:
+        """part -> its (name, type) columns, for the parts whose footer read."""
+        return {part: columns for part, (_, columns) in self.checked.items() if columns is not None}
+
+    def pages_read(self, con: duckdb.DuckDBPyConnection, part: str) -> bool:
+        """Whether every data page of `part` reads (checked once per version of the file); a damaged one is skipped
+        by every later listing until the file changes, reported once."""
+        stat_key = self.checked[part][0]
+        if self.pages_ok.get(part) == stat_key:
+            return True
+        try:
+            for _ in con.sql(f"SELECT * FROM read_parquet({sql_list([part])})").fetch_arrow_reader():
+                pass
+        except duckdb.Error as exc:
+            if not may_be_damage(exc):
+                raise  # the network, say: not the part's fault
+            self.checked[part] = (stat_key, None)
+            self.report(part, f"skipping damaged tracking part {part}: {first_line(exc)}")
+            return False
+        self.pages_ok[part] = stat_key
+        return True
