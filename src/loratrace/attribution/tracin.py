@@ -256,7 +256,7 @@ def tracin_cp_terms(run_dir: Path, which: str, cfg) -> list[Term]:
 def _effective_steps(run_dir: Path) -> dict[int, dict]:
     """step -> {lr, stage, attempt, members: [(example_id, line)] in batch order, each once}, from the effective
     rows."""
-    from loratrace.track.mappings import is_effective, lineage_ranges, read_parts
+    from loratrace.track.lineage import is_effective, lineage_ranges, read_parts
 
     tracking = run_dir / "tracking"
     columns = ["attempt", "step", "micro_batch", "rank", "stage", "example_ids", "lines", "lr"]

@@ -44,6 +44,7 @@ from loratrace.runs.find import (
 )
 from loratrace.runs.remote import RemoteRuns
 from loratrace.track import schema
+from loratrace.track.lineage import effective_ranges
 from loratrace.track.mappings import first_checkpoint
 
 
@@ -418,7 +419,7 @@ class Runs:
             by_run.setdefault(row["run_id"], []).append(row)
         rows = []
         for run_id, run_attempts in by_run.items():
-            for attempt, (lower, upper) in schema.effective_ranges(run_attempts).items():
+            for attempt, (lower, upper) in effective_ranges(run_attempts).items():
                 rows.append({"run_id": run_id, "attempt": attempt, "lo": lower, "hi": upper})
         # A run folder without attempt records (written by hand or by an older tool): every row is effective. Only
         # its batch parts are read for their run_id: scanning every part would cost each query's start-up.

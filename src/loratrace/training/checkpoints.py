@@ -213,7 +213,7 @@ def check_run_checkpoints(run_dir: Path, run_id: str | None, chosen: Iterable[tu
 def checkpoint_files(run_dir: Path) -> list[tuple[int, Path]]:
     """A run's `checkpoint-step-NNN.ckpt` files as (step, path), by step, less those a tracked run's lineage abandoned
     (written by an attempt past the step a resume went back to, and not written again since)."""
-    from loratrace.track.mappings import abandoned_checkpoint_steps  # pyarrow only
+    from loratrace.track.lineage import abandoned_checkpoint_steps  # pyarrow only
 
     abandoned = abandoned_checkpoint_steps(Path(run_dir) / "tracking")
     found = ((int(p.name[len("checkpoint-step-"):-len(".ckpt")]), p)

@@ -14,9 +14,9 @@ from loratrace.data.loader import order_mismatch
 from loratrace.runs import storage
 from loratrace.runs.folder import read_run_json
 from loratrace.track import schema
-from loratrace.track.mappings import read_parts
+from loratrace.track.lineage import missing_lineage_steps, read_parts
 from loratrace.track.schema import step_ranges_text
-from loratrace.track.tracker import TrackingError, missing_lineage_steps
+from loratrace.track.tracker import TrackingError
 from loratrace.training.checkpoints import (
     foreign_writer,
     is_weights_only,
