@@ -49,7 +49,8 @@ def checkpoint_tensors(run_dir, step):
 
 
 def a_batch(tokenizer, n=6):
-    from loratrace.data.datasets import collate, encode, load_split, padding_token_id
+    from loratrace.data.datasets import load_split
+    from loratrace.data.encoding import collate, encode, padding_token_id
 
     examples = load_split("arc-challenge", "sample", "validation", n)
     batch = collate(encode(examples, tokenizer, 256), padding_token_id(tokenizer))

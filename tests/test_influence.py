@@ -46,7 +46,8 @@ class Reference:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from loratrace.data.datasets import encode, load_split
+        from loratrace.data.datasets import load_split
+        from loratrace.data.encoding import encode
 
         self.run = run
         tokenizer = AutoTokenizer.from_pretrained(run / "base_model")
@@ -65,7 +66,7 @@ class Reference:
         assert not result.unexpected_keys and len(weights) == sum(p.requires_grad for p in self.model.parameters())
 
     def gradient(self, example_id: str) -> torch.Tensor:
-        from loratrace.data.datasets import collate
+        from loratrace.data.encoding import collate
         from loratrace.training.module import answer_statistics
 
         batch = collate([self.encoded[example_id]], self.pad_id)

@@ -24,7 +24,8 @@ import pyarrow as pa
 import torch
 
 from loratrace.config import Config, EvalConfig, load_config
-from loratrace.data.datasets import LETTERS, Encoded, collate, encode, load_split, padding_token_id
+from loratrace.data.datasets import LETTERS, load_split
+from loratrace.data.encoding import Encoded, collate, encode, padding_token_id
 from loratrace.errors import LoratraceError
 from loratrace.runs import storage
 from loratrace.runs.find import read_run_folder

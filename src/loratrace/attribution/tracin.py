@@ -35,7 +35,8 @@ import torch
 
 from loratrace.attribution.gradients import ExampleGradients, Projection
 from loratrace.config import Config, load_config
-from loratrace.data.datasets import Example, encode, load_split, padding_token_id
+from loratrace.data.datasets import Example, load_split
+from loratrace.data.encoding import encode, padding_token_id
 from loratrace.errors import LoratraceError, first_line
 from loratrace.runs import storage
 from loratrace.runs.find import read_run_folder
