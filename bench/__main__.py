@@ -217,7 +217,8 @@ def cli_startup(run: Path, repeats: int) -> dict:
 
 def eval_throughput(runs_dir: Path, limit: int) -> dict:
     """Examples per second scored, batched (32) vs one at a time, same model and examples."""
-    from loratrace.evaluate import Evaluator, load_run_model
+    from loratrace.evaluate import Evaluator
+    from loratrace.training.model import load_run_model
 
     cfg = load_config(None, ["logging.swanlab=false", f"runs_dir={runs_dir}", "training.max_steps=2",
                              "training.stage1_steps=1", f"eval.limit={limit}"])

@@ -121,7 +121,8 @@ def hf_trainer(cfg: Config, output_dir: Path, callback, on_batch: Callable[[dict
     `on_batch` sees each collated batch, in the order the updates use them."""
     from transformers import Trainer, TrainingArguments
 
-    from loratrace.data.datasets import collate, encode, load_split, padding_token_id
+    from loratrace.data.datasets import load_split
+    from loratrace.data.encoding import collate, encode, padding_token_id
     from loratrace.training.model import add_lora, load_base
 
     t = cfg.training

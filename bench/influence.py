@@ -32,7 +32,8 @@ def run_arm(shape: str, mode: str, n_train: int, n_test: int, checkpoints: int, 
 
     from loratrace.attribution.gradients import ExampleGradients, Projection
     from loratrace.config import LoraConfig, ModelConfig
-    from loratrace.data.datasets import collate, encode, load_split, padding_token_id
+    from loratrace.data.datasets import load_split
+    from loratrace.data.encoding import collate, encode, padding_token_id
     from loratrace.training.model import add_lora, load_base
     from loratrace.training.module import answer_statistics
 

@@ -17,7 +17,8 @@ import yaml
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from loratrace.config import LoraConfig, ModelConfig, TrainingConfig
-from loratrace.data.datasets import collate, encode, load_split, padding_token_id
+from loratrace.data.datasets import load_split
+from loratrace.data.encoding import collate, encode, padding_token_id
 from loratrace.training.model import add_lora, load_base
 from loratrace.training.module import learning_rate_at
 

@@ -4,7 +4,8 @@ from collections import Counter
 import pytest
 from conftest import run_cli
 
-from loratrace.data.datasets import REGISTRY, DataError, Encoded, load_split
+from loratrace.data.datasets import REGISTRY, DataError, load_split
+from loratrace.data.encoding import Encoded
 from loratrace.data.loader import EpochLoader
 
 

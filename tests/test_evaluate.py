@@ -7,6 +7,7 @@ from conftest import run_cli, small_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import loratrace
+from loratrace.errors import CheckpointError
 from loratrace.evaluate import EvalError, evaluate_run
 
 
@@ -94,14 +95,16 @@ def test_final_model_scores_like_the_last_checkpoint(evaluated_run):
                                atol=1e-4)  # merged weights vs base + adapter: the same function
 
 
-def test_mismatched_lora_is_one_eval_error(evaluated_run):
-    with pytest.raises(EvalError, match="has shape .* the model expects"):
+def test_mismatched_lora_is_one_checkpoint_error(evaluated_run):
+    with pytest.raises(CheckpointError, match="has shape .* the model expects"):
         evaluate_run(evaluated_run, "last", ["lora.r=4"], progress=False)
 
 
 @pytest.mark.parametrize("args, message", [
     (["--split", "nope"], "the bundled sample has no split 'nope'"),
     (["--checkpoints", "999"], "has no checkpoint at step 999"),
+    (["--checkpoints", "17..20"], "has no checkpoint in steps 17..20 (its 8 checkpoint(s): steps 9..16)"),
+    (["--checkpoints", "9..x"], "--checkpoints '9..x': use all, last, steps like 76,100, a range like 76..125"),
 ])
 def test_cli_errors_exit_2(evaluated_run, args, message):
     result = run_cli("eval", str(evaluated_run), *args)
@@ -118,6 +121,16 @@ def test_cli_summary_names_the_best_checkpoint(evaluated_run, tmp_path):
     (empty / "config.yaml").write_text((evaluated_run / "config.yaml").read_text())
     missing = run_cli("eval", str(empty))
     assert missing.returncode == 2 and "has no checkpoints to evaluate" in missing.stderr
+
+
+def test_a_range_and_last_select_as_in_export_and_influence(evaluated_run):
+    before = set((evaluated_run / "tracking" / "evals").iterdir())
+    summary = evaluate_run(evaluated_run, "9..10,last", ["eval.limit=4"], progress=False)
+    assert list(summary.checkpoint_step) == [9, 10, 16]
+    assert list(summary.checkpoint) == [f"checkpoints/checkpoint-step-{s:03d}.ckpt" for s in (9, 10, 16)]
+    new = sorted(set((evaluated_run / "tracking" / "evals").iterdir()) - before)
+    assert sorted(pd.concat(pd.read_parquet(p) for p in new).groupby("checkpoint_step").size().items()) == \
+        [(9, 4), (10, 4), (16, 4)]
 
 
 def test_truncated_checkpoint_is_one_line_exit_2(evaluated_run, tmp_path):

@@ -15,8 +15,8 @@ from safetensors.numpy import load_file
 import loratrace
 from loratrace.cli import main
 from loratrace.config import load_config
-from loratrace.errors import LoratraceError
-from loratrace.export import MANIFEST_FILE, ExportError, export_adapters, read_flat
+from loratrace.errors import CheckpointError, LoratraceError
+from loratrace.export import MANIFEST_FILE, export_adapters, read_flat
 
 WEIGHTS_ONLY_STEP = 4  # rewritten as `checkpoint.tail=weights` writes a tail checkpoint: state_dict + global_step
 
@@ -49,7 +49,8 @@ def checkpoint_tensors(run_dir, step):
 
 
 def a_batch(tokenizer, n=6):
-    from loratrace.data.datasets import collate, encode, load_split, padding_token_id
+    from loratrace.data.datasets import load_split
+    from loratrace.data.encoding import collate, encode, padding_token_id
 
     examples = load_split("arc-challenge", "sample", "validation", n)
     batch = collate(encode(examples, tokenizer, 256), padding_token_id(tokenizer))
@@ -73,8 +74,7 @@ def test_each_adapter_reproduces_its_checkpoints_logits(run, exported):
     from peft import AutoPeftModelForCausalLM, PeftModel
     from transformers import AutoTokenizer
 
-    from loratrace.evaluate import load_lora_weights, load_run_model
-    from loratrace.training.model import load_small_model
+    from loratrace.training.model import load_lora_weights, load_run_model, load_small_model
 
     reference, tokenizer = load_run_model(load_config(run / "config.yaml"), run)
     reference.eval()
@@ -137,6 +137,18 @@ def test_steps_range_from_the_cli(run, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-step-003", "checkpoint-step-004", "manifest.parquet"]
 
 
+def test_checkpoints_takes_the_selection_of_eval_and_influence(run, tmp_path):
+    out = tmp_path / "mixed"
+    result = run_cli("export", str(run), "--adapters", str(out), "--checkpoints", "2..3,last")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert list(pd.read_parquet(out / "manifest.parquet").step) == [2, 3, 5]
+    assert list(export_adapters(run, tmp_path / "last", steps="last", progress=False).step) == [5]
+    refused = run_cli("export", str(run), "--adapters", str(tmp_path / "none"), "--steps", "6..9")
+    assert refused.returncode == 2 and not (tmp_path / "none").exists()
+    assert refused.stderr.strip().splitlines() == [f"loratrace: error: {run} has no checkpoint in steps 6..9 (its 4 "
+                                                   "checkpoint(s): steps 2..5)"]
+
+
 def test_steps_list_and_mixed(run, tmp_path):
     assert list(export_adapters(run, tmp_path / "a", steps="2,5", progress=False).step) == [2, 5]
     assert list(export_adapters(run, tmp_path / "b", steps="2, 4..9", progress=False).step) == [2, 4, 5]
@@ -180,12 +192,14 @@ def test_a_missing_run_is_one_line_and_writes_nothing(tmp_path):
 @pytest.mark.parametrize("steps, message", [
     ("9", "{run} has no checkpoint at step 9 (its 4 checkpoint(s): steps 2..5)"),
     ("3,9..12", "{run} has no checkpoint in steps 9..12 (its 4 checkpoint(s): steps 2..5)"),
-    ("5..3", "--steps 5..3: the range is empty (write the lower step first)"),
-    ("last", "--steps 'last': use a range like 76..125, steps like 76,100, or both"),
+    ("5..3", "--checkpoints 5..3: the range is empty (write the lower step first: 3..5)"),
+    ("9..x", "--checkpoints '9..x': use all, last, steps like 76,100, a range like 76..125, or a mix like 1..50,100"),
+    ("final", "--checkpoints final: final (the merged final_model/) is eval's only; use last (the latest checkpoint), "
+              "or all, last, steps like 76,100, a range like 76..125, or a mix like 1..50,100"),
 ])
 def test_a_step_without_checkpoint_is_one_line_and_writes_nothing(run, tmp_path, steps, message):
     before = sorted(p.name for p in run.rglob("*"))
-    with pytest.raises(ExportError) as caught:
+    with pytest.raises(CheckpointError) as caught:
         export_adapters(run, tmp_path / "out" / "adapters", steps=steps, progress=False)
     assert str(caught.value) == message.format(run=run)
     assert list(tmp_path.iterdir()) == [] and sorted(p.name for p in run.rglob("*")) == before

@@ -46,7 +46,8 @@ class Reference:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from loratrace.data.datasets import encode, load_split
+        from loratrace.data.datasets import load_split
+        from loratrace.data.encoding import encode
 
         self.run = run
         tokenizer = AutoTokenizer.from_pretrained(run / "base_model")
@@ -65,7 +66,7 @@ class Reference:
         assert not result.unexpected_keys and len(weights) == sum(p.requires_grad for p in self.model.parameters())
 
     def gradient(self, example_id: str) -> torch.Tensor:
-        from loratrace.data.datasets import collate
+        from loratrace.data.encoding import collate
         from loratrace.training.module import answer_statistics
 
         batch = collate([self.encoded[example_id]], self.pad_id)
@@ -128,6 +129,17 @@ def test_tracin_cp_on_one_checkpoint_is_lr_times_the_dot_product(full_run, refer
         assert score == pytest.approx(lr * float(reference.gradient(member) @ test), rel=1e-5, abs=1e-9)
 
 
+def test_tracin_cp_takes_the_checkpoint_selection_of_eval_and_export(full_run):
+    from loratrace.attribution.tracin import influence
+
+    args = dict(example_ids=TESTS[:1], method="tracin-cp", progress=False)
+    mixed = influence(full_run, checkpoints="6..7,last", **args).set_index("train_example_id")
+    assert (mixed.terms == 3).all()
+    alone = sum(influence(full_run, checkpoints=str(step), **args).set_index("train_example_id").score
+                for step in (6, 7, 8))
+    pd.testing.assert_series_equal(mixed.score, alone.loc[mixed.index], rtol=1e-12, check_names=False)
+
+
 def test_self_influence_is_positive(full_run):
     from loratrace.attribution.tracin import influence
 
@@ -153,10 +165,10 @@ def test_projection_is_seeded_and_close_to_exact(full_run):
 
 
 def test_a_stopped_computation_continues_with_the_checkpoints_not_done(full_run, monkeypatch):
-    import loratrace.evaluate
+    import loratrace.attribution.tracin
     from loratrace.attribution.tracin import influence
 
-    loaded, original = [], loratrace.evaluate.load_lora_weights
+    loaded, original = [], loratrace.attribution.tracin.load_lora_weights
 
     def killed_at_the_second(model, checkpoint):
         if len(loaded) == 1:
@@ -164,7 +176,7 @@ def test_a_stopped_computation_continues_with_the_checkpoints_not_done(full_run,
         loaded.append(checkpoint.name)
         original(model, checkpoint)
 
-    monkeypatch.setattr(loratrace.evaluate, "load_lora_weights", killed_at_the_second)
+    monkeypatch.setattr(loratrace.attribution.tracin, "load_lora_weights", killed_at_the_second)
     args = dict(example_ids=TESTS[1:], progress=False)
     folder = full_run / "tracking" / "influence"
     existing = set(folder.glob("*.parquet")) if folder.is_dir() else set()
@@ -175,7 +187,8 @@ def test_a_stopped_computation_continues_with_the_checkpoints_not_done(full_run,
     assert [p[-18:] for p in parts] == ["s000000006.parquet"]
     before = {p: (folder / p).stat().st_mtime_ns for p in parts}
     loaded.clear()
-    monkeypatch.setattr(loratrace.evaluate, "load_lora_weights", lambda m, c: (loaded.append(c.name), original(m, c)))
+    monkeypatch.setattr(loratrace.attribution.tracin, "load_lora_weights",
+                        lambda m, c: (loaded.append(c.name), original(m, c)))
     resumed = influence(full_run, **args)
     assert loaded == ["checkpoint-step-006.ckpt", "checkpoint-step-007.ckpt"]
     assert all((folder / p).stat().st_mtime_ns == t for p, t in before.items())  # done parts were not rewritten
@@ -210,6 +223,11 @@ def test_cli_table_view_and_one_line_errors(full_run, capsys):
                                                             "(closest: LTSYN_VAL_"),
                           (["--checkpoints", "7"], "--checkpoints applies to --method tracin-cp"),
                           (["--method", "tracin-cp", "--checkpoints", "99"], "has no checkpoint at step 99"),
+                          (["--method", "tracin-cp", "--checkpoints", "1..4"], "has no checkpoint in steps 1..4 (its "
+                                                                                "4 checkpoint(s): steps 5..8)"),
+                          (["--method", "tracin-cp", "--checkpoints", "7..x"], "--checkpoints '7..x': use all, last"),
+                          (["--method", "tracin-cp", "--checkpoints", "final"], "final (the merged final_model/) is "
+                                                                                "eval's only; use last"),
                           (["--limit", "0"], "--limit must be at least 1, got 0")):
         assert main(["influence", str(full_run), *args]) == 2
         err = capsys.readouterr().err

@@ -328,7 +328,7 @@ def test_resume_from_a_legacy_checkpoint_matches_the_trainer(legacy_folder, tmp_
 def test_the_legacy_epoch_finishes_before_loratrace_order(tmp_path):
     """After the legacy batches the loader rolls into its own next epoch; its length stays an epoch's, and its state
     carries the legacy remainder so that a resume in the middle of it is exact."""
-    from loratrace.data.datasets import Encoded
+    from loratrace.data.encoding import Encoded
     from loratrace.data.loader import EpochLoader
 
     examples = [Encoded(f"e{i}", i, [1, 2, 3], 1, [5, 6], 0) for i in range(10)]

@@ -46,7 +46,8 @@ def test_answer_statistics_match_a_hand_computation():
 
 def test_plain_head_path_gives_the_full_forwards_statistics():
     from loratrace.config import LoraConfig, ModelConfig
-    from loratrace.data.datasets import collate, encode, load_split, padding_token_id
+    from loratrace.data.datasets import load_split
+    from loratrace.data.encoding import collate, encode, padding_token_id
     from loratrace.training.model import add_lora, load_base
     from loratrace.training.module import LoRAModule
 

@@ -204,7 +204,7 @@ def test_version_and_bare_command():
 
 
 def test_a_tracked_resume_from_an_untracked_launchs_checkpoint_is_refused(finished_run):
-    from loratrace.training.module import CheckpointError
+    from loratrace.errors import CheckpointError
 
     ckpt = finished_run / "checkpoints" / "checkpoint-step-010.ckpt"
     untracked = load_config(finished_run / "config.yaml", ["tracking.enabled=false"])
@@ -218,12 +218,12 @@ def test_a_tracked_resume_from_an_untracked_launchs_checkpoint_is_refused(finish
 
 def test_eval_and_the_summary_leave_out_checkpoints_a_resume_abandoned(tmp_path):
     """Resumed from step 11 with max_steps=13: the first launch's files 14..16 stay on disk but belong to no lineage."""
-    from loratrace.evaluate import select_checkpoints
+    from loratrace.training.checkpoints import select_checkpoints
 
     run = loratrace.train(small_config(tmp_path), progress=False)
     shorter = load_config(run / "config.yaml", ["training.max_steps=13"])
     loratrace.train(shorter, resume_from=run / "checkpoints" / "checkpoint-step-011.ckpt", progress=False)
     assert (run / "checkpoints" / "checkpoint-step-016.ckpt").exists()
-    assert [step for step, _ in select_checkpoints(run, "all")] == [9, 10, 11, 12, 13]
-    assert [step for step, _ in select_checkpoints(run, "last")] == [13]
+    assert [step for step, _ in select_checkpoints(run, "all", "evaluate")] == [9, 10, 11, 12, 13]
+    assert [step for step, _ in select_checkpoints(run, "last", "evaluate")] == [13]
     assert json.loads((run / "run.json").read_text())["checkpoints"] == 5

@@ -49,3 +49,9 @@ def duckdb_message(exc: BaseException) -> str:
 
 class ConfigError(LoratraceError):
     """A config the user wrote (file, override or value) that cannot run (raised by config.py and overrides.py)."""
+
+
+class CheckpointError(LoratraceError):
+    """A checkpoint a command was asked to use that cannot serve: a selection naming none, an unreadable file, another
+    run's file, or LoRA tensors that do not fit the model (raised by training/checkpoints.py, training/selection.py,
+    training/model.py and the resume check)."""

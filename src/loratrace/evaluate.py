@@ -24,19 +24,22 @@ import pyarrow as pa
 import torch
 
 from loratrace.config import Config, EvalConfig, load_config
-from loratrace.data.datasets import LETTERS, DataError, Encoded, collate, encode, load_split, padding_token_id
+from loratrace.data.datasets import LETTERS, load_split
+from loratrace.data.encoding import Encoded, collate, encode, padding_token_id
 from loratrace.errors import LoratraceError
 from loratrace.runs import storage
 from loratrace.runs.find import read_run_folder
 from loratrace.runs.folder import final_export, utc_now
 from loratrace.track import schema
-from loratrace.training.checkpoints import check_run_checkpoints, checkpoint_files, read_checkpoint
+from loratrace.training.checkpoints import check_run_checkpoints, select_checkpoints
 from loratrace.training.loggers import log_accuracies_after_training
-from loratrace.training.module import choice_scores, gold_probability, lora_mismatch, rng_state, set_rng_state
+from loratrace.training.model import load_lora_weights, load_run_model
+from loratrace.training.module import choice_scores, gold_probability, rng_state, set_rng_state
 
 
 class EvalError(LoratraceError):
-    """A run, split or checkpoint the user asked to evaluate that cannot be."""
+    """A run the user asked to evaluate that cannot be: no run folder, no final_model/ (the model and checkpoints
+    raise their own errors: ModelError, CheckpointError; the split, DataError)."""
 
 
 @dataclass
@@ -107,10 +110,7 @@ class Evaluator:
     def __init__(self, cfg: Config, tokenizer, settings: EvalConfig | None = None):
         self.cfg, self.tokenizer = cfg, tokenizer
         self.settings = settings or cfg.eval
-        try:
-            self.examples = load_split(cfg.data.dataset, cfg.data.source, self.settings.split, self.settings.limit)
-        except DataError as exc:
-            raise EvalError(str(exc)) from None
+        self.examples = load_split(cfg.data.dataset, cfg.data.source, self.settings.split, self.settings.limit)
         self.encoded = encode(self.examples, tokenizer, cfg.data.max_length)
 
     def score(self, model) -> Scored:
@@ -162,63 +162,15 @@ class CheckpointEvaluator:
 
 # ---------------------------------------------------------------------------------------------- after training
 
-def load_run_model(cfg: Config, run_dir: Path):
-    from transformers import AutoTokenizer
-
-    from loratrace.training.model import add_lora, load_base, load_small_model
-
-    if cfg.model.name == "tiny":
-        base_dir = run_dir / "base_model"
-        if not base_dir.is_dir():
-            raise EvalError(f"{run_dir} has no base_model/ (the tiny preset's base is saved there)")
-        model = load_small_model(base_dir)
-        tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    else:
-        model, tokenizer = load_base(cfg.model)
-    return add_lora(model, cfg.lora, cfg.training.seed), tokenizer
-
-
-def load_lora_weights(peft_model, checkpoint: Path) -> None:
-    """Put a loratrace `.ckpt`'s LoRA tensors into `peft_model`; a shape or name mismatch is one EvalError line."""
-    try:
-        state = read_checkpoint(checkpoint).get("state_dict", {})
-    except ValueError as exc:
-        raise EvalError(str(exc)) from None
-    weights = {k.removeprefix("model."): v for k, v in state.items()}  # LoRAModule keeps the PEFT model as .model
-    problem = lora_mismatch(peft_model, weights)
-    if problem:
-        raise EvalError(f"{checkpoint.name}: {problem}")
-    peft_model.load_state_dict(weights, strict=False)
-
-
-def select_checkpoints(run_dir: Path, which: str) -> list[tuple[int, Path]]:
-    found = checkpoint_files(run_dir)
-    if which == "final":
-        return []
-    if not found:
-        raise EvalError(f"{run_dir} has no checkpoints to evaluate")
-    if which == "all":
-        return found
-    if which == "last":
-        return found[-1:]
-    try:
-        wanted = {int(x) for x in which.split(",")}
-    except ValueError:
-        raise EvalError(f"--checkpoints {which!r}: use all, last, final, or steps like 76,100") from None
-    chosen = [(s, p) for s, p in found if s in wanted]
-    if missing := sorted(wanted - {s for s, _ in chosen}):
-        raise EvalError(f"{run_dir} has no checkpoint at step {missing[0]}")
-    return chosen
-
-
 def evaluate_run(run_dir: str | Path, checkpoints: str = "all", overrides: list[str] | tuple = (),
                  progress: bool = True):
     """Evaluate checkpoints of a finished (or stopped) run; returns a DataFrame: checkpoint_step, accuracy, delta. A
-    run on object storage is evaluated in a local copy, and its new evaluation parts and logs are published back."""
+    run on object storage is evaluated in a local copy, and its new evaluation parts and logs are published back.
+    `checkpoints`: the selection syntax of training/selection.py (all, last, 76,100, 76..125, a mix), or final."""
     with warnings.catch_warnings():  # the libraries' deprecation notices are for their callers' developers, not users
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
-        return _evaluate_somewhere(run_dir, checkpoints, overrides, progress)
+        return _evaluate_somewhere(run_dir, str(checkpoints).strip(), overrides, progress)
 
 
 def _evaluate_somewhere(run_dir: str | Path, checkpoints: str, overrides, progress: bool):
@@ -240,7 +192,7 @@ def _evaluate_run(run_dir: Path, checkpoints: str, overrides, progress: bool):
         raise EvalError(f"{run_dir} is not a run folder (no config.yaml)")
     info, _ = read_run_folder(run_dir)  # a damaged run.json, config.yaml or tracking/ is one line, before any work
     cfg = load_config(run_dir / "config.yaml", list(overrides))
-    chosen = select_checkpoints(run_dir, checkpoints)
+    chosen = select_checkpoints(run_dir, checkpoints, "evaluate", final=True)
     check_run_checkpoints(run_dir, info.get("run_id"), chosen)  # one line now, before the model loads and the bar
     final = run_dir / "final_model"
     if checkpoints == "final" and not final.is_dir():

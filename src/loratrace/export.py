@@ -3,7 +3,7 @@ checkpoint (or a chosen few) as an adapter folder with a manifest, for attributi
 
     PeftModel.from_pretrained(base, "runs/x/final_adapter")       # base: the hub model, or runs/x/base_model
     AutoModelForCausalLM.from_pretrained("runs/x/final_model")
-    loratrace export runs/x --adapters out/adapters --steps 76..125 --flat
+    loratrace export runs/x --adapters out/adapters --checkpoints 76..125 --flat
     export_adapters("runs/x", "out/adapters", steps="76..125", flat=True)      # the same -> the manifest DataFrame
 """
 
@@ -20,9 +20,16 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from loratrace.config import load_config
 from loratrace.errors import LoratraceError
 from loratrace.query.formats import check_output
+from loratrace.query.store import open_runs
 from loratrace.runs import storage
+from loratrace.runs.find import read_run_folder
+from loratrace.track.schema import write_atomic
+from loratrace.track.step_outputs import stage_of
+from loratrace.training.checkpoints import check_run_checkpoints, select_checkpoints
+from loratrace.training.model import load_lora_weights, load_run_model
 
 MANIFEST_FILE = "manifest.parquet"
 FLAT_DIR = "flat"
@@ -37,7 +44,7 @@ MANIFEST = pa.schema([  # a row per exported checkpoint; example_ids, lines, lr 
 
 
 class ExportError(LoratraceError):
-    """A run, step selection or output folder that `export` cannot use."""
+    """A run or output folder that `export` cannot use (a checkpoint selection naming none: CheckpointError)."""
 
 
 def save_base_model(model, tokenizer, directory: Path) -> None:
@@ -70,8 +77,9 @@ def export_adapters(run_dir: str | Path, out: str | Path, steps: str | None = No
     """Write each chosen checkpoint of `run_dir` as a PEFT adapter folder under `out`, with `manifest.parquet` (and
     with `flat`, one float32 vector per checkpoint under `flat/`); returns the manifest as a DataFrame.
 
-    `steps`: None for every checkpoint, or "76..125" (the checkpoints in that range), "76,100" (each must exist), or
-    both mixed. Everything is checked before anything is written; the folder appears complete or not at all."""
+    `steps`: None for every checkpoint, or a selection in the syntax of eval and influence (training/selection.py):
+    "last", "76,100" (each must exist), "76..125" (the checkpoints in that range), or a mix. Everything is checked
+    before anything is written; the folder appears complete or not at all."""
     run_dir = storage.local_folder(run_dir, "export reads a run folder on this machine: copy the run here first "
                                             "(e.g. aws s3 sync URL runs/NAME), then export that folder")
     out = storage.local_folder(out, "export writes adapters to a folder on this machine: export there, then copy it to "
@@ -80,18 +88,12 @@ def export_adapters(run_dir: str | Path, out: str | Path, steps: str | None = No
         raise ExportError(f"{run_dir} is not a run folder (no config.yaml)")
     check_output(out, [run_dir], "--adapters", folder=True)  # never into, over or around the run it reads
     check_output_folder(out, overwrite)
-    from loratrace.runs.find import read_run_folder
-    from loratrace.training.checkpoints import check_run_checkpoints
-
     info, _ = read_run_folder(run_dir)  # a damaged run.json, config.yaml or tracking/ is one line, before any work
-    chosen = select_checkpoints(run_dir, steps)
+    chosen = select_checkpoints(run_dir, "all" if steps is None else steps, "export")
     check_run_checkpoints(run_dir, info.get("run_id"), chosen)  # readable and this run's, before the bar starts
 
-    from peft.utils import get_peft_model_state_dict  # torch, transformers: only once there is work to do
+    from peft.utils import get_peft_model_state_dict
     from tqdm.auto import tqdm
-
-    from loratrace.config import load_config
-    from loratrace.evaluate import load_lora_weights, load_run_model
 
     cfg = load_config(run_dir / "config.yaml")
     recorded = recorded_steps(run_dir, [step for step, _ in chosen])
@@ -119,38 +121,6 @@ def export_adapters(run_dir: str | Path, out: str | Path, steps: str | None = No
                 (staging / FLAT_DIR / FLAT_LAYOUT).write_text(json.dumps(layout, indent=1) + "\n")
             table = write_manifest(rows, staging / MANIFEST_FILE, base)
     return table.to_pandas()
-
-
-def select_checkpoints(run_dir: Path, steps: str | None) -> list[tuple[int, Path]]:
-    """The (step, file) pairs `steps` names, from the run's effective checkpoints (see `export_adapters`)."""
-    from loratrace.training.checkpoints import checkpoint_files
-
-    found = checkpoint_files(run_dir)
-    if not found:
-        raise ExportError(f"{run_dir} has no checkpoints to export")
-    if steps is None:
-        return found
-    have = f"its {len(found)} checkpoint(s): steps {found[0][0]}..{found[-1][0]}"
-    wanted, ranges = set(), []
-    for item in (part.strip() for part in str(steps).split(",")):
-        low, dots, high = item.partition("..")
-        try:
-            bounds = (int(low), int(high)) if dots else (int(item), int(item))
-        except ValueError:
-            raise ExportError(f"--steps {steps!r}: use a range like 76..125, steps like 76,100, or both") from None
-        if bounds[0] > bounds[1]:
-            raise ExportError(f"--steps {item}: the range is empty (write the lower step first)")
-        if dots:
-            ranges.append(bounds)
-        else:
-            wanted.add(bounds[0])
-    if missing := sorted(wanted - {step for step, _ in found}):
-        raise ExportError(f"{run_dir} has no checkpoint at step {missing[0]} ({have})")
-    for low, high in ranges:
-        if not any(low <= step <= high for step, _ in found):
-            raise ExportError(f"{run_dir} has no checkpoint in steps {low}..{high} ({have})")
-    return [(step, path) for step, path in found
-            if step in wanted or any(low <= step <= high for low, high in ranges)]
 
 
 def check_output_folder(out: Path, overwrite: bool) -> None:
@@ -203,8 +173,6 @@ def recorded_steps(run_dir: Path, steps: list[int]) -> dict[int, dict]:
     ranks, in that order), from the `batches` view; empty for an untracked run."""
     if not (run_dir / "tracking" / "batches").is_dir():
         return {}
-    from loratrace.query.store import open_runs
-
     sql = """SELECT step, any_value(stage) AS stage, max(lr) AS lr,
                     flatten(list(example_ids ORDER BY micro_batch, rank)) AS example_ids,
                     flatten(list(lines ORDER BY micro_batch, rank)) AS lines
@@ -217,8 +185,6 @@ def recorded_steps(run_dir: Path, steps: list[int]) -> dict[int, dict]:
 def manifest_row(run_dir: Path, cfg, step: int, path: Path, folder: str, flat_file: str | None,
                  recorded: dict | None) -> dict:
     """Untracked steps: example ids, lines and lr NULL (nothing recorded them); the stage by the recipe's rule."""
-    from loratrace.track.step_outputs import stage_of
-
     recorded = recorded or {"stage": stage_of(step, cfg.training.stage1_steps), "lr": None, "example_ids": None,
                             "lines": None}
     return {"run_id": run_dir.resolve().name, "step": step, "folder": folder, "flat": flat_file,
@@ -226,8 +192,6 @@ def manifest_row(run_dir: Path, cfg, step: int, path: Path, folder: str, flat_fi
 
 
 def write_manifest(rows: list[dict], path: Path, base: str) -> pa.Table:
-    from loratrace.track.schema import write_atomic
-
     table = pa.Table.from_pylist(rows, schema=MANIFEST).replace_schema_metadata({b"loratrace.base_model": base})
     write_atomic(table, path)
     return table

@@ -49,7 +49,7 @@ from loratrace.training.loggers import (
     logger_summary,
     quiet_loggers,
 )
-from loratrace.training.model import add_lora, load_base, trainable_parameter_count
+from loratrace.training.model import add_lora, load_base, load_lora_weights, load_run_model, trainable_parameter_count
 from loratrace.training.module import LoRAModule
 from loratrace.training.resume import resume_run_dir, validate_resume
 
@@ -204,8 +204,6 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
 def unsharded_model(cfg: Config, run_dir: Path, checkpoint: Path):
     """The PEFT model with `checkpoint`'s LoRA tensors, on rank 0 after an FSDP fit, whose own parameters are this
     rank's shards: FSDP's full state dict gathered them, whole, into every checkpoint (the last step always has one)."""
-    from loratrace.evaluate import load_lora_weights, load_run_model
-
     peft_model = load_run_model(cfg, run_dir)[0]
     load_lora_weights(peft_model, checkpoint)
     return peft_model

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-from loratrace.data.datasets import Encoded, collate
+from loratrace.data.encoding import Encoded, collate
 from loratrace.training.module import decoder_and_head
 
 

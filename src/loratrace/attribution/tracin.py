@@ -31,10 +31,21 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
+from loratrace.attribution.gradients import ExampleGradients, Projection
+from loratrace.config import Config, load_config
+from loratrace.data.datasets import Example, load_split
+from loratrace.data.encoding import encode, padding_token_id
 from loratrace.errors import LoratraceError, first_line
 from loratrace.runs import storage
+from loratrace.runs.find import read_run_folder
+from loratrace.runs.folder import utc_now
 from loratrace.track import schema
+from loratrace.track.lineage import is_effective, lineage_ranges, read_parts
+from loratrace.training.checkpoints import check_run_checkpoints, checkpoint_files, select_checkpoints
+from loratrace.training.model import load_lora_weights, load_run_model
+from loratrace.training.module import learning_rate_at
 
 METHODS = ("tracin", "tracin-cp")
 
@@ -83,116 +94,122 @@ def compute(run_dir: str | Path, example_ids: list[str] | None = None, split: st
             project_seed: int = 0, batch_size: int = 8, progress: bool = True,
             notice: Callable[[str], None] | None = None) -> Result:
     """`influence`, plus what the CLI prints: the examples' texts, the steps or checkpoints used and skipped."""
-    from loratrace.config import load_config
-    from loratrace.data.datasets import DataError, load_split
-
     notice = notice or _stderr
     run_dir = storage.local_folder(run_dir, "influence reads and writes a run folder on this machine: copy the run "
                                             "here first (e.g. aws s3 sync URL runs/NAME)")
-    if method not in METHODS:
-        raise InfluenceError(f"--method {method!r}: use one of {', '.join(METHODS)}")
-    if not (run_dir / "config.yaml").is_file():
-        raise InfluenceError(f"{run_dir} is not a run folder (no config.yaml)")
-    from loratrace.runs.find import read_run_folder
-
+    _check_arguments(run_dir, method, checkpoints, limit, project_dim, batch_size)
     info, _ = read_run_folder(run_dir)  # a damaged run.json, config.yaml or tracking/ is one line, before any work
-    for name, value, least in (("--limit", limit, 1), ("--project-dim", project_dim, 1), ("--batch-size",
-                                                                                        batch_size, 1)):
-        if value is not None and value < least:
-            raise InfluenceError(f"{name} must be at least {least}, got {value}")
     cfg = load_config(run_dir / "config.yaml", notice=lambda line: None)
     data = cfg.data
-    try:
-        train = load_split(data.dataset, data.source, data.train_split, data.limit, notice=lambda line: None)
-        tests = load_split(data.dataset, data.source, split, None if example_ids else limit, notice=lambda line: None)
-    except DataError as exc:
-        raise InfluenceError(str(exc)) from None
+    train = load_split(data.dataset, data.source, data.train_split, data.limit, notice=lambda line: None)
+    tests = load_split(data.dataset, data.source, split, None if example_ids else limit, notice=lambda line: None)
     _check_training_data(run_dir, train)
     if example_ids:
         tests = _select(tests, example_ids, split)
     if method == "tracin":
-        if checkpoints != "all":
-            raise InfluenceError("--checkpoints applies to --method tracin-cp (tracin uses the checkpoint before "
-                                 "each tail step)")
         terms, skipped = tracin_terms(run_dir)
         if skipped:
             notice(f"tracin: skipped {len(skipped)} tail step(s) whose preceding checkpoint is missing: "
                    f"{_steps_text(skipped)}")
     else:
         terms, skipped = tracin_cp_terms(run_dir, checkpoints, cfg), []
-    from loratrace.training.checkpoints import check_run_checkpoints
-
     check_run_checkpoints(run_dir, info.get("run_id"), [(t.checkpoint_step, t.checkpoint) for t in terms])
     key = computation_key(method, split, [(e.example_id, e.line) for e in tests], project_dim, project_seed)
-    folder = run_dir / "tracking" / "influence"
-    todo = [t for t in terms if not _is_current(folder / schema.influence_part_name(method, key, t.step), t, run_dir)]
+    job = Computation(run_dir, cfg, method, split, key, tuple(tests), tuple(train), project_dim, project_seed,
+                      batch_size, progress)
+    todo = [t for t in terms if not _is_current(job.part(t), t, run_dir)]
     if todo:
-        _run_terms(run_dir, cfg, method, split, key, tests, train, todo, project_dim, project_seed, batch_size,
-                   progress)
-    table = pa.concat_tables([pq.read_table(folder / schema.influence_part_name(method, key, t.step),
-                                            schema=schema.INFLUENCE) for t in terms])
+        _run_terms(job, todo)
+    table = pa.concat_tables([pq.read_table(job.part(t), schema=schema.INFLUENCE) for t in terms])
     frame = _summed(table, run_dir.name, method, split, tests, train)
     texts = {e.example_id: e.prompt for e in (*train, *tests)}
     return Result(frame, texts, terms, skipped)
 
 
-def _run_terms(run_dir, cfg, method, split, key, tests, train, todo, project_dim, project_seed, batch_size,
-               progress) -> None:
+def _check_arguments(run_dir: Path, method: str, checkpoints: str, limit: int | None, project_dim: int | None,
+                     batch_size: int) -> None:
+    """The arguments that need no file read, each wrong one one line, before anything is loaded."""
+    if method not in METHODS:
+        raise InfluenceError(f"--method {method!r}: use one of {', '.join(METHODS)}")
+    if not (run_dir / "config.yaml").is_file():
+        raise InfluenceError(f"{run_dir} is not a run folder (no config.yaml)")
+    for name, value in (("--limit", limit), ("--project-dim", project_dim), ("--batch-size", batch_size)):
+        if value is not None and value < 1:
+            raise InfluenceError(f"{name} must be at least 1, got {value}")
+    if method == "tracin" and checkpoints != "all":
+        raise InfluenceError("--checkpoints applies to --method tracin-cp (tracin uses the checkpoint before each "
+                             "tail step)")
+
+
+@dataclass(frozen=True)
+class Computation:
+    """What one influence computation is: the run, the method and test examples (named by `key`), the projection,
+    how it runs. Every part it writes is `part(term)`."""
+
+    run_dir: Path
+    cfg: Config
+    method: str
+    split: str
+    key: str  # computation_key: the parts' names
+    tests: tuple[Example, ...]
+    train: tuple[Example, ...]
+    project_dim: int | None
+    project_seed: int
+    batch_size: int
+    progress: bool
+
+    def part(self, term: Term) -> Path:
+        return self.run_dir / "tracking" / "influence" / schema.influence_part_name(self.method, self.key, term.step)
+
+
+def _run_terms(job: Computation, todo: list[Term]) -> None:
     """Load the base model once; per term swap the checkpoint's LoRA tensors in, take the test and training
     gradients, write the term's part."""
-    import torch
     from tqdm.auto import tqdm
 
-    from loratrace.attribution.gradients import ExampleGradients, Projection
-    from loratrace.data.datasets import encode, padding_token_id
-    from loratrace.evaluate import EvalError, load_lora_weights, load_run_model
-    from loratrace.runs.folder import utc_now
-
-    try:
-        with warnings.catch_warnings():  # PEFT reads a property transformers deprecated: nothing a user can act on
-            warnings.filterwarnings("ignore", ".*is_gradient_checkpointing.*")
-            model, tokenizer = load_run_model(cfg, run_dir)
-    except EvalError as exc:
-        raise InfluenceError(str(exc)) from None
+    with warnings.catch_warnings():  # PEFT reads a property transformers deprecated: nothing a user can act on
+        warnings.filterwarnings("ignore", ".*is_gradient_checkpointing.*")
+        model, tokenizer = load_run_model(job.cfg, job.run_dir)
     size = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    projection = Projection(project_dim, project_seed, size) if project_dim else None
-    computer = ExampleGradients(model, padding_token_id(tokenizer), batch_size, projection)
-    test_encoded = encode(tests, tokenizer, cfg.data.max_length)
-    train_encoded = encode(train, tokenizer, cfg.data.max_length)
-    position = {(e.example_id, e.line): i for i, e in enumerate(train)}
-    folder = run_dir / "tracking" / "influence"
-    for term in tqdm(todo, desc="checkpoints", disable=not progress, file=sys.stderr, dynamic_ncols=True):
-        source = _source(term, run_dir)  # taken before the file is read: a rewrite meanwhile makes the part stale
-        try:
-            load_lora_weights(model, term.checkpoint)
-        except EvalError as exc:
-            raise InfluenceError(str(exc)) from None
+    projection = Projection(job.project_dim, job.project_seed, size) if job.project_dim else None
+    computer = ExampleGradients(model, padding_token_id(tokenizer), job.batch_size, projection)
+    test_encoded = encode(list(job.tests), tokenizer, job.cfg.data.max_length)
+    train_encoded = encode(list(job.train), tokenizer, job.cfg.data.max_length)
+    position = {(e.example_id, e.line): i for i, e in enumerate(job.train)}
+    for term in tqdm(todo, desc="checkpoints", disable=not job.progress, file=sys.stderr, dynamic_ncols=True):
+        source = _source(term, job.run_dir)  # taken before the file is read: a rewrite meanwhile makes the part stale
+        load_lora_weights(model, term.checkpoint)
         test_grads = computer.matrix(test_encoded).double()
-        chosen = list(range(len(train))) if term.members is None else [position[m] for m in term.members]
+        chosen = list(range(len(job.train))) if term.members is None else [position[m] for m in term.members]
         rows: dict[str, list] = {name: [] for name in ("test", "train", "score")}
         with torch.no_grad():
             for indices, grads in computer.gradients([train_encoded[i] for i in chosen]):
                 scores = term.lr * (grads.double() @ test_grads.T)  # (train, test)
                 for offset, train_index in enumerate(chosen[indices.start: indices.stop]):
-                    rows["train"] += [train_index] * len(tests)
-                    rows["test"] += range(len(tests))
+                    rows["train"] += [train_index] * len(job.tests)
+                    rows["test"] += range(len(job.tests))
                     rows["score"] += scores[offset].tolist()
-        n = len(rows["score"])
-        table = pa.table({
-            "run_id": [run_dir.name] * n, "method": [method] * n, "test_split": [split] * n,
-            "test_example_id": [tests[i].example_id for i in rows["test"]],
-            "test_line": [tests[i].line for i in rows["test"]],
-            "train_example_id": [train[i].example_id for i in rows["train"]],
-            "train_line": [train[i].line for i in rows["train"]],
-            "step": [term.step] * n, "checkpoint_step": [term.checkpoint_step] * n,
-            "checkpoint_path": [term.checkpoint.relative_to(run_dir).as_posix()] * n, "lr": [term.lr] * n,
-            "score": rows["score"], "project_dim": [project_dim] * n, "computed_at": [utc_now()] * n,
-        }, schema=schema.INFLUENCE).replace_schema_metadata({SOURCE_KEY: source})
-        path = folder / schema.influence_part_name(method, key, term.step)
-        try:
-            schema.write_atomic(table, path)
-        except OSError as exc:
-            raise InfluenceError(f"cannot write {path}: {exc.strerror or exc}") from None
+        _write_part(job, term, rows, source)
+
+
+def _write_part(job: Computation, term: Term, rows: dict[str, list], source: bytes) -> None:
+    """One term's scores as its part: a row per (test, training) example, `source` in its metadata."""
+    n, tests, train = len(rows["score"]), job.tests, job.train
+    table = pa.table({
+        "run_id": [job.run_dir.name] * n, "method": [job.method] * n, "test_split": [job.split] * n,
+        "test_example_id": [tests[i].example_id for i in rows["test"]],
+        "test_line": [tests[i].line for i in rows["test"]],
+        "train_example_id": [train[i].example_id for i in rows["train"]],
+        "train_line": [train[i].line for i in rows["train"]],
+        "step": [term.step] * n, "checkpoint_step": [term.checkpoint_step] * n,
+        "checkpoint_path": [term.checkpoint.relative_to(job.run_dir).as_posix()] * n, "lr": [term.lr] * n,
+        "score": rows["score"], "project_dim": [job.project_dim] * n, "computed_at": [utc_now()] * n,
+    }, schema=schema.INFLUENCE).replace_schema_metadata({SOURCE_KEY: source})
+    path = job.part(term)
+    try:
+        schema.write_atomic(table, path)
+    except OSError as exc:
+        raise InfluenceError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 SOURCE_KEY = b"loratrace.influence_source"
@@ -219,8 +236,6 @@ def _is_current(part: Path, term: Term, run_dir: Path) -> bool:
 def tracin_terms(run_dir: Path) -> tuple[list[Term], list[int]]:
     """The stage-2 steps with the checkpoint just before each (effective rows only), and the steps skipped for
     want of that checkpoint."""
-    from loratrace.training.checkpoints import checkpoint_files
-
     steps = _effective_steps(run_dir)
     tail = {step: info for step, info in steps.items() if info["stage"] == 2}
     if not tail:
@@ -239,15 +254,7 @@ def tracin_terms(run_dir: Path) -> tuple[list[Term], list[int]]:
 def tracin_cp_terms(run_dir: Path, which: str, cfg) -> list[Term]:
     """The chosen checkpoints, each with the lr of the update that produced it (the tracked rows', else the
     config's schedule)."""
-    from loratrace.evaluate import EvalError, select_checkpoints
-    from loratrace.training.module import learning_rate_at
-
-    if which == "final":
-        raise InfluenceError("--checkpoints final: influence needs checkpoint files (all, last, or steps like 76,100)")
-    try:
-        chosen = select_checkpoints(run_dir, which)
-    except EvalError as exc:
-        raise InfluenceError(str(exc)) from None
+    chosen = select_checkpoints(run_dir, which, "use")
     steps = _effective_steps(run_dir) if (run_dir / "tracking" / "batches").is_dir() else {}
     return [Term(step, step, path, steps[step]["lr"] if step in steps else learning_rate_at(step, cfg.training), None)
             for step, path in chosen]
@@ -256,8 +263,6 @@ def tracin_cp_terms(run_dir: Path, which: str, cfg) -> list[Term]:
 def _effective_steps(run_dir: Path) -> dict[int, dict]:
     """step -> {lr, stage, attempt, members: [(example_id, line)] in batch order, each once}, from the effective
     rows."""
-    from loratrace.track.mappings import is_effective, lineage_ranges, read_parts
-
     tracking = run_dir / "tracking"
     columns = ["attempt", "step", "micro_batch", "rank", "stage", "example_ids", "lines", "lr"]
     rows = read_parts(tracking / "batches", schema.BATCHES).select(columns).to_pylist()

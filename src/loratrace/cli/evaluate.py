@@ -6,6 +6,7 @@ import argparse
 
 from loratrace.cli.common import FORMATS, emit
 from loratrace.config import ConfigError
+from loratrace.training.selection import CHECKPOINT_SELECTION, FINAL_IS_EVAL_ONLY
 
 INFLUENCE_DESCRIPTION = """Influence of each training example on test examples, from the run's checkpoints:
   tracin     sum over the stage-2 steps t whose batch held the training example of
@@ -20,7 +21,9 @@ def add_eval(sub) -> None:
     evaluate = sub.add_parser("eval", help="multiple-choice accuracy of a run's checkpoints, per example",
                               description="Score checkpoints on a held-out split; results join the evals view.")
     evaluate.add_argument("run", help="the run folder")
-    evaluate.add_argument("--checkpoints", default="all", help="all (default), last, final, or steps like 76,100")
+    evaluate.add_argument("--checkpoints", default="all", metavar="SELECTION",
+                          help=f"which checkpoints: {CHECKPOINT_SELECTION}, or final (the merged final_model/); "
+                               "default: all")
     evaluate.add_argument("--split", help="split to score (default: the run's eval.split, validation)")
     evaluate.add_argument("--limit", type=int, help="score only the first N rows")
     evaluate.add_argument("--batch-size", type=int, help="examples per forward pass")
@@ -37,7 +40,9 @@ def add_influence(sub) -> None:
     influence.add_argument("--limit", type=int, help="without --example-id: only the split's first N rows")
     influence.add_argument("--method", choices=("tracin", "tracin-cp"), default="tracin",
                            help="tracin (default): per step over the tail; tracin-cp: over checkpoints")
-    influence.add_argument("--checkpoints", default="all", help="tracin-cp: all (default), last, or steps like 76,100")
+    influence.add_argument("--checkpoints", default="all", metavar="SELECTION",
+                           help=f"tracin-cp's checkpoints: {CHECKPOINT_SELECTION} (default: all; "
+                                f"{FINAL_IS_EVAL_ONLY})")
     influence.add_argument("--project-dim", type=int, metavar="K",
                            help="project gradients to K dimensions (seeded Gaussian): bounded memory, approximate")
     influence.add_argument("--batch-size", type=int, default=8, help="examples per batched gradient (default 8)")

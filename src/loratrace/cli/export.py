@@ -9,6 +9,7 @@ from loratrace.cli.common import warning_line
 from loratrace.errors import LoratraceError
 from loratrace.query.formats import check_apart
 from loratrace.runs import storage
+from loratrace.training.selection import CHECKPOINT_SELECTION, FINAL_IS_EVAL_ONLY
 
 
 def add_export(sub) -> None:
@@ -19,8 +20,9 @@ def add_export(sub) -> None:
                                         "run). OUT appears complete or not at all.")
     export.add_argument("run", help="the run folder")
     export.add_argument("--adapters", required=True, metavar="OUT", help="the folder to write (new, or empty)")
-    export.add_argument("--steps", help="a range like 76..125 (the checkpoints in it), steps like 76,100 (each must "
-                                        "have a checkpoint), or both; default: every checkpoint")
+    export.add_argument("--checkpoints", "--steps", dest="checkpoints", metavar="SELECTION",
+                        help=f"which checkpoints: {CHECKPOINT_SELECTION} (default: all; {FINAL_IS_EVAL_ONLY}); "
+                             "--steps is the older name of this option")
     export.add_argument("--flat", action="store_true",
                         help="also write each checkpoint's LoRA tensors as one float32 vector, OUT/flat/<checkpoint>"
                              ".safetensors, in the order and shapes of OUT/flat/layout.json (sorted by PEFT name)")
@@ -43,7 +45,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     warnings.showwarning = warning_line
     out = storage.local_form(args.adapters)
-    manifest = export_adapters(args.run, out, steps=args.steps, flat=args.flat, overwrite=args.overwrite)
+    manifest = export_adapters(args.run, out, steps=args.checkpoints, flat=args.flat, overwrite=args.overwrite)
     steps = list(manifest.step)
     print(f"exported {len(steps)} adapter(s), steps {steps[0]}..{steps[-1]}, to {out}  "
           f"manifest {Path(out) / MANIFEST_FILE}" + (f"  flat vectors {Path(out) / 'flat'}/" if args.flat else ""))

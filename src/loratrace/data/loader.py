@@ -11,7 +11,8 @@ from typing import Any
 
 import lightning as L
 
-from loratrace.data.datasets import DataError, Encoded, Example, collate, encode, padding_token_id
+from loratrace.data.datasets import DataError, Example
+from loratrace.data.encoding import Encoded, collate, encode, padding_token_id
 
 
 class EpochLoader:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import duckdb
 import pyarrow as pa
 
-from loratrace.track import schema
+from loratrace.track.lineage import effective_ranges
 
 DUCKDB_TYPES = {pa.string(): "VARCHAR", pa.bool_(): "BOOLEAN", pa.int8(): "TINYINT", pa.int32(): "INTEGER",
                 pa.int64(): "BIGINT", pa.float32(): "FLOAT", pa.float64(): "DOUBLE"}
@@ -59,14 +59,14 @@ def create_raw_view(con: duckdb.DuckDBPyConnection, view: str, files: list[str],
 
 def create_lineage(con: duckdb.DuckDBPyConnection, files: dict[str, list[str]]) -> None:
     """The table `lineage`: (run_id, attempt, lo, hi), the steps lo < step <= hi each effective attempt owns
-    (schema.effective_ranges), from `attempts_raw`."""
+    (track.lineage.effective_ranges), from `attempts_raw`."""
     relation = con.sql("SELECT run_id, attempt, parent_attempt, resumed_step FROM attempts_raw")
     by_run: dict[str, list[dict]] = {}
     for row in relation.fetchall():
         record = dict(zip(relation.columns, row))
         by_run.setdefault(record["run_id"], []).append(record)
     rows = [[run_id, attempt, lower, upper] for run_id, run_attempts in by_run.items()
-            for attempt, (lower, upper) in schema.effective_ranges(run_attempts).items()]
+            for attempt, (lower, upper) in effective_ranges(run_attempts).items()]
     # A run folder without attempt records (written by hand or by an older tool): every row is effective. Only
     # its batch parts are read for their run_id: scanning every part would cost each query's start-up.
     recorded = {a.split("/tracking/")[0] for a in files["attempts_raw"]}

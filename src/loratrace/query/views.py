@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from loratrace.query.samples_index import TRACE_COLUMNS
 
-# A row is effective when its attempt owns its step in the run's lineage (schema.effective_ranges).
+# A row is effective when its attempt owns its step in the run's lineage (track.lineage.effective_ranges).
 EFFECTIVE = ("l.run_id = {t}.run_id AND (l.attempt IS NULL OR l.attempt = {t}.attempt) "
              "AND {t}.step > l.lo AND (l.hi IS NULL OR {t}.step <= l.hi)")
 TRACE_SELECT = ", ".join("e." + c if c in ("checkpoint_step", "checkpoint_path", "first") else "s." + c

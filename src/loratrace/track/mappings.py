@@ -3,7 +3,7 @@
 `Mappings` keeps an index of the effective lineage in memory and reads only the parts it has not read yet, so a
 refresh at every checkpoint save costs milliseconds, not a re-read of the whole run:
 
-    mappings = Mappings(run_dir / "tracking", run_id, lineage_ranges(run_dir / "tracking"))
+    mappings = Mappings(run_dir / "tracking", run_id, lineage_ranges(run_dir / "tracking"))   # track/lineage.py
     mappings.refresh()                       # now: -> step_checkpoint.parquet, line_checkpoint.parquet
     mappings.refresh_when_due(written)       # at a save: on its own thread, within its share of the wall time
 
@@ -22,8 +22,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from loratrace.errors import first_line
 from loratrace.track import schema
+from loratrace.track.lineage import is_effective
 from loratrace.track.writer import BackgroundWriter
 
 
@@ -133,23 +133,6 @@ class Mappings:
         self._duration = self._finished_at - started
 
 
-def is_effective(ranges: dict[int, tuple[int, int | None]], attempt: int, step: int) -> bool:
-    """Whether `attempt`'s row for `step` is in the effective lineage (`ranges`: schema.effective_ranges)."""
-    if attempt not in ranges:
-        return False
-    lower, upper = ranges[attempt]
-    return step > lower and (upper is None or step <= upper)
-
-
-def abandoned_checkpoint_steps(tracking_dir: Path) -> set[int]:
-    """Steps whose checkpoint rows all come from attempts off the effective lineage: the files there were written by
-    an attempt a resume went back from (a step no effective attempt saved again)."""
-    rows = read_parts(Path(tracking_dir) / "checkpoints", schema.CHECKPOINTS).to_pylist()
-    ranges = lineage_ranges(tracking_dir) if rows else {}
-    recorded = {row["step"] for row in rows}
-    return recorded - {row["step"] for row in rows if is_effective(ranges, row["attempt"], row["step"])}
-
-
 def _by_line_then_id(item: tuple[tuple[str | None, int | None], set]) -> tuple:
     """Sort key of an indexed (example_id, line): by line, then id; a null one (an imported legacy index that is no
     row of the data set) after the others."""
@@ -157,29 +140,6 @@ def _by_line_then_id(item: tuple[tuple[str | None, int | None], set]) -> tuple:
     return (line is None, line or 0, example_id is None, example_id or "")
 
 
-def lineage_ranges(tracking_dir: Path, current_attempt: dict | None = None) -> dict[int, tuple[int, int | None]]:
-    """The effective ranges of the attempts on disk, plus `current_attempt` (a launch not yet written)."""
-    attempts = read_parts(Path(tracking_dir) / "attempts", schema.ATTEMPTS).to_pylist()
-    if current_attempt is not None:
-        attempts = [a for a in attempts if a["attempt"] != current_attempt["attempt"]] + [current_attempt]
-    return schema.effective_ranges(attempts)
-
-
 def _after(done: Future, fn, *args) -> None:
     done.result()
     fn(*args)
-
-
-def read_parts(folder: Path, table_schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
-    """Every part the tracker wrote in `folder` (temporary and foreign names are never matched); a part that cannot
-    be read as `table_schema` (damaged pages, a column of another type) is one DamagedPart line naming it."""
-    tables = []
-    for path in schema.tracker_parts(folder):
-        try:
-            tables.append(pq.read_table(path, schema=table_schema, columns=columns))
-        except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError, ... for a damaged file
-            raise schema.DamagedPart(f"{path}: unreadable tracking part ({first_line(exc)}); restore it from a "
-                                     "backup") from None
-    chosen = table_schema if columns is None else pa.schema([table_schema.field(c) for c in columns])
-    return pa.concat_tables(tables) if tables else chosen.empty_table()
-

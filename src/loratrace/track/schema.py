@@ -193,25 +193,6 @@ def write_atomic(table: pa.Table, path: Path) -> None:
     storage.publish(path)
 
 
-def effective_ranges(attempts: list[dict]) -> dict[int, tuple[int, int | None]]:
-    """The lineage rule, in one place: attempt -> (lo, hi], the steps whose rows from that attempt are effective.
-
-    Walk back from the latest attempt through `parent_attempt` (the attempt that wrote the checkpoint it resumed
-    from). Each attempt owns the steps after its `resumed_step` up to where its child took over; rows of attempts off
-    this chain, or past their range, were trained on but discarded: orphaned.
-    """
-    by_attempt = {int(a["attempt"]): a for a in attempts}
-    ranges: dict[int, tuple[int, int | None]] = {}
-    current, upper = (max(by_attempt) if by_attempt else None), None
-    while current is not None and current in by_attempt and current not in ranges:
-        row = by_attempt[current]
-        lower = int(row.get("resumed_step") or 0)
-        ranges[current] = (lower, upper)
-        upper, parent = lower, row.get("parent_attempt")
-        current = None if parent is None else int(parent)
-    return ranges
-
-
 # ---------------------------------------------------------------------------------------------- part file names
 # The names the tracker (and `loratrace eval`) write under tracking/, and the only names the query layer reads: any
 # other file in these folders is foreign (a copy, an editor's backup, a half-finished download) and is ignored.

@@ -41,7 +41,8 @@ from loratrace.errors import LoratraceError
 from loratrace.runs import storage
 from loratrace.runs.folder import utc_now
 from loratrace.track import schema
-from loratrace.track.mappings import Mappings, is_effective, lineage_ranges, read_parts
+from loratrace.track.lineage import lineage_ranges, read_parts
+from loratrace.track.mappings import Mappings
 from loratrace.track.step_outputs import HostValues, gradient_norm, micro_batch_loss, stage_of
 from loratrace.track.writer import PartWriter
 
@@ -365,17 +366,3 @@ def _attempt_row(trainer: L.Trainer, run_id: str, attempt: int, parent_attempt: 
 
 class TrackingError(LoratraceError):
     """A run's tracking/ history that cannot be continued: an unreadable part, or steps missing from its lineage."""
-
-
-def missing_lineage_steps(tracking_dir: Path, up_to_step: int, current_attempt: dict | None = None) -> list[int]:
-    """The steps 1..`up_to_step` that no effective row of the `batches` parts covers: a hole in the history (a part
-    deleted or lost). `current_attempt` (attempt, parent_attempt, resumed_step): a launch not yet on disk, whose
-    lineage is the one to check. The resume check's rule; the `runs` view counts the same holes in SQL
-    (missing_steps)."""
-    tracking_dir = Path(tracking_dir)
-    read_parts(tracking_dir / "attempts", schema.ATTEMPTS)  # a damaged part is named, not a pyarrow traceback
-    ranges = lineage_ranges(tracking_dir, current_attempt)
-    rows = read_parts(tracking_dir / "batches", schema.BATCHES, ["attempt", "step"])
-    present = {step for attempt, step in zip(rows["attempt"].to_pylist(), rows["step"].to_pylist())
-               if is_effective(ranges, attempt, step)}
-    return [step for step in range(1, up_to_step + 1) if step not in present]

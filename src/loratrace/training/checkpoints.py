@@ -32,8 +32,10 @@ from lightning.pytorch.callbacks import Callback, Checkpoint
 from typing_extensions import override
 
 from loratrace.config import CheckpointConfig
-from loratrace.errors import LoratraceError, first_line
+from loratrace.errors import CheckpointError, first_line
 from loratrace.runs import storage
+from loratrace.track.lineage import abandoned_checkpoint_steps
+from loratrace.training.selection import choose
 
 
 def checkpoint_name(step: int) -> str:
@@ -162,16 +164,13 @@ class StepCheckpoint(UpdateBoundary, Checkpoint):
 
 
 def read_checkpoint(path: Path) -> dict:
-    """A `.ckpt` loaded on the CPU, memory-mapped; a truncated or foreign file raises ValueError with one line."""
+    """A `.ckpt` loaded on the CPU, memory-mapped; a truncated or foreign file is one CheckpointError line (a
+    ValueError: a caller that adds advice catches that)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, EOFError, UnpicklingError, ...
         first = first_line(exc)
-        raise ValueError(f"{path}: not a readable checkpoint ({first})") from None
-
-
-class CheckpointFileError(LoratraceError):
-    """A checkpoint file a command was asked to read that cannot serve: unreadable, or written by another run."""
+        raise CheckpointError(f"{path}: not a readable checkpoint ({first})") from None
 
 
 def written_by(state: dict) -> str | None:
@@ -201,24 +200,26 @@ def check_run_checkpoints(run_dir: Path, run_id: str | None, chosen: Iterable[tu
     command loads a model or starts a progress bar: eval, export and influence fail in one line, having done
     nothing."""
     for _, path in chosen:
-        try:
-            writer = foreign_writer(read_checkpoint(path), run_dir, run_id)
-        except ValueError as exc:
-            raise CheckpointFileError(str(exc)) from None
+        writer = foreign_writer(read_checkpoint(path), run_dir, run_id)
         if writer is not None:
-            raise CheckpointFileError(f"{path}: written by run {writer}, not {run_id or Path(run_dir).name} (copied "
+            raise CheckpointError(f"{path}: written by run {writer}, not {run_id or Path(run_dir).name} (copied "
                                       "here?); use the run's own checkpoints")
 
 
 def checkpoint_files(run_dir: Path) -> list[tuple[int, Path]]:
     """A run's `checkpoint-step-NNN.ckpt` files as (step, path), by step, less those a tracked run's lineage abandoned
     (written by an attempt past the step a resume went back to, and not written again since)."""
-    from loratrace.track.mappings import abandoned_checkpoint_steps  # pyarrow only
-
     abandoned = abandoned_checkpoint_steps(Path(run_dir) / "tracking")
     found = ((int(p.name[len("checkpoint-step-"):-len(".ckpt")]), p)
              for p in (Path(run_dir) / "checkpoints").glob("checkpoint-step-*.ckpt"))
     return sorted((step, path) for step, path in found if step not in abandoned)
+
+
+def select_checkpoints(run_dir: Path, text: str, verb: str, final: bool = False,
+                       option: str = "--checkpoints") -> list[tuple[int, Path]]:
+    """The (step, file) pairs of a run's effective checkpoints that `text` selects, in the one syntax of eval, export
+    and influence (training/selection.py); `verb` says what for in "has no checkpoints to <verb>"."""
+    return choose(checkpoint_files(run_dir), text, Path(run_dir), verb, final, option)
 
 
 def latest_full_checkpoint(run_dir: Path, step: int | None = None) -> Path | None:

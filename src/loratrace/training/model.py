@@ -15,8 +15,10 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 
-from loratrace.config import LoraConfig, ModelConfig
-from loratrace.errors import LoratraceError, first_line
+from loratrace.config import Config, LoraConfig, ModelConfig
+from loratrace.errors import CheckpointError, LoratraceError, first_line
+from loratrace.training.checkpoints import read_checkpoint
+from loratrace.training.module import lora_mismatch
 
 PRETRAINED_DIR = Path(__file__).parents[1] / "sample" / "tiny_base"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -31,7 +33,7 @@ SHAPES = {  # real models' configs, for random-weight stand-ins built offline (`
 
 
 class ModelError(LoratraceError):
-    """A base model the user named that cannot be loaded."""
+    """A base model the user named, or a run's saved one, that cannot be loaded."""
 
 
 def _tiny_corpus() -> list[str]:
@@ -159,3 +161,33 @@ def add_lora(model, cfg: LoraConfig, seed: int):
 
 def trainable_parameter_count(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ------------------------------------------------------------------------------------ a finished run's model
+
+def load_run_model(cfg: Config, run_dir: Path):
+    """(peft_model, tokenizer) of a run: its base (the tiny preset's from the run's `base_model/`) with fresh LoRA
+    adapters, for eval, export and influence to load each checkpoint's tensors into (`load_lora_weights`)."""
+    from transformers import AutoTokenizer
+
+    if cfg.model.name == "tiny":
+        base_dir = Path(run_dir) / "base_model"
+        if not base_dir.is_dir():
+            raise ModelError(f"{run_dir} has no base_model/ (the tiny preset's base is saved there); copy the run "
+                             "folder whole")
+        model = load_small_model(base_dir)
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    else:
+        model, tokenizer = load_base(cfg.model)
+    return add_lora(model, cfg.lora, cfg.training.seed), tokenizer
+
+
+def load_lora_weights(peft_model, checkpoint: Path) -> None:
+    """Put a loratrace `.ckpt`'s LoRA tensors into `peft_model`; an unreadable file or a shape or name mismatch is
+    one CheckpointError line."""
+    state = read_checkpoint(checkpoint).get("state_dict", {})
+    weights = {k.removeprefix("model."): v for k, v in state.items()}  # LoRAModule keeps the PEFT model as .model
+    problem = lora_mismatch(peft_model, weights)
+    if problem:
+        raise CheckpointError(f"{checkpoint.name}: {problem}")
+    peft_model.load_state_dict(weights, strict=False)

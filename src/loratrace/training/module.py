@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from typing_extensions import override
 
 from loratrace.config import TrainingConfig
-from loratrace.errors import LoratraceError
+from loratrace.errors import CheckpointError
 from loratrace.track.step_outputs import HostValues, StepOutputs, gradient_norm
 from loratrace.training.checkpoints import is_weights_only
 
@@ -109,10 +109,6 @@ def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.
         return base.get_decoder(), base.get_output_embeddings()
     except (AttributeError, NotImplementedError):
         return None
-
-
-class CheckpointError(LoratraceError):
-    """A checkpoint that does not fit the model being trained."""
 
 
 def lora_mismatch(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> str | None:

@@ -11,12 +11,13 @@ from pathlib import Path
 
 from loratrace.config import Config, ConfigError
 from loratrace.data.loader import order_mismatch
+from loratrace.errors import CheckpointError
 from loratrace.runs import storage
 from loratrace.runs.folder import read_run_json
 from loratrace.track import schema
-from loratrace.track.mappings import read_parts
+from loratrace.track.lineage import missing_lineage_steps, read_parts
 from loratrace.track.schema import step_ranges_text
-from loratrace.track.tracker import TrackingError, missing_lineage_steps
+from loratrace.track.tracker import TrackingError
 from loratrace.training.checkpoints import (
     foreign_writer,
     is_weights_only,
@@ -24,7 +25,7 @@ from loratrace.training.checkpoints import (
     read_checkpoint,
     tracker_state,
 )
-from loratrace.training.module import CheckpointError, LoRAModule, lora_mismatch
+from loratrace.training.module import LoRAModule, lora_mismatch
 
 
 def resume_run_dir(checkpoint: Path) -> Path:
