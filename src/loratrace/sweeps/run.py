@@ -40,12 +40,6 @@ SAMPLERS = ("tpe", "random", "gp", "qmc")
 PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "threshold", "none")
 
 
-class SweepError(LoratraceError):
-    """A sweep that cannot start or go on: a study folder that is not one, a trial that failed."""
-
-    exit_code = 1
-
-
 class SweepInterrupted(LoratraceError):
     """A sweep stopped by a signal: `--resume` continues it."""
 
