@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -297,7 +298,7 @@ def test_a_sweep_on_object_storage_is_refused_before_anything_is_written(tmp_pat
 
 def test_a_file_url_runs_dir_is_that_local_folder(tmp_path, monkeypatch):
     """`runs_dir=file:///abs/runs`: the study goes to /abs/runs/sweeps/NAME, not to a folder named `file:`."""
-    from loratrace.sweeps.run import plan_sweep
+    from loratrace.sweeps.spec import plan_sweep
 
     monkeypatch.chdir(tmp_path)
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"runs_dir=file://{tmp_path / 'runs'}"])
@@ -308,7 +309,7 @@ def test_a_file_url_runs_dir_is_that_local_folder(tmp_path, monkeypatch):
 
 
 def test_report_study_with_no_trials_yet_says_so(tmp_path, capsys):
-    from loratrace.sweeps.run import create_study, plan_sweep
+    from loratrace.sweeps.spec import create_study, plan_sweep
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"runs_dir={tmp_path / 'runs'}"])
     create_study(plan_sweep(cfg, ["lora.r=choice(4,8)"], 2, study="empty"))  # the study exists, no trial started
@@ -331,15 +332,39 @@ def test_trials_0_is_refused_not_taken_for_the_default(tmp_path, capsys, monkeyp
 
 
 def _new_study(tmp_path: Path, name: str = "s1") -> Path:
-    from loratrace.sweeps.run import create_study, plan_sweep
+    from loratrace.sweeps.spec import create_study, plan_sweep
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"runs_dir={tmp_path / 'runs'}"])
     create_study(plan_sweep(cfg, ["lora.r=choice(4,8)"], 1, study=name))
     return tmp_path / "runs" / "sweeps" / name
 
 
+@pytest.mark.slow
+def test_resume_with_jobs_exits_non_zero_naming_the_worker_whose_trial_failed(tmp_path):
+    """Each worker's trial fails before training (an eval split the data set lacks): `--resume --jobs 2` exits with the
+    workers' code and names the first worker and its trial (it returned 0, dropping the workers' exit codes)."""
+    from loratrace.sweeps.spec import create_study, plan_sweep
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"runs_dir={tmp_path / 'runs'}", "eval.split=nosuch"])
+    create_study(plan_sweep(cfg, ["lora.r=choice(4,8)"], 2, study="broken"))
+    study_dir = tmp_path / "runs" / "sweeps" / "broken"
+    result = run_cli("sweep", "--resume", str(study_dir), "--jobs", "2", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("loratrace: error: ")]
+    assert len(errors) == 3 and sum("nosuch" in line for line in errors[:2]) == 2, result.stderr[-3000:]
+    trials = load_study(study_dir).trials
+    assert [t.state.name for t in trials] == ["FAIL", "FAIL"]
+    by_pid = {t.user_attrs["worker"]["pid"]: t.number for t in trials}
+    last = errors[-1]
+    worker, pid, trial = re.fullmatch(r"loratrace: error: sweep worker (\d) \(pid (\d+)\) exited with code 2 during "
+                                      r"trial (\d) \(its error is above\); continue it with: loratrace sweep --resume "
+                                      + re.escape(str(study_dir)), last).groups()
+    assert by_pid[int(pid)] == int(trial) and worker in ("0", "1")
+    assert result.stdout == ""  # no summary: the sweep did not end well
+
+
 def test_sweep_json_paths_are_relative_so_a_copy_reads_its_own_study(tmp_path):
-    from loratrace.sweeps.run import read_spec
+    from loratrace.sweeps.spec import read_spec
 
     study = _new_study(tmp_path)
     recorded = json.loads((study / "sweep.json").read_text())
@@ -371,7 +396,7 @@ def test_a_copied_study_whose_trials_ran_in_the_original_runs_is_refused(tmp_pat
 
 
 def test_an_older_absolute_sweep_json_is_read_in_place_and_refused_when_moved(tmp_path, capsys):
-    from loratrace.sweeps.run import read_spec
+    from loratrace.sweeps.spec import read_spec
 
     study = _new_study(tmp_path)
     recorded = json.loads((study / "sweep.json").read_text())
@@ -407,7 +432,7 @@ def test_two_sweeps_racing_to_make_one_study_make_it_once(tmp_path):
     import threading
 
     from loratrace.errors import LoratraceError
-    from loratrace.sweeps.run import create_study, plan_sweep
+    from loratrace.sweeps.spec import create_study, plan_sweep
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"runs_dir={tmp_path / 'runs'}"])
     specs = [plan_sweep(cfg, ["lora.r=choice(4,8)"], 1, study="raced") for _ in range(2)]

@@ -1,4 +1,5 @@
-"""`loratrace sweep`'s arguments and command (cli.py adds them): it parses and prints; sweeps.py does the work.
+"""`loratrace sweep`'s arguments and command (cli/app.py adds them): it parses and prints; the library
+(sweeps/run.py: `sweep`, `resume_sweep`) does the work.
 
     loratrace sweep [--config F] --param 'key=uniform(a,b)' ... [--trials N] [--objective O] [--jobs N] [key=value ...]
     loratrace sweep --resume runs/sweeps/<study> [--jobs N] [--trials N]
@@ -8,7 +9,7 @@
 from __future__ import annotations
 
 import argparse
-import sys
+import json
 from pathlib import Path
 
 from loratrace.config import ConfigError, load_config
@@ -57,58 +58,43 @@ def add_sweep(sub) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    import json
+    # optuna and torch only when this command runs: `loratrace query` imports this module too
+    from loratrace.sweeps import run, workers
+    from loratrace.sweeps.spec import SPEC_FILE, read_spec
 
-    if args.worker is not None:
-        from loratrace.sweeps.run import read_spec  # optuna and torch only when this command runs
-        from loratrace.sweeps.workers import work  # optuna and torch only when this command runs
-
+    if args.worker is not None:  # one of --jobs' processes (run.run_sweep starts them)
         spec = read_spec(args.study)
         spec.storage = args.storage or spec.storage
-        work(spec, args.worker, args.jobs)
+        workers.work(spec, args.worker, args.jobs)
         return 0
-    existing = args.resume or (args.study if args.study and (Path(args.study) / "sweep.json").is_file() else None)
+    existing = args.resume or (args.study if args.study and (Path(args.study) / SPEC_FILE).is_file() else None)
     if not existing and args.storage and args.study and not args.param:  # another machine joins a shared study
-        from loratrace.sweeps.run import join_sweep  # optuna and torch only when this command runs
-
-        existing = str(join_sweep(args.storage, args.study, args.runs_dir or "runs"))
+        existing = str(run.join_sweep(args.storage, args.study, args.runs_dir or "runs"))
     if existing:
         given = [flag for flag, value in (("--param", args.param), ("--config", args.config), ("key=value",
                  args.overrides), ("--enqueue", args.enqueue)) if value]
         if given:
             raise ConfigError(f"{existing} continues as its sweep.json records it: {given[0]} starts a new study "
                               "(name another --study)")
-        from loratrace.sweeps.run import resume_sweep, summary  # optuna and torch only when this command runs
+        spec = run.resume_sweep(existing, jobs=args.jobs, trials=args.trials, storage=args.storage)
+    else:
+        enqueue = [_enqueued(text) for text in args.enqueue]
+        overrides = list(args.overrides) + (["tracking.enabled=true"] if args.track_batches else []) + \
+            ([f"runs_dir={args.runs_dir}"] if args.runs_dir else [])
+        trials = 10 if args.trials is None else args.trials  # 0 is refused, not taken for the default
+        spec = run.sweep(load_config(args.config, overrides), args.param, trials, jobs=args.jobs, enqueue=enqueue,
+                         objective=args.objective, direction=args.direction, checkpoint=args.checkpoint,
+                         study=args.study, storage=args.storage, sampler=args.sampler, seed=args.seed,
+                         pruner=args.pruner, heartbeat_s=args.heartbeat)
+    print(run.summary(spec))
+    return 0
 
-        spec = resume_sweep(existing, jobs=args.jobs, trials=args.trials, storage=args.storage)
-        print(summary(spec))
-        return 0
-    enqueue = []
-    for text in args.enqueue:
-        try:
-            fixed = json.loads(text)
-        except ValueError:
-            fixed = None
-        if not isinstance(fixed, dict):
-            raise ConfigError(f"--enqueue {text}: give a JSON object of parameter values, e.g. '{{\"lora.r\": 8}}'")
-        enqueue.append(fixed)
-    overrides = list(args.overrides) + (["tracking.enabled=true"] if args.track_batches else []) + \
-        ([f"runs_dir={args.runs_dir}"] if args.runs_dir else [])
-    cfg = load_config(args.config, overrides)
-    from loratrace.sweeps.run import plan_sweep, summary  # optuna and torch only when this command runs
 
-    options = dict(objective=args.objective, direction=args.direction, checkpoint=args.checkpoint, study=args.study,
-                   storage=args.storage, sampler=args.sampler, seed=args.seed, pruner=args.pruner, enqueue=enqueue,
-                   heartbeat_s=args.heartbeat)
-    trials = 10 if args.trials is None else args.trials  # 0 is refused, not taken for the default
-    spec = plan_sweep(cfg, args.param, trials, **options)  # every check, before anything is written
-    if args.jobs < 1:
-        raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
-    from loratrace.sweeps.run import create_study  # optuna and torch only when this command runs
-    from loratrace.sweeps.workers import run_sweep  # optuna and torch only when this command runs
-
-    create_study(spec)
-    print(f"study {spec.study}: {spec.study_dir}", file=sys.stderr, flush=True)
-    code = run_sweep(spec, args.jobs)
-    print(summary(spec))
-    return code
+def _enqueued(text: str) -> dict:
+    try:
+        fixed = json.loads(text)
+    except ValueError:
+        fixed = None
+    if not isinstance(fixed, dict):
+        raise ConfigError(f"--enqueue {text}: give a JSON object of parameter values, e.g. '{{\"lora.r\": 8}}'")
+    return fixed

@@ -21,6 +21,7 @@ from loratrace.config import Config
 from loratrace.errors import ConfigError
 from loratrace.runs import folder
 from loratrace.track import schema
+from loratrace.training.checkpoints import checkpoint_files
 
 OBJECTIVES = {"eval_accuracy": "maximize", "final_loss": "minimize"}  # objective -> its natural direction
 
@@ -75,8 +76,6 @@ def checkpoint_accuracies(run_dir: Path, cfg: Config, step: int | None = None) -
     """Accuracy per checkpoint step on the config's eval split and scoring, as the `evals` view holds it: the latest
     evaluation of each checkpoint file, only checkpoints of the run's effective lineage. With `step`, only the
     checkpoint just written at that step (its parts alone are read)."""
-    from loratrace.training.checkpoints import checkpoint_files  # torch: only where a run is scored
-
     pattern = f"s{step:09d}-*.parquet" if step is not None else "s*.parquet"  # schema.evals_part_name
     parts = sorted((Path(run_dir) / "tracking" / "evals").glob(pattern))
     if not parts:

@@ -23,9 +23,11 @@ from pathlib import Path
 
 from loratrace.config import Config, ConfigError
 from loratrace.errors import LoratraceError, first_line
+from loratrace.recipe import train
 from loratrace.runs import folder, processes
-from loratrace.sweeps.run import (
-    SweepInterrupted,
+from loratrace.sweeps.reporter import TrialReporter
+from loratrace.sweeps.space import SearchSpace
+from loratrace.sweeps.spec import (
     SweepSpec,
     make_pruner,
     make_sampler,
@@ -34,17 +36,40 @@ from loratrace.sweeps.run import (
     snapshot,
     study_lock,
 )
-from loratrace.sweeps.space import SearchSpace
 from loratrace.sweeps.trials import Objective, is_number, write_trials
+from loratrace.training.checkpoints import latest_full_checkpoint
+from loratrace.training.interrupt import RunInterrupted
 
 
-def run_sweep(spec: SweepSpec, jobs: int = 1) -> int:
-    """Run workers until the study has `spec.trials` complete or pruned trials; returns the exit code."""
+class SweepInterrupted(LoratraceError):
+    """A sweep stopped by a signal: `--resume` continues it."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class WorkerFailed(LoratraceError):
+    """A worker process of `--jobs N` that exited non-zero (its own error line is above); the sweep exits with its
+    code."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def run_sweep(spec: SweepSpec, jobs: int = 1, setup=None) -> None:
+    """Run workers until the study has `spec.trials` complete or pruned trials. `setup(spec)` runs once `jobs` is
+    checked, before any worker starts: what the sweep writes first (a new study, an updated sweep.json), so a bad
+    `jobs` writes nothing. Raises what ended a worker: its trial's error (jobs 1), `WorkerFailed` or
+    `SweepInterrupted` (jobs > 1: the first worker that exited non-zero)."""
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {jobs}")
+    if setup is not None:
+        setup(spec)
     if jobs == 1:
         work(spec, worker=0)
-        return 0
+        return
     env = {**os.environ, PARENT_ENV: str(os.getpid())}  # each worker dies with this process (`follow_parent`)
     children = [subprocess.Popen([sys.executable, "-m", "loratrace", "sweep", "--study", spec.study_dir,
                                   "--storage", spec.storage, "--worker", str(i), "--jobs", str(jobs)],
@@ -57,7 +82,33 @@ def run_sweep(spec: SweepSpec, jobs: int = 1) -> int:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    return next((code for code in codes if code), 0)
+    failed = next(((i, child.pid, code) for i, (child, code) in enumerate(zip(children, codes)) if code), None)
+    if failed is not None:
+        raise worker_failure(spec, *failed)
+
+
+def worker_failure(spec: SweepSpec, worker: int, pid: int, code: int) -> LoratraceError:
+    """The error for worker process `worker` (`pid`) that exited with `code` (negative: killed by that signal)."""
+    code = 128 - code if code < 0 else code  # as a shell reports a process a signal ended
+    again = f"continue it with: loratrace sweep --resume {spec.study_dir}"
+    if code in (128 + signal.SIGINT, 128 + signal.SIGTERM):  # the worker's own SweepInterrupted (or the signal)
+        return SweepInterrupted(f"sweep interrupted; {again}", code)
+    trial = _last_trial_of(spec, pid)
+    during = f" during trial {trial}" if trial is not None else ""
+    return WorkerFailed(f"sweep worker {worker} (pid {pid}) exited with code {code}{during} (its error is above); "
+                        f"{again}", code)
+
+
+def _last_trial_of(spec: SweepSpec, pid: int) -> int | None:
+    """The last trial worker process `pid` of this host took, as the study records it (None if it took none)."""
+    import optuna
+
+    with contextlib.suppress(Exception):  # the study unreadable now: the message goes without the trial
+        study = optuna.load_study(study_name=spec.study, storage=open_storage(spec))
+        taken = [t.number for t in study.get_trials(deepcopy=False)
+                 if (w := t.user_attrs.get("worker") or {}).get("pid") == pid and processes.on_this_host(w)]
+        return max(taken, default=None)
+    return None
 
 
 def work(spec: SweepSpec, worker: int, jobs: int = 1) -> None:
@@ -186,8 +237,6 @@ def resume_point(run_dir: Path, max_steps: int) -> Path | None:
     file cannot resume) before `max_steps`, or None to train from the start. A worker that died after its last
     checkpoint but before the run's end trains that last step again: a resume from the last step would train
     nothing, and is refused."""
-    from loratrace.training.checkpoints import latest_full_checkpoint
-
     return latest_full_checkpoint(run_dir, step=max_steps - 1) if Path(run_dir).is_dir() else None
 
 
@@ -218,10 +267,6 @@ def run_trial(spec: SweepSpec, study, storage, trial, space: SearchSpace, goal: 
     """Train one trial as a normal run (continuing its run folder if it is a re-queued one) and tell Optuna how it
     ended; returns the state told. A signal stops the sweep (the trial is re-queued for --resume)."""
     from optuna.trial import TrialState
-
-    from loratrace.recipe import train
-    from loratrace.sweeps.reporter import TrialReporter
-    from loratrace.training.interrupt import RunInterrupted
 
     values = space.suggest(trial)
     cfg = space.config(base, values)
@@ -255,9 +300,18 @@ def run_trial(spec: SweepSpec, study, storage, trial, space: SearchSpace, goal: 
         if isinstance(error, LoratraceError):
             error.args = (f"trial {trial.number}: {first_line(error)}",)
         raise
-    if reporter.pruned_step is not None:
-        if done != "pruned":
-            folder.finish_run(run_dir, "pruned", pruned_step=reporter.pruned_step)
+    return tell_outcome(spec, study, trial, goal, cfg, run_dir, reporter.pruned_step, already_pruned=done == "pruned")
+
+
+def tell_outcome(spec: SweepSpec, study, trial, goal: Objective, cfg: Config, run_dir: Path, pruned_step: int | None,
+                 already_pruned: bool) -> str:
+    """Tell Optuna how trial's run ended (pruned at `pruned_step`, else the objective's value, or failed when it has
+    none), rewrite trials.parquet and print the trial's line; returns the state told."""
+    from optuna.trial import TrialState
+
+    if pruned_step is not None:
+        if not already_pruned:
+            folder.finish_run(run_dir, "pruned", pruned_step=pruned_step)
         study.tell(trial, state=TrialState.PRUNED)
         state = "pruned"
     else:
@@ -271,7 +325,7 @@ def run_trial(spec: SweepSpec, study, storage, trial, space: SearchSpace, goal: 
             state = "fail"
     snapshot(spec, study)
     frozen = _frozen(study, trial.number)
-    at = f" at step {reporter.pruned_step}" if state == "pruned" else ""
+    at = f" at step {pruned_step}" if state == "pruned" else ""
     measured = f"  {spec.objective} {frozen.value:.6g}" + (" (last reported)" if at else "") \
         if frozen.value is not None else ""
     print(f"trial {trial.number} {state}{at}{measured}  {run_dir}", flush=True)
