@@ -11,16 +11,16 @@ evaluated) says what is missing and how to get it, instead of a plot.
 
 from __future__ import annotations
 
-import html
-import json
 from pathlib import Path
 
 import pandas as pd
 
-from loratrace.errors import LoratraceError
 from loratrace.query.formats import check_output, write_text
+from loratrace.query.store import open_runs
 from loratrace.report.compare import FORGETTING, config_differences
-from loratrace.runs.find import read_run_config, read_run_info
+from loratrace.report.html import COLORS, ReportError, missing, page, plot, plotly_js, section, table
+from loratrace.report.sweep import study_trials, sweep_sections, trial_run_dirs
+from loratrace.runs.find import as_list, read_run_config, read_run_info, study_folders
 
 CARTOGRAPHY = """WITH per_epoch AS (
     SELECT run_id, example_id, epoch, avg(p_gold) AS p_gold, avg(correct::INT) AS correct FROM samples GROUP BY ALL)
@@ -28,32 +28,14 @@ SELECT run_id, example_id, avg(p_gold) AS confidence, coalesce(stddev_pop(p_gold
        avg(correct) AS correctness
 FROM per_epoch GROUP BY ALL ORDER BY run_id, example_id"""
 CURVES = (("train/loss", "loss"), ("train/lr", "learning rate"), ("train/grad_norm", "grad-norm"))
-COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
-PLOT_CONFIG = {"displaylogo": False, "responsive": True}  # no "produced with plotly" link: nothing outside the file
 UNTRACKED = "trained without --track-batches"
-STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
-h1{font-size:1.5em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ddd}
-table{border-collapse:collapse;font-size:.9em}td,th{border:1px solid #ddd;padding:.2em .6em;text-align:left}
-.missing{color:#8a6d3b;background:#fcf8e3;padding:.5em;border-radius:4px}.plot{width:100%;min-height:420px}"""
 
-
-class ReportError(LoratraceError):
-    """Runs that cannot be reported on (none found), or plotly missing."""
-
-    exit_code = 1
 
 
 def write_report(paths, output: str | Path = "report.html", title: str | None = None, studies=None) -> Path:
     """Write the report on the runs named by `paths` (as `open_runs` takes them) to `output`; returns its path.
     `studies`: sweep study folders (runs/sweeps/<study>): their trials first (report_sweep.py), then their runs."""
-    try:
-        import plotly.offline
-    except ImportError:
-        raise ReportError("loratrace report needs plotly: pip install 'loratrace[report]'") from None
-    from loratrace.query.store import open_runs
-    from loratrace.report.sweep import study_trials, sweep_sections, trial_run_dirs
-    from loratrace.runs.find import as_list, study_folders
-
+    script = plotly_js()  # a missing plotly says so before any work
     read = [*as_list(paths or []), *study_folders(studies or [])]  # what `output` must stay out of
     check_output(output, read)  # before any work
     sweep = []
@@ -74,10 +56,7 @@ def write_report(paths, output: str | Path = "report.html", title: str | None = 
     body = "\n".join(sweep + (_sections(data) if data is not None else []))
     studies_named = [folder.name for folder in study_folders(studies)] if studies else []
     name = title or (f"sweep {', '.join(studies_named)}" if studies_named else ", ".join(data["run_ids"]))
-    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(name)}</title>'
-            f"<style>{STYLE}</style>\n<script>{plotly.offline.get_plotlyjs()}</script></head>\n<body>\n"
-            f"<h1>loratrace report: {html.escape(name)}</h1>\n{body}\n</body></html>\n")
-    write_text(page, str(output), [*read, *as_list(paths or [])])  # with the trials' runs
+    write_text(page(name, body, script), str(output), [*read, *as_list(paths or [])])  # with the trials' runs
     return Path(output)
 
 
@@ -110,8 +89,8 @@ def _with_run_json(runs: pd.DataFrame, run_dirs: list[Path]) -> pd.DataFrame:
     return runs
 
 
-def _config_value(run_dir: Path, section: str, key: str):
-    return (read_run_config(run_dir).get(section) or {}).get(key)
+def _config_value(run_dir: Path, part: str, key: str):
+    return (read_run_config(run_dir).get(part) or {}).get(key)
 
 
 def _tracking_cost(run_dirs: list[Path]) -> pd.DataFrame:
@@ -131,63 +110,34 @@ def _sections(data: dict) -> list[str]:
     run_ids, tracked = data["run_ids"], data["tracked"]
     untracked = [r for r in run_ids if r not in tracked]
     color = {run_id: COLORS[i % len(COLORS)] for i, run_id in enumerate(run_ids)}
-    parts = [_section("runs", "Runs", _table(data["runs"]))]
+    parts = [section("runs", "Runs", table(data["runs"]))]
     if data["config"] is None:
-        parts.append(_section("config", "Config differences", _missing("one run: nothing to compare its config with")))
+        parts.append(section("config", "Config differences", missing("one run: nothing to compare its config with")))
     elif data["config"].empty:
-        parts.append(_section("config", "Config differences", _missing("the runs' configs are identical")))
+        parts.append(section("config", "Config differences", missing("the runs' configs are identical")))
     else:
-        parts.append(_section("config", "Config differences", _table(data["config"])))
-    note = _missing(f"no tracking data for {', '.join(untracked)} ({UNTRACKED})") if untracked else ""
+        parts.append(section("config", "Config differences", table(data["config"])))
+    note = missing(f"no tracking data for {', '.join(untracked)} ({UNTRACKED})") if untracked else ""
     if tracked:
-        parts.append(_section("curves", "Loss, learning rate, grad-norm per step", note + _plot("plot-curves",
+        parts.append(section("curves", "Loss, learning rate, grad-norm per step", note + plot("plot-curves",
                                                                                                  _curves(data, color))))
     else:
-        parts.append(_section("curves", "Loss, learning rate, grad-norm per step", note))
+        parts.append(section("curves", "Loss, learning rate, grad-norm per step", note))
     if data["evals"].empty:
-        parts.append(_section("evals", "Eval accuracy per checkpoint", _missing(
+        parts.append(section("evals", "Eval accuracy per checkpoint", missing(
             "no evaluations: run `loratrace eval RUN`, or train with eval.every_checkpoint=true")))
     else:
-        parts.append(_section("evals", "Eval accuracy per checkpoint", _plot("plot-evals", _evals(data, color))))
-    carto = "".join(_plot(f"plot-cartography-{i}", _cartography(data, run_id)) for i, run_id in enumerate(tracked))
-    parts.append(_section("cartography", "Dataset cartography (confidence vs variability, coloured by correctness)",
+        parts.append(section("evals", "Eval accuracy per checkpoint", plot("plot-evals", _evals(data, color))))
+    carto = "".join(plot(f"plot-cartography-{i}", _cartography(data, run_id)) for i, run_id in enumerate(tracked))
+    parts.append(section("cartography", "Dataset cartography (confidence vs variability, coloured by correctness)",
                           note + carto))
-    parts.append(_section("forgetting", "Forgetting events per example", note + (
-        _plot("plot-forgetting", _forgetting(data, color)) if tracked else "")))
+    parts.append(section("forgetting", "Forgetting events per example", note + (
+        plot("plot-forgetting", _forgetting(data, color)) if tracked else "")))
     if data["cost"].empty:
-        parts.append(_section("cost", "Tracking cost", _missing(f"no tracking cost recorded ({UNTRACKED})")))
+        parts.append(section("cost", "Tracking cost", missing(f"no tracking cost recorded ({UNTRACKED})")))
     else:
-        parts.append(_section("cost", "Tracking cost", _plot("plot-cost", _cost(data)) + _table(data["cost"])))
+        parts.append(section("cost", "Tracking cost", plot("plot-cost", _cost(data)) + table(data["cost"])))
     return parts
-
-
-def _section(key: str, heading: str, content: str) -> str:
-    return f'<section id="section-{key}"><h2>{html.escape(heading)}</h2>\n{content}\n</section>'
-
-
-def _missing(text: str) -> str:
-    return f'<p class="missing">{html.escape(text)}</p>'
-
-
-def _table(frame: pd.DataFrame) -> str:
-    def cell(value) -> str:
-        if value is None or (not isinstance(value, (list, dict, str)) and pd.isna(value)):
-            return ""
-        return html.escape(f"{value:.6g}" if isinstance(value, float) else str(value))
-
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
-    rows = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>"
-                   for row in frame.itertuples(index=False))
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
-
-
-def _plot(div_id: str, figure) -> str:
-    """A div and the script that draws `figure` into it (plotly.js is in the page's head)."""
-    import plotly.io
-
-    payload = plotly.io.to_json(figure, validate=False).replace("</", "<\\/")  # text inside a <script> never closes it
-    return (f'<div id="{div_id}" class="plot"></div>\n<script>(function(){{const f = {payload};'
-            f'Plotly.newPlot("{div_id}", f.data, f.layout, {json.dumps(PLOT_CONFIG)});}})();</script>')
 
 
 # ---------------------------------------------------------------------------------------------- figures
