@@ -11,49 +11,30 @@ evaluated) says what is missing and how to get it, instead of a plot.
 
 from __future__ import annotations
 
-import html
-import json
 from pathlib import Path
 
 import pandas as pd
 
-from loratrace.errors import LoratraceError
 from loratrace.query.formats import check_output, write_text
-from loratrace.report.compare import FORGETTING, config_differences
-from loratrace.runs.find import read_run_config, read_run_info
+from loratrace.query.store import open_runs
+from loratrace.report import examples, figures, sections
+from loratrace.report.compare import config_differences
+from loratrace.report.html import COLORS, ReportError, missing, page, plot, plotly_js, section, table
+from loratrace.report.sweep import study_trials, sweep_sections, trial_run_dirs
+from loratrace.runs.find import as_list, read_run_config, read_run_info, study_folders
 
 CARTOGRAPHY = """WITH per_epoch AS (
     SELECT run_id, example_id, epoch, avg(p_gold) AS p_gold, avg(correct::INT) AS correct FROM samples GROUP BY ALL)
 SELECT run_id, example_id, avg(p_gold) AS confidence, coalesce(stddev_pop(p_gold), 0) AS variability,
        avg(correct) AS correctness
 FROM per_epoch GROUP BY ALL ORDER BY run_id, example_id"""
-CURVES = (("train/loss", "loss"), ("train/lr", "learning rate"), ("train/grad_norm", "grad-norm"))
-COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
-PLOT_CONFIG = {"displaylogo": False, "responsive": True}  # no "produced with plotly" link: nothing outside the file
 UNTRACKED = "trained without --track-batches"
-STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
-h1{font-size:1.5em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ddd}
-table{border-collapse:collapse;font-size:.9em}td,th{border:1px solid #ddd;padding:.2em .6em;text-align:left}
-.missing{color:#8a6d3b;background:#fcf8e3;padding:.5em;border-radius:4px}.plot{width:100%;min-height:420px}"""
-
-
-class ReportError(LoratraceError):
-    """Runs that cannot be reported on (none found), or plotly missing."""
-
-    exit_code = 1
 
 
 def write_report(paths, output: str | Path = "report.html", title: str | None = None, studies=None) -> Path:
     """Write the report on the runs named by `paths` (as `open_runs` takes them) to `output`; returns its path.
     `studies`: sweep study folders (runs/sweeps/<study>): their trials first (report_sweep.py), then their runs."""
-    try:
-        import plotly.offline
-    except ImportError:
-        raise ReportError("loratrace report needs plotly: pip install 'loratrace[report]'") from None
-    from loratrace.query.store import open_runs
-    from loratrace.report.sweep import study_trials, sweep_sections, trial_run_dirs
-    from loratrace.runs.find import as_list, study_folders
-
+    script = plotly_js()  # a missing plotly says so before any work
     read = [*as_list(paths or []), *study_folders(studies or [])]  # what `output` must stay out of
     check_output(output, read)  # before any work
     sweep = []
@@ -72,32 +53,36 @@ def write_report(paths, output: str | Path = "report.html", title: str | None = 
                 raise ReportError(f"no runs in {paths}")
             data = _gather(db, run_dirs)
     body = "\n".join(sweep + (_sections(data) if data is not None else []))
+    script_data = {} if data is None else {
+        "pageSize": sections.PAGE_ROWS, "runs": [{"run_id": r, "label": data["labels"][r]} for r in data["run_ids"]],
+        "examples": {"rows": data["examples"]}, "batches": data["batches"]}
     studies_named = [folder.name for folder in study_folders(studies)] if studies else []
     name = title or (f"sweep {', '.join(studies_named)}" if studies_named else ", ".join(data["run_ids"]))
-    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(name)}</title>'
-            f"<style>{STYLE}</style>\n<script>{plotly.offline.get_plotlyjs()}</script></head>\n<body>\n"
-            f"<h1>loratrace report: {html.escape(name)}</h1>\n{body}\n</body></html>\n")
-    write_text(page, str(output), [*read, *as_list(paths or [])])  # with the trials' runs
+    # `output` is checked again against the trials' runs too
+    write_text(page(name, body, script, script_data), str(output), [*read, *as_list(paths or [])])
     return Path(output)
 
 
 def _gather(db, run_dirs: list[Path]) -> dict:
     """Everything the report draws, as DataFrames, read once through the views."""
     run_ids = [d.name for d in run_dirs]
+    labels = sections.run_labels(run_dirs)
     runs = db.sql("SELECT run_id, status, steps, examples_seen, checkpoints, last_checkpoint_step FROM runs").df()
+    runs = _with_run_json(runs.set_index("run_id").reindex(run_ids).reset_index(), run_dirs)
+    runs.insert(1, "label", [labels[r] for r in runs.run_id])
     tracked = set(db.sql("SELECT DISTINCT run_id FROM batches").df().run_id)
+    config = config_differences(run_dirs) if len(run_dirs) > 1 else None
+    rows = examples.example_rows(db, {r: i for i, r in enumerate(run_ids)})
     return {
-        "run_ids": run_ids, "run_dirs": run_dirs, "tracked": [r for r in run_ids if r in tracked],
-        "runs": _with_run_json(runs.set_index("run_id").reindex(run_ids).reset_index(), run_dirs),
-        "config": config_differences(run_dirs) if len(run_dirs) > 1 else None,
+        "run_ids": run_ids, "run_dirs": run_dirs, "tracked": [r for r in run_ids if r in tracked], "labels": labels,
+        "runs": runs, "config": None if config is None else config.rename(columns=labels),
         "stage1": {d.name: _config_value(d, "training", "stage1_steps") for d in run_dirs},
         "metrics": db.sql("SELECT run_id, step, name, value FROM metrics ORDER BY run_id, name, step").df(),
         "checkpoints": db.sql("SELECT run_id, step FROM checkpoints ORDER BY run_id, step").df(),
-        "evals": db.sql("""SELECT run_id, checkpoint_step, checkpoint_path = 'final_model' AS final_model, split,
-                                  scoring, avg(correct::INT) AS accuracy, count(*) AS examples
-                           FROM evals GROUP BY ALL ORDER BY ALL""").df(),
+        "evals": examples.eval_accuracy(db),
+        "examples": rows, "batches": examples.step_batches(db, run_ids, rows),
+        "influence": examples.influence_totals(db),
         "cartography": db.sql(CARTOGRAPHY).df(),
-        "forgetting": db.sql(FORGETTING).df(),
         "cost": _tracking_cost(run_dirs),
     }
 
@@ -110,8 +95,8 @@ def _with_run_json(runs: pd.DataFrame, run_dirs: list[Path]) -> pd.DataFrame:
     return runs
 
 
-def _config_value(run_dir: Path, section: str, key: str):
-    return (read_run_config(run_dir).get(section) or {}).get(key)
+def _config_value(run_dir: Path, part: str, key: str):
+    return (read_run_config(run_dir).get(part) or {}).get(key)
 
 
 def _tracking_cost(run_dirs: list[Path]) -> pd.DataFrame:
@@ -131,141 +116,25 @@ def _sections(data: dict) -> list[str]:
     run_ids, tracked = data["run_ids"], data["tracked"]
     untracked = [r for r in run_ids if r not in tracked]
     color = {run_id: COLORS[i % len(COLORS)] for i, run_id in enumerate(run_ids)}
-    parts = [_section("runs", "Runs", _table(data["runs"]))]
+    parts = [section("runs", "Runs", table(data["runs"]))]
     if data["config"] is None:
-        parts.append(_section("config", "Config differences", _missing("one run: nothing to compare its config with")))
+        parts.append(section("config", "Config differences", missing("one run: nothing to compare its config with")))
     elif data["config"].empty:
-        parts.append(_section("config", "Config differences", _missing("the runs' configs are identical")))
+        parts.append(section("config", "Config differences", missing("the runs' configs are identical")))
     else:
-        parts.append(_section("config", "Config differences", _table(data["config"])))
-    note = _missing(f"no tracking data for {', '.join(untracked)} ({UNTRACKED})") if untracked else ""
-    if tracked:
-        parts.append(_section("curves", "Loss, learning rate, grad-norm per step", note + _plot("plot-curves",
-                                                                                                 _curves(data, color))))
-    else:
-        parts.append(_section("curves", "Loss, learning rate, grad-norm per step", note))
-    if data["evals"].empty:
-        parts.append(_section("evals", "Eval accuracy per checkpoint", _missing(
-            "no evaluations: run `loratrace eval RUN`, or train with eval.every_checkpoint=true")))
-    else:
-        parts.append(_section("evals", "Eval accuracy per checkpoint", _plot("plot-evals", _evals(data, color))))
-    carto = "".join(_plot(f"plot-cartography-{i}", _cartography(data, run_id)) for i, run_id in enumerate(tracked))
-    parts.append(_section("cartography", "Dataset cartography (confidence vs variability, coloured by correctness)",
-                          note + carto))
-    parts.append(_section("forgetting", "Forgetting events per example", note + (
-        _plot("plot-forgetting", _forgetting(data, color)) if tracked else "")))
+        parts.append(section("config", "Config differences", table(data["config"])))
+    note = missing(f"no tracking data for {', '.join(untracked)} ({UNTRACKED})") if untracked else ""
+    parts += [sections.curves_section(data, color, note), sections.evals_section(data, color),
+              sections.examples_section(data)]
+    parts += [influence] if (influence := sections.influence_section(data)) else []
+    carto = "".join(plot(f"plot-cartography-{i}", figures.cartography(data, run_id))
+                    for i, run_id in enumerate(tracked))
+    parts.append(section("cartography", "Dataset cartography (confidence vs variability, coloured by correctness)",
+                         note + carto))
+    parts.append(section("forgetting", "Forgetting events per example", note + (
+        plot("plot-forgetting", figures.forgetting(data, color)) if tracked else "")))
     if data["cost"].empty:
-        parts.append(_section("cost", "Tracking cost", _missing(f"no tracking cost recorded ({UNTRACKED})")))
+        parts.append(section("cost", "Tracking cost", missing(f"no tracking cost recorded ({UNTRACKED})")))
     else:
-        parts.append(_section("cost", "Tracking cost", _plot("plot-cost", _cost(data)) + _table(data["cost"])))
+        parts.append(section("cost", "Tracking cost", plot("plot-cost", figures.cost(data)) + table(data["cost"])))
     return parts
-
-
-def _section(key: str, heading: str, content: str) -> str:
-    return f'<section id="section-{key}"><h2>{html.escape(heading)}</h2>\n{content}\n</section>'
-
-
-def _missing(text: str) -> str:
-    return f'<p class="missing">{html.escape(text)}</p>'
-
-
-def _table(frame: pd.DataFrame) -> str:
-    def cell(value) -> str:
-        if value is None or (not isinstance(value, (list, dict, str)) and pd.isna(value)):
-            return ""
-        return html.escape(f"{value:.6g}" if isinstance(value, float) else str(value))
-
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
-    rows = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>"
-                   for row in frame.itertuples(index=False))
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
-
-
-def _plot(div_id: str, figure) -> str:
-    """A div and the script that draws `figure` into it (plotly.js is in the page's head)."""
-    import plotly.io
-
-    payload = plotly.io.to_json(figure, validate=False).replace("</", "<\\/")  # text inside a <script> never closes it
-    return (f'<div id="{div_id}" class="plot"></div>\n<script>(function(){{const f = {payload};'
-            f'Plotly.newPlot("{div_id}", f.data, f.layout, {json.dumps(PLOT_CONFIG)});}})();</script>')
-
-
-# ---------------------------------------------------------------------------------------------- figures
-
-def _curves(data: dict, color: dict):
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
-    figure = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.06,
-                           subplot_titles=[title for _, title in CURVES])
-    metrics, marks = data["metrics"], data["checkpoints"]
-    for run_id in data["tracked"]:
-        mine = metrics[metrics.run_id == run_id]
-        for row, (name, _) in enumerate(CURVES, start=1):
-            series = mine[mine.name == name]
-            figure.add_trace(go.Scatter(x=series.step, y=series.value, mode="lines", name=run_id,
-                                        legendgroup=run_id, showlegend=row == 1, line={"color": color[run_id]}),
-                             row=row, col=1)
-        loss = mine[mine.name == "train/loss"].set_index("step").value
-        steps = [s for s in marks[marks.run_id == run_id].step if s in loss.index]
-        figure.add_trace(go.Scatter(x=steps, y=[loss[s] for s in steps], mode="markers", name=f"{run_id} checkpoints",
-                                    legendgroup=run_id, marker={"symbol": "diamond", "size": 7,
-                                                                "color": color[run_id]}), row=1, col=1)
-    for stage1 in sorted({data["stage1"][r] for r in data["tracked"] if data["stage1"].get(r)}):
-        figure.add_vline(x=stage1 + 0.5, line={"dash": "dash", "color": "#888"}, annotation_text="stage 2 starts")
-    figure.update_xaxes(title_text="step", row=3, col=1)
-    figure.update_layout(height=760, margin={"t": 40})
-    return figure
-
-
-def _evals(data: dict, color: dict):
-    import plotly.graph_objects as go
-
-    figure = go.Figure()
-    for (run_id, split, scoring, final), group in data["evals"].groupby(["run_id", "split", "scoring", "final_model"]):
-        label = f"{run_id} {split}/{scoring}" + (" final_model" if final else "")
-        figure.add_trace(go.Scatter(x=group.checkpoint_step, y=group.accuracy, name=label,
-                                    mode="markers" if final else "lines+markers",
-                                    marker={"color": color.get(run_id), "symbol": "star" if final else "circle"}))
-    figure.update_layout(xaxis_title="checkpoint step", yaxis_title="accuracy", yaxis_range=[0, 1], height=420)
-    return figure
-
-
-def _cartography(data: dict, run_id: str):
-    import plotly.graph_objects as go
-
-    points = data["cartography"][data["cartography"].run_id == run_id]
-    figure = go.Figure(go.Scatter(
-        x=points.variability, y=points.confidence, mode="markers", text=points.example_id, name=run_id,
-        marker={"color": points.correctness, "colorscale": "RdYlGn", "cmin": 0, "cmax": 1, "size": 6,
-                "colorbar": {"title": {"text": "correctness"}}},
-        hovertemplate="%{text}<br>variability %{x:.3f}<br>confidence %{y:.3f}<extra></extra>"))
-    figure.update_layout(title=run_id, xaxis_title="variability (std of p(gold) over epochs)",
-                         yaxis_title="confidence (mean p(gold))", height=480)
-    return figure
-
-
-def _forgetting(data: dict, color: dict):
-    import plotly.graph_objects as go
-
-    figure = go.Figure()
-    for run_id in data["tracked"]:
-        counts = data["forgetting"][data["forgetting"].run_id == run_id].forgetting_events
-        figure.add_trace(go.Histogram(x=counts, name=run_id, marker={"color": color[run_id]}, opacity=0.6,
-                                      xbins={"size": 1}))
-    figure.update_layout(barmode="overlay", xaxis_title="forgetting events (correct, then wrong at the next training)",
-                         yaxis_title="examples", height=420)
-    return figure
-
-
-def _cost(data: dict):
-    import plotly.graph_objects as go
-
-    cost = data["cost"]
-    labels = [f"{r} #{n}" for r, n in zip(cost.run_id, cost.launch)]
-    figure = go.Figure([
-        go.Bar(x=labels, y=cost.training_thread_share * 100, name="training thread, % of training time"),
-        go.Bar(x=labels, y=cost.background_share * 100, name="writer's thread CPU, % of training time"),
-    ])
-    figure.update_layout(barmode="group", yaxis_title="% of training wall time", height=380)
-    return figure

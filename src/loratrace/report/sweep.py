@@ -14,6 +14,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from loratrace.errors import first_line
+from loratrace.report.html import missing, plot, section, table
 from loratrace.runs.find import DamagedRun, study_folders
 from loratrace.track import schema
 
@@ -57,22 +58,20 @@ def trial_run_dirs(trials: pd.DataFrame) -> list[Path]:
 
 
 def sweep_sections(trials: pd.DataFrame) -> list[str]:
-    from loratrace.report.runs import _missing, _plot, _section, _table
-
     if trials.empty:
-        return [_section("sweep", "Sweep", _missing("no trials yet: run loratrace sweep"))]
+        return [section("sweep", "Sweep", missing("no trials yet: run loratrace sweep"))]
     parts = []
     for (study, name, direction), group in trials.groupby(["study", "objective_name", "direction"], sort=False):
         key = f"sweep-{len(parts)}"
         shown = group.assign(params=[" ".join(f"{k}={v}" for k, v in p.items()) for p in group.params])
-        table = _table(shown[["trial", "state", "objective", "params", "run_id", "retry_of"]])
+        trial_table = table(shown[["trial", "state", "objective", "params", "run_id", "retry_of"]])
         best = _best(group, direction)
         summary = (f"<p>best: trial {int(best.trial)}, {name} {best.objective:.6g}, run {best.run_id}</p>"
-                   if best is not None else _missing("no trial completed yet"))
-        parts.append(_section(key, f"Sweep {study}: {name} ({direction})", summary + table
-                              + _plot(f"plot-{key}-objective", _objective(group, name, direction))
-                              + _plot(f"plot-{key}-intermediate", _intermediate(group, name))
-                              + _plot(f"plot-{key}-params", _params(group, name))))
+                   if best is not None else missing("no trial completed yet"))
+        parts.append(section(key, f"Sweep {study}: {name} ({direction})", summary + trial_table
+                              + plot(f"plot-{key}-objective", _objective(group, name, direction))
+                              + plot(f"plot-{key}-intermediate", _intermediate(group, name))
+                              + plot(f"plot-{key}-params", _params(group, name))))
     return parts
 
 
