@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from loratrace.data.datasets import REGISTRY  # the data-set names a config may name (no torch)
 from loratrace.errors import ConfigError
 from loratrace.overrides import coerce, flatten_keys, parse_override, read_yaml_file, resolve_keys
 
@@ -354,8 +355,6 @@ def _value(cfg: Config, key: str) -> Any:
 
 
 def validate(cfg: Config) -> None:
-    from loratrace.data.datasets import REGISTRY  # light: no torch
-
     t = cfg.training
     for key, allowed in CHOICES.items():
         value = _value(cfg, key)
