@@ -110,12 +110,14 @@ def test_sections_are_listed_and_runs_have_short_labels(reports, three_runs):
 
 
 def test_a_run_named_in_run_json_is_labelled_by_its_name(three_runs, tmp_path):
-    run = shutil.copytree(three_runs["no_evals"], tmp_path / "runs" / three_runs["no_evals"].name)
+    run = shutil.copytree(three_runs["no_evals"], tmp_path / "runs" / "renamed")  # the run id stays in run.json
     info = json.loads((run / "run.json").read_text())
     (run / "run.json").write_text(json.dumps({**info, "name": "baseline-lr"}))
     report = loratrace.write_report(run, tmp_path / "named.html")
-    assert _page_data(report)["runs"] == [{"run_id": run.name, "label": "baseline-lr"}]
-    assert f"<td>{run.name}</td><td>baseline-lr</td>" in report.read_text()
+    data = _page_data(report)
+    assert data["runs"] == [{"run_id": info["run_id"], "label": "baseline-lr"}]
+    assert f"<td>{info['run_id']}</td><td>baseline-lr</td>" in report.read_text()
+    assert "plot-curves" in _parsed(report).plots and data["batches"][0]["steps"] == [1, 2, 3, 4, 5, 6]
 
 
 def test_each_steps_whole_batch_is_in_the_page(reports, three_runs):
