@@ -2,11 +2,14 @@
 
     loratrace.write_report(["runs/a", "runs/b"], "report.html")
 
-plotly.js is inlined once (the file opens offline; it links to nothing outside itself); each plot is a `<div
-id="plot-...">` drawn by `Plotly.newPlot`. Sections: the runs, their config differences, loss / lr / grad-norm per
-step (stage boundary and checkpoints marked, several runs overlaid), eval accuracy per checkpoint, the dataset
-cartography map, forgetting events, tracking cost. A section without data (an untracked run, a run never
-evaluated) says what is missing and how to get it, instead of a plot.
+plotly.js and the report's own script (report/script.py) are inlined once (the file opens offline; it links to
+nothing outside itself); each plot is a `<div id="plot-...">` drawn by `Plotly.newPlot` (the curves by `LT.curves`).
+Sections, under a table of contents: the runs, their config differences, loss / lr / grad-norm per step (stage
+boundary and checkpoints marked, several runs overlaid, each step's batch in the hover and on click), eval accuracy
++/- stderr per checkpoint, the examples table, influence (when computed), the dataset cartography map, forgetting
+events, tracking cost. A section without data (an untracked run, a run never evaluated) says what is missing and how
+to get it, instead of a plot. What is gathered per example and per step: report/examples.py; the interactive
+sections: report/sections.py; the figures: report/figures.py.
 """
 
 from __future__ import annotations
