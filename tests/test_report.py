@@ -110,12 +110,33 @@ def test_sections_are_listed_and_runs_have_short_labels(reports, three_runs):
 
 
 def test_a_run_named_in_run_json_is_labelled_by_its_name(three_runs, tmp_path):
-    run = shutil.copytree(three_runs["no_evals"], tmp_path / "runs" / three_runs["no_evals"].name)
+    run = shutil.copytree(three_runs["no_evals"], tmp_path / "runs" / "renamed")  # the run id stays in run.json
     info = json.loads((run / "run.json").read_text())
     (run / "run.json").write_text(json.dumps({**info, "name": "baseline-lr"}))
     report = loratrace.write_report(run, tmp_path / "named.html")
-    assert _page_data(report)["runs"] == [{"run_id": run.name, "label": "baseline-lr"}]
-    assert f"<td>{run.name}</td><td>baseline-lr</td>" in report.read_text()
+    data = _page_data(report)
+    assert data["runs"] == [{"run_id": info["run_id"], "label": "baseline-lr"}]
+    assert f"<td>{info['run_id']}</td><td>baseline-lr</td>" in report.read_text()
+    assert "plot-curves" in _parsed(report).plots and data["batches"][0]["steps"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_prompt_cannot_end_the_script_that_holds_it(three_runs, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    run = shutil.copytree(three_runs["no_evals"], tmp_path / "runs" / "hostile")
+    path = run / "tracking" / "examples.parquet"
+    table = pq.read_table(path)
+    hostile = "</script><!--<script>document.title='owned'</script>"
+    prompts = [hostile] * table.num_rows
+    pq.write_table(table.set_column(table.schema.get_field_index("prompt"), "prompt", pa.array(prompts)), path)
+    report = loratrace.write_report(run, tmp_path / "hostile.html")
+    body = report.read_text().split("</head>", 1)[1]  # after plotly.js
+    assert "</script><!--" not in body and "<!--" not in body
+    clean = loratrace.write_report(three_runs["no_evals"], tmp_path / "clean.html")
+    assert _parsed(report).scripts == _parsed(clean).scripts
+    rows = _page_data(report)["examples"]["rows"]
+    assert rows and all(row[2] == hostile for row in rows)  # the same text once parsed
 
 
 def test_each_steps_whole_batch_is_in_the_page(reports, three_runs):

@@ -102,7 +102,7 @@ def example_rows(db, run_index: dict[str, int]) -> list[list]:
     return [[run_index[run_id], example_id, prompt, exposures, first, trajectory, forgetting, last_seen, last_eval,
              _finite(influence)]
             for run_id, example_id, prompt, exposures, first, trajectory, forgetting, last_seen, last_eval, influence
-            in db.sql(PER_EXAMPLE).fetchall()]
+            in db.sql(PER_EXAMPLE).fetchall() if run_id in run_index]  # rows of another run id: not this report's
 
 
 def step_batches(db, run_ids: list[str], rows: list[list]) -> Script:
@@ -114,7 +114,7 @@ def step_batches(db, run_ids: list[str], rows: list[list]) -> Script:
         offsets.setdefault(run_ids[row[0]], number)
     found = {run_id: (steps, ids, losses) for run_id, steps, ids, losses in db.sql(STEP_BATCHES).fetchall()}
     parts = [f'{{"offset":{offsets[r]},"steps":{found[r][0]},"ids":[{found[r][1]}],"loss":[{found[r][2]}]}}'
-             if r in found else "null" for r in run_ids]
+             if r in found and r in offsets else "null" for r in run_ids]
     return Script("[" + ",".join(parts) + "]")
 
 

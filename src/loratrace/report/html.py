@@ -68,9 +68,14 @@ class Script(str):
 
 
 def as_script(value) -> str:
-    """`value` as a JavaScript literal inside a <script>: JSON, or a Script's text; either never closes the element."""
-    text = value if isinstance(value, Script) else json.dumps(value, separators=(",", ":"), allow_nan=False)
-    return text.replace("</", "<\\/")
+    """`value` as a JavaScript literal inside a <script>: JSON, or a Script's text (JSON too)."""
+    return _inert(value if isinstance(value, Script) else json.dumps(value, separators=(",", ":"), allow_nan=False))
+
+
+def _inert(text: str) -> str:
+    """JSON that no text in it (a prompt's `</script>` or `<!--`) can end or change the <script> holding it: every `<`
+    as the escape `\\u003c`, the same character once parsed (JSON has `<` nowhere but inside strings)."""
+    return text.replace("<", "\\u003c")
 
 
 def section(key: str, heading: str, content: str) -> str:
@@ -96,7 +101,7 @@ def table(frame: pd.DataFrame) -> str:
 def plot(div_id: str, figure, draw: str = "Plotly.newPlot") -> str:
     """A div and the script that draws `figure` into it (plotly.js is in the page's head); `draw`: a function of the
     report's script taking (div id, figure) instead (LT.curves adds the batches to the hover)."""
-    payload = plotly.io.to_json(figure, validate=False).replace("</", "<\\/")  # text inside a <script> never closes it
+    payload = _inert(plotly.io.to_json(figure, validate=False))
     if draw != "Plotly.newPlot":
         return f'<div id="{div_id}" class="plot"></div>\n<script>{draw}("{div_id}", {payload});</script>'
     return (f'<div id="{div_id}" class="plot"></div>\n<script>(function(){{const f = {payload};'

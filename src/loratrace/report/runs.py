@@ -2,11 +2,14 @@
 
     loratrace.write_report(["runs/a", "runs/b"], "report.html")
 
-plotly.js is inlined once (the file opens offline; it links to nothing outside itself); each plot is a `<div
-id="plot-...">` drawn by `Plotly.newPlot`. Sections: the runs, their config differences, loss / lr / grad-norm per
-step (stage boundary and checkpoints marked, several runs overlaid), eval accuracy per checkpoint, the dataset
-cartography map, forgetting events, tracking cost. A section without data (an untracked run, a run never
-evaluated) says what is missing and how to get it, instead of a plot.
+plotly.js and the report's own script (report/script.py) are inlined once (the file opens offline; it links to
+nothing outside itself); each plot is a `<div id="plot-...">` drawn by `Plotly.newPlot` (the curves by `LT.curves`).
+Sections, under a table of contents: the runs, their config differences, loss / lr / grad-norm per step (stage
+boundary and checkpoints marked, several runs overlaid, each step's batch in the hover and on click), eval accuracy
++/- stderr per checkpoint, the examples table, influence (when computed), the dataset cartography map, forgetting
+events, tracking cost. A section without data (an untracked run, a run never evaluated) says what is missing and how
+to get it, instead of a plot. What is gathered per example and per step: report/examples.py; the interactive
+sections: report/sections.py; the figures: report/figures.py.
 """
 
 from __future__ import annotations
@@ -65,8 +68,9 @@ def write_report(paths, output: str | Path = "report.html", title: str | None = 
 
 def _gather(db, run_dirs: list[Path]) -> dict:
     """Everything the report draws, as DataFrames, read once through the views."""
-    run_ids = [d.name for d in run_dirs]
-    labels = sections.run_labels(run_dirs)
+    ids = dict(db.sql("SELECT dir, run_id FROM runs").fetchall())  # run.json's run_id, which the views hold
+    run_ids = [ids.get(str(d), d.name) for d in run_dirs]
+    labels = sections.run_labels(run_dirs, run_ids)
     runs = db.sql("SELECT run_id, status, steps, examples_seen, checkpoints, last_checkpoint_step FROM runs").df()
     runs = _with_run_json(runs.set_index("run_id").reindex(run_ids).reset_index(), run_dirs)
     runs.insert(1, "label", [labels[r] for r in runs.run_id])
@@ -75,15 +79,17 @@ def _gather(db, run_dirs: list[Path]) -> dict:
     rows = examples.example_rows(db, {r: i for i, r in enumerate(run_ids)})
     return {
         "run_ids": run_ids, "run_dirs": run_dirs, "tracked": [r for r in run_ids if r in tracked], "labels": labels,
-        "runs": runs, "config": None if config is None else config.rename(columns=labels),
-        "stage1": {d.name: _config_value(d, "training", "stage1_steps") for d in run_dirs},
+        "runs": runs,
+        "config": None if config is None else config.rename(columns={d.name: labels[r] for d, r in zip(run_dirs,
+                                                                                                      run_ids)}),
+        "stage1": {r: _config_value(d, "training", "stage1_steps") for d, r in zip(run_dirs, run_ids)},
         "metrics": db.sql("SELECT run_id, step, name, value FROM metrics ORDER BY run_id, name, step").df(),
         "checkpoints": db.sql("SELECT run_id, step FROM checkpoints ORDER BY run_id, step").df(),
         "evals": examples.eval_accuracy(db),
         "examples": rows, "batches": examples.step_batches(db, run_ids, rows),
         "influence": examples.influence_totals(db),
         "cartography": db.sql(CARTOGRAPHY).df(),
-        "cost": _tracking_cost(run_dirs),
+        "cost": _tracking_cost(run_dirs, run_ids),
     }
 
 
@@ -99,14 +105,14 @@ def _config_value(run_dir: Path, part: str, key: str):
     return (read_run_config(run_dir).get(part) or {}).get(key)
 
 
-def _tracking_cost(run_dirs: list[Path]) -> pd.DataFrame:
+def _tracking_cost(run_dirs: list[Path], run_ids: list[str]) -> pd.DataFrame:
     """One row per launch of each run that was tracked: run.json's `tracking_cost`."""
     rows = []
-    for run_dir in run_dirs:
+    for run_dir, run_id in zip(run_dirs, run_ids):
         for number, attempt in enumerate(read_run_info(run_dir).get("attempts") or [], start=1):
             cost = attempt.get("tracking_cost")
             if cost:
-                rows.append({"run_id": run_dir.name, "launch": number, **cost})
+                rows.append({"run_id": run_id, "launch": number, **cost})
     return pd.DataFrame(rows)
 
 

@@ -42,8 +42,8 @@ LT.curves = (id, f) => {
   f.data.forEach(tr => { tr.x = LT.array(tr.x); tr.y = LT.array(tr.y); });
   f.data.forEach(tr => {
     if (!tr.meta || tr.meta.batch === undefined || !LT.batches[tr.meta.run]) return;
-    const r = tr.meta.run, index = LT.stepIndex(r);
-    tr.text = tr.x.map(s => index.has(s) ? LT.batchText(r, index.get(s)) : '');
+    const r = tr.meta.run, index = LT.stepIndex(r), texts = LT.batches[r].texts || (LT.batches[r].texts = {});
+    tr.text = tr.x.map(s => index.has(s) ? (texts[s] || (texts[s] = LT.batchText(r, index.get(s)))) : '');
   });
   // the raw values, for the hover and for smoothing
   f.data.forEach(tr => { if (tr.meta && tr.meta.smooth) tr.customdata = tr.y.slice(); });

@@ -35,15 +35,15 @@ EXAMPLE_COLUMNS = (
 )
 
 
-def run_labels(run_dirs: list[Path]) -> dict[str, str]:
+def run_labels(run_dirs: list[Path], run_ids: list[str]) -> dict[str, str]:
     """Run id -> a short label: run.json's `name` if it has one, else the id from its timestamp on (the dataset and
     method are in the runs table), at most LABEL_CHARS; the full id wherever two labels would be the same."""
     labels = {}
-    for run_dir in run_dirs:
+    for run_dir, run_id in zip(run_dirs, run_ids):
         name = read_run_info(run_dir).get("name")
-        stamp = re.search(r"(?:^|_)(\d{8}_\d{6}(?:_\d+)?)$", run_dir.name)
-        short = str(name) if name else (stamp.group(1) if stamp else run_dir.name)
-        labels[run_dir.name] = short if len(short) <= LABEL_CHARS else short[:LABEL_CHARS - 1] + "\u2026"
+        stamp = re.search(r"(?:^|_)(\d{8}_\d{6}(?:_\d+)?)$", run_id)
+        short = str(name) if name else (stamp.group(1) if stamp else run_id)
+        labels[run_id] = short if len(short) <= LABEL_CHARS else short[:LABEL_CHARS - 1] + "\u2026"
     if len(set(labels.values())) < len(labels):
         return {run_id: run_id for run_id in labels}
     return labels
