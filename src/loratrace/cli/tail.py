@@ -6,7 +6,7 @@ import argparse
 import sys
 import warnings
 
-from loratrace.cli.common import warning_line
+from loratrace.cli.common import seconds, warning_line
 from loratrace.query import formats
 from loratrace.query.tail import tail_steps
 
@@ -27,10 +27,16 @@ def add_tail(sub) -> None:
     tail.add_argument("--format", choices=("table", "json"), default="table",
                       help="table (default: one aligned line per step, the first example ids then +N) or json "
                            "(JSON Lines: every column, every example id)")
-    tail.add_argument("-n", "--lines", type=int, default=10, metavar="N",
+    tail.add_argument("-n", "--lines", type=count, default=10, metavar="N",
                       help="how many of the last steps to print first (default 10; 0: only new ones)")
-    tail.add_argument("--poll", type=float, default=1.0, metavar="SECONDS",
+    tail.add_argument("--poll", type=seconds, default=1.0, metavar="SECONDS",
                       help="with --follow: how often to look for new parts (default 1)")
+
+
+def count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a number of steps, 0 or more, got {text!r}")
+    return int(text)
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
