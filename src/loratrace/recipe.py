@@ -39,6 +39,7 @@ from loratrace.training.checkpoints import (
 from loratrace.training.interrupt import RunInterrupted, StopOnSignal, checkpoint_to_resume, interrupted_message
 from loratrace.training.launch import folder_for_children, identify, shared_run_dir
 from loratrace.training.loggers import (
+    EvalTables,
     build_loggers,
     check_loggers,
     close_wandb,
@@ -121,7 +122,7 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
             own_callbacks.append(tracker)
         listeners = [tracker] if tracker is not None else []  # told of every checkpoint: rows first, then scores
         if evaluator is not None:
-            listeners.append(CheckpointEvaluator(evaluator, run_dir))
+            listeners += [CheckpointEvaluator(evaluator, run_dir), EvalTables(run_dir)]  # EvalTables: to MLflow
         listeners += list(checkpoint_listeners or [])
         steps = checkpoint_steps(t.max_steps, t.stage1_steps, cfg.checkpoint)
         step_checkpoint = StepCheckpoint(run_dir / "checkpoints", steps, listeners,
@@ -166,7 +167,7 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
             export_adapter(peft_model, tokenizer, run_dir / "final_adapter", base_path)
         if cfg.export.merged_model:
             export_merged(peft_model, tokenizer, run_dir / "final_model")
-        finish_loggers(trainer.loggers, cfg, run_dir)
+        finish_loggers(trainer.loggers, cfg, run_dir, trainer.global_step, module.last_metrics)
     except BaseException as error:
         signum = stop.signum if stop is not None else None
         if stop is not None:
