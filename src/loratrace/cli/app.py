@@ -15,7 +15,7 @@
     loratrace sweep [--config F] [key=value ...] --param 'key=uniform(a,b)' ... [--trials N] [--objective O] [--jobs N]
     loratrace sweep --resume runs/sweeps/<study> [--jobs N]
     loratrace config [--config F] [key=value ...] [--keys [--format text|table|csv|json]]
-    loratrace tail RUN [--follow] [--format table|json] [-n N]
+    loratrace tail [RUN] [--follow] [--format table|json] [-n N] [--poll SECONDS]
 
 Errors a user can cause (`LoratraceError`) end in one line on stderr: exit 2 for a bad config, data set, model or
 checkpoint (before any work starts), exit 1 for a query or lookup that cannot be answered. `query`, `trace` and

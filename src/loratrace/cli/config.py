@@ -8,7 +8,7 @@ import textwrap
 import pyarrow as pa
 
 from loratrace.cli.common import emit
-from loratrace.config import config_text, load_config
+from loratrace.config import ConfigError, config_text, load_config
 from loratrace.config_keys import describe_keys
 
 KEY_FORMATS = ("text", "table", "csv", "json")
@@ -27,6 +27,8 @@ def add_config(sub) -> None:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    if args.format != "text" and not args.keys:
+        raise ConfigError("--format goes with --keys; the config itself prints as YAML")
     if not args.keys:
         print(config_text(load_config(args.config, args.overrides)), end="")
         return 0

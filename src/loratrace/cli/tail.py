@@ -21,7 +21,8 @@ def add_tail(sub) -> None:
                                       "the run stops running (or Ctrl+C). A run training now, a finished one, or one "
                                       "on s3://; the run needs batch tracking (tracking.flush_every_steps sets how "
                                       "often parts land).")
-    tail.add_argument("run", metavar="RUN", help="a run folder (local or s3://); a folder of runs: its newest run")
+    tail.add_argument("run", metavar="RUN", nargs="?", default="runs",
+                      help="a run folder (local or s3://); a folder of runs: its newest run (default: runs)")
     tail.add_argument("--follow", "-f", action="store_true",
                       help="keep printing each new step until run.json's status leaves running")
     tail.add_argument("--format", choices=("table", "json"), default="table",

@@ -68,7 +68,9 @@ class ProgressLines(Callback):
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._started, self._first_step = time.monotonic(), trainer.global_step  # a resume counts from its step
+        # a resume counts from its step; a micro-batch that ends no update keeps the step: nothing new to show
+        self._started, self._first_step = time.monotonic(), trainer.global_step
+        self._shown = trainer.global_step
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
