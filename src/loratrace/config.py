@@ -172,7 +172,7 @@ class LoggingConfig:
     """Log to MLflow (needs `pip install loratrace[loggers]`): params = the resolved config, metrics per step, the
     final adapter and config.yaml as artifacts."""
     mlflow_tracking_uri: str = ""
-    """MLflow tracking URI; empty = a local store `<runs_dir>/mlruns` (`mlflow ui --backend-store-uri` on it)."""
+    """MLflow tracking URI; empty = a SQLite store `<runs_dir>/mlflow.db` (`mlflow ui --backend-store-uri` on it)."""
     wandb: bool = False
     """Log to Weights & Biases (needs `pip install loratrace[loggers]`), files under the run's wandb/."""
     wandb_mode: str = "offline"
