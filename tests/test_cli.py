@@ -164,3 +164,50 @@ def test_an_empty_result_prints_its_header(small_run):
     csv = run_cli("query", "SELECT step, loss FROM batches WHERE false", "--format", "csv", "--runs-dir",
                   str(small_run.parent))
     assert csv.stdout.splitlines() == ["step,loss"]
+
+
+# ---------------------------------------------------------------------------------------------- issue #24
+
+def test_progress_lines_every_n_steps_under_gradient_accumulation(capsys):
+    """ProgressLines in a plain Lightning loop: one line at each multiple of N and at the last update, none per
+    micro-batch, no carriage return; its loss is the micro-batch's undivided loss."""
+    import lightning as L
+    import torch
+
+    from loratrace.training.progress import ProgressLines, progress_mode
+
+    class Constant(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.tensor(2.0))
+
+        def training_step(self, batch, batch_idx):
+            return {"loss": self.weight * 0 + 1.5}
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.25)
+
+    data = torch.utils.data.DataLoader(torch.zeros(64, 1), batch_size=2)
+    trainer = L.Trainer(max_steps=7, accumulate_grad_batches=2, callbacks=[ProgressLines(3)], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu")
+    capsys.readouterr()
+    trainer.fit(Constant(), data)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("step ")]
+    assert [line.split()[:2] for line in lines] == [["step", "3/7"], ["step", "6/7"], ["step", "7/7"]]
+    assert all("  loss 1.5000  lr 0.25  " in line for line in lines) and "\r" not in err
+    assert "left" in lines[0] and "left" not in lines[-1]
+    assert progress_mode("auto") == "lines"  # pytest's stderr is no terminal
+    assert (progress_mode("bar"), progress_mode("lines", enabled=False)) == ("bar", "none")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["config", "--format", "json"], "--format goes with --keys"),
+    (["train", "--print-config", "--resume-from-checkpoint", "x.ckpt"], "a resumed run's is its config.yaml"),
+    (["train", "--print-config", "logging.progress=sometimes"], "logging.progress: 'sometimes' is not one of auto"),
+])
+def test_config_and_print_config_mistakes_are_one_line_exit_2(tmp_path, args, message):
+    result = run_cli(*args, cwd=tmp_path)
+    assert message in _one_error_line(result, 2) and result.stdout == ""
+    assert list(tmp_path.iterdir()) == []

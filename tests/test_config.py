@@ -1,3 +1,4 @@
+import json
 import re
 from pathlib import Path
 
@@ -75,6 +76,9 @@ def test_saved_config_reloads_equal(tmp_path):
     (["--config", "missing.yaml"], "config file missing.yaml does not exist"),
     (["data.source=/no/such/file.jsonl"], "is not sample, hub, or an existing file or folder"),
     (["--resume-from-checkpoint", "runs/x/checkpoints/nope.ckpt"], "does not exist"),
+    (["training.lr=0.1"], "did you mean training.learning_rate_stage1 or training.learning_rate_stage2?"),
+    (["--config", str(ROOT / "configs" / "tiny.yaml"), "training.max_steps=8"],
+     "got 12: set training.stage1_steps=4 (the default's share)"),
 ])
 def test_cli_config_errors_are_one_line_exit_2_and_create_nothing(tmp_path, args, message):
     result = run_cli("train", f"--runs-dir={tmp_path / 'runs'}", *args, cwd=tmp_path)
@@ -187,3 +191,86 @@ def test_train_with_an_escaping_method_writes_nothing_anywhere(tmp_path):
     assert result.stderr == ("loratrace: error: method: '../../../escaped' cannot name a folder or file (it holds a "
                              "path separator)\n")
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------- issue #24
+
+def test_a_short_run_scales_the_stage_boundary_unless_it_is_given():
+    from loratrace.training.checkpoints import checkpoint_steps
+
+    notices = []
+    short = load_config(None, ["training.max_steps=30"], notice=notices.append).training
+    assert (short.stage1_steps, short.max_steps) == (18, 30)  # the seed's 75 of 125
+    assert notices == ["note: training.stage1_steps = 18 (75/125 of training.max_steps=30; set training.stage1_steps "
+                       "to choose)"]
+    cfg = load_config(None, ["training.max_steps=30"], notice=lambda line: None)
+    assert checkpoint_steps(30, cfg.training.stage1_steps, cfg.checkpoint) == list(range(19, 31))  # the tail follows
+    assert load_config(None, ["training.max_steps=200"], notice=lambda line: None).training.stage1_steps == 120
+    assert load_config(None, ["training.max_steps=1"], notice=lambda line: None).training.stage1_steps == 0
+    assert load_config(None, ["training.max_steps=30", "training.stage1_steps=25"]).training.stage1_steps == 25
+    assert load_config(ROOT / "configs" / "tiny.yaml", ["training.max_steps=15"]).training.stage1_steps == 12
+
+
+@pytest.mark.parametrize("args, message", [
+    ([ROOT / "configs" / "default.yaml", ["training.max_steps=30"]],
+     "training.stage1_steps must be between 0 and training.max_steps (30), got 75: set training.stage1_steps=18 "
+     "(the default's share) or less"),
+    ([None, ["training.max_steps=30", "training.stage1_steps=40"]], "set training.stage1_steps=18"),
+])
+def test_a_stage_boundary_given_past_the_run_names_the_fix(args, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(*args)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("key, meant", [
+    ("training.lr", "training.learning_rate_stage1 or training.learning_rate_stage2"),
+    ("lr", "training.learning_rate_stage1 or training.learning_rate_stage2"),
+    ("batch_size", "training.batch_size or eval.batch_size"),
+    ("lora.rank", "lora.r"),
+    ("training.epochs", "training.max_steps"),
+    ("training.max_step", "training.max_steps"),
+])
+def test_a_mistyped_key_names_the_keys_meant(key, meant):
+    with pytest.raises(ConfigError, match=rf"unknown config key {re.escape(key)} \(did you mean {meant}\?\)"):
+        load_config(None, [f"{key}=1"])
+
+
+def test_print_config_prints_what_a_run_would_use_and_writes_nothing(tmp_path):
+    import yaml
+
+    result = run_cli("train", "training.max_steps=30", "--track-batches", "--progress", "none", "--print-config",
+                     f"--runs-dir={tmp_path / 'runs'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    printed = yaml.safe_load(result.stdout)
+    assert printed["training"]["stage1_steps"] == 18 and printed["tracking"]["enabled"] is True
+    assert printed["logging"]["progress"] == "none"
+    assert list(tmp_path.iterdir()) == []  # no runs folder, no lightning_logs
+    (tmp_path / "printed.yaml").write_text(result.stdout)
+    expected = load_config(None, ["training.max_steps=30", "tracking.enabled=true", "logging.progress=none",
+                                  f"runs_dir={tmp_path / 'runs'}"], notice=lambda line: None)
+    assert load_config(tmp_path / "printed.yaml") == expected  # the printed YAML trains exactly that run
+    same = run_cli("config", "training.max_steps=30", "tracking.enabled=true", "logging.progress=none",
+                   f"runs_dir={tmp_path / 'runs'}")
+    assert same.stdout == result.stdout
+    two = run_cli("train", "--print-config", "--dataset", "arc-easy", "--dataset", "boolq")
+    assert [d["data"]["dataset"] for d in yaml.safe_load_all(two.stdout)] == ["arc-easy", "boolq"]
+
+
+def test_config_keys_lists_every_key_with_a_default_that_reads_back():
+    from loratrace.config import known_keys
+
+    result = run_cli("config", "--keys", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [row["key"] for row in rows] == list(known_keys())
+    for row in rows:
+        assert row["doc"] and row["type"], row
+        key = row["key"]
+        # the default, typed back as an override, gives the default config (max_steps also keeps stage 1 at 75)
+        assert load_config(None, [f"{key}={row['default']}"], notice=lambda line: None) == Config(), key
+    by_key = {row["key"]: row for row in rows}
+    assert by_key["logging.progress"]["allowed"] == "auto, bar, lines, none"
+    assert by_key["training.max_steps"]["allowed"] == "[1, 1000000000]"
+    text = run_cli("config", "--keys").stdout
+    assert "training.stage1_steps  (int, default 75)   [0, 1000000000]\n    Updates in stage 1;" in text

@@ -141,6 +141,8 @@ def test_eval_afterwards_reaches_csv_and_mlflow(logged_run):
     client = MlflowClient(tracking_uri=mlflow_tracking_uri(cfg))
     history = client.get_metric_history(find_mlflow_run(cfg, logged_run.name), "eval/test_accuracy")
     assert [(m.step, m.value) for m in history] == [(8, pytest.approx(accuracy))]
+    tables = [a.path for a in client.list_artifacts(find_mlflow_run(cfg, logged_run.name), "evals/test")]
+    assert len(tables) == 1 and tables[0].startswith("evals/test/s000000008-")  # its per-example table too
 
 
 @pytest.mark.parametrize("prelude, overrides, message", [
@@ -193,3 +195,56 @@ def test_a_resume_keeps_each_step_once_in_the_csv_and_continues_the_mlflow_run(t
     history = client.get_metric_history(found[0].info.run_id, "train/loss")
     latest = {m.step: m.value for m in sorted(history, key=lambda m: m.timestamp)}
     _same(latest, loss)
+
+
+def test_tensorboard_hparams_tab_holds_the_config_and_final_metrics(logged_run, expected):
+    """Read with TensorBoard's own reader and its hparams plugin's schema: what the HParams tab shows."""
+    import yaml
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    events = EventAccumulator(str(logged_run / "tensorboard_logs"))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    assert start.hparams["training.max_steps"].number_value == 8
+    assert start.hparams["training.stage1_steps"].number_value == 6
+    assert start.hparams["data.dataset"].string_value == "arc-challenge"
+    assert start.hparams["logging.mlflow"].number_value == 1  # torch writes a bool as a number
+    metrics = {info.name.tag for info in experiment.metric_infos}
+    assert metrics == {"hparams/train_loss", "hparams/train_accuracy", "hparams/eval_validation_accuracy"}
+    final = {tag: events.Scalars(tag) for tag in metrics}
+    assert [(e.step, e.value) for e in final["hparams/train_loss"]] == [(8, pytest.approx(expected[0][8], rel=1e-5))]
+    with loratrace.open_runs(logged_run) as db:  # the training's own evaluation (`eval` may add a test split later)
+        accuracy = db.sql("SELECT avg(correct::INT) FROM evals WHERE split = 'validation' AND checkpoint_step = 8"
+                          ).fetchall()[0][0]
+    assert final["hparams/eval_validation_accuracy"][0].value == pytest.approx(accuracy)
+    saved = yaml.safe_load((logged_run / "tensorboard_logs" / "hparams.yaml").read_text())
+    assert saved["training.max_steps"] == 8 and saved["lora.r"] == 16  # it was {}
+
+
+def test_mlflow_holds_each_evaluation_as_a_per_example_table(logged_run):
+    from mlflow import MlflowClient
+
+    from loratrace.config import load_config
+    from loratrace.training.loggers import find_mlflow_run, mlflow_tracking_uri
+
+    cfg = load_config(logged_run / "config.yaml")
+    client = MlflowClient(tracking_uri=mlflow_tracking_uri(cfg))
+    run_id = find_mlflow_run(cfg, logged_run.name)
+    tables = [a.path for a in client.list_artifacts(run_id, "evals/validation")]
+    assert len(tables) == 2 and all(path.endswith(".json") for path in tables)  # checkpoints 7 and 8
+    with loratrace.open_runs(logged_run) as db:
+        rows = db.sql("SELECT checkpoint_step, example_id, pred, correct, p_gold FROM evals WHERE split = 'validation' "
+                      "ORDER BY checkpoint_step, example_id").fetchall()
+    logged = []
+    for path in tables:
+        local = client.download_artifacts(run_id, path, dst_path=str(logged_run.parent / "dl-evals"))
+        table = json.loads(Path(local).read_text())  # MLflow's table layout: columns, data
+        for values in table["data"]:
+            row = dict(zip(table["columns"], values))
+            logged.append((row["checkpoint_step"], row["example_id"], row["pred"], row["correct"], row["p_gold"]))
+    assert len(logged) == len(rows) == 2 * 12
+    for got, want in zip(sorted(logged), rows):
+        assert got[:4] == want[:4] and got[4] == pytest.approx(want[4], rel=1e-6)

@@ -10,7 +10,6 @@ key); the CLI turns it into exit code 2 before any work starts.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import sys
 import typing
@@ -22,7 +21,7 @@ import yaml
 
 from loratrace.data.datasets import REGISTRY  # the data-set names a config may name (no torch)
 from loratrace.errors import ConfigError
-from loratrace.overrides import coerce, flatten_keys, parse_override, read_yaml_file, resolve_keys
+from loratrace.overrides import coerce, flatten_keys, parse_override, read_yaml_file, resolve_keys, suggestions
 
 
 @dataclass
@@ -88,7 +87,8 @@ class TrainingConfig:
     max_steps: int = 125
     """Optimizer updates in total (both stages)."""
     stage1_steps: int = 75
-    """Updates in stage 1; stage 2 runs the remaining `max_steps - stage1_steps`."""
+    """Updates in stage 1; stage 2 runs the remaining `max_steps - stage1_steps`. Given nowhere (neither the YAML nor
+    an override), it keeps the default's share of max_steps: 75/125, so training.max_steps=30 gives 18."""
     learning_rate_stage1: float = 3e-3
     """Peak learning rate of stage 1 (the embedded default's, for the tiny base; the seed's 1e-4 is in the hub
     configs)."""
@@ -173,13 +173,18 @@ class LoggingConfig:
     """Log to MLflow (needs `pip install loratrace[loggers]`): params = the resolved config, metrics per step, the
     final adapter and config.yaml as artifacts."""
     mlflow_tracking_uri: str = ""
-    """MLflow tracking URI; empty = a local store `<runs_dir>/mlruns` (`mlflow ui --backend-store-uri` on it)."""
+    """MLflow tracking URI; empty = a SQLite store `<runs_dir>/mlflow.db` (`mlflow ui --backend-store-uri` on it)."""
     wandb: bool = False
     """Log to Weights & Biases (needs `pip install loratrace[loggers]`), files under the run's wandb/."""
     wandb_mode: str = "offline"
     """W&B mode: offline (`wandb sync` later) or online (needs `wandb login` first)."""
     csv: bool = False
     """Write Lightning's CSVLogger layout under csv_logs/ (metrics.csv, hparams.yaml)."""
+    progress: str = "auto"
+    """Training progress on stderr: `bar` (a progress bar), `lines` (one line every progress_every_n_steps, for
+    logs and SLURM), `none`; `auto`: the bar on a terminal, lines otherwise."""
+    progress_every_n_steps: int = 10
+    """With progress lines: a line every N updates (and at the last)."""
 
 
 @dataclass
@@ -220,6 +225,7 @@ CHOICES = {
     "training.precision": ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true"),
     "logging.swanlab_mode": ("offline", "local", "cloud", "disabled"),
     "logging.wandb_mode": ("offline", "online"),
+    "logging.progress": ("auto", "bar", "lines", "none"),
 }
 
 
@@ -237,9 +243,9 @@ def known_keys(cls: type = Config, prefix: str = "") -> dict[str, Any]:
 
 
 def _unknown(key: str, keys: dict) -> ConfigError:
-    close = difflib.get_close_matches(key, list(keys), n=1, cutoff=0.5)
-    hint = f" (did you mean {close[0]}?)" if close else ""
-    return ConfigError(f"unknown config key {key}{hint}")
+    close = suggestions(key, list(keys))
+    hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+    return ConfigError(f"unknown config key {key}{hint}; `loratrace config --keys` lists them all")
 
 
 def config_from_flat(flat: dict[str, Any]) -> Config:
@@ -264,7 +270,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
     if path is not None:
         sources.append(flatten_keys(read_yaml_file(Path(path))))
     sources += [dict([parse_override(text)]) for text in overrides]
-    return config_from_flat(resolve_keys(sources, notice, stage1_default=TrainingConfig.stage1_steps))
+    share = (TrainingConfig.stage1_steps, TrainingConfig.max_steps)  # stage1_steps given nowhere keeps this share
+    return config_from_flat(resolve_keys(sources, notice, stage1_default=share[0], stage1_share=share))
 
 
 @dataclass(frozen=True)
@@ -315,6 +322,7 @@ BOUNDS = {
     "checkpoint.stage2_every_n_steps": COUNT,
     "checkpoint.full_every": COUNT,
     "tracking.flush_every_steps": COUNT,
+    "logging.progress_every_n_steps": COUNT,
     "eval.limit": COUNT,
     "eval.batch_size": Bounds(1, 2**20),
 }
@@ -369,12 +377,19 @@ def validate(cfg: Config) -> None:
         _require(problem is None, f"{key}: {_value(cfg, key)!r} cannot name a folder or file ({problem})")
     _require(cfg.data.dataset in REGISTRY,
              f"data.dataset: unknown data set {cfg.data.dataset!r}; known: {', '.join(REGISTRY)}")
+    share = t.max_steps * TrainingConfig.stage1_steps // TrainingConfig.max_steps  # the seed's 75 of 125
     _require(t.stage1_steps <= t.max_steps,
-             f"training.stage1_steps must be between 0 and training.max_steps ({t.max_steps}), got {t.stage1_steps}")
+             f"training.stage1_steps must be between 0 and training.max_steps ({t.max_steps}), got {t.stage1_steps}: "
+             f"set training.stage1_steps={share} (the default's share) or less")
     _require(bool(cfg.lora.target_modules), "lora.target_modules must name at least one module")
     _require(cfg.model.tiny_hidden_size % 4 == 0, "model.tiny_hidden_size must be a multiple of 4")
 
 
+def config_text(cfg: Config) -> str:
+    """The resolved config as YAML, as config.yaml holds it (`loratrace train --print-config` prints it)."""
+    return "# Re-run this experiment: loratrace train --config <this file>\n" + yaml.safe_dump(cfg.to_dict(),
+                                                                                              sort_keys=False)
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
-    header = "# Re-run this experiment: loratrace train --config <this file>\n"
-    Path(path).write_text(header + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    Path(path).write_text(config_text(cfg))

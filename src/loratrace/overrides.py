@@ -7,6 +7,7 @@ nested keys translated as a whole. `config.load_config` puts these together with
 
 from __future__ import annotations
 
+import difflib
 import sys
 import types
 import typing
@@ -38,6 +39,23 @@ LEGACY_KEYS = {
     "model": ("model.name",),  # `model: Qwen/Qwen2.5-0.5B` at the top level
 }
 STAGE2_STEPS = "training.stage2.steps"
+STAGE1_STEPS = "training.stage1_steps"
+_BOTH_RATES = ("training.learning_rate_stage1", "training.learning_rate_stage2")
+# What other tools call a setting -> our keys: an unknown key whose last part is one of these is told about them.
+ALIASES = {
+    "lr": _BOTH_RATES, "learning_rate": _BOTH_RATES, "steps": ("training.max_steps",),
+    "epochs": ("training.max_steps",), "num_train_epochs": ("training.max_steps",),
+    "bs": ("training.batch_size",), "train_batch_size": ("training.batch_size",),
+    "grad_accum": ("training.accumulate_grad_batches",), "gradient_accumulation_steps":
+    ("training.accumulate_grad_batches",), "warmup": ("training.warmup_steps",),
+    "warmup_ratio": ("training.warmup_steps",), "scheduler": ("training.schedule",),
+    "lr_scheduler": ("training.schedule",), "lr_scheduler_type": ("training.schedule",),
+    "grad_clip": ("training.max_grad_norm",), "gradient_clip_val": ("training.max_grad_norm",),
+    "rank": ("lora.r",), "lora_r": ("lora.r",), "lora_rank": ("lora.r",), "lora_alpha": ("lora.alpha",),
+    "lora_dropout": ("lora.dropout",), "model_name": ("model.name",), "model_name_or_path": ("model.name",),
+    "dataset_name": ("data.dataset",), "max_seq_length": ("data.max_length",), "seq_len": ("data.max_length",),
+    "output_dir": ("runs_dir",),
+}
 
 
 def flatten_keys(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -94,12 +112,13 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
     return value
 
 
-def resolve_keys(sources: list[dict[str, Any]], notice=None, stage1_default: int = 75) -> dict[str, Any]:
+def resolve_keys(sources: list[dict[str, Any]], notice=None, stage1_default: int = 75,
+                 stage1_share: tuple[int, int] | None = None) -> dict[str, Any]:
     """Merge flat key mappings (the file, then each override: a later one wins) into our keys, translating the
     traditional script's keys as a whole: within one source our own key beats a legacy key that sets the same thing;
     `training.learning_rate` sets both stages; `training.stage2.steps` sets max_steps from the final stage1_steps
     (unless a later source sets max_steps itself; `stage1_default` when no source sets stage1_steps). One notice
-    line per translated key."""
+    line per translated key. With `stage1_share`, a stage1_steps given nowhere follows max_steps (`scale_stage1`)."""
     flat: dict[str, Any] = {}
     given_in: dict[str, int] = {}  # key -> index of the source that set it last
     stage2: tuple[int, Any] | None = None
@@ -127,9 +146,33 @@ def resolve_keys(sources: list[dict[str, Any]], notice=None, stage1_default: int
                 raise ConfigError(f"training.max_steps ({flat['training.max_steps']}) disagrees with "
                                   f"training.stage1_steps + training.stage2.steps ({stage1} + {steps}); give one")
             flat["training.max_steps"] = stage1 + steps
+            flat.setdefault(STAGE1_STEPS, stage1)  # stage 1 as counted: not rescaled from the max_steps it made
             if notice:
                 notice(f"note: legacy key {STAGE2_STEPS} read as training.max_steps = {stage1} + {steps}")
-    return flat
+    return scale_stage1(flat, stage1_share, notice) if stage1_share else flat
+
+
+def scale_stage1(flat: dict[str, Any], share: tuple[int, int], notice=None) -> dict[str, Any]:
+    """`training.stage1_steps` given nowhere: the stage boundary keeps `share` (the default's stage1 of max steps, the
+    seed's 75 of 125) of the run, so `training.max_steps=30` trains 18 + 12 steps. Given anywhere, it is kept."""
+    steps = flat.get("training.max_steps")
+    if STAGE1_STEPS in flat or not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        return flat
+    stage1 = steps * share[0] // share[1]
+    if notice and stage1 != share[0]:
+        notice(f"note: training.stage1_steps = {stage1} ({share[0]}/{share[1]} of training.max_steps={steps}; "
+               f"set training.stage1_steps to choose)")
+    return {**flat, STAGE1_STEPS: stage1}
+
+
+def suggestions(key: str, known: list[str]) -> list[str]:
+    """Known keys a mistyped `key` may mean: those of an alias it ends with (`training.lr` -> both learning rates),
+    those with the same last part (`batch_size`), else the closest spelling; three at most."""
+    leaf = key.rsplit(".", 1)[-1]
+    found = list(ALIASES.get(leaf, ()))
+    found += [k for k in known if k.rsplit(".", 1)[-1] == leaf]
+    found = found or difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    return list(dict.fromkeys(k for k in found if k in known))[:3]
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -17,8 +17,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.strategies import FSDPStrategy
 from typing_extensions import override
 
@@ -42,6 +40,7 @@ from loratrace.training.checkpoints import (
 from loratrace.training.interrupt import RunInterrupted, StopOnSignal, checkpoint_to_resume, interrupted_message
 from loratrace.training.launch import folder_for_children, identify, shared_run_dir
 from loratrace.training.loggers import (
+    EvalTables,
     build_loggers,
     check_loggers,
     close_wandb,
@@ -51,6 +50,7 @@ from loratrace.training.loggers import (
 )
 from loratrace.training.model import add_lora, load_base, load_lora_weights, load_run_model, trainable_parameter_count
 from loratrace.training.module import LoRAModule
+from loratrace.training.progress import progress_callbacks, progress_mode
 from loratrace.training.resume import resume_run_dir, validate_resume
 
 
@@ -123,20 +123,23 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
             own_callbacks.append(tracker)
         listeners = [tracker] if tracker is not None else []  # told of every checkpoint: rows first, then scores
         if evaluator is not None:
-            listeners.append(CheckpointEvaluator(evaluator, run_dir))
+            listeners += [CheckpointEvaluator(evaluator, run_dir), EvalTables(run_dir)]  # EvalTables: to MLflow
         listeners += list(checkpoint_listeners or [])
         steps = checkpoint_steps(t.max_steps, t.stage1_steps, cfg.checkpoint)
         step_checkpoint = StepCheckpoint(run_dir / "checkpoints", steps, listeners,
                                          weights_only_steps(steps, t.stage1_steps, t.max_steps, cfg.checkpoint),
                                          run_id=run_dir.name)
         stop = StopOnSignal(step_checkpoint)
-        own_callbacks += [step_checkpoint, stop, non_finite] + ([ProgressBar()] if progress else [])
+        shown = progress_mode(cfg.logging.progress, progress)  # bar, lines or none on stderr
+        own_callbacks += [step_checkpoint, stop, non_finite]
+        own_callbacks += progress_callbacks(shown, cfg.logging.progress_every_n_steps)
         trainer = L.Trainer(
             max_steps=t.max_steps, max_epochs=-1, accumulate_grad_batches=t.accumulate_grad_batches,
             gradient_clip_val=t.max_grad_norm or None, gradient_clip_algorithm="norm", precision=t.precision,
             accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
             logger=build_loggers(cfg, run_dir, resumed_step) or False,
-            callbacks=own_callbacks + list(callbacks or []), enable_checkpointing=True, enable_progress_bar=progress,
+            callbacks=own_callbacks + list(callbacks or []), enable_checkpointing=True,
+            enable_progress_bar=shown == "bar",
             enable_model_summary=False, default_root_dir=str(run_dir), log_every_n_steps=t.log_every_n_steps,
             use_distributed_sampler=False, num_sanity_val_steps=0, limit_val_batches=0,
         )
@@ -165,7 +168,7 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
             export_adapter(peft_model, tokenizer, run_dir / "final_adapter", base_path)
         if cfg.export.merged_model:
             export_merged(peft_model, tokenizer, run_dir / "final_model")
-        finish_loggers(trainer.loggers, cfg, run_dir)
+        finish_loggers(trainer.loggers, cfg, run_dir, trainer.global_step, module.last_metrics)
     except BaseException as error:
         signum = stop.signum if stop is not None else None
         if stop is not None:
@@ -310,23 +313,6 @@ def quiet_libraries():
             transformers_logging.enable_progress_bar()
         if swanlab_console is not None:
             swanlab_console.c.quiet = was_quiet
-
-
-class ProgressBar(TQDMProgressBar):
-    """Lightning's bar, on stderr: stdout carries only the summary, so `loratrace train > summary.txt` works."""
-
-    def __init__(self):
-        super().__init__(refresh_rate=1)
-
-    @override
-    def init_train_tqdm(self) -> Tqdm:
-        return Tqdm(desc=self.train_description, position=2 * self.process_position, disable=self.is_disabled,
-                    leave=True, dynamic_ncols=True, file=sys.stderr, smoothing=0, bar_format=self.BAR_FORMAT)
-
-    @override
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if self._train_progress_bar is not None:  # end its line: the message that follows starts on its own
-            self.train_progress_bar.close()
 
 
 def _cost(tracker: BatchTracker | None, index_s: float = 0.0) -> dict:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from loratrace.config import ConfigError, load_config
+from loratrace.config import CHOICES, ConfigError, config_text, load_config
 from loratrace.runs import storage
+
+PROGRESS = CHOICES["logging.progress"]
 
 
 def add_train(sub) -> None:
@@ -20,6 +22,11 @@ def add_train(sub) -> None:
                             "folder (a legacy run's is imported first)")
     train.add_argument("--dataset", action="append", metavar="NAME", help="train one run per data set, in turn")
     train.add_argument("--runs-dir", help="folder for run folders (config key runs_dir)")
+    train.add_argument("--print-config", action="store_true",
+                       help="print the resolved config as YAML (what config.yaml would hold) and exit; writes nothing")
+    train.add_argument("--progress", choices=PROGRESS,
+                       help="progress on stderr: bar, lines (one every logging.progress_every_n_steps), none; auto "
+                            "(default, config key logging.progress): the bar on a terminal, lines otherwise")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -28,10 +35,24 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append("tracking.enabled=true")
     if args.runs_dir:
         overrides.append(f"runs_dir={args.runs_dir}")
+    if args.progress:
+        overrides.append(f"logging.progress={args.progress}")
+    if args.print_config:
+        return _print_config(args, overrides)
     if args.resume_from_checkpoint and args.dataset:
         raise ConfigError("--dataset cannot be combined with --resume-from-checkpoint")
     with storage.staging():  # a run on object storage is staged in a scratch folder until the command ends
         return _train_runs(args, overrides)
+
+
+def _print_config(args: argparse.Namespace, overrides: list[str]) -> int:
+    """`--print-config`: each data set's resolved config, YAML documents apart; nothing read but the config."""
+    if args.resume_from_checkpoint:
+        raise ConfigError("--print-config shows a new run's config; a resumed run's is its config.yaml")
+    names = args.dataset or [None]
+    configs = [load_config(args.config, overrides + ([f"data.dataset={n}"] if n else [])) for n in names]
+    print("---\n".join(config_text(cfg) for cfg in configs), end="")
+    return 0
 
 
 def _train_runs(args: argparse.Namespace, overrides: list[str]) -> int:

@@ -148,8 +148,12 @@ def build_loggers(cfg: Config, run_dir: Path, resumed_step: int) -> list:
     if g.tensorboard:
         # purge_step: TensorBoard's readers drop the earlier attempt's points from the resumed step on, so every
         # step shows once, as in the `batches` view.
-        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard_logs", version="",
-                                         purge_step=resumed_step + 1 if resumed_step else None))
+        # default_hp_metric off: the HParams summary is written once, at the run's end, with its final metrics
+        # (`finish_loggers`); the config set now fills hparams.yaml when Lightning saves it.
+        tensorboard = TensorBoardLogger(save_dir=str(run_dir), name="tensorboard_logs", version="",
+                                        purge_step=resumed_step + 1 if resumed_step else None, default_hp_metric=False)
+        tensorboard.log_hyperparams(flatten_keys(cfg.to_dict()))
+        loggers.append(tensorboard)
     if g.swanlab and g.swanlab_mode != "disabled":
         from swanlab.integration.pytorch_lightning import SwanLabLogger
 
@@ -218,17 +222,77 @@ def _csv_logger(run_dir: Path, resumed_step: int):
     return logger
 
 
-def finish_loggers(loggers: list, cfg: Config, run_dir: Path) -> None:
-    """At a run's end: the final adapter and config.yaml go to MLflow as artifacts; W&B's run is closed now (its
-    closing lines would otherwise follow the summary, and a second run in the process needs the first finished)."""
+def finish_loggers(loggers: list, cfg: Config, run_dir: Path, step: int, last_metrics: dict | None = None) -> None:
+    """At a run's end (update `step`): the config with the final metrics to TensorBoard's HParams tab; the final
+    adapter and config.yaml to MLflow as artifacts; W&B's run is closed now (its closing lines would otherwise follow
+    the summary, and a second run in the process needs the first finished)."""
     for logger in loggers:
         kind = type(logger).__name__
+        if kind == "TensorBoardLogger":  # Lightning closed its writer at fit's end: this one is reopened, then closed
+            logger.log_hyperparams(flatten_keys(cfg.to_dict()), hparams_metrics(run_dir, last_metrics or {}), step)
+            logger.finalize("success")
         if kind == "MLFlowLogger":
             client, mlflow_run = logger.experiment, logger.run_id
             client.log_artifact(mlflow_run, str(run_dir / "config.yaml"))
             if (run_dir / "final_adapter").is_dir():
                 client.log_artifacts(mlflow_run, str(run_dir / "final_adapter"), "final_adapter")
     close_wandb(loggers)
+
+
+def hparams_metrics(run_dir: Path, last_metrics: dict) -> dict[str, float]:
+    """What TensorBoard's HParams tab compares runs by: the last logged train loss and accuracy, and the accuracy of
+    the last evaluation written during training (`eval.every_checkpoint`), under `hparams/`."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    metrics = {f"hparams/{name.replace('/', '_')}": float(value) for name, value in last_metrics.items()
+               if name in ("train/loss", "train/accuracy") and value is not None}
+    parts = sorted((run_dir / "tracking" / "evals").glob("s*.parquet"))  # names sort by step, then time
+    if parts:
+        table = pq.read_table(parts[-1], columns=["split", "correct"])
+        if table.num_rows:
+            accuracy = pc.mean(table["correct"].cast("float64")).as_py()
+            metrics[f"hparams/eval_{table['split'][0].as_py()}_accuracy"] = accuracy
+    return metrics
+
+
+class EvalTables:
+    """A `CheckpointListener` after the checkpoint evaluator: each evaluation's per-example rows go to MLflow as a
+    table artifact once its part is written (`eval.every_checkpoint`; `loratrace eval` does the same afterwards)."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+
+    def checkpoint_saving(self, trainer, step: int) -> None:
+        """Nothing to hand over: the evaluation's part is read after it is written."""
+
+    def checkpoint_saved(self, trainer, step: int, path: str, size: int) -> None:
+        if not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            if type(logger).__name__ == "MLFlowLogger":
+                for part in eval_parts(self.run_dir, step):
+                    log_eval_table(logger.experiment, logger.run_id, part)
+
+
+def eval_parts(run_dir: Path, step: int, count: int = 1) -> list[Path]:
+    """The `count` newest evaluation parts of checkpoint step `step` (their names sort by evaluation time)."""
+    return sorted((run_dir / "tracking" / "evals").glob(f"s{step:09d}-*.parquet"))[-count:]
+
+
+EVAL_TABLE_COLUMNS = ("example_id", "line", "gold", "pred", "correct", "p_gold", "choice_logliks", "checkpoint_step",
+                      "checkpoint_path", "split", "scoring")
+
+
+def log_eval_table(client, mlflow_run: str, part: Path) -> None:
+    """One evaluation's per-example rows as an MLflow table (`evals/<split>/<part>.json`, shown as a table by MLflow's
+    UI and read back by `mlflow.load_table`); named after its part, so a second evaluation never appends to it."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(part, columns=list(EVAL_TABLE_COLUMNS))
+    if table.num_rows:
+        split = table["split"][0].as_py()
+        client.log_table(mlflow_run, data=table.to_pydict(), artifact_file=f"evals/{split}/{part.stem}.json")
 
 
 def close_wandb(loggers: list) -> None:
@@ -274,6 +338,10 @@ def log_accuracies_after_training(cfg: Config, run_dir: Path, points: list[tuple
             client = MlflowClient(tracking_uri=mlflow_tracking_uri(cfg))
             for tag, step, value in points:
                 client.log_metric(mlflow_run, tag, value, step=step)
+            steps = [step for _, step, _ in points]
+            for step in dict.fromkeys(steps):  # this command's parts: the newest of each step it scored
+                for part in eval_parts(run_dir, step, steps.count(step)):
+                    log_eval_table(client, mlflow_run, part)
             written.append("mlflow")
     return written
 
