@@ -40,5 +40,10 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'loratrace' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    """The public API, though none of it is imported yet (what `dir(loratrace)` and tab completion show)."""
+    return sorted([*_EXPORTS, "__version__"])
+
+
 __all__ = ["BatchTracker", "Config", "compare", "export_adapters", "influence", "load_config", "open_runs",
            "resume_sweep", "sweep", "train", "write_report"]

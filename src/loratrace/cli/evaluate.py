@@ -52,7 +52,8 @@ def add_influence(sub) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from loratrace.evaluate import evaluate_run  # torch only when this command runs
+    # here, not at the top: query, trace and runs load this module, without torch
+    from loratrace.evaluate import evaluate_run
 
     overrides = [f"eval.{key}={value}" for key, value in (("split", args.split), ("limit", args.limit),
                                                           ("batch_size", args.batch_size), ("scoring", args.scoring))
@@ -65,7 +66,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_influence(args: argparse.Namespace) -> int:
-    from loratrace.attribution.tracin import compute, top_examples  # torch only when this command runs
+    # here, not at the top: query, trace and runs load this module, without torch
+    from loratrace.attribution.tracin import compute, top_examples
 
     if args.top < 1:
         raise ConfigError(f"--top must be at least 1, got {args.top}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 
 from loratrace.cli.common import warning_line
@@ -39,9 +40,8 @@ def add_import_legacy(sub) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import warnings
-
-    from loratrace.export import MANIFEST_FILE, export_adapters  # torch only when this command runs
+    # here, not at the top: query, trace and runs load this module, without torch
+    from loratrace.export import MANIFEST_FILE, export_adapters
 
     warnings.showwarning = warning_line
     out = storage.local_form(args.adapters)
@@ -53,7 +53,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import_legacy(args: argparse.Namespace) -> int:
-    from loratrace.legacy import importer  # torch only when this command runs
+    # here, not at the top: query, trace and runs load this module, without torch
+    from loratrace.legacy import importer
 
     importer.runs_folder(args.runs_dir)  # before the sources are looked at
     check_apart(args.runs_dir, args.paths, "--runs-dir")  # run folders written into a source would change it

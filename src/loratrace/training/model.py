@@ -16,6 +16,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 
 from loratrace.config import Config, LoraConfig, ModelConfig
+from loratrace.data.datasets import LETTERS, SAMPLE_DIR, load_split
 from loratrace.errors import CheckpointError, LoratraceError, first_line
 from loratrace.training.checkpoints import read_checkpoint
 from loratrace.training.module import lora_mismatch
@@ -37,8 +38,6 @@ class ModelError(LoratraceError):
 
 
 def _tiny_corpus() -> list[str]:
-    from loratrace.data.datasets import LETTERS, SAMPLE_DIR, load_split
-
     texts = []
     for split in ("train", "validation", "test"):
         if (SAMPLE_DIR / f"{split}.jsonl").is_file():
