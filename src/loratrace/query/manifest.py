@@ -69,10 +69,7 @@ class Manifests:
         entry = self.entries(tracking).get(name)
         if not isinstance(entry, dict) or entry.get("file") != file:
             return None
-        try:
-            return tuple((str(n), str(t)) for n, t in entry["columns"])
-        except (KeyError, TypeError, ValueError):
-            return None
+        return entry.get("columns")
 
     def index_stamp(self, tracking: Path, stat: os.stat_result) -> dict | None:
         """What the samples index holds ({"stamp": run_id, parts and gaps, "flat", "columns"}) if the manifest knows
@@ -84,11 +81,25 @@ class Manifests:
 
 
 def _parse(path: Path) -> dict:
+    """The entries of a manifest, each entry's "columns" (an index into its "schemas": the parts of a folder share
+    theirs) made the (name, type) pairs; {} for a file that is not a manifest of this version."""
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, ValueError):
+        if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
+            return {}
+        schemas = [tuple((str(name), str(kind)) for name, kind in columns) for columns in manifest["schemas"]]
+        entries = {str(name): {**entry, "columns": schemas[entry["columns"]]}
+                   for name, entry in manifest["files"].items()}
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
         return {}
-    if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
-        return {}
-    entries = manifest.get("files")
-    return entries if isinstance(entries, dict) else {}
+    return entries
+
+
+def manifest_text(run_id: str, entries: dict[str, dict]) -> str:
+    """A manifest's JSON: `entries` (name under tracking/ -> {"file": `stamp_of`, "columns": (name, type) pairs,
+    ...}) with each distinct set of columns written once."""
+    schemas: dict[tuple, int] = {}
+    files = {name: {**entry, "columns": schemas.setdefault(tuple(map(tuple, entry["columns"])), len(schemas))}
+             for name, entry in entries.items()}
+    return json.dumps({"version": MANIFEST_VERSION, "run_id": run_id, "schemas": [list(s) for s in schemas],
+                       "files": files}) + "\n"

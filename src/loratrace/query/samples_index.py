@@ -110,8 +110,7 @@ class Indexes:
         stat = path.stat()
         known = self.manifests.index_stamp(path.parent, stat) if isinstance(path, Path) else None
         if known is not None and isinstance(known.get("stamp"), dict):
-            return {"stamp": known["stamp"], "flat": bool(known.get("flat")),
-                    "columns": tuple((str(n), str(t)) for n, t in known.get("columns", ()))}
+            return {"stamp": known["stamp"], "flat": bool(known.get("flat")), "columns": known["columns"]}
         index = self.open(path)
         return {"stamp": index.stamp, "flat": index.flat, "columns": index.columns}
 

@@ -132,10 +132,10 @@ class Runs:
                                                    if (study / schema.TRIALS_FILE).exists()], schema.TRIALS)
         files["samples_flat_raw"] = self._flat_indexes(files)
         self._listed = (0.0, listed_wall, signature)
+        tracked = {part.rsplit("/tracking/batches/", 1)[0] for part in files["batches_raw"]}
         for run_dir in self.run_dirs:
-            batches = str(run_dir / "tracking" / "batches") + "/"
             examples = run_dir / "tracking" / schema.EXAMPLES_FILE
-            if any(f.startswith(batches) for f in files["batches_raw"]) and not examples.exists():
+            if str(run_dir) in tracked and not examples.exists():
                 self.parts.report(str(examples), f"{examples} is missing: the examples view has no rows of run "
                                                  f"{run_dir.name}")
         if files != self.files or force:

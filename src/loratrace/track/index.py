@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from loratrace.query.damage import gaps
-from loratrace.query.manifest import INDEX_ENTRY, MANIFEST_FILE, MANIFEST_VERSION, stamp_of
+from loratrace.query.manifest import INDEX_ENTRY, MANIFEST_FILE, manifest_text, stamp_of
 from loratrace.query.parts import TABLES
 from loratrace.query.samples_index import (
     INDEX_FILE,
@@ -77,7 +77,7 @@ def write_manifest(run_dir: Path, files: dict[str, list[str]], checked: dict[str
     target = tracking / MANIFEST_FILE
     tmp = tracking / f".tmp-{MANIFEST_FILE}.partial"
     try:
-        tmp.write_text(json.dumps({"version": MANIFEST_VERSION, "run_id": stamp["run_id"], "files": entries}) + "\n")
+        tmp.write_text(manifest_text(stamp["run_id"], entries))
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
