@@ -1,15 +1,20 @@
-"""Queries at scale: `python -m bench.scale [--samples 1e6,1e7,1e8] [--s3-samples 1e6,1e7] [--root /tmp/x]`.
+"""Queries at scale: `python -m bench.scale [--samples 1e6,1e7,1e8] [--s3-samples 1e6,1e7] [--open-runs 100x32]
+[--root /tmp/x]`.
 
 Writes many synthetic tracked runs in the tracker's own layout (one folder per run; `tracking/batches/` parts named as
 the tracker names them, `a000-r00-NNNNNN.parquet`; attempts, checkpoints, examples.parquet, run.json, config.yaml)
-with DuckDB `COPY ... TO parquet` from `range()`, builds each run's samples index with loratrace's own
-`write_samples_index`, then measures, each in a fresh process (peak RSS is the process's):
+with DuckDB `COPY ... TO parquet` from `range()`, ends each as a finished run ends (loratrace's own
+`write_samples_index`: the samples index and the manifest), writes the baseline (the same sample rows unnested once
+into one flat Parquet file per run, outside the runs folder), then measures, each in a fresh process (peak RSS is
+the process's):
 
   trace       open_runs(root) + trace(one example id) cold, then a warm trace on the same connection
   cartography one GROUP BY over every sample row: confidence, variability and correctness per (run, example)
+  baseline    the same GROUP BY by DuckDB itself over the baseline: "cartography: samples view / flat Parquet baseline"
 
 locally and, with `--s3-samples`, against moto's S3 server on 127.0.0.1 (the same folder uploaded to a bucket, read
-through loratrace's s3:// support). Prints a Markdown table; bench/RESULTS.md and docs/SCALING.md hold the figures.
+through loratrace's s3:// support). `--open-runs RxP` also opens R finished runs of P small parts each (opening costs
+follow runs and parts, not rows). Prints Markdown tables; bench/RESULTS.md and docs/SCALING.md hold the figures.
 The generated data is deleted at the end.
 """
 
@@ -58,7 +63,7 @@ def _batches_select(run_id: str, first_row: int, last_row: int) -> str:
         FROM range({first_row}, {last_row}) t(r)"""
 
 
-def write_run(root: Path, index: int, samples: int) -> Path:
+def write_run(root: Path, index: int, samples: int, rows_per_part: int = ROWS_PER_PART) -> Path:
     """One synthetic tracked run of `samples` sample rows, then its samples index."""
     import duckdb
 
@@ -71,9 +76,9 @@ def write_run(root: Path, index: int, samples: int) -> Path:
     rows = samples // BATCH_SIZE
     con = duckdb.connect()
     con.execute("SET threads = 2")
-    for part, first in enumerate(range(0, rows, ROWS_PER_PART)):
+    for part, first in enumerate(range(0, rows, rows_per_part)):
         target = tracking / "batches" / f"a000-r00-{part:06d}.parquet"
-        con.execute(f"COPY ({_batches_select(run_id, first, min(rows, first + ROWS_PER_PART))}) TO {_sql_path(target)} "
+        con.execute(f"COPY ({_batches_select(run_id, first, min(rows, first + rows_per_part))}) TO {_sql_path(target)} "
                     "(FORMAT parquet, COMPRESSION zstd)")
     con.execute(f"""COPY (SELECT '{run_id}' AS run_id, 0::INTEGER AS attempt, NULL::INTEGER AS parent_attempt,
                                  TIMESTAMPTZ '2025-07-20 00:00:00+00' AS started_at, NULL::VARCHAR AS resumed_from,
@@ -107,6 +112,15 @@ def generate(root: Path, samples: int) -> dict:
     size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
     write_baseline(root, baseline_folder(root))
     return {"runs": samples // per_run, "generate_s": time.perf_counter() - started, "bytes": size}
+
+
+def many_parts(root: Path, runs: int, parts: int) -> dict:
+    """`runs` finished runs of `parts` parts each, 20 micro-batch rows a part: what opening many runs costs depends
+    on the number of runs and parts, not on their rows (the rows of these are few: traces read small indexes)."""
+    started = time.perf_counter()
+    for index in range(runs):
+        write_run(root, index, parts * 20 * BATCH_SIZE, rows_per_part=20)  # 20,480 samples: TARGET is one
+    return {"runs": runs, "parts": runs * parts, "generate_s": time.perf_counter() - started}
 
 
 def baseline_folder(root: Path) -> Path:
@@ -266,6 +280,8 @@ def main() -> None:
     parser.add_argument("--samples", default="1e6,1e7", help="total sample rows, comma-separated (e.g. 1e6,1e7,1e8)")
     parser.add_argument("--s3-samples", default="", help="the same against moto's S3 server, at these sizes")
     parser.add_argument("--root", default=None, help="scratch folder (default: a temporary folder, deleted after)")
+    parser.add_argument("--open-runs", default="100x32", help="also open this many finished runs x parts a run "
+                        "(few rows each: opening costs follow runs and parts), e.g. 100x32; empty: not measured")
     parser.add_argument("--measure", nargs=2, metavar=("WHAT", "LOCATION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
@@ -303,11 +319,24 @@ def main() -> None:
         shutil.rmtree(scratch, ignore_errors=True)
         if server is not None:
             server.stop()
+    if args.open_runs:
+        runs, parts = map(int, args.open_runs.split("x"))
+        root = scratch / f"open{runs}x{parts}"
+        g = many_parts(root, runs, parts)
+        t = _measured(str(root), "trace")
+        opened = (f"open_runs over {runs} runs / {g['parts']:,} parts (20 micro-batch rows a part): "
+                  f"{_seconds(t['open'])}; first trace {_seconds(t['first'])}, {t['exposures']} rows; "
+                  f"warm {_seconds(t['warm'])}")
+        print(opened, file=sys.stderr, flush=True)
+        shutil.rmtree(root)
     print(f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}, load average "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end")
     print("\n".join(lines))
     print()
     print("\n".join(ratios))
+    if args.open_runs:
+        print()
+        print(opened)
 
 
 if __name__ == "__main__":
