@@ -1,15 +1,20 @@
-"""Queries at scale: `python -m bench.scale [--samples 1e6,1e7,1e8] [--s3-samples 1e6,1e7] [--root /tmp/x]`.
+"""Queries at scale: `python -m bench.scale [--samples 1e6,1e7,1e8] [--s3-samples 1e6,1e7] [--open-runs 100x32]
+[--root /tmp/x]`.
 
 Writes many synthetic tracked runs in the tracker's own layout (one folder per run; `tracking/batches/` parts named as
 the tracker names them, `a000-r00-NNNNNN.parquet`; attempts, checkpoints, examples.parquet, run.json, config.yaml)
-with DuckDB `COPY ... TO parquet` from `range()`, builds each run's samples index with loratrace's own
-`write_samples_index`, then measures, each in a fresh process (peak RSS is the process's):
+with DuckDB `COPY ... TO parquet` from `range()`, ends each as a finished run ends (loratrace's own
+`write_samples_index`: the samples index and the manifest), writes the baseline (the same sample rows unnested once
+into one flat Parquet file per run, outside the runs folder), then measures, each in a fresh process (peak RSS is
+the process's):
 
   trace       open_runs(root) + trace(one example id) cold, then a warm trace on the same connection
   cartography one GROUP BY over every sample row: confidence, variability and correctness per (run, example)
+  baseline    the same GROUP BY by DuckDB itself over the baseline: "cartography: samples view / flat Parquet baseline"
 
 locally and, with `--s3-samples`, against moto's S3 server on 127.0.0.1 (the same folder uploaded to a bucket, read
-through loratrace's s3:// support). Prints a Markdown table; bench/RESULTS.md and docs/SCALING.md hold the figures.
+through loratrace's s3:// support). `--open-runs RxP` also opens R finished runs of P small parts each (opening costs
+follow runs and parts, not rows). Prints Markdown tables; bench/RESULTS.md and docs/SCALING.md hold the figures.
 The generated data is deleted at the end.
 """
 
@@ -58,7 +63,7 @@ def _batches_select(run_id: str, first_row: int, last_row: int) -> str:
         FROM range({first_row}, {last_row}) t(r)"""
 
 
-def write_run(root: Path, index: int, samples: int) -> Path:
+def write_run(root: Path, index: int, samples: int, rows_per_part: int = ROWS_PER_PART) -> Path:
     """One synthetic tracked run of `samples` sample rows, then its samples index."""
     import duckdb
 
@@ -71,9 +76,9 @@ def write_run(root: Path, index: int, samples: int) -> Path:
     rows = samples // BATCH_SIZE
     con = duckdb.connect()
     con.execute("SET threads = 2")
-    for part, first in enumerate(range(0, rows, ROWS_PER_PART)):
+    for part, first in enumerate(range(0, rows, rows_per_part)):
         target = tracking / "batches" / f"a000-r00-{part:06d}.parquet"
-        con.execute(f"COPY ({_batches_select(run_id, first, min(rows, first + ROWS_PER_PART))}) TO {_sql_path(target)} "
+        con.execute(f"COPY ({_batches_select(run_id, first, min(rows, first + rows_per_part))}) TO {_sql_path(target)} "
                     "(FORMAT parquet, COMPRESSION zstd)")
     con.execute(f"""COPY (SELECT '{run_id}' AS run_id, 0::INTEGER AS attempt, NULL::INTEGER AS parent_attempt,
                                  TIMESTAMPTZ '2025-07-20 00:00:00+00' AS started_at, NULL::VARCHAR AS resumed_from,
@@ -99,13 +104,46 @@ def write_run(root: Path, index: int, samples: int) -> Path:
 
 
 def generate(root: Path, samples: int) -> dict:
-    """`samples` sample rows in runs of SAMPLES_PER_RUN (fewer runs when smaller)."""
+    """`samples` sample rows in runs of SAMPLES_PER_RUN (fewer runs when smaller), and the baseline beside them."""
     per_run = min(samples, SAMPLES_PER_RUN)
     started = time.perf_counter()
     for index in range(samples // per_run):
         write_run(root, index, per_run)
     size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+    write_baseline(root, baseline_folder(root))
     return {"runs": samples // per_run, "generate_s": time.perf_counter() - started, "bytes": size}
+
+
+def many_parts(root: Path, runs: int, parts: int) -> dict:
+    """`runs` finished runs of `parts` parts each, 20 micro-batch rows a part: what opening many runs costs depends
+    on the number of runs and parts, not on their rows (the rows of these are few: traces read small indexes)."""
+    started = time.perf_counter()
+    for index in range(runs):
+        write_run(root, index, parts * 20 * BATCH_SIZE, rows_per_part=20)  # 20,480 samples: TARGET is one
+    return {"runs": runs, "parts": runs * parts, "generate_s": time.perf_counter() - started}
+
+
+def baseline_folder(root: Path) -> Path:
+    return root.parent / f"{root.name}-flat"
+
+
+def write_baseline(root: Path, flat: Path) -> None:
+    """The baseline: every run's sample rows unnested once into a plain Parquet file of flat columns, in the order
+    training saw them (not sorted by example), outside the runs folder: what DuckDB aggregates at its own speed."""
+    import duckdb
+
+    flat.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect()
+    con.execute("SET threads = 2")
+    for run in sorted(root.iterdir()):
+        parts = _sql_path(run / "tracking" / "batches" / "*.parquet")
+        con.execute(f"""COPY (SELECT run_id, attempt, step, micro_batch, rank, epoch, batch_idx, stage, lr,
+                                     unnest(range(len(example_ids))) AS position, unnest(example_ids) AS example_id,
+                                     unnest(lines) AS line, unnest(losses) AS loss, unnest(p_gold) AS p_gold,
+                                     unnest(correct) AS correct
+                              FROM read_parquet({parts}) ORDER BY step)
+                        TO {_sql_path(flat / (run.name + '.parquet'))} (FORMAT parquet, COMPRESSION zstd)""")
+    con.close()
 
 
 CARTOGRAPHY = """SELECT run_id, example_id, avg(p_gold) AS confidence, stddev_pop(p_gold) AS variability,
@@ -117,6 +155,8 @@ def measure(location: str, what: str) -> dict:
     """Runs in its own process (`--measure`): one figure and the process's peak RSS."""
     import loratrace
 
+    if what == "baseline":
+        return measure_baseline(location)
     clock = Clock()
     db = loratrace.open_runs(location, read_only=True)
     result: dict = {"open": clock.lap()}
@@ -131,6 +171,20 @@ def measure(location: str, what: str) -> dict:
         result.update(query=clock.lap(), groups=table.num_rows,
                       exposures=int(sum(table.column("exposures").to_pylist())))
     db.close()
+    result["peak_rss_mb"] = _peak_rss_mb()
+    return result
+
+
+def measure_baseline(flat: str) -> dict:
+    """The cartography GROUP BY over the baseline's flat Parquet (`write_baseline`), by DuckDB itself: no loratrace."""
+    import duckdb
+
+    clock = Clock()
+    con = duckdb.connect()
+    query = CARTOGRAPHY.replace("FROM samples", f"FROM read_parquet({_sql_path(Path(flat) / '*.parquet')})")
+    table = con.sql(query).to_arrow_table()
+    result = {"query": clock.lap(), "groups": table.num_rows}
+    con.close()
     result["peak_rss_mb"] = _peak_rss_mb()
     return result
 
@@ -207,11 +261,27 @@ def row(where: str, samples: int, g: dict, t: dict, c: dict) -> str:
             f"{_seconds(c['query'])}, {c['groups']:,} groups | {c['peak_rss_mb']:.0f} MB |")
 
 
+def ratio_row(where: str, samples: int, c: dict, b: dict) -> str:
+    """cartography: samples view / flat Parquet baseline, both measured in this run, side by side."""
+    if b["groups"] != c["groups"]:
+        raise SystemExit(f"the baseline has {b['groups']} groups, the samples view {c['groups']}: not the same rows")
+    return (f"| {where} | {samples:,} | {_seconds(c['query'])} | {_seconds(b['query'])} | "
+            f"{c['query'][0] / b['query'][0]:.2f} ({c['query'][1] / max(b['query'][1], 1e-9):.2f}) | "
+            f"{c['peak_rss_mb']:.0f} MB / {b['peak_rss_mb']:.0f} MB |")
+
+
+RATIO_HEADER = ["| where | sample rows | cartography: samples view | the same GROUP BY on flat Parquet (DuckDB direct) "
+                "| cartography: samples view / flat Parquet baseline, wall (CPU) | peak RSS |",
+                "|---|---|---|---|---|---|"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.scale")
     parser.add_argument("--samples", default="1e6,1e7", help="total sample rows, comma-separated (e.g. 1e6,1e7,1e8)")
     parser.add_argument("--s3-samples", default="", help="the same against moto's S3 server, at these sizes")
     parser.add_argument("--root", default=None, help="scratch folder (default: a temporary folder, deleted after)")
+    parser.add_argument("--open-runs", default="100x32", help="also open this many finished runs x parts a run "
+                        "(few rows each: opening costs follow runs and parts), e.g. 100x32; empty: not measured")
     parser.add_argument("--measure", nargs=2, metavar=("WHAT", "LOCATION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
@@ -223,6 +293,7 @@ def main() -> None:
     server, env = _s3_server() if remote else (None, {})
     lines = ["| where | sample rows | runs | Parquet | open_runs, wall (CPU) | first trace | warm trace "
              "| trace peak RSS | cartography GROUP BY | its peak RSS |", "|---|---|---|---|---|---|---|---|---|---|"]
+    ratios = list(RATIO_HEADER)
     try:
         for samples in sorted(set(local) | set(remote)):
             root = scratch / f"n{samples}"
@@ -230,9 +301,11 @@ def main() -> None:
             print(f"generated {samples:,} samples in {g['runs']} runs: {g['bytes'] / 1e9:.2f} GB in "
                   f"{g['generate_s']:.0f} s (samples indexes included)", file=sys.stderr, flush=True)
             if samples in local:
-                lines.append(row("local disk", samples, g, _measured(str(root), "trace"),
-                                 _measured(str(root), "cartography")))
-                print(lines[-1], file=sys.stderr, flush=True)
+                cartography = _measured(str(root), "cartography")
+                baseline = _measured(str(baseline_folder(root)), "baseline")
+                lines.append(row("local disk", samples, g, _measured(str(root), "trace"), cartography))
+                ratios.append(ratio_row("local disk", samples, cartography, baseline))
+                print(lines[-1], ratios[-1], sep="\n", file=sys.stderr, flush=True)
             if samples in remote:
                 url = f"s3://bench-bucket/n{samples}"
                 upload_s = _upload(root, url)
@@ -241,12 +314,29 @@ def main() -> None:
                                  _measured(url, "cartography", env)))
                 print(lines[-1], file=sys.stderr, flush=True)
             shutil.rmtree(root)
+            shutil.rmtree(baseline_folder(root))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         if server is not None:
             server.stop()
-    print(f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}")
+    if args.open_runs:
+        runs, parts = map(int, args.open_runs.split("x"))
+        root = scratch / f"open{runs}x{parts}"
+        g = many_parts(root, runs, parts)
+        t = _measured(str(root), "trace")
+        opened = (f"open_runs over {runs} runs / {g['parts']:,} parts (20 micro-batch rows a part): "
+                  f"{_seconds(t['open'])}; first trace {_seconds(t['first'])}, {t['exposures']} rows; "
+                  f"warm {_seconds(t['warm'])}")
+        print(opened, file=sys.stderr, flush=True)
+        shutil.rmtree(root)
+    print(f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}, load average "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end")
     print("\n".join(lines))
+    print()
+    print("\n".join(ratios))
+    if args.open_runs:
+        print()
+        print(opened)
 
 
 if __name__ == "__main__":

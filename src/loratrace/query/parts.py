@@ -15,9 +15,11 @@ import pyarrow.parquet as pq
 from loratrace.errors import first_line
 from loratrace.query.damage import may_be_damage
 from loratrace.query.errors import StoreWarning
+from loratrace.query.manifest import Manifests, columns_problem
 from loratrace.query.tables import sql_list
 from loratrace.track import schema
 
+INDEX_FILE = "samples_index.parquet"  # tracking/<this>: every sample sorted by example_id (samples_index.py)
 RUN_FILES = ("run.json", "config.yaml", "tracking", "checkpoints")  # what `runs_info` and its checks read
 
 TABLES = {  # view name -> (folder or file under tracking/, schema)
@@ -56,6 +58,7 @@ class Parts:
 
     def __init__(self, local: bool):
         self.local = local
+        self.manifests = Manifests()  # each run's manifest.json: the footers' columns as the run's end recorded them
         self.reported: set[str] = set()  # files already reported as foreign, unreadable or missing
         self.checked: dict[str, tuple] = {}  # part -> (`file_key` when its footer was read, its columns or None)
         self.pages_ok: dict[str, tuple] = {}  # part -> the `file_key` at which all its pages read (`pages_read`)
@@ -79,7 +82,7 @@ class Parts:
                     paths.append(path)
                 elif not path.name.startswith(".tmp-"):  # a part being written is not foreign
                     self.report(str(path), f"ignoring {path}: not a file name the tracker writes")
-        return self.readable(self._inside_run(paths, tracking.parent), expected)
+        return self.readable(self._inside_run(paths, tracking.parent), expected, tracking)
 
     def _inside_run(self, paths: list[Path], run_dir: Path) -> list[Path]:
         """The parts among `paths` (all in one folder) that are in their run folder once links are followed: nothing
@@ -97,9 +100,10 @@ class Parts:
                 self.report(str(path), f"skipping tracking part {path}: a link to {real}, outside its run folder")
         return inside
 
-    def readable(self, paths: list[Path], expected: pa.Schema) -> list[str]:
+    def readable(self, paths: list[Path], expected: pa.Schema, tracking: Path | None = None) -> list[str]:
         """The files among `paths` whose Parquet footer reads and has `expected`'s columns (schema.part_problem),
-        checked again only when a file changes: a part DuckDB could not bind never reaches a view."""
+        checked again only when a file changes: a part DuckDB could not bind never reaches a view. A part of
+        `tracking` that its run's manifest knows as it is now is not read: the manifest has its columns."""
         good = []
         for path in paths:
             key = str(path)
@@ -107,7 +111,14 @@ class Parts:
             if stat_key is None:
                 continue
             if key not in self.checked or self.checked[key][0] != stat_key:
-                self._check(path, stat_key, expected)
+                known = None
+                if tracking is not None and self.local:
+                    name = key[len(str(tracking)) + 1:]
+                    known = self.manifests.columns(tracking, name, [stat_key[2], stat_key[0]])
+                if known is not None and columns_problem(known, expected) is None:
+                    self.checked[key] = (stat_key, known)
+                else:
+                    self._check(path, stat_key, expected)
             if self.checked[key][1] is not None:
                 good.append(key)
         return good
@@ -143,7 +154,11 @@ class Parts:
             if not may_be_damage(exc):
                 raise  # the network, say: not the part's fault
             self.checked[part] = (stat_key, None)
-            self.report(part, f"skipping damaged tracking part {part}: {first_line(exc)}")
+            if part.endswith("/" + INDEX_FILE):  # a reader's copy: its run is read from its batches
+                self.report(part, f"samples index {part} cannot be read ({first_line(exc)}): reading its run from its "
+                                  "batches instead")
+            else:
+                self.report(part, f"skipping damaged tracking part {part}: {first_line(exc)}")
             return False
         self.pages_ok[part] = stat_key
         return True

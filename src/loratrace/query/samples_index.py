@@ -13,14 +13,26 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from loratrace.query.parts import file_key
+from loratrace.query.manifest import Manifests
+from loratrace.query.parts import INDEX_FILE, file_key
+from loratrace.track import schema
 
 INDEX_ROW_GROUP = 8192  # rows per row group of the samples index: a trace decodes one or two of them
 TRACE_COLUMNS = ("run_id", "example_id", "line", "step", "epoch", "micro_batch", "rank", "position", "loss", "p_gold",
                  "correct", "lr", "checkpoint_step", "checkpoint_path", "first")
 TRACE_ORDER = "run_id, step, micro_batch, rank, position"
-INDEX_FILE = "samples_index.parquet"  # tracking/<this>: example_trace sorted by example_id, written at the end
 INDEX_KEY = b"loratrace.index"
+# The `samples` view's columns, in its order: an index that holds them all (and rows) is the flat copy of its run's
+# samples the views read instead of unnesting its batches (views.py, `samples_flat_raw`)
+SAMPLE_COLUMNS = ("run_id", "attempt", "step", "micro_batch", "rank", "epoch", "batch_idx", "stage", "lr", "position",
+                  "example_id", "line", "loss", "p_gold", "correct")
+INDEX_COLUMNS = TRACE_COLUMNS + ("attempt", "batch_idx", "stage")  # what track/index.py writes
+INDEX_SCHEMA = pa.schema([  # the types the views give these columns (from schema.BATCHES: a list's items)
+    ("run_id", pa.string()), ("example_id", pa.string()), ("line", pa.int64()), ("step", pa.int64()),
+    ("epoch", pa.int32()), ("micro_batch", pa.int32()), ("rank", pa.int32()), ("position", pa.int64()),
+    ("loss", pa.float32()), ("p_gold", pa.float32()), ("correct", pa.bool_()), ("lr", pa.float64()),
+    ("checkpoint_step", pa.int64()), ("checkpoint_path", pa.string()), ("first", pa.bool_()),
+    ("attempt", pa.int32()), ("batch_idx", pa.int64()), ("stage", pa.int8())])
 
 
 class SamplesIndex:
@@ -36,6 +48,11 @@ class SamplesIndex:
         self.low = [st.min for st in stats]
         self.high = [st.max for st in stats]
         self.stamp = json.loads((meta.metadata or {}).get(INDEX_KEY, b"null"))  # the run and the parts it covers
+        found = self.file.schema_arrow
+        self.columns = tuple((f.name, str(f.type)) for f in found)
+        # an index of an older loratrace lacks columns of the samples view: `trace` reads it, the views do not
+        self.flat = (meta.num_rows > 0 and schema.part_problem(found, INDEX_SCHEMA) is None
+                     and isinstance(self.stamp, dict) and "gaps" in self.stamp and "files" in self.stamp)
 
     def rows(self, example_id: str) -> pa.Table:
         first = bisect.bisect_left(self.high, example_id)  # the first row group whose range reaches the id
@@ -57,32 +74,45 @@ def index_fingerprint(run_dir: Path, files: dict[str, list[str]]) -> list[str]:
 
 
 class Indexes:
-    """The runs whose samples index covers exactly their parts on disk now (found when `trace` needs them, forgotten
-    at each listing that changes the parts), and each index opened once per version of its file."""
+    """The runs whose samples index covers exactly their parts on disk now (found at each listing that changes the
+    parts), what each index holds (from the run's manifest while it knows the file, else from its footer), and each
+    index opened once per version of its file for `trace`."""
 
-    def __init__(self):
+    def __init__(self, manifests: Manifests):
+        self.manifests = manifests
         self.found: dict | None = None  # run_id -> its index (a Path or RemotePath)
         self.all_indexed = False  # every tracked run has one: `trace` reads no view
+        self.info: dict[str, dict] = {}  # index path -> {"stamp", "flat", "columns"}, of the indexes found
         self._open: dict[str, tuple[tuple, SamplesIndex]] = {}  # path -> (stat when opened, reader)
 
     def find(self, run_dirs: list[Path], files: dict[str, list[str]]) -> dict:
         if self.found is not None:
             return self.found
-        self.found = {}
+        self.found, self.info = {}, {}
         tracked = 0
         for run_dir in run_dirs:
             parts = index_fingerprint(run_dir, files)
             if not parts:
                 continue  # nothing tracked in this folder
             tracked += 1
+            path = run_dir / "tracking" / INDEX_FILE
             try:
-                stamp = self.open(run_dir / "tracking" / INDEX_FILE).stamp
+                info = self._describe(path)
             except (OSError, KeyError, TypeError, ValueError):
                 continue
-            if stamp and stamp["parts"] == parts:
-                self.found[stamp["run_id"]] = run_dir / "tracking" / INDEX_FILE
+            if info["stamp"] and info["stamp"]["parts"] == parts:
+                self.found[info["stamp"]["run_id"]] = path
+                self.info[str(path)] = info
         self.all_indexed = len(self.found) == tracked
         return self.found
+
+    def _describe(self, path) -> dict:
+        stat = path.stat()
+        known = self.manifests.index_stamp(path.parent, stat) if isinstance(path, Path) else None
+        if known is not None and isinstance(known.get("stamp"), dict):
+            return {"stamp": known["stamp"], "flat": bool(known.get("flat")), "columns": known["columns"]}
+        index = self.open(path)
+        return {"stamp": index.stamp, "flat": index.flat, "columns": index.columns}
 
     def open(self, path) -> SamplesIndex:
         key = file_key(path.stat())

@@ -10,7 +10,9 @@ Views re-list the runs folder and the tracking folders before each query, so a r
 parts and a new run shows up. Only the file names the tracker writes (schema.PART_NAMES) are read; a foreign file, a
 part that cannot be read (cut short by a crash, say), a part linked from outside its run folder, a part whose pages
 turn out damaged when a query reads them (`fetch_table` and `trace` then run again without it) or a missing
-examples.parquet is reported once as a `StoreWarning` and skipped.
+examples.parquet is reported once as a `StoreWarning` and skipped. A finished run is read from its samples index,
+flat, while the index covers exactly its parts (views.py), and its manifest stands for its parts' footers while they
+keep the size and time it records (manifest.py): both are written at the end of the run (track/index.py).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from loratrace.query.damage import gap_warnings, may_be_damage
 from loratrace.query.errors import QueryTimeout, SqlTextError, StoreError, StoreWarning
 from loratrace.query.execute import arrow_exact, check_text, has_uhugeint, interruptible
 from loratrace.query.parts import RUN_FILES, TABLES, Parts, key_of
-from loratrace.query.samples_index import TRACE_COLUMNS, TRACE_ORDER, Indexes, SamplesIndex
+from loratrace.query.samples_index import INDEX_SCHEMA, TRACE_COLUMNS, TRACE_ORDER, Indexes, SamplesIndex
 from loratrace.query.tables import create_lineage, create_raw_view, create_table
 from loratrace.query.views import VIEWS
 from loratrace.runs import storage
@@ -71,7 +73,10 @@ class Runs:
         self.files: dict[str, list[str]] = {}  # view -> the parts it reads
         self.parts = Parts(local=self.remote is None)  # each part's footer and pages as checked, what was reported
         self._reported = self.parts.reported
-        self.indexes = Indexes()  # the runs' samples indexes `trace` reads
+        self.indexes = Indexes(self.parts.manifests)  # the runs' samples indexes: `trace` and the views read them
+        self.recorded_gaps: dict[str, list] = {}  # run_id -> its missing steps, as its (flat) samples index recorded
+        self.flat_runs: set[str] = set()  # the runs the views read from their samples index (`samples_flat_raw`)
+        self._flat_run_of: dict[str, str] = {}  # flat samples index -> its run_id
         self._listed: tuple[float, int, tuple] | None = None  # monotonic and wall time of the last listing, what it saw
         self._runs_key: tuple | None = None  # the run folders and the files behind `runs_info`, by `key_of`
         self.relist_after = 1.0  # seconds: repeated calls inside this (a trace loop, say) skip re-listing
@@ -125,20 +130,51 @@ class Runs:
                  for view, (name, table_schema) in TABLES.items()}
         files["trials_raw"] = self.parts.readable([study / schema.TRIALS_FILE for study in self._studies()
                                                    if (study / schema.TRIALS_FILE).exists()], schema.TRIALS)
+        files["samples_flat_raw"] = self._flat_indexes(files)
         self._listed = (0.0, listed_wall, signature)
+        tracked = {part.rsplit("/tracking/batches/", 1)[0] for part in files["batches_raw"]}
         for run_dir in self.run_dirs:
-            batches = str(run_dir / "tracking" / "batches") + "/"
             examples = run_dir / "tracking" / schema.EXAMPLES_FILE
-            if any(f.startswith(batches) for f in files["batches_raw"]) and not examples.exists():
+            if str(run_dir) in tracked and not examples.exists():
                 self.parts.report(str(examples), f"{examples} is missing: the examples view has no rows of run "
                                                  f"{run_dir.name}")
         if files != self.files or force:
             self.files = files
             self._build_views()
-            for key, message in gap_warnings(self.con):
+            for key, message in gap_warnings(self.con, self.recorded_gaps):
                 self.parts.report(key, message)
         self._listed = (time.monotonic(), *self._listed[1:])  # aged from here: the CLI's next query won't re-list
+
+    def _flat_indexes(self, files: dict[str, list[str]]) -> list[str]:
+        """The samples indexes the views read instead of unnesting their runs' batches (views.py): current (they
+        cover exactly their run's parts now, each at the size and time it had), of this loratrace (with every
+        column of `samples`), and whose pages read (one found damaged is left out until it changes)."""
         self.indexes.found = None
+        flat = []
+        self.recorded_gaps, self._flat_run_of = {}, {}
+        for run_id, path in self.indexes.find(self.run_dirs, files).items():
+            info = self.indexes.info[str(path)]
+            stat_key, known = key_of(path), self.parts.checked.get(str(path))
+            if not info["flat"] or known == (stat_key, None) or not self._same_versions(path.parent, info["stamp"]):
+                continue
+            self.parts.checked[str(path)] = (stat_key, info["columns"])
+            self.recorded_gaps[run_id] = info["stamp"]["gaps"]
+            self._flat_run_of[str(path)] = run_id
+            flat.append(str(path))
+        return flat
+
+    def _same_versions(self, tracking, stamp: dict) -> bool:
+        """Whether every part a samples index covers has the size and time it had when the index was written (a
+        part rewritten under its own name keeps the name the index's "parts" lists)."""
+        for name in stamp["parts"]:
+            stat_key = self.parts.checked.get(f"{tracking}/{name}", (None,))[0]  # (mtime_ns, inode, size)
+            recorded = stamp["files"].get(name)
+            if stat_key is None:
+                return False
+            # object storage gives an upload's time, not the file's: there a part is known again by its size
+            if recorded is None or recorded[0] != stat_key[2] or (self.remote is None and recorded[1] != stat_key[0]):
+                return False
+        return True
 
     def _read_runs(self, listed: list) -> None:
         """The tables `runs_info` and `checkpoint_files` of the run folders `listed`, read again only when one of
@@ -184,9 +220,17 @@ class Runs:
         return folders
 
     def _build_views(self) -> None:
+        columns = self.parts.columns()
         for view, (_, table_schema) in TABLES.items():
-            create_raw_view(self.con, view, self.files[view], table_schema, self.parts.columns())
-        create_raw_view(self.con, "trials_raw", self.files["trials_raw"], schema.TRIALS, self.parts.columns())
+            create_raw_view(self.con, view, self.files[view], table_schema, columns)
+        flat = self.files["samples_flat_raw"]
+        self.flat_runs = {self._flat_run_of[path] for path in flat}
+        create_raw_view(self.con, "samples_flat_raw", flat, INDEX_SCHEMA, columns)
+        flat_runs = {f.rsplit("/tracking/", 1)[0] for f in flat}
+        create_raw_view(self.con, "batches_unflat_raw", [f for f in self.files["batches_raw"]
+                                                         if f.rsplit("/tracking/", 1)[0] not in flat_runs],
+                        schema.BATCHES, columns)
+        create_raw_view(self.con, "trials_raw", self.files["trials_raw"], schema.TRIALS, columns)
         try:
             create_lineage(self.con, self.files)  # reads every attempts part
         except duckdb.Error as exc:

@@ -35,8 +35,11 @@ def create_table(con: duckdb.DuckDBPyConnection, name: str, columns: list[tuple[
     """An in-memory DuckDB table of (name, DuckDB type) columns. Not an Arrow table and `register`: making Arrow
     arrays from Python objects, or registering them, imports pandas, which would double the CLI's start-up."""
     con.execute(f"CREATE OR REPLACE TABLE {name} ({', '.join(f'{quoted(c)} {t}' for c, t in columns)})")
-    if rows:
-        con.executemany(f"INSERT INTO {name} VALUES ({', '.join('?' * len(columns))})", rows)
+    row = f"({', '.join('?' * len(columns))})"
+    for start in range(0, len(rows), 500):  # one statement a few hundred rows: executemany binds each row alone
+        chunk = rows[start:start + 500]
+        con.execute(f"INSERT INTO {name} VALUES {', '.join([row] * len(chunk))}",
+                    [value for values in chunk for value in values])
 
 
 def create_raw_view(con: duckdb.DuckDBPyConnection, view: str, files: list[str], table_schema: pa.Schema,

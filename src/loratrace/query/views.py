@@ -1,17 +1,31 @@
 """The SQL of the views (docs/ARCHITECTURE.md, "Query layer"), created in this order over the raw views of store.py
 (`batches_raw`, `examples_raw`, `checkpoints_raw`, `attempts_raw`, `evals_raw`, `trials_raw`, `influence_raw`) and
 its `runs_info`, `checkpoint_files` and `lineage`.
+
+A run whose samples index is current (it covers exactly the run's batch, attempt and checkpoint parts on disk: a
+finished run) is read from it, `samples_flat_raw`: its effective samples already flat, with their checkpoints. Every
+other run (one still training, resumed, or without an index) is read as before, by unnesting its effective batches
+(`batches_unflat_raw`, its batch parts). Both give the same rows (tests/test_flat_samples.py).
 """
 
 from __future__ import annotations
 
-from loratrace.query.samples_index import TRACE_COLUMNS
+from loratrace.query.samples_index import SAMPLE_COLUMNS, TRACE_COLUMNS
 
 # A row is effective when its attempt owns its step in the run's lineage (track.lineage.effective_ranges).
 EFFECTIVE = ("l.run_id = {t}.run_id AND (l.attempt IS NULL OR l.attempt = {t}.attempt) "
              "AND {t}.step > l.lo AND (l.hi IS NULL OR {t}.step <= l.hi)")
 TRACE_SELECT = ", ".join("e." + c if c in ("checkpoint_step", "checkpoint_path", "first") else "s." + c
                          for c in TRACE_COLUMNS)
+STEP_CHECKPOINT = """CREATE OR REPLACE VIEW {view} AS
+        WITH steps AS (SELECT DISTINCT run_id, step FROM {batches}),
+             saved AS (SELECT run_id, list(DISTINCT step ORDER BY step) AS saved_steps
+                       FROM checkpoints GROUP BY run_id),
+             paths AS (SELECT run_id, step, min(path) AS path FROM checkpoints GROUP BY run_id, step),
+             first AS (SELECT s.run_id, s.step, first_checkpoint(s.step, coalesce(v.saved_steps, [])) AS checkpoint_step
+                       FROM steps s LEFT JOIN saved v USING (run_id))
+        SELECT f.run_id, f.step, f.checkpoint_step, p.path AS checkpoint_path
+        FROM first f LEFT JOIN paths p ON p.run_id = f.run_id AND p.step = f.checkpoint_step"""
 
 VIEWS = [
     f"""CREATE OR REPLACE VIEW batches_all AS
@@ -22,12 +36,16 @@ VIEWS = [
         SELECT c.run_id, c.attempt, c.step, c.path, c.bytes, c.created_at, r.dir || '/' || c.path AS file
         FROM checkpoints_raw c LEFT JOIN runs_info r USING (run_id)
         WHERE EXISTS (SELECT 1 FROM lineage l WHERE {EFFECTIVE.format(t='c')})""",
-    """CREATE OR REPLACE VIEW samples AS
+    f"""CREATE OR REPLACE VIEW batches_unflat AS SELECT b.* FROM batches_unflat_raw b
+        WHERE EXISTS (SELECT 1 FROM lineage l WHERE {EFFECTIVE.format(t='b')})""",
+    """CREATE OR REPLACE VIEW samples_unflat AS
         SELECT run_id, attempt, step, micro_batch, rank, epoch, batch_idx, stage, lr,
                unnest(range(len(example_ids))) AS position,
                unnest(example_ids) AS example_id, unnest(lines) AS line,
                unnest(losses) AS loss, unnest(p_gold) AS p_gold, unnest(correct) AS correct
-        FROM batches""",
+        FROM batches_unflat""",
+    f"""CREATE OR REPLACE VIEW samples AS
+        SELECT * FROM samples_unflat UNION ALL SELECT {', '.join(SAMPLE_COLUMNS)} FROM samples_flat_raw""",
     "CREATE OR REPLACE VIEW examples AS SELECT * FROM examples_raw",
     "CREATE OR REPLACE VIEW attempts AS SELECT * FROM attempts_raw",
     # Re-evaluating replaces nothing on disk; the latest evaluation of each (run, what was scored: a checkpoint file
@@ -47,24 +65,23 @@ VIEWS = [
         QUALIFY row_number() OVER (PARTITION BY run_id, method, project_dim, test_split, test_example_id,
                                                 train_example_id, train_line, step ORDER BY computed_at DESC) = 1""",
     # Step -> first checkpoint: `first_checkpoint` is mappings.first_checkpoint, registered by store.py, the one rule
-    # the tracker's mapping files use too. It runs once per (run, step); examples join to its answer.
-    """CREATE OR REPLACE VIEW step_checkpoint AS
-        WITH steps AS (SELECT DISTINCT run_id, step FROM batches),
-             saved AS (SELECT run_id, list(DISTINCT step ORDER BY step) AS saved_steps
-                       FROM checkpoints GROUP BY run_id),
-             paths AS (SELECT run_id, step, min(path) AS path FROM checkpoints GROUP BY run_id, step),
-             first AS (SELECT s.run_id, s.step, first_checkpoint(s.step, coalesce(v.saved_steps, [])) AS checkpoint_step
-                       FROM steps s LEFT JOIN saved v USING (run_id))
-        SELECT f.run_id, f.step, f.checkpoint_step, p.path AS checkpoint_path
-        FROM first f LEFT JOIN paths p ON p.run_id = f.run_id AND p.step = f.checkpoint_step""",
-    """CREATE OR REPLACE VIEW example_checkpoint AS
-        WITH seen AS (SELECT DISTINCT run_id, example_id, line, step FROM samples)
+    # the tracker's mapping files use too. It runs once per (run, step); examples join to its answer. The unflat
+    # runs' own (the flat ones hold theirs): what example_checkpoint_unflat joins, no flat run's batches read.
+    STEP_CHECKPOINT.format(view="step_checkpoint", batches="batches"),
+    STEP_CHECKPOINT.format(view="step_checkpoint_unflat", batches="batches_unflat"),
+    """CREATE OR REPLACE VIEW example_checkpoint_unflat AS
+        WITH seen AS (SELECT DISTINCT run_id, example_id, line, step FROM samples_unflat)
         SELECT s.run_id, s.example_id, s.line, s.step, c.checkpoint_step, c.checkpoint_path,
                row_number() OVER (PARTITION BY s.run_id, s.example_id, s.line ORDER BY s.step) = 1 AS first
-        FROM seen s JOIN step_checkpoint c USING (run_id, step)""",
+        FROM seen s JOIN step_checkpoint_unflat c USING (run_id, step)""",
+    """CREATE OR REPLACE VIEW example_checkpoint AS
+        SELECT * FROM example_checkpoint_unflat
+        UNION ALL SELECT DISTINCT run_id, example_id, line, step, checkpoint_step, checkpoint_path, first
+                  FROM samples_flat_raw""",
     f"""CREATE OR REPLACE VIEW example_trace AS
         SELECT {TRACE_SELECT}
-        FROM samples s JOIN example_checkpoint e USING (run_id, example_id, line, step)""",
+        FROM samples_unflat s JOIN example_checkpoint_unflat e USING (run_id, example_id, line, step)
+        UNION ALL SELECT {', '.join(TRACE_COLUMNS)} FROM samples_flat_raw""",
     """CREATE OR REPLACE VIEW metrics AS
         WITH per_step AS (
             SELECT run_id, step,
@@ -80,13 +97,14 @@ VIEWS = [
     # the run's tracked history has a gap there. An untracked run's checkpoints are its checkpoint files (store.py's
     # `checkpoint_files`); a tracked run's come from its tracking parts, in its lineage.
     """CREATE OR REPLACE VIEW runs AS
-        SELECT r.*, s.steps, s.examples_seen, coalesce(c.checkpoints, f.checkpoints) AS checkpoints,
+        SELECT r.*, s.steps, n.examples_seen, coalesce(c.checkpoints, f.checkpoints) AS checkpoints,
                coalesce(c.last_checkpoint_step, f.last_checkpoint_step) AS last_checkpoint_step,
                s.steps - s.distinct_steps AS missing_steps
         FROM runs_info r
-        LEFT JOIN (SELECT run_id, max(step) AS steps, count(DISTINCT step) FILTER (WHERE step >= 1) AS distinct_steps,
-                          sum(len(example_ids)) AS examples_seen
+        LEFT JOIN (SELECT run_id, max(step) AS steps, count(DISTINCT step) FILTER (WHERE step >= 1) AS distinct_steps
                    FROM batches GROUP BY run_id) s USING (run_id)
+        LEFT JOIN (SELECT run_id, sum(len(example_ids)) AS examples_seen FROM batches_unflat GROUP BY run_id
+                   UNION ALL SELECT run_id, count(*) FROM samples_flat_raw GROUP BY run_id) n USING (run_id)
         LEFT JOIN (SELECT run_id, count(*) AS checkpoints, max(step) AS last_checkpoint_step
                    FROM checkpoints GROUP BY run_id) c USING (run_id)
         LEFT JOIN (SELECT run_id, count(*) AS checkpoints, max(step) AS last_checkpoint_step
