@@ -175,8 +175,8 @@ def _best_of(fn, repeats: int = 5) -> float:
 def trace_latency(root: Path, n_samples: int) -> dict:
     import subprocess
 
+    from loratrace.query.index import write_samples_index
     from loratrace.query.store import open_runs
-    from loratrace.track.index import write_samples_index
 
     run = synthetic_run(root, n_samples)
     start = time.perf_counter()

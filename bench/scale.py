@@ -67,7 +67,7 @@ def write_run(root: Path, index: int, samples: int, rows_per_part: int = ROWS_PE
     """One synthetic tracked run of `samples` sample rows, then its samples index."""
     import duckdb
 
-    from loratrace.track.index import write_samples_index
+    from loratrace.query.index import write_samples_index
 
     run_id = f"synthetic_lora_20250720_{index:06d}"
     run, tracking = root / run_id, root / run_id / "tracking"

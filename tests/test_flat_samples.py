@@ -13,9 +13,9 @@ from test_store import _batch, _write_run, two_runs  # noqa: F401  (the fixture)
 
 import loratrace
 from loratrace.query import parts, samples_index
+from loratrace.query.index import write_samples_index
 from loratrace.query.store import StoreWarning
 from loratrace.track import schema
-from loratrace.track.index import write_samples_index
 
 VIEWS = ["samples", "example_trace", "example_checkpoint", "batches", "batches_all", "step_checkpoint", "metrics",
          "runs", "checkpoints"]

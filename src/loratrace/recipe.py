@@ -26,8 +26,8 @@ from loratrace.data.loader import CommonsenseData
 from loratrace.errors import LoratraceError
 from loratrace.evaluate import CheckpointEvaluator, Evaluator
 from loratrace.export import export_adapter, export_merged, save_base_model
+from loratrace.query.index import index_samples
 from loratrace.runs import folder, storage
-from loratrace.track.index import index_samples
 from loratrace.track.tracker import BatchTracker
 from loratrace.training.checkpoints import (
     StepCheckpoint,

@@ -42,10 +42,10 @@ from loratrace.legacy.source import (  # noqa: F401 - find_legacy_runs: the comm
     read_legacy_run,
     resolve_ids,
 )
+from loratrace.query.index import write_samples_index
 from loratrace.runs import folder as run_folder
 from loratrace.runs import processes, storage
 from loratrace.track import schema
-from loratrace.track.index import write_samples_index
 from loratrace.track.step_outputs import stage_of
 from loratrace.training.checkpoints import checkpoint_name
 

@@ -1,4 +1,4 @@
-"""tracking/manifest.json: a run's parts as they were when its samples index was written (track/index.py, at the
+"""tracking/manifest.json: a run's parts as they were when its samples index was written (query/index.py, at the
 end of the run), each with its size, modification time and footer columns, and the index's own stamp. Opening many
 runs reads this one small file per run instead of a Parquet footer per part. An entry is trusted only while its file
 has the size and time it records; any other file (a part written later, one rewritten, a manifest that does not

@@ -1,5 +1,5 @@
 """tracking/samples_index.parquet: every effective sample of a run sorted by example_id, so `trace` reads a row group
-or two instead of unnesting every batch. Written at the end of training (track/index.py, `write_samples_index`); read
+or two instead of unnesting every batch. Written at the end of training (query/index.py, `write_samples_index`); read
 here, by `Runs.trace`, while it still covers exactly the run's parts on disk.
 """
 
@@ -26,7 +26,7 @@ INDEX_KEY = b"loratrace.index"
 # samples the views read instead of unnesting its batches (views.py, `samples_flat_raw`)
 SAMPLE_COLUMNS = ("run_id", "attempt", "step", "micro_batch", "rank", "epoch", "batch_idx", "stage", "lr", "position",
                   "example_id", "line", "loss", "p_gold", "correct")
-INDEX_COLUMNS = TRACE_COLUMNS + ("attempt", "batch_idx", "stage")  # what track/index.py writes
+INDEX_COLUMNS = TRACE_COLUMNS + ("attempt", "batch_idx", "stage")  # what query/index.py writes
 INDEX_SCHEMA = pa.schema([  # the types the views give these columns (from schema.BATCHES: a list's items)
     ("run_id", pa.string()), ("example_id", pa.string()), ("line", pa.int64()), ("step", pa.int64()),
     ("epoch", pa.int32()), ("micro_batch", pa.int32()), ("rank", pa.int32()), ("position", pa.int64()),

@@ -12,7 +12,7 @@ part that cannot be read (cut short by a crash, say), a part linked from outside
 turn out damaged when a query reads them (`fetch_table` and `trace` then run again without it) or a missing
 examples.parquet is reported once as a `StoreWarning` and skipped. A finished run is read from its samples index,
 flat, while the index covers exactly its parts (views.py), and its manifest stands for its parts' footers while they
-keep the size and time it records (manifest.py): both are written at the end of the run (track/index.py).
+keep the size and time it records (manifest.py): both are written at the end of the run (query/index.py).
 """
 
 from __future__ import annotations

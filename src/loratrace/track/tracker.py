@@ -14,7 +14,7 @@ never rewritten. Each checkpoint file gets a `checkpoints` row: the tracker list
 (`StepCheckpoint(..., listeners=[tracker])`) and notices the files Lightning's `ModelCheckpoint` saves (a file that
 `save_top_k` later deletes keeps its row). Either way the rows a checkpoint includes are on disk before its file
 appears. The attempt number travels in the checkpoint, so a resume starts attempt a+1 and knows its parent.
-The samples index `trace` reads is written by whoever ends the run (track/index.py; `loratrace.train` does).
+The samples index `trace` reads is written by whoever ends the run (query/index.py; `loratrace.train` does).
 
 The tracker accounts for its own cost (`cost()`): wall time in its hooks on the training thread, CPU time of its
 writer threads, and its end-of-training work; `train` records it in run.json and prints it.
