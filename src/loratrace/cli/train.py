@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from loratrace.config import ConfigError, load_config
@@ -20,6 +21,9 @@ def add_train(sub) -> None:
                             "folder (a legacy run's is imported first)")
     train.add_argument("--dataset", action="append", metavar="NAME", help="train one run per data set, in turn")
     train.add_argument("--runs-dir", help="folder for run folders (config key runs_dir)")
+    train.add_argument("--name", help="a short name for the run, shown by runs, compare and report (config run.name)")
+    train.add_argument("--tag", action="append", metavar="T",
+                       help="a label to find the run by with `runs --tag T` (repeatable; config run.tags)")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -28,6 +32,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append("tracking.enabled=true")
     if args.runs_dir:
         overrides.append(f"runs_dir={args.runs_dir}")
+    if args.name is not None:  # as JSON, a YAML string: the name as typed, never read as a number or a mapping
+        overrides.append(f"run.name={json.dumps(args.name)}")
+    if args.tag:
+        overrides.append(f"run.tags={json.dumps(args.tag)}")
     if args.resume_from_checkpoint and args.dataset:
         raise ConfigError("--dataset cannot be combined with --resume-from-checkpoint")
     with storage.staging():  # a run on object storage is staged in a scratch folder until the command ends
