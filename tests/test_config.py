@@ -187,3 +187,33 @@ def test_train_with_an_escaping_method_writes_nothing_anywhere(tmp_path):
     assert result.stderr == ("loratrace: error: method: '../../../escaped' cannot name a folder or file (it holds a "
                              "path separator)\n")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("override, message", [
+    ('run.name="two\\nlines"', "run.name must be one line of at most 100 printable characters"),
+    ("run.name=" + "x" * 101, "run.name must be one line of at most 100 printable characters"),
+    ('run.tags=["a,b"]', "run.tags: 'a,b' must be 1 to 64 printable characters, no comma or edge spaces"),
+    ('run.tags=[""]', "run.tags: '' must be 1 to 64 printable characters"),
+    ("run.tags=[" + "t" * 65 + "]", "run.tags: 'tttttttttttttttttttttttttttttttttttttttt...' must be 1 to 64"),
+])
+def test_a_run_name_or_tag_that_cannot_show_in_one_cell_is_refused(override, message):
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
+        load_config(None, [override])
+
+
+def test_train_name_and_tags_are_kept_as_typed(tmp_path, monkeypatch):
+    """`--name` and `--tag` are labels, never YAML: a name that looks like a mapping or a number stays text."""
+    import loratrace.cli
+    import loratrace.recipe
+
+    calls = []
+    monkeypatch.setattr(loratrace.recipe, "train", lambda cfg, resume_from=None: calls.append(cfg))
+    assert loratrace.cli.main(["train", "--name", "lr: 1e-3", "--tag", "0.5", "--tag", "sweep A",
+                               f"--runs-dir={tmp_path}"]) == 0
+    assert (calls[0].run.name, calls[0].run.tags) == ("lr: 1e-3", ["0.5", "sweep A"])
+    assert loratrace.cli.main(["train", f"--runs-dir={tmp_path}"]) == 0
+    assert (calls[1].run.name, calls[1].run.tags) == ("", [])
+    result = run_cli("train", "--tag", "a,b", f"--runs-dir={tmp_path / 'runs'}")
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "loratrace: error: run.tags: 'a,b' must be 1 to 64 printable characters, no comma or edge spaces"]
+    assert not (tmp_path / "runs").exists()
