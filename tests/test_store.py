@@ -304,7 +304,7 @@ def test_evals_keep_final_model_last_checkpoint_and_scorings_apart(small_run, tm
 
 
 def _write_evals(run_dir, run_id, step, correct):
-    rows = [{"run_id": run_id, "checkpoint_step": step, "checkpoint_path": f"checkpoints/checkpoint-step-{step:03d}.ckpt",
+    rows = [{"run_id": run_id, "checkpoint_step": step, "checkpoint_path": f"checkpoints/checkpoint-step-{step}.ckpt",
              "split": "validation", "scoring": "label", "example_id": f"v{n}", "line": n, "gold": "A",
              "pred": "A" if ok else "B", "correct": ok, "p_gold": 0.5, "choice_logliks": [0.0, 0.0], "evaluated_at": T0}
             for n, ok in enumerate(correct)]

@@ -129,7 +129,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
         row.update({key: flat.get(key) for key in differing})
         del row["dir"]
     if args.format == "table":
-        emit(pa.Table.from_pylist([_shown_run(row, differing) for row in rows]), "table", None)
+        emit(_typed_table([_shown_run(row, differing) for row in rows]), "table", None)
     else:
         emit(_typed_table(rows), args.format, None)
     return 0
@@ -157,13 +157,20 @@ def _config_text(value) -> str:
 
 
 def _typed_table(rows: list[dict]) -> pa.Table:
-    """The rows as an Arrow table; a config key whose values are of different types across runs (1 and 0.5, say)
+    """The rows as an Arrow table, made by DuckDB from bound values (making Arrow arrays from Python objects imports
+    pandas, which `runs` never does). A config key whose values are of different types across runs (true and 1, say)
     becomes JSON text, so every value still reads back as written."""
-    columns = {}
-    for name in rows[0]:
-        values = [row[name] for row in rows]
-        try:
-            columns[name] = pa.array(values)
-        except (pa.ArrowInvalid, pa.ArrowTypeError):
-            columns[name] = pa.array([None if v is None else json.dumps(v, default=str) for v in values], pa.string())
-    return pa.table(columns)
+    import duckdb  # as store.py does; here only to turn rows into Arrow
+
+    names = list(rows[0])
+    for name in names:
+        kinds = {type(row[name]) for row in rows if row[name] is not None}
+        if len(kinds) > 1 and not kinds <= {int, float} or dict in kinds:
+            for row in rows:
+                row[name] = None if row[name] is None else json.dumps(row[name], default=str)
+    values = ", ".join("(" + ", ".join("?" * (len(names) + 1)) + ")" for _ in rows)
+    columns = ", ".join('"' + name.replace('"', '""') + '"' for name in ["row_number ", *names])
+    with duckdb.connect() as con:
+        return con.sql(f'SELECT * EXCLUDE ("row_number ") FROM (VALUES {values}) AS t({columns}) ORDER BY 1',
+                       params=[value for number, row in enumerate(rows) for value in (number, *row.values())]) \
+            .to_arrow_table()
