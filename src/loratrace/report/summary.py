@@ -129,25 +129,26 @@ def _best_against_reference(group: pd.DataFrame, c: Comparison, labels: dict[str
         (mine, my_error, my_step), (theirs, their_error, their_step) = best[reference], best[run_id]
         high, low = max(best[reference], best[run_id]), min(best[reference], best[run_id])
         noise = within_noise(high[0], high[1], low[0], low[1])
-        verdict = (f"within the noise ({NOISE_Z} combined stderr): no clear difference" if noise else
+        verdict = (f"within the noise ({NOISE_Z} combined stderr)" if noise else
                    f"{'above' if theirs > mine else 'below'} it by more than {NOISE_Z} combined stderr")
-        lines.append(f"best: {labels[run_id]} {with_stderr(theirs, their_error)} (step {their_step}) vs "
-                     f"{labels[reference]} {with_stderr(mine, my_error)} (step {my_step}): {verdict}\n")
+        lines.append(f"best: {labels[run_id]} {with_stderr(theirs, their_error)} (step {their_step}) vs the "
+                     f"reference's {with_stderr(mine, my_error)} (step {my_step}): {verdict}\n")
     return "".join(lines)
 
 
 def _data_order(c: Comparison, labels: dict[str, str]) -> str:
     lines = []
     for row in c.data_order.itertuples():
-        who = f"{labels[row.run_id]} vs {labels[row.reference]}"
+        who = labels[row.run_id]
         if row.note:
             lines.append(f"{who}: {row.note}")
         elif row.same_order:
-            lines.append(f"{who}: the same examples in the same order at all {row.steps_compared} steps compared")
+            lines.append(f"{who}: the same examples in the same order as the reference at all {row.steps_compared} "
+                         "steps compared")
         else:
             same = "the same set of examples overall" if row.same_examples else "different sets of examples"
-            lines.append(f"{who}: the order diverges at step {row.first_divergent_step} ({row.steps_compared} steps "
-                         f"compared; {same})")
+            lines.append(f"{who}: the order diverges from the reference's at step {row.first_divergent_step} "
+                         f"({row.steps_compared} steps compared; {same})")
     return "== data_order ==\n" + "".join(line + "\n" for line in lines)
 
 
@@ -161,10 +162,9 @@ def _examples(c: Comparison, labels: dict[str, str]) -> str:
     for (run_id, split, scoring), group in flips.groupby(["run_id", "split", "scoring"], sort=False):
         gained = int((group.run_correct & ~group.reference_correct).sum())
         lost = int((group.reference_correct & ~group.run_correct).sum())
-        step = _text(group.run_step.iloc[0])
-        lines.append(f"{labels[run_id]} (step {step}) vs {labels[c.run_ids[0]]} (step "
-                     f"{_text(group.reference_step.iloc[0])}), {split}/{scoring}: {gained} right only in "
-                     f"{labels[run_id]}, {lost} right only in {labels[c.run_ids[0]]}\n")
+        steps = f"steps {_text(group.run_step.iloc[0])} and {_text(group.reference_step.iloc[0])}"
+        lines.append(f"{labels[run_id]}: {gained} examples right only here, {lost} right only in the reference "
+                     f"({split}/{scoring}, {steps})\n")
     shown = flips.head(ROWS)
     table = _table({"example_id": list(shown.example_id), "line": list(shown.line),
                     "run": [labels[r] for r in shown.run_id], "reference_correct": list(shown.reference_correct),
