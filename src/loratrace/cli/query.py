@@ -153,7 +153,7 @@ def _duration(seconds: float | None) -> str:
 
 
 def _config_text(value) -> str:
-    return "(absent)" if value is None else ",".join(map(str, value)) if isinstance(value, list) else str(value)
+    return "null" if value is None else ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def _typed_table(rows: list[dict]) -> pa.Table:
