@@ -211,3 +211,71 @@ def test_config_and_print_config_mistakes_are_one_line_exit_2(tmp_path, args, me
     result = run_cli(*args, cwd=tmp_path)
     assert message in _one_error_line(result, 2) and result.stdout == ""
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------- issue #24: runs
+
+
+@pytest.fixture(scope="module")
+def named_runs(small_run, tmp_path_factory):
+    """A runs folder: a copy of small_run (no name, no tag, no evals) and a 3-step run named `lr-high`, tagged `lr`
+    and `demo`, another stage-1 learning rate, each checkpoint scored on 8 examples."""
+    import shutil
+
+    from conftest import small_config
+
+    import loratrace
+
+    runs = tmp_path_factory.mktemp("named-runs")
+    shutil.copytree(small_run, runs / small_run.name, ignore=shutil.ignore_patterns("final_model", "base_model"))
+    named = loratrace.train(small_config(runs, "training.max_steps=3", "training.stage1_steps=2",
+                                         "training.learning_rate_stage1=0.002", "eval.every_checkpoint=true",
+                                         "eval.limit=8", "export.merged_model=false", "run.name=lr-high",
+                                         "run.tags=[lr, demo]"), progress=False)
+    return runs, small_run.name, named
+
+
+def test_runs_shows_names_tags_metrics_and_the_differing_hyperparameters(named_runs):
+    import loratrace
+
+    runs, plain, named = named_runs
+    info = json.loads((named / "run.json").read_text())
+    assert (info["name"], info["tags"]) == ("lr-high", ["lr", "demo"])
+    rows = [json.loads(line) for line in run_cli("runs", "--runs-dir", str(runs), "--format", "json")
+            .stdout.splitlines()]
+    by_id = {row["run_id"]: row for row in rows}
+    assert list(by_id) == [plain, named.name]  # oldest first
+    mine = by_id[named.name]
+    assert (mine["name"], mine["tags"], mine["status"], mine["steps"]) == ("lr-high", ["lr", "demo"], "completed", 3)
+    assert mine["duration_s"] > 0 and mine["best_eval_step"] == 3 and mine["best_eval_split"] == "validation"
+    with loratrace.open_runs(named) as db:
+        (final_loss,), = db.sql("SELECT value FROM metrics WHERE name = 'train/loss' AND step = 3").fetchall()
+        best, = db.sql("SELECT accuracy, stderr FROM eval_accuracy ORDER BY accuracy DESC, checkpoint_step LIMIT 1") \
+            .fetchall()
+    assert mine["final_loss"] == pytest.approx(final_loss)
+    assert (mine["best_eval_accuracy"], mine["best_eval_stderr"]) == pytest.approx(best)
+    assert (by_id[plain]["name"], by_id[plain]["tags"], by_id[plain]["best_eval_accuracy"]) == (None, [], None)
+    # the hyperparameters that differ, as typed in config.yaml; the labels (run.*) and the same values are left out
+    differing = {key for key in mine if "." in key}
+    assert {"training.max_steps", "training.stage1_steps", "training.learning_rate_stage1"} <= differing
+    assert not any(key.startswith(("run.", "lora.", "data.")) for key in differing)
+    assert (mine["training.max_steps"], by_id[plain]["training.max_steps"]) == (3, 16)
+    table = run_cli("runs", "--runs-dir", str(runs))
+    header, *lines = table.stdout.splitlines()
+    assert header.split()[:8] == ["run_id", "name", "tags", "status", "duration", "steps", "final_loss", "best_eval"]
+    assert "training.learning_rate_stage1" in header and len(lines) == 2
+    assert "lr-high" in lines[1] and "lr,demo" in lines[1] and "completed" in lines[1]
+    assert f"{best[0]:.3f} +/- {best[1]:.3f} (step 3)" in lines[1]
+
+
+def test_runs_tag_filters(named_runs):
+    runs, plain, named = named_runs
+    tagged = run_cli("runs", "--runs-dir", str(runs), "--tag", "demo", "--format", "csv")
+    assert tagged.returncode == 0 and [line.split(",")[0] for line in tagged.stdout.splitlines()] == [
+        "run_id", named.name]
+    both = run_cli("runs", "--runs-dir", str(runs), "--tag", "demo", "--tag", "lr")
+    assert named.name in both.stdout and plain not in both.stdout
+    # one run listed: nothing differs, so no hyperparameter column
+    assert not any("." in column for column in both.stdout.splitlines()[0].split())
+    assert _one_error_line(run_cli("runs", "--runs-dir", str(runs), "--tag", "demo", "--tag", "nope")) == \
+        f"loratrace: error: no run under {runs} is tagged demo and nope"

@@ -274,3 +274,33 @@ def test_config_keys_lists_every_key_with_a_default_that_reads_back():
     assert by_key["training.max_steps"]["allowed"] == "[1, 1000000000]"
     text = run_cli("config", "--keys").stdout
     assert "training.stage1_steps  (int, default 75)   [0, 1000000000]\n    Updates in stage 1;" in text
+
+
+@pytest.mark.parametrize("override, message", [
+    ('run.name="two\\nlines"', "run.name must be one line of at most 100 printable characters"),
+    ("run.name=" + "x" * 101, "run.name must be one line of at most 100 printable characters"),
+    ('run.tags=["a,b"]', "run.tags: 'a,b' must be 1 to 64 printable characters, no comma or edge spaces"),
+    ('run.tags=[""]', "run.tags: '' must be 1 to 64 printable characters"),
+    ("run.tags=[" + "t" * 65 + "]", "run.tags: 'tttttttttttttttttttttttttttttttttttttttt...' must be 1 to 64"),
+])
+def test_a_run_name_or_tag_that_cannot_show_in_one_cell_is_refused(override, message):
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
+        load_config(None, [override])
+
+
+def test_train_name_and_tags_are_kept_as_typed(tmp_path, monkeypatch):
+    """`--name` and `--tag` are labels, never YAML: a name that looks like a mapping or a number stays text."""
+    import loratrace.cli
+    import loratrace.recipe
+
+    calls = []
+    monkeypatch.setattr(loratrace.recipe, "train", lambda cfg, resume_from=None: calls.append(cfg))
+    assert loratrace.cli.main(["train", "--name", "lr: 1e-3", "--tag", "0.5", "--tag", "sweep A",
+                               f"--runs-dir={tmp_path}"]) == 0
+    assert (calls[0].run.name, calls[0].run.tags) == ("lr: 1e-3", ["0.5", "sweep A"])
+    assert loratrace.cli.main(["train", f"--runs-dir={tmp_path}"]) == 0
+    assert (calls[1].run.name, calls[1].run.tags) == ("", [])
+    result = run_cli("train", "--tag", "a,b", f"--runs-dir={tmp_path / 'runs'}")
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "loratrace: error: run.tags: 'a,b' must be 1 to 64 printable characters, no comma or edge spaces"]
+    assert not (tmp_path / "runs").exists()

@@ -128,7 +128,7 @@ def workdir(tmp_path_factory, default_run):
     root = scratch(tmp_path_factory.mktemp("readme"))
     shutil.copytree(default_run, root / "runs" / default_run.name)
     made = bash("loratrace train --config configs/tiny.yaml --track-batches training.max_steps=8 "
-                "training.stage1_steps=5 logging.swanlab=false", root)
+                "training.stage1_steps=5 logging.swanlab=false --tag demo", root)  # `runs --tag demo` lists it
     assert made.returncode == 0, made.stderr[-2000:]
     small = next(p for p in (root / "runs").iterdir() if p.name != default_run.name)
     (root / "query.sql").write_text("SELECT step, loss FROM batches ORDER BY step\n")

@@ -113,9 +113,29 @@ def test_cli_errors_exit_2(evaluated_run, args, message):
 
 
 def test_cli_summary_names_the_best_checkpoint(evaluated_run, tmp_path):
+    logs = evaluated_run / "tensorboard_logs"
+    before = set(logs.glob("events.out.tfevents.*"))
     result = run_cli("eval", str(evaluated_run), "--checkpoints", "15,16", "--limit", "20")
     assert result.returncode == 0, result.stderr[-1000:]
     assert "accuracy" in result.stdout and "delta" in result.stdout and "best: checkpoints/" in result.stdout
+    # each accuracy printed with its standard error (lm-evaluation-harness's), the best named only with it
+    header, *rows, best = result.stdout.strip().splitlines()
+    assert header.split() == ["checkpoint_step", "checkpoint", "accuracy", "stderr", "examples", "delta"]
+    printed = {int(r.split()[0]): (float(r.split()[2]), float(r.split()[3])) for r in rows}
+    assert sorted(printed) == [15, 16]
+    for accuracy, error in printed.values():
+        assert error == pytest.approx(np.sqrt(accuracy * (1 - accuracy) / 19), rel=1e-5)
+    step = max(printed, key=lambda s: (printed[s][0], -s))
+    other = 31 - step
+    assert best.startswith(f"best: checkpoints/checkpoint-step-0{step}.ckpt (step {step}), accuracy "
+                           f"{printed[step][0]:.4f} +/- {printed[step][1]:.4f} (stderr); ")
+    noise = printed[step][0] - printed[other][0] < 1.96 * np.hypot(printed[step][1], printed[other][1])
+    assert best.endswith(f"within the noise (1.96 combined stderr) of step {other}" if noise else
+                         "above every other by more than 1.96 combined stderr")
+    events = EventAccumulator(str(next(iter(set(logs.glob("events.out.tfevents.*")) - before))))
+    events.Reload()
+    stored = {e.step: e.value for e in events.Scalars("eval/validation_accuracy_stderr")}
+    assert stored == {s: pytest.approx(e, rel=1e-5) for s, (_, e) in printed.items()}
     empty = tmp_path / "empty_run"
     (empty / "checkpoints").mkdir(parents=True)
     (empty / "config.yaml").write_text((evaluated_run / "config.yaml").read_text())
@@ -163,3 +183,15 @@ def test_final_model_eval_logs_its_own_tensorboard_tag_and_leaves_no_empty_event
     with pytest.raises(EvalError, match="has no final_model/"):
         evaluate_run(copy, "final", progress=False)
     assert not (copy / "tensorboard_logs").exists()
+
+
+def test_a_best_inside_the_noise_is_never_a_plain_winner():
+    from loratrace.query.accuracy import best_line, stderr
+
+    assert stderr(0.5, 1) is None and stderr(0.6, 10) == pytest.approx(np.sqrt(0.24 / 9))
+    close = [("ckpt 9", "step 9", 0.60, stderr(0.60, 40)), ("ckpt 10", "step 10", 0.625, stderr(0.625, 40))]
+    assert best_line(close) == ("best: ckpt 10, accuracy 0.6250 +/- 0.0775 (stderr); not a clear winner: within the "
+                                "noise (1.96 combined stderr) of step 9")
+    apart = [("ckpt 9", "step 9", 0.30, stderr(0.30, 1000)), ("ckpt 10", "step 10", 0.60, stderr(0.60, 1000))]
+    assert best_line(apart).endswith("; above every other by more than 1.96 combined stderr")
+    assert best_line(apart[:1]) == "best: ckpt 9, accuracy 0.3000 +/- 0.0145 (stderr)"

@@ -301,3 +301,35 @@ def test_evals_keep_final_model_last_checkpoint_and_scorings_apart(small_run, tm
         assert groups == [("checkpoints/checkpoint-step-016.ckpt", 16, "label", 4),
                           ("checkpoints/checkpoint-step-016.ckpt", 16, "text", 4), ("final_model", 16, "label", 4)]
         assert db.sql("SELECT count(*) FROM evals_raw").fetchall() == [(16,)]  # the re-run replaced the first
+
+
+def _write_evals(run_dir, run_id, step, correct):
+    rows = [{"run_id": run_id, "checkpoint_step": step, "checkpoint_path": f"checkpoints/checkpoint-step-{step}.ckpt",
+             "split": "validation", "scoring": "label", "example_id": f"v{n}", "line": n, "gold": "A",
+             "pred": "A" if ok else "B", "correct": ok, "p_gold": 0.5, "choice_logliks": [0.0, 0.0], "evaluated_at": T0}
+            for n, ok in enumerate(correct)]
+    schema.write_atomic(pa.Table.from_pylist(rows, schema=schema.EVALS),
+                        run_dir / "tracking" / "evals" / schema.evals_part_name(step, T0, f"{step:08x}"))
+
+
+def test_runs_view_shows_name_tags_duration_final_loss_and_best_eval_with_stderr(two_runs):
+    import json
+    import math
+
+    (two_runs / "B" / "run.json").write_text(json.dumps({
+        "run_id": "B", "name": "baseline", "tags": ["lr", "seed 7"], "status": "completed", "final_loss": 9.5,
+        "attempts": [{"started_at": "2025-07-20T10:00:00+00:00", "ended_at": "2025-07-20T10:01:30+00:00"},
+                     {"started_at": "2025-07-20T11:00:00+00:00", "ended_at": "2025-07-20T11:00:10+00:00"}]}))
+    _write_evals(two_runs / "B", "B", 1, [True] * 3 + [False] * 7)  # 0.3 of 10
+    _write_evals(two_runs / "B", "B", 2, [True] * 6 + [False] * 4)  # 0.6 of 10: the best
+    with loratrace.open_runs(two_runs, read_only=True) as db:
+        rows = {r[0]: r[1:] for r in db.sql(
+            "SELECT run_id, name, tags, duration_s, final_loss, best_eval_accuracy, best_eval_stderr, best_eval_step, "
+            "best_eval_split, best_eval_examples FROM runs").fetchall()}
+        accuracy = db.sql("SELECT checkpoint_step, examples, accuracy, stderr FROM eval_accuracy ORDER BY 1").fetchall()
+    # B: two launches of 90 s and 10 s; its last tracked step's loss (2.0), not run.json's; the 0.6 at step 2
+    assert rows["B"][:4] == ("baseline", ["lr", "seed 7"], 100.0, 2.0)
+    assert rows["B"][4:] == (pytest.approx(0.6), pytest.approx(math.sqrt(0.6 * 0.4 / 9)), 2, "validation", 10)
+    assert rows["A"] == (None, [], None, 5.0, None, None, None, None, None)
+    assert accuracy == [(1, 10, pytest.approx(0.3), pytest.approx(math.sqrt(0.3 * 0.7 / 9))),
+                        (2, 10, pytest.approx(0.6), pytest.approx(math.sqrt(0.6 * 0.4 / 9)))]

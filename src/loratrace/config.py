@@ -188,6 +188,15 @@ class LoggingConfig:
 
 
 @dataclass
+class RunConfig:
+    name: str = ""
+    """A short name of the run for `runs`, `compare` and the report (`train --name`); empty: the run id only. Any
+    text of one line, at most 100 characters; it is a label, not the folder's name."""
+    tags: list[str] = field(default_factory=list)
+    """Labels to find the run by (`train --tag T`, `runs --tag T`): each one line, at most 64 characters, no comma."""
+
+
+@dataclass
 class ExportConfig:
     merged_model: bool = True
     """Write final_model/: base + LoRA merged, Hugging Face format, with the tokenizer."""
@@ -206,6 +215,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    run: RunConfig = field(default_factory=RunConfig)
     runs_dir: str = "runs"
     """Folder that holds the run folders."""
     method: str = "lora"
@@ -381,6 +391,7 @@ def validate(cfg: Config) -> None:
     _require(t.stage1_steps <= t.max_steps,
              f"training.stage1_steps must be between 0 and training.max_steps ({t.max_steps}), got {t.stage1_steps}: "
              f"set training.stage1_steps={share} (the default's share) or less")
+    _validate_labels(cfg.run)
     _require(bool(cfg.lora.target_modules), "lora.target_modules must name at least one module")
     _require(cfg.model.tiny_hidden_size % 4 == 0, "model.tiny_hidden_size must be a multiple of 4")
 
@@ -389,6 +400,19 @@ def config_text(cfg: Config) -> str:
     """The resolved config as YAML, as config.yaml holds it (`loratrace train --print-config` prints it)."""
     return "# Re-run this experiment: loratrace train --config <this file>\n" + yaml.safe_dump(cfg.to_dict(),
                                                                                               sort_keys=False)
+
+
+def _validate_labels(run: RunConfig) -> None:
+    """run.name and run.tags are shown in one-line tables and a tag list is stored comma-joined in the runs view."""
+    _require(len(run.name) <= 100 and run.name.isprintable(),
+             f"run.name must be one line of at most 100 printable characters, got {_shown_text(run.name)}")
+    for tag in run.tags:
+        _require(0 < len(tag) <= 64 and tag.isprintable() and "," not in tag and tag == tag.strip(),
+                 f"run.tags: {_shown_text(tag)} must be 1 to 64 printable characters, no comma or edge spaces")
+
+
+def _shown_text(text: str) -> str:
+    return repr(text if len(text) <= 40 else text[:40] + "...")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

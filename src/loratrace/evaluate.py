@@ -27,6 +27,7 @@ from loratrace.config import Config, EvalConfig, load_config
 from loratrace.data.datasets import LETTERS, load_split
 from loratrace.data.encoding import Encoded, collate, encode, padding_token_id
 from loratrace.errors import LoratraceError
+from loratrace.query.accuracy import stderr
 from loratrace.runs import storage
 from loratrace.runs.find import read_run_folder
 from loratrace.runs.folder import final_export, utc_now
@@ -164,9 +165,10 @@ class CheckpointEvaluator:
 
 def evaluate_run(run_dir: str | Path, checkpoints: str = "all", overrides: list[str] | tuple = (),
                  progress: bool = True):
-    """Evaluate checkpoints of a finished (or stopped) run; returns a DataFrame: checkpoint_step, accuracy, delta. A
-    run on object storage is evaluated in a local copy, and its new evaluation parts and logs are published back.
-    `checkpoints`: the selection syntax of training/selection.py (all, last, 76,100, 76..125, a mix), or final."""
+    """Evaluate checkpoints of a finished (or stopped) run; returns a DataFrame: checkpoint_step, checkpoint,
+    accuracy, stderr (query/accuracy.py), examples, delta (from the row before). A run on object storage is evaluated
+    in a local copy, and its new evaluation parts and logs are published back. `checkpoints`: the selection syntax
+    of training/selection.py (all, last, 76,100, 76..125, a mix), or final."""
     with warnings.catch_warnings():  # the libraries' deprecation notices are for their callers' developers, not users
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -210,11 +212,16 @@ def _evaluate_run(run_dir: Path, checkpoints: str, overrides, progress: bool):
 
         accuracy = evaluator.evaluate(AutoModelForCausalLM.from_pretrained(final), run_dir, final_step, "final_model")
         results.append((final_step, "final_model", accuracy))
+    examples = len(evaluator.examples)
     if results:
         tags = [accuracy_tag(evaluator.settings, final_model=what == "final_model") for _, what, _ in results]
-        log_accuracies_after_training(cfg, run_dir, [(tag, step, accuracy)
-                                                     for tag, (step, _, accuracy) in zip(tags, results)])
+        log_accuracies_after_training(cfg, run_dir, [
+            point for tag, (step, _, accuracy) in zip(tags, results)
+            for point in ((tag, step, accuracy), (f"{tag}_stderr", step, stderr(accuracy, examples)))
+            if point[2] is not None])
     frame = pd.DataFrame(results, columns=["checkpoint_step", "checkpoint", "accuracy"])
+    frame["stderr"] = [stderr(accuracy, examples) for accuracy in frame.accuracy]
+    frame["examples"] = examples
     frame["delta"] = frame.accuracy.diff()
     return frame
 

@@ -7,8 +7,8 @@
     loratrace trace --example-id ID | --line N [--run RUN_ID]
     loratrace eval RUN [--checkpoints all|last|final|76,100] [--split S] [--limit N]
     loratrace influence RUN [--example-id ID ...] [--split S] [--limit N] [--method tracin|tracin-cp] [--top N]
-    loratrace runs
-    loratrace compare RUN RUN... [--format table|csv|json] [--section NAME ...] [--top N] [--output FILE]
+    loratrace runs [--tag T ...] [--format table|csv|json]
+    loratrace compare RUN RUN... [--format table|csv|json] [--section NAME ...] [--steps] [--top N] [--output FILE]
     loratrace report RUN... -o report.html
     loratrace export RUN --adapters OUT [--steps 76..125|76,100] [--flat] [--overwrite]
     loratrace import-legacy PATH... [--runs-dir DIR] [--force]

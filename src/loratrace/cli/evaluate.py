@@ -7,6 +7,7 @@ import argparse
 from loratrace.cli.common import FORMATS, emit
 from loratrace.config import ConfigError
 from loratrace.training.selection import CHECKPOINT_SELECTION, FINAL_IS_EVAL_ONLY
+from loratrace.query.accuracy import best_line
 
 INFLUENCE_DESCRIPTION = """Influence of each training example on test examples, from the run's checkpoints:
   tracin     sum over the stage-2 steps t whose batch held the training example of
@@ -19,7 +20,10 @@ view); a computation stopped part-way continues where it stopped when run again 
 
 def add_eval(sub) -> None:
     evaluate = sub.add_parser("eval", help="multiple-choice accuracy of a run's checkpoints, per example",
-                              description="Score checkpoints on a held-out split; results join the evals view.")
+                              description="Score checkpoints on a held-out split; results join the evals view. "
+                                          "Prints each accuracy with its standard error (sqrt(acc*(1-acc)/(n-1)), as "
+                                          "lm-evaluation-harness reports it) and names the best checkpoint with its "
+                                          "stderr, saying which others are within its noise.")
     evaluate.add_argument("run", help="the run folder")
     evaluate.add_argument("--checkpoints", default="all", metavar="SELECTION",
                           help=f"which checkpoints: {CHECKPOINT_SELECTION}, or final (the merged final_model/); "
@@ -60,8 +64,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                  if value is not None]
     summary = evaluate_run(args.run, args.checkpoints, overrides)
     emit(summary, "table", None)
-    best = summary.loc[summary.accuracy.idxmax()]
-    print(f"best: {best.checkpoint} (step {int(best.checkpoint_step)}), accuracy {best.accuracy:.4f}")
+    print(best_line([(f"{row.checkpoint} (step {int(row.checkpoint_step)})",
+                      "final_model" if row.checkpoint == "final_model" else f"step {int(row.checkpoint_step)}",
+                      row.accuracy, None if row.stderr != row.stderr else row.stderr) for row in summary.itertuples()]))
     return 0
 
 

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
+
+import pyarrow as pa
 
 from loratrace.cli.common import FORMATS, add_runs_dir, emit, fail, open_read_only, seconds
+from loratrace.overrides import flatten_keys
 from loratrace.query import formats
+from loratrace.query.accuracy import with_stderr
 from loratrace.query.store import StoreError
 from loratrace.query.views import VIEW_NAMES
+from loratrace.runs.find import differing_keys, read_run_config
 
 QUERY_DESCRIPTION = f"""SQL over the views {', '.join(VIEW_NAMES)} (docs/ARCHITECTURE.md, README "Query views").
 
@@ -52,9 +59,20 @@ def add_trace(sub) -> None:
     add_runs_dir(trace)
 
 
+RUNS_DESCRIPTION = """List the runs under --runs-dir, oldest first: name, tags, status (`stale`: run.json says running
+but its process on this host is gone), duration (training time of every launch), steps, final training loss, the best
+eval accuracy +/- its standard error (sqrt(acc*(1-acc)/(n-1)), as lm-evaluation-harness reports it) and the
+hyperparameters (config keys) that differ between the runs listed. The same facts are columns of the runs view.
+
+--format json/csv: the columns unformatted (duration_s in seconds, best_eval_accuracy, best_eval_stderr,
+best_eval_step, best_eval_split, dataset, checkpoints, ...), a differing key as a column named by its dotted key."""
+
+
 def add_runs(sub) -> None:
-    runs = sub.add_parser("runs", help="one line per run: id, dataset, steps, checkpoints, status",
-                          description="List the runs under --runs-dir.")
+    runs = sub.add_parser("runs", help="one line per run: name, tags, status, duration, steps, loss, best eval",
+                          description=RUNS_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    runs.add_argument("--tag", action="append", metavar="T", help="only runs tagged T (repeatable: runs with every "
+                                                                  "tag given)")
     runs.add_argument("--format", choices=FORMATS[:3], default="table", help="output format (default: table)")
     add_runs_dir(runs)
 
@@ -90,11 +108,69 @@ def cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+RUNS_COLUMNS = ("run_id", "name", "tags", "status", "duration_s", "steps", "final_loss", "best_eval_accuracy",
+                "best_eval_stderr", "best_eval_step", "best_eval_split", "dataset", "checkpoints",
+                "last_checkpoint_step", "missing_steps")
+
+
 def cmd_runs(args: argparse.Namespace) -> int:
     with open_read_only(args.runs_dir) as db:
-        table = db.fetch_table("SELECT run_id, dataset, steps, missing_steps, checkpoints, last_checkpoint_step, "
-                               "status FROM runs ORDER BY run_id")
+        table = db.fetch_table(f"SELECT {', '.join(RUNS_COLUMNS)}, dir FROM runs ORDER BY created_at, run_id")
+        run_dirs = {str(d): d for d in db.run_dirs}
     if table.num_rows == 0:
         raise StoreError(f"no runs under {args.runs_dir}")
-    emit(table, args.format, None)
+    rows = [row for row in table.to_pylist() if set(args.tag or ()) <= set(row["tags"])]
+    if not rows:
+        raise StoreError(f"no run under {args.runs_dir} is tagged {' and '.join(args.tag)}")
+    configs = [read_run_config(run_dirs.get(row["dir"], Path(row["dir"]))) for row in rows]
+    differing = differing_keys(configs)
+    for row, config in zip(rows, configs):
+        flat = flatten_keys(config)
+        row.update({key: flat.get(key) for key in differing})
+        del row["dir"]
+    if args.format == "table":
+        emit(_typed_table([_shown_run(row, differing) for row in rows]), "table", None)
+    else:
+        emit(_typed_table(rows), args.format, None)
     return 0
+
+
+def _shown_run(row: dict, differing: list[str]) -> dict:
+    """A `runs` row for reading: durations as 1h02m, the best eval as accuracy +/- stderr and its step."""
+    best = with_stderr(row["best_eval_accuracy"], row["best_eval_stderr"])
+    best += f" (step {row['best_eval_step']})" if best else ""
+    return {"run_id": row["run_id"], "name": row["name"] or "", "tags": ",".join(row["tags"]), "status": row["status"],
+            "duration": _duration(row["duration_s"]), "steps": row["steps"], "final_loss": row["final_loss"],
+            "best_eval": best, **{key: _config_text(row[key]) for key in differing}}
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    whole = round(seconds)
+    hours, rest = divmod(whole, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s" if rest >= 60 else f"{rest}s"
+
+
+def _config_text(value) -> str:
+    return "null" if value is None else ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _typed_table(rows: list[dict]) -> pa.Table:
+    """The rows as an Arrow table, made by DuckDB from bound values (making Arrow arrays from Python objects imports
+    pandas, which `runs` never does). A config key whose values are of different types across runs (true and 1, say)
+    becomes JSON text, so every value still reads back as written."""
+    import duckdb  # as store.py does; here only to turn rows into Arrow
+
+    names = list(rows[0])
+    for name in names:
+        kinds = {type(row[name]) for row in rows if row[name] is not None}
+        if len(kinds) > 1 and not kinds <= {int, float} or dict in kinds:
+            for row in rows:
+                row[name] = None if row[name] is None else json.dumps(row[name], default=str)
+    values = ", ".join("(" + ", ".join("?" * (len(names) + 1)) + ")" for _ in rows)
+    columns = ", ".join('"' + name.replace('"', '""') + '"' for name in ["row_number ", *names])
+    with duckdb.connect() as con:
+        return con.sql(f'SELECT * EXCLUDE ("row_number ") FROM (VALUES {values}) AS t({columns}) ORDER BY 1',
+                       params=[value for number, row in enumerate(rows) for value in (number, *row.values())]) \
+            .to_arrow_table()

@@ -8,27 +8,37 @@ from loratrace.cli.common import FORMATS
 from loratrace.config import ConfigError
 from loratrace.query import formats
 from loratrace.report import SECTIONS as COMPARE_SECTIONS
+from loratrace.report import SUMMARY_SECTIONS
 from loratrace.runs.find import study_folders
 
-COMPARE_DESCRIPTION = """Compare runs against the first (the reference), from the query views:
-  runs        status, steps, checkpoints of each run
+COMPARE_DESCRIPTION = """Compare runs against the first (the reference), from the query views.
+
+Without --section, a summary that fits a screen: each run's status, steps, duration, final and lowest training loss,
+best and last eval accuracy +/- stderr; the config keys that differ; eval accuracy per checkpoint with its stderr
+(condensed to 10 checkpoints) and whether the best evals differ by more than the noise (1.96 combined stderr);
+where the data order diverges; the examples that flip. --format json/csv: those tables whole.
+
+Sections (--section NAME, repeatable: that table whole):
+  runs        status, steps, checkpoints, duration, final/lowest loss, best and last eval accuracy of each run
   config      the config keys that differ (values as JSON text, one column per run)
-  metrics     train/loss, grad_norm, lr, accuracy at the same steps, one column per run
-  evals       accuracy per checkpoint (and final_model), per split and scoring
+  metrics     train/loss, grad_norm, lr, accuracy at every step, one column per run (also --steps)
+  evals       accuracy per checkpoint (and final_model), per split and scoring; `<run> stderr` columns
   data_order  same examples in the same order? the first step where the runs diverge
   examples    examples correct at the last evaluated checkpoint in one run and wrong in the other
   forgetting  examples whose forgetting-event counts differ most (--top per run)"""
 
 
 def add_compare(sub) -> None:
-    compare = sub.add_parser("compare", help="runs side by side: config, metrics, evals, data order, examples",
+    compare = sub.add_parser("compare", help="runs side by side: config, final/best metrics, evals +/- stderr, data "
+                                             "order, example flips",
                              description=COMPARE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     compare.add_argument("runs", nargs="+", metavar="RUN", help="run folders (the first is the reference), folders "
                                                                 "of runs, or globs")
     compare.add_argument("--format", choices=FORMATS[:3], default="table",
                          help="table (default), csv (needs one --section) or json (JSON Lines, a section key each)")
     compare.add_argument("--section", action="append", choices=COMPARE_SECTIONS,
-                         help="only this table (repeatable; default: all)")
+                         help="only this table, whole (repeatable; default: the summary)")
+    compare.add_argument("--steps", action="store_true", help="add the per-step metrics (--section metrics)")
     compare.add_argument("--top", type=int, default=20, help="forgetting: examples per run to list (default 20)")
     compare.add_argument("--output", "-o", help="write to this file instead of stdout")
 
@@ -51,25 +61,35 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     from loratrace.report.compare import compare  # pandas and plotly only when this command runs
 
-    names = list(dict.fromkeys(args.section or COMPARE_SECTIONS))
-    if args.format == "csv" and len(names) != 1:
+    summary = not args.section
+    names = list(dict.fromkeys([*(args.section or SUMMARY_SECTIONS), *(["metrics"] if args.steps else [])]))
+    if args.format == "csv" and (summary or len(names) != 1):
         raise ConfigError("--format csv writes one table: name it with --section (e.g. --section config)")
     if args.top < 1:
         raise ConfigError(f"--top must be at least 1, got {args.top}")
     formats.check_output(args.output, args.runs)
-    sections = compare(args.runs, top=args.top).sections()
+    comparison = compare(args.runs, top=args.top)
+    sections = comparison.sections()
     tables = {name: pa.Table.from_pandas(sections[name], preserve_index=False) for name in names}
-    if args.format == "csv":
+    if summary and args.format == "table":
+        from loratrace.report.summary import summary_text  # pandas only when this command runs
+
+        text = summary_text(comparison) + ("".join(f"\n== {name} ==\n" + _table_text(tables[name])
+                                                   for name in names if name not in SUMMARY_SECTIONS))
+    elif args.format == "csv":
         text = formats.render_csv(tables[names[0]])
     elif args.format == "json":
         text = "".join(formats.render_json(table.add_column(0, "section", pa.array([name] * table.num_rows,
                                                                                       pa.string())))
                        for name, table in tables.items())
     else:
-        text = "".join(f"== {name} ==\n" + (formats.render_table(table) if table.num_rows else "(none)\n") + "\n"
-                       for name, table in tables.items())
+        text = "".join(f"== {name} ==\n" + _table_text(table) + "\n" for name, table in tables.items())
     formats.write_text(text, args.output, args.runs)
     return 0
+
+
+def _table_text(table) -> str:
+    return formats.render_table(table) if table.num_rows else "(none)\n"
 
 
 def cmd_report(args: argparse.Namespace) -> int:

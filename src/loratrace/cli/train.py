@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from loratrace.config import CHOICES, ConfigError, config_text, load_config
@@ -27,6 +28,9 @@ def add_train(sub) -> None:
     train.add_argument("--progress", choices=PROGRESS,
                        help="progress on stderr: bar, lines (one every logging.progress_every_n_steps), none; auto "
                             "(default, config key logging.progress): the bar on a terminal, lines otherwise")
+    train.add_argument("--name", help="a short name for the run, shown by runs, compare and report (config run.name)")
+    train.add_argument("--tag", action="append", metavar="T",
+                       help="a label to find the run by with `runs --tag T` (repeatable; config run.tags)")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -39,6 +43,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"logging.progress={args.progress}")
     if args.print_config:
         return _print_config(args, overrides)
+    if args.name is not None:  # as JSON, a YAML string: the name as typed, never read as a number or a mapping
+        overrides.append(f"run.name={json.dumps(args.name)}")
+    if args.tag:
+        overrides.append(f"run.tags={json.dumps(args.tag)}")
     if args.resume_from_checkpoint and args.dataset:
         raise ConfigError("--dataset cannot be combined with --resume-from-checkpoint")
     with storage.staging():  # a run on object storage is staged in a scratch folder until the command ends

@@ -91,16 +91,38 @@ VIEWS = [
             FROM batches GROUP BY run_id, step)
         UNPIVOT per_step ON "train/loss", "train/grad_norm", "train/lr", "train/accuracy"
         INTO NAME name VALUE value""",
+    # Accuracy of each evaluation (a checkpoint or final_model, a split, a scoring) with its standard error as
+    # lm-evaluation-harness reports it: the sample standard deviation of the 0/1 scores over sqrt(n),
+    # sqrt(acc * (1 - acc) / (n - 1)); NULL for one example.
+    """CREATE OR REPLACE VIEW eval_accuracy AS
+        SELECT run_id, checkpoint_step, checkpoint_path, split, scoring, count(*) AS examples,
+               avg(correct::INT) AS accuracy,
+               CASE WHEN count(*) > 1 THEN sqrt(avg(correct::INT) * (1 - avg(correct::INT)) / (count(*) - 1)) END
+                   AS stderr,
+               max(evaluated_at) AS evaluated_at
+        FROM evals GROUP BY run_id, checkpoint_step, checkpoint_path, split, scoring""",
     # A sweep's trials (trials.parquet of each study folder found), joinable to every view by run_id.
     "CREATE OR REPLACE VIEW trials AS SELECT * FROM trials_raw",
     # missing_steps: steps 1..steps (the last tracked) with no effective batch row (a batches part deleted or lost):
     # the run's tracked history has a gap there. An untracked run's checkpoints are its checkpoint files (store.py's
     # `checkpoint_files`); a tracked run's come from its tracking parts, in its lineage.
+    # final_loss: the last tracked step's train/loss, else run.json's (an untracked run). best_eval_*: the evaluation
+    # with the highest accuracy (the earliest step of equals), any split or scoring (best_eval_split names it).
     """CREATE OR REPLACE VIEW runs AS
-        SELECT r.*, s.steps, n.examples_seen, coalesce(c.checkpoints, f.checkpoints) AS checkpoints,
+        SELECT r.* REPLACE (coalesce(string_split(r.tags, ','), CAST([] AS VARCHAR[])) AS tags,
+                            TRY_CAST(r.duration_s AS DOUBLE) AS duration_s,
+                            coalesce(m.final_loss, TRY_CAST(r.final_loss AS DOUBLE)) AS final_loss),
+               s.steps, n.examples_seen, coalesce(c.checkpoints, f.checkpoints) AS checkpoints,
                coalesce(c.last_checkpoint_step, f.last_checkpoint_step) AS last_checkpoint_step,
-               s.steps - s.distinct_steps AS missing_steps
+               s.steps - s.distinct_steps AS missing_steps,
+               e.accuracy AS best_eval_accuracy, e.stderr AS best_eval_stderr, e.checkpoint_step AS best_eval_step,
+               e.split AS best_eval_split, e.examples AS best_eval_examples
         FROM runs_info r
+        LEFT JOIN (SELECT run_id, arg_max(value, step) AS final_loss FROM metrics WHERE name = 'train/loss'
+                   GROUP BY run_id) m USING (run_id)
+        LEFT JOIN (SELECT * FROM eval_accuracy
+                   QUALIFY row_number() OVER (PARTITION BY run_id ORDER BY accuracy DESC, checkpoint_step,
+                                                                    checkpoint_path) = 1) e USING (run_id)
         LEFT JOIN (SELECT run_id, max(step) AS steps, count(DISTINCT step) FILTER (WHERE step >= 1) AS distinct_steps
                    FROM batches GROUP BY run_id) s USING (run_id)
         LEFT JOIN (SELECT run_id, sum(len(example_ids)) AS examples_seen FROM batches_unflat GROUP BY run_id
@@ -111,4 +133,4 @@ VIEWS = [
                    FROM checkpoint_files GROUP BY run_id) f USING (run_id)""",
 ]
 VIEW_NAMES = ("runs", "batches", "batches_all", "samples", "examples", "checkpoints", "attempts", "step_checkpoint",
-              "example_checkpoint", "metrics", "example_trace", "evals", "trials", "influence")
+              "example_checkpoint", "metrics", "example_trace", "evals", "eval_accuracy", "trials", "influence")

@@ -2,3 +2,6 @@
 
 # compare's sections, in order: here so that `loratrace compare --help` names them without importing pandas
 SECTIONS = ("runs", "config", "metrics", "evals", "data_order", "examples", "forgetting")
+
+# what `compare` shows without --section: a summary (report/summary.py); metrics and forgetting on request
+SUMMARY_SECTIONS = ("runs", "config", "evals", "data_order", "examples")

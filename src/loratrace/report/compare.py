@@ -19,7 +19,7 @@ import pandas as pd
 from loratrace.config import flatten_keys
 from loratrace.errors import LoratraceError
 from loratrace.report import SECTIONS
-from loratrace.runs.find import read_run_config
+from loratrace.runs.find import differing_keys, read_run_config
 
 METRICS = ("train/loss", "train/grad_norm", "train/lr", "train/accuracy")
 
@@ -41,6 +41,21 @@ LAST_EVALUATED = """WITH last AS (
     WHERE checkpoint_path <> 'final_model' GROUP BY ALL)
 SELECT e.run_id, e.split, e.scoring, e.checkpoint_step, e.example_id, e.line, e.correct
 FROM evals e JOIN last USING (run_id, split, scoring, checkpoint_step) WHERE e.checkpoint_path <> 'final_model'"""
+
+
+# Per run: the runs view's facts with the final and best of its metrics. last_eval_*: the latest checkpoint evaluated
+# (final_model aside; of several splits or scorings, the first by name), best_eval_*: the runs view's.
+RUN_FACTS = """WITH loss AS (SELECT run_id, min(value) AS lowest_loss, arg_min(step, value) AS lowest_loss_step
+                             FROM metrics WHERE name = 'train/loss' GROUP BY run_id),
+     accuracy AS (SELECT run_id, arg_max(value, step) AS final_train_accuracy
+                  FROM metrics WHERE name = 'train/accuracy' GROUP BY run_id),
+     last AS (SELECT run_id, accuracy AS last_eval_accuracy, stderr AS last_eval_stderr,
+                     checkpoint_step AS last_eval_step FROM eval_accuracy WHERE checkpoint_path <> 'final_model'
+              QUALIFY row_number() OVER (PARTITION BY run_id ORDER BY checkpoint_step DESC, split, scoring) = 1)
+SELECT run_id, name, status, steps, examples_seen, checkpoints, last_checkpoint_step, duration_s, final_loss,
+       lowest_loss, lowest_loss_step, final_train_accuracy, best_eval_accuracy, best_eval_stderr, best_eval_step,
+       best_eval_split, last_eval_accuracy, last_eval_stderr, last_eval_step, dir
+FROM runs LEFT JOIN loss USING (run_id) LEFT JOIN accuracy USING (run_id) LEFT JOIN last USING (run_id)"""
 
 
 class CompareError(LoratraceError):
@@ -78,12 +93,10 @@ def compare(paths, top: int = 20) -> Comparison:
         run_ids = [d.name for d in run_dirs]
         if len(set(run_ids)) < len(run_ids):
             raise CompareError("two of the runs share a folder name; compare runs with distinct names")
-        runs = db.sql("SELECT run_id, status, steps, examples_seen, checkpoints, last_checkpoint_step, dir FROM runs") \
-            .df().set_index("run_id").reindex(run_ids).reset_index()
+        runs = db.sql(RUN_FACTS).df().set_index("run_id").reindex(run_ids).reset_index()
         metrics = _metrics(db.sql("SELECT run_id, step, name, value FROM metrics").df(), run_ids)
-        evals = _evals(db.sql("""SELECT run_id, checkpoint_step, checkpoint_path, split, scoring,
-                                        avg(correct::INT) AS accuracy
-                                 FROM evals GROUP BY ALL""").df(), run_ids)
+        evals = _evals(db.sql("""SELECT run_id, checkpoint_step, checkpoint_path, split, scoring, accuracy, stderr
+                                 FROM eval_accuracy""").df(), run_ids)
         order = _data_order(db.sql(STEP_ORDER).df(), run_ids)
         examples = _example_flips(db.sql(LAST_EVALUATED).df(), run_ids)
         forgetting = _forgetting(db.sql(FORGETTING).df(), run_ids, top)
@@ -91,15 +104,12 @@ def compare(paths, top: int = 20) -> Comparison:
 
 
 def config_differences(run_dirs: list[Path]) -> pd.DataFrame:
-    """The dotted config keys whose values differ between the runs' config.yaml: key, then one column per run with the
-    value as JSON text (null: the key is absent in that run)."""
-    configs = [flatten_keys(read_run_config(Path(run_dir))) for run_dir in run_dirs]
-    keys = sorted({key for config in configs for key in config})
-    rows = []
-    for key in keys:
-        values = [json.dumps(config[key]) if key in config else None for config in configs]
-        if len(set(values)) > 1:
-            rows.append([key, *values])
+    """The dotted config keys whose values differ between the runs' config.yaml (find.differing_keys: the run's name,
+    tags and runs_dir left out): key, then one column per run with the value as JSON text (null: absent there)."""
+    configs = [read_run_config(Path(run_dir)) for run_dir in run_dirs]
+    flat = [flatten_keys(config) for config in configs]
+    rows = [[key, *(json.dumps(config[key]) if key in config else None for config in flat)]
+            for key in differing_keys(configs)]
     return pd.DataFrame(rows, columns=["key", *[Path(d).name for d in run_dirs]], dtype=object)
 
 
@@ -118,13 +128,19 @@ def _metrics(frame: pd.DataFrame, run_ids: list[str]) -> pd.DataFrame:
 
 
 def _evals(frame: pd.DataFrame, run_ids: list[str]) -> pd.DataFrame:
-    """checkpoint_step, what was scored (a checkpoint or final_model), split, scoring, each run's accuracy."""
-    columns = ["checkpoint_step", "scored", "split", "scoring", *run_ids]
+    """checkpoint_step, what was scored (a checkpoint or final_model), split, scoring, each run's accuracy, then each
+    run's standard error (`<run_id> stderr`, query/accuracy.py)."""
+    errors = [f"{run_id} stderr" for run_id in run_ids]
+    columns = ["checkpoint_step", "scored", "split", "scoring", *run_ids, *errors]
     if frame.empty:
         return pd.DataFrame(columns=columns)
     frame = frame.assign(scored=frame.checkpoint_path.where(frame.checkpoint_path == "final_model", "checkpoint"))
-    wide = frame.pivot_table(index=["checkpoint_step", "scored", "split", "scoring"], columns="run_id",
-                             values="accuracy", aggfunc="first").reindex(columns=run_ids).reset_index()
+    index = ["checkpoint_step", "scored", "split", "scoring"]
+    wide = frame.pivot_table(index=index, columns="run_id", values="accuracy", aggfunc="first").reindex(columns=run_ids)
+    error = frame.pivot_table(index=index, columns="run_id", values="stderr", aggfunc="first", dropna=False) \
+        .reindex(index=wide.index, columns=run_ids)
+    error.columns = errors
+    wide = wide.join(error).reset_index()
     wide.columns.name = None
     return wide.sort_values(["split", "scoring", "checkpoint_step", "scored"]).reset_index(drop=True)[columns]
 

@@ -5,6 +5,7 @@ and every run's config.yaml flattened, a key any run has being a column.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import glob
 import json
 import re
@@ -18,7 +19,8 @@ from loratrace.errors import LoratraceError, first_line
 from loratrace.overrides import flatten_keys
 from loratrace.runs import processes
 
-RUN_COLUMNS = ("run_id", "dir", "dataset", "method", "created_at", "status")  # then every run's config, flattened
+RUN_COLUMNS = ("run_id", "name", "tags", "dir", "dataset", "method", "created_at", "status", "duration_s",
+               "final_loss")  # then every run's config, flattened
 SWEEP_COLUMNS = ("study", "trial")  # from a sweep trial's run.json: columns once any run has them
 CONFIG_SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.default_factory))
 CHECKPOINT_FILE = re.compile(r"checkpoint-step-(\d+)\.ckpt")  # checkpoints.checkpoint_name's files
@@ -97,7 +99,8 @@ def runs_info(run_dirs: list[Path], folders: dict | None = None) -> tuple[list[s
     """Column names and rows, one per run: its run.json facts and its config flattened, every value a string or
     NULL (a config key any run has is a column; the other runs' value is NULL). `folders`: each run's
     (run.json, config.yaml) as `read_run_folder` gave them, when the caller has read them already.
-    A run run.json says is `running` whose process on this host is gone shows `stale` (nothing is rewritten)."""
+    A run run.json says is `running` whose process on this host is gone shows `stale` (nothing is rewritten).
+    `tags` are joined by commas (a tag holds none: config.py); the runs view splits them into a list."""
     rows = []
     for run_dir in run_dirs:
         info, config = folders[run_dir] if folders else read_run_folder(run_dir)
@@ -107,10 +110,23 @@ def runs_info(run_dirs: list[Path], folders: dict | None = None) -> tuple[list[s
             "dataset": info.get("dataset", (config.get("data") or {}).get("dataset")),
             "method": info.get("method", config.get("method")),
             "created_at": info.get("created_at"), "status": shown_status(info),
+            "name": info.get("name"), "tags": ",".join(map(str, info.get("tags") or [])) or None,
+            "duration_s": duration_seconds(info), "final_loss": info.get("final_loss"),
             **{key: info[key] for key in SWEEP_COLUMNS if key in info},
         })
     columns = list(dict.fromkeys([*RUN_COLUMNS, *(key for row in rows for key in row)]))
     return columns, [[None if row.get(c) is None else str(row[c]) for c in columns] for row in rows]
+
+
+HYPERPARAMETERS_LEFT_OUT = ("run.", "runs_dir")  # labels and where the run lives: not how it was trained
+
+
+def differing_keys(configs: list[dict[str, Any]]) -> list[str]:
+    """The dotted config keys (config.yaml's, flattened) whose values are not the same in every one of `configs` (a
+    key absent from one differs), sorted; the run's labels and runs_dir left out."""
+    flat = [flatten_keys(config) for config in configs]
+    keys = sorted({key for config in flat for key in config if not key.startswith(HYPERPARAMETERS_LEFT_OUT)})
+    return [key for key in keys if len({json.dumps(c[key], default=str) if key in c else None for c in flat}) > 1]
 
 
 # ---------------------------------------------------------------------------------------------- reading a run folder
@@ -124,7 +140,8 @@ class DamagedRun(LoratraceError):
 
 
 # run.json fields readers use, with the JSON types they must have (null is allowed: "not recorded")
-RUN_JSON_FIELDS = {"run_id": str, "dataset": str, "method": str, "created_at": str, "status": str, "host": str,
+RUN_JSON_FIELDS = {"run_id": str, "name": str, "tags": list,
+                   "dataset": str, "method": str, "created_at": str, "status": str, "host": str,
                    "attempts": list, "steps": int, "checkpoints": int, "final_loss": (int, float), "study": str,
                    "trial": int, "trials": list, "versions": dict, "pruned_step": int}
 ATTEMPT_FIELDS = {"started_at": str, "ended_at": str, "status": str, "resumed_from": str, "tracking_cost": dict,
@@ -223,6 +240,29 @@ def checkpoint_file_steps(run_dir) -> list[int]:
 # A launch records the process that runs it (`processes.this_process`, in run.json's attempt); a reader on the same
 # host can tell a run killed outright (SIGKILL, OOM killer, power loss) from one still training. The sweep's workers
 # and the scratch folders of runs on object storage use the same record (processes.py).
+
+
+def duration_seconds(info: dict) -> float | None:
+    """Seconds the run's launches trained, summed (a resume's gap not counted): each attempt from started_at to
+    ended_at, the last one still running up to now. None when no attempt's times are known (a stale attempt, killed
+    without an end time, counts nothing)."""
+    total, known = 0.0, False
+    attempts = info.get("attempts") or []
+    for number, attempt in enumerate(attempts):
+        start = _time(attempt.get("started_at"))
+        end = _time(attempt.get("ended_at"))
+        if end is None and number == len(attempts) - 1 and shown_status(info) == "running":
+            end = dt.datetime.now(dt.timezone.utc) if start is not None and start.tzinfo else dt.datetime.now()
+        if start is not None and end is not None and (start.tzinfo is None) == (end.tzinfo is None):
+            total, known = total + max(0.0, (end - start).total_seconds()), True
+    return total if known else None
+
+
+def _time(text: str | None) -> dt.datetime | None:
+    try:
+        return dt.datetime.fromisoformat(text) if text else None
+    except ValueError:  # a hand-edited time: no duration rather than a failed listing
+        return None
 
 
 def shown_status(info: dict) -> str:

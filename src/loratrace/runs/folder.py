@@ -112,7 +112,8 @@ def start_run(run_dir: Path, cfg: Config, resumed_from: str | None, resumed_step
         "created_at": utc_now().isoformat(timespec="seconds"), "attempts": [],
     }
     info.update(status="running", versions=versions(), git_sha=git_sha(), host=socket.gethostname(),
-                python=platform.python_version(), base_model=cfg.model.name)
+                python=platform.python_version(), base_model=cfg.model.name,
+                name=cfg.run.name or None, tags=list(cfg.run.tags))  # a resume may rename or retag the run
     info["attempts"].append({"started_at": utc_now().isoformat(timespec="seconds"), "resumed_from": resumed_from,
                              **({"resumed_step": resumed_step} if resumed_from else {}),
                              "status": "running", **({"config_changes": changes} if changes else {}),
