@@ -48,7 +48,7 @@ def duckdb_message(exc: BaseException) -> str:
 
 
 class ConfigError(LoratraceError):
-    """A config the user wrote (file, override or value) that cannot run (raised by config.py and overrides.py)."""
+    """A config the user wrote (file, override or value) that cannot run (raised by config/ and overrides.py)."""
 
 
 class CheckpointError(LoratraceError):

@@ -9,7 +9,7 @@ import pyarrow as pa
 
 from loratrace.cli.common import emit
 from loratrace.config import ConfigError, config_text, load_config
-from loratrace.config_keys import describe_keys
+from loratrace.config.keys import describe_keys
 
 KEY_FORMATS = ("text", "table", "csv", "json")
 

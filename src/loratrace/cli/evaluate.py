@@ -6,8 +6,8 @@ import argparse
 
 from loratrace.cli.common import FORMATS, emit
 from loratrace.config import ConfigError
-from loratrace.training.selection import CHECKPOINT_SELECTION, FINAL_IS_EVAL_ONLY
 from loratrace.query.accuracy import best_line
+from loratrace.training.selection import CHECKPOINT_SELECTION, FINAL_IS_EVAL_ONLY
 
 INFLUENCE_DESCRIPTION = """Influence of each training example on test examples, from the run's checkpoints:
   tracin     sum over the stage-2 steps t whose batch held the training example of

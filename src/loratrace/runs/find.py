@@ -100,7 +100,7 @@ def runs_info(run_dirs: list[Path], folders: dict | None = None) -> tuple[list[s
     NULL (a config key any run has is a column; the other runs' value is NULL). `folders`: each run's
     (run.json, config.yaml) as `read_run_folder` gave them, when the caller has read them already.
     A run run.json says is `running` whose process on this host is gone shows `stale` (nothing is rewritten).
-    `tags` are joined by commas (a tag holds none: config.py); the runs view splits them into a list."""
+    `tags` are joined by commas (a tag holds none: config/checks.py); the runs view splits them into a list."""
     rows = []
     for run_dir in run_dirs:
         info, config = folders[run_dir] if folders else read_run_folder(run_dir)

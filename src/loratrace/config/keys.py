@@ -1,5 +1,5 @@
 """Every config key described from the schema itself: dotted name, type, default, allowed values and the docstring
-written under its field in config.py. `loratrace config --keys` prints it; nothing here is a second copy to keep.
+written under its field in config/schema.py. `loratrace config --keys` prints it; nothing here is a second copy to keep.
 
     rows = describe_keys()   # [{"key": "training.max_steps", "type": "int", "default": "125", ...}, ...]
 """
@@ -14,7 +14,8 @@ import textwrap
 import typing
 from typing import Any
 
-from loratrace.config import BOUNDS, CHOICES, Config
+from loratrace.config.checks import BOUNDS, CHOICES
+from loratrace.config.schema import Config
 
 
 def field_docs(cls: type) -> dict[str, str]:
