@@ -1,7 +1,13 @@
 """The recipe, top to bottom: config -> data -> model -> Trainer(callbacks) -> fit -> export.
 
     run_dir = train(load_config("configs/tiny.yaml", ["training.max_steps=20"]))
-    train(cfg, resume_from="runs/x/checkpoints/checkpoint-step-090.ckpt")      # continues the same run folder
+    train(resume_from="runs/x/checkpoints/checkpoint-step-090.ckpt")   # continues the same run, as it recorded it
+    train(resume_from="s3://bucket/runs/x/checkpoints/checkpoint-step-090.ckpt", overrides=["training.max_steps=200"])
+    train("configs/arc-challenge.yaml", resume_from="hf-output/checkpoint-500")   # a Hugging Face Trainer checkpoint
+
+`train` resolves what a resume continues from exactly as `loratrace train --resume-from-checkpoint` does (the command
+is this call): a checkpoint on object storage is staged in a local copy of its run, a Trainer `checkpoint-N/` folder
+becomes a `.ckpt` (legacy/resume.py), and without a config the run's own config.yaml is read.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
@@ -22,12 +29,13 @@ from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.strategies import FSDPStrategy
 from typing_extensions import override
 
-from loratrace.config import Config, ConfigError
+from loratrace.config import Config, ConfigError, load_config
 from loratrace.data.datasets import load_split
 from loratrace.data.loader import CommonsenseData
 from loratrace.errors import LoratraceError
 from loratrace.evaluate import CheckpointEvaluator, Evaluator
 from loratrace.export import export_adapter, export_merged, save_base_model
+from loratrace.legacy import resume as legacy_resume
 from loratrace.runs import folder, storage
 from loratrace.track.tracker import BatchTracker, index_samples
 from loratrace.training.checkpoints import (
@@ -59,25 +67,48 @@ def _example_rows(cfg: Config, examples, datamodule) -> list[dict]:
              "prompt_sha256": e.prompt_sha256, "prompt": e.prompt} for e, enc in zip(examples, datamodule.encoded)]
 
 
-def train(cfg: Config, resume_from: str | Path | None = None, progress: bool = True,
-          callbacks: list | None = None, checkpoint_listeners: list | None = None) -> Path | str:
+def train(cfg: Config | str | Path | None = None, resume_from: str | Path | None = None, overrides: Sequence[str] = (),
+          progress: bool = True, callbacks: list | None = None, checkpoint_listeners: list | None = None) -> Path | str:
     """Train one run; returns its folder (its URL for a runs_dir on object storage). Everything that can fail on user
     input fails before the folder exists (or, for a resume, before anything in it changes).
 
-    `callbacks` are added to loratrace's own (tracker, checkpoints, progress bar), e.g. a profiler or a timer;
-    `checkpoint_listeners` (checkpoints.CheckpointListener) hear of each checkpoint after the tracker and evaluator
-    (a sweep's trial reports its intermediate values there).
+    `cfg`: a Config, or a YAML file loaded with `overrides` (dotted `key=value`, as on the command line); None reads
+    the resumed run's config.yaml (with `overrides`) when `resume_from` is given, else the embedded default.
+    `resume_from`: a run's `checkpoint-step-NNN.ckpt` (a local path or a URL on object storage: the run continues in
+    place), or a Hugging Face Trainer `checkpoint-N/` folder (a legacy run's is imported first; any other needs
+    `cfg`). `callbacks` are added to loratrace's own (tracker, checkpoints, progress bar), e.g. a profiler or a
+    timer; `checkpoint_listeners` (checkpoints.CheckpointListener) hear of each checkpoint after the tracker and
+    evaluator (a sweep's trial reports its intermediate values there).
     """
     with quiet_libraries(), storage.staging(), contextlib.ExitStack() as held:  # held: the run's training lock
-        return storage.public(_train(cfg, resume_from, progress, callbacks, checkpoint_listeners, held))
+        cfg, checkpoint = resolve_run(cfg, resume_from, overrides)
+        return storage.public(_train(cfg, checkpoint, progress, callbacks, checkpoint_listeners, held))
 
 
-def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callbacks: list | None,
+def resolve_run(cfg: Config | str | Path | None, resume_from: str | Path | None = None,
+                overrides: Sequence[str] = ()) -> tuple[Config, Path | None]:
+    """The config a `train` call runs and the local `.ckpt` it resumes from (None: a new run), as `train` takes them.
+    A remote checkpoint is staged (inside `storage.staging()`: the copy goes when it ends)."""
+    if isinstance(cfg, Config) and overrides:
+        raise TypeError("overrides apply to a config file or a resumed run's config.yaml; set them on the Config")
+    checkpoint = None
+    if resume_from:
+        if storage.is_remote(resume_from):  # a run on object storage resumes in a local copy
+            storage.check_location(str(resume_from))  # no credentials, no bucket: one line before any work
+            resume_from = stage_remote_checkpoint(str(resume_from))
+        checkpoint = Path(resume_from)
+        if checkpoint.is_dir():  # a Trainer checkpoint-N/ folder: the .ckpt it becomes
+            checkpoint = legacy_resume.checkpoint_to_resume(checkpoint, cfg, list(overrides))
+    if isinstance(cfg, Config):
+        return cfg, checkpoint
+    if cfg is None and checkpoint is not None:  # the run as it recorded itself
+        cfg = resume_run_dir(checkpoint) / "config.yaml"
+    return load_config(cfg, list(overrides)), checkpoint
+
+
+def _train(cfg: Config, checkpoint: Path | None, progress: bool, callbacks: list | None,
            checkpoint_listeners: list | None, held: contextlib.ExitStack) -> Path:
     storage.check_location(cfg.runs_dir)  # no credentials, no bucket: one line before any work
-    if resume_from and storage.is_remote(resume_from):  # a run on object storage resumes in a local copy
-        resume_from = stage_remote_checkpoint(str(resume_from))
-    checkpoint = Path(resume_from) if resume_from else None
     existing = resume_run_dir(checkpoint) if checkpoint else None
     L.seed_everything(cfg.training.seed, verbose=False)
 
