@@ -150,7 +150,11 @@ def parsed_train(argv: list[str], monkeypatch) -> list:
     import loratrace.recipe
 
     calls = []
-    monkeypatch.setattr(loratrace.recipe, "train", lambda cfg, resume_from=None: calls.append((cfg, resume_from)))
+
+    def train(cfg=None, resume_from=None, overrides=()):  # the config it resolves, as recipe.train does first
+        calls.append((loratrace.recipe.resolve_run(cfg, resume_from, overrides)[0], resume_from))
+
+    monkeypatch.setattr(loratrace.recipe, "train", train)
     assert loratrace.cli.main(argv) == 0
     return calls
 

@@ -230,3 +230,37 @@ def test_eval_and_the_summary_leave_out_checkpoints_a_resume_abandoned(tmp_path)
     assert [step for step, _ in select_checkpoints(run, "all", "evaluate")] == [9, 10, 11, 12, 13]
     assert [step for step, _ in select_checkpoints(run, "last", "evaluate")] == [13]
     assert json.loads((run / "run.json").read_text())["checkpoints"] == 5
+
+
+@pytest.mark.slow
+def test_the_library_resumes_as_the_command_does(small_run, tmp_path, capsys):
+    """`loratrace.train(resume_from=CKPT, overrides=...)` with no config is `train --resume-from-checkpoint CKPT ...`:
+    the run's own config.yaml, the same run folder, the same weights, attempts and batches (two copies of one run)."""
+    import shutil
+
+    from loratrace.cli import main
+
+    copies = [shutil.copytree(small_run, tmp_path / side / small_run.name) for side in ("cli", "library")]
+    checkpoint = "checkpoints/checkpoint-step-012.ckpt"
+    assert main(["train", "--resume-from-checkpoint", str(copies[0] / checkpoint), "logging.tensorboard=false"]) == 0
+    cli_out = capsys.readouterr().out
+    assert loratrace.train(resume_from=copies[1] / checkpoint, overrides=["logging.tensorboard=false"]) == copies[1]
+    library_out = capsys.readouterr().out
+    timeless = [line for line in cli_out.replace(str(copies[0]), str(copies[1])).splitlines() if " cost " not in line]
+    assert [line for line in library_out.splitlines() if " cost " not in line] == timeless  # the same summary
+
+    infos = [json.loads((run / "run.json").read_text()) for run in copies]
+    for info, run in zip(infos, copies):
+        assert info["status"] == "completed" and info["steps"] == 16 and len(info["attempts"]) == 2
+        resumed = info["attempts"][1]
+        assert resumed["resumed_from"] == str(run / checkpoint) and resumed["resumed_step"] == 12
+        assert resumed["config_changes"] == {"logging.tensorboard": [True, False]}
+    final = [torch.load(run / "checkpoints" / "checkpoint-step-016.ckpt", weights_only=True)["state_dict"]
+             for run in copies]
+    assert final[0].keys() == final[1].keys() and all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+    rows = []
+    for run in copies:
+        with loratrace.open_runs(run, read_only=True) as db:
+            rows.append(db.sql("SELECT attempt, step, example_ids FROM batches ORDER BY step").df())
+    assert rows[0].step.tolist() == list(range(1, 17)) and rows[0].attempt.tolist() == [0] * 12 + [1] * 4
+    assert rows[0].to_json() == rows[1].to_json()

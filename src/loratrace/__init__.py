@@ -2,6 +2,7 @@
 
     import loratrace
     run_dir = loratrace.train(loratrace.load_config("configs/tiny.yaml", ["training.max_steps=20"]))
+    loratrace.train(resume_from=f"{run_dir}/checkpoints/checkpoint-step-020.ckpt", overrides=["training.max_steps=24"])
     db = loratrace.open_runs(run_dir)
     db.trace(db.sql("SELECT example_id FROM samples LIMIT 1").df().example_id[0])
     loratrace.compare([run_dir, other_run_dir]).data_order     # DataFrames: config, metrics, evals, examples, ...

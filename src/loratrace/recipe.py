@@ -1,49 +1,49 @@
 """The recipe, top to bottom: config -> data -> model -> Trainer(callbacks) -> fit -> export.
 
     run_dir = train(load_config("configs/tiny.yaml", ["training.max_steps=20"]))
-    train(cfg, resume_from="runs/x/checkpoints/checkpoint-step-090.ckpt")      # continues the same run folder
+    train(resume_from="runs/x/checkpoints/checkpoint-step-090.ckpt")   # continues the same run, as it recorded it
+    train(resume_from="s3://bucket/runs/x/checkpoints/checkpoint-step-090.ckpt", overrides=["training.max_steps=200"])
+    train("configs/arc-challenge.yaml", resume_from="hf-output/checkpoint-500")   # a Hugging Face Trainer checkpoint
+
+`train` resolves what a resume continues from exactly as `loratrace train --resume-from-checkpoint` does (the command
+is this call): a checkpoint on object storage is staged in a local copy of its run, a Trainer `checkpoint-N/` folder
+becomes a `.ckpt` (legacy/resume.py), and without a config the run's own config.yaml is read.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import errno
 import logging
-import os
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
-import torch
 from lightning.pytorch.strategies import FSDPStrategy
-from typing_extensions import override
 
-from loratrace.config import Config, ConfigError
+from loratrace.config import Config, ConfigError, load_config
 from loratrace.data.datasets import load_split
 from loratrace.data.loader import CommonsenseData
-from loratrace.errors import LoratraceError
 from loratrace.evaluate import CheckpointEvaluator, Evaluator
 from loratrace.export import export_adapter, export_merged, save_base_model
+from loratrace.legacy import resume as legacy_resume
 from loratrace.query.index import index_samples
 from loratrace.runs import folder, storage
 from loratrace.track.tracker import BatchTracker
 from loratrace.training.checkpoints import (
     StepCheckpoint,
-    UpdateBoundary,
-    checkpoint_files,
     checkpoint_steps,
-    latest_full_checkpoint,
     weights_only_steps,
 )
-from loratrace.training.interrupt import RunInterrupted, StopOnSignal, checkpoint_to_resume, interrupted_message
+from loratrace.training.ending import RunEnding
+from loratrace.training.interrupt import StopOnSignal
 from loratrace.training.launch import folder_for_children, identify, shared_run_dir
 from loratrace.training.loggers import (
     EvalTables,
     build_loggers,
     check_loggers,
-    close_wandb,
     finish_loggers,
     logger_summary,
     quiet_loggers,
@@ -60,25 +60,48 @@ def _example_rows(cfg: Config, examples, datamodule) -> list[dict]:
              "prompt_sha256": e.prompt_sha256, "prompt": e.prompt} for e, enc in zip(examples, datamodule.encoded)]
 
 
-def train(cfg: Config, resume_from: str | Path | None = None, progress: bool = True,
-          callbacks: list | None = None, checkpoint_listeners: list | None = None) -> Path | str:
+def train(cfg: Config | str | Path | None = None, resume_from: str | Path | None = None, overrides: Sequence[str] = (),
+          progress: bool = True, callbacks: list | None = None, checkpoint_listeners: list | None = None) -> Path | str:
     """Train one run; returns its folder (its URL for a runs_dir on object storage). Everything that can fail on user
     input fails before the folder exists (or, for a resume, before anything in it changes).
 
-    `callbacks` are added to loratrace's own (tracker, checkpoints, progress bar), e.g. a profiler or a timer;
-    `checkpoint_listeners` (checkpoints.CheckpointListener) hear of each checkpoint after the tracker and evaluator
-    (a sweep's trial reports its intermediate values there).
+    `cfg`: a Config, or a YAML file loaded with `overrides` (dotted `key=value`, as on the command line); None reads
+    the resumed run's config.yaml (with `overrides`) when `resume_from` is given, else the embedded default.
+    `resume_from`: a run's `checkpoint-step-NNN.ckpt` (a local path or a URL on object storage: the run continues in
+    place), or a Hugging Face Trainer `checkpoint-N/` folder (a legacy run's is imported first; any other needs
+    `cfg`). `callbacks` are added to loratrace's own (tracker, checkpoints, progress bar), e.g. a profiler or a
+    timer; `checkpoint_listeners` (checkpoints.CheckpointListener) hear of each checkpoint after the tracker and
+    evaluator (a sweep's trial reports its intermediate values there).
     """
     with quiet_libraries(), storage.staging(), contextlib.ExitStack() as held:  # held: the run's training lock
-        return storage.public(_train(cfg, resume_from, progress, callbacks, checkpoint_listeners, held))
+        cfg, checkpoint = resolve_run(cfg, resume_from, overrides)
+        return storage.public(_train(cfg, checkpoint, progress, callbacks, checkpoint_listeners, held))
 
 
-def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callbacks: list | None,
+def resolve_run(cfg: Config | str | Path | None, resume_from: str | Path | None = None,
+                overrides: Sequence[str] = ()) -> tuple[Config, Path | None]:
+    """The config a `train` call runs and the local `.ckpt` it resumes from (None: a new run), as `train` takes them.
+    A remote checkpoint is staged (inside `storage.staging()`: the copy goes when it ends)."""
+    if isinstance(cfg, Config) and overrides:
+        raise TypeError("overrides apply to a config file or a resumed run's config.yaml; set them on the Config")
+    checkpoint = None
+    if resume_from:
+        if storage.is_remote(resume_from):  # a run on object storage resumes in a local copy
+            storage.check_location(str(resume_from))  # no credentials, no bucket: one line before any work
+            resume_from = stage_remote_checkpoint(str(resume_from))
+        checkpoint = Path(resume_from)
+        if checkpoint.is_dir():  # a Trainer checkpoint-N/ folder: the .ckpt it becomes
+            checkpoint = legacy_resume.checkpoint_to_resume(checkpoint, cfg, list(overrides))
+    if isinstance(cfg, Config):
+        return cfg, checkpoint
+    if cfg is None and checkpoint is not None:  # the run as it recorded itself
+        cfg = resume_run_dir(checkpoint) / "config.yaml"
+    return load_config(cfg, list(overrides)), checkpoint
+
+
+def _train(cfg: Config, checkpoint: Path | None, progress: bool, callbacks: list | None,
            checkpoint_listeners: list | None, held: contextlib.ExitStack) -> Path:
     storage.check_location(cfg.runs_dir)  # no credentials, no bucket: one line before any work
-    if resume_from and storage.is_remote(resume_from):  # a run on object storage resumes in a local copy
-        resume_from = stage_remote_checkpoint(str(resume_from))
-    checkpoint = Path(resume_from) if resume_from else None
     existing = resume_run_dir(checkpoint) if checkpoint else None
     L.seed_everything(cfg.training.seed, verbose=False)
 
@@ -108,100 +131,86 @@ def _train(cfg: Config, resume_from: str | Path | None, progress: bool, callback
         return made
 
     run_dir = shared_run_dir(launch, make_run_dir)
-    trainer, tracker, stop, non_finite = None, None, None, NonFiniteLoss()
-    try:  # from here on the run folder is this launch's: whatever ends it is recorded in run.json
+    ending = RunEnding(run_dir, launch.rank == 0, resumed_step, checkpoint)
+    try:  # from here on the run folder is this launch's: however it ends, run.json says so, once (`finally`)
         if base_copy is not None:
             save_base_model(base_copy, tokenizer, run_dir / "base_model")
             storage.publish_tree(run_dir / "base_model")
             base_copy = None
-        t = cfg.training
-        own_callbacks: list = []
-        if cfg.tracking.enabled:
-            tracker = BatchTracker(run_dir / "tracking", run_id=run_dir.name,
-                                   flush_every_steps=cfg.tracking.flush_every_steps,
-                                   examples=_example_rows(cfg, examples, datamodule), stage1_steps=t.stage1_steps)
-            own_callbacks.append(tracker)
-        listeners = [tracker] if tracker is not None else []  # told of every checkpoint: rows first, then scores
-        if evaluator is not None:
-            listeners += [CheckpointEvaluator(evaluator, run_dir), EvalTables(run_dir)]  # EvalTables: to MLflow
-        listeners += list(checkpoint_listeners or [])
-        steps = checkpoint_steps(t.max_steps, t.stage1_steps, cfg.checkpoint)
-        step_checkpoint = StepCheckpoint(run_dir / "checkpoints", steps, listeners,
-                                         weights_only_steps(steps, t.stage1_steps, t.max_steps, cfg.checkpoint),
-                                         run_id=run_dir.name)
-        stop = StopOnSignal(step_checkpoint)
-        shown = progress_mode(cfg.logging.progress, progress)  # bar, lines or none on stderr
-        own_callbacks += [step_checkpoint, stop, non_finite]
-        own_callbacks += progress_callbacks(shown, cfg.logging.progress_every_n_steps)
-        trainer = L.Trainer(
-            max_steps=t.max_steps, max_epochs=-1, accumulate_grad_batches=t.accumulate_grad_batches,
-            gradient_clip_val=t.max_grad_norm or None, gradient_clip_algorithm="norm", precision=t.precision,
-            accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
-            logger=build_loggers(cfg, run_dir, resumed_step) or False,
-            callbacks=own_callbacks + list(callbacks or []), enable_checkpointing=True,
-            enable_progress_bar=shown == "bar",
-            enable_model_summary=False, default_root_dir=str(run_dir), log_every_n_steps=t.log_every_n_steps,
-            use_distributed_sampler=False, num_sanity_val_steps=0, limit_val_batches=0,
-        )
+        trainer, step_checkpoint = _trainer(cfg, run_dir, resumed_step, _example_rows(cfg, examples, datamodule),
+                                            evaluator, progress, callbacks, checkpoint_listeners, ending)
         with folder_for_children(run_dir, launch):
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(checkpoint) if checkpoint else None)
-        _finish_swanlab(trainer)
-        if trainer.global_step < t.max_steps:  # a callback stopped it early (a Timer, say): resumable like a signal
-            close_wandb(trainer.loggers)
-            if trainer.is_global_zero:
-                storage.publish_tree(run_dir)
-                folder.finish_run(run_dir, "interrupted", _cost(tracker), steps=trainer.global_step,
-                                  **non_finite.facts())
-            return run_dir
-        if not trainer.is_global_zero:
-            close_wandb(trainer.loggers)
-            return run_dir
-        index_s = index_samples(run_dir) if tracker is not None else 0.0  # the run's end: `trace`'s index
-
-        # export
-        if isinstance(trainer.strategy, FSDPStrategy):  # each rank holds a shard: the last checkpoint has them whole
-            peft_model = unsharded_model(cfg, run_dir, step_checkpoint.last_saved)
-        trainable = trainable_parameter_count(peft_model)  # before merging folds the adapters away
-        exported = cfg.export.adapter or cfg.export.merged_model
-        if cfg.export.adapter:
-            base_path = run_dir / "base_model" if cfg.model.name == "tiny" else None
-            export_adapter(peft_model, tokenizer, run_dir / "final_adapter", base_path)
-        if cfg.export.merged_model:
-            export_merged(peft_model, tokenizer, run_dir / "final_model")
-        finish_loggers(trainer.loggers, cfg, run_dir, trainer.global_step, module.last_metrics)
+        if trainer.global_step < cfg.training.max_steps:  # a callback stopped it early (a Timer, say): resumable
+            ending.status = "interrupted"  # like a signal
+        elif trainer.is_global_zero:  # the run's end: `trace`'s index, the exports, the loggers' artifacts
+            _complete(cfg, run_dir, module, tokenizer, step_checkpoint.last_saved, ending)
     except BaseException as error:
-        signum = stop.signum if stop is not None else None
-        if stop is not None:
-            stop.restore()
-        if trainer is not None:
-            _finish_swanlab(trainer)
-            close_wandb(trainer.loggers)
-        step = trainer.global_step if trainer is not None else resumed_step
-        if launch.rank == 0:
-            with contextlib.suppress(Exception):  # the training error is the one to report
-                storage.publish_tree(run_dir)
-            with contextlib.suppress(OSError):  # a full disk may refuse run.json too: the error says what happened
-                folder.finish_run(run_dir, "interrupted" if signum is not None else "failed", _cost(tracker),
-                                steps=step, **non_finite.facts())
-        if signum is not None:
-            last = checkpoint_to_resume(run_dir, step, stop.step_checkpoint.last_saved,
-                                        trainer.world_size if trainer is not None else 1, checkpoint)
-            raise RunInterrupted(interrupted_message(signum, step, last and storage.public(last)), signum) from None
-        if is_disk_full(error):
-            raise DiskFull(disk_full_message(run_dir, error)) from None
-        raise error
-    final_loss = module.last_metrics.get("train/loss")
-    written = [path.name for _, path in checkpoint_files(run_dir)]
-    cost = _cost(tracker, index_s)
-    storage.publish_tree(run_dir)  # logs and exports, before run.json says the run is complete
-    diverged = non_finite.facts()  # one read of the flag kept on the device
-    folder.finish_run(run_dir, "completed", cost, steps=trainer.global_step, final_loss=final_loss,
-                    trainable_parameters=trainable, checkpoints=len(written), **diverged,
-                    final_export_step=trainer.global_step if exported else None)
-    if progress:
-        print_summary(cfg, run_dir, trainer.global_step, final_loss, written, cost.get("tracking_cost"),
-                      diverged.get("non_finite_loss_at_step"))
+        told = ending.failed(error)  # RunInterrupted (a signal) or DiskFull in its place, or None
+        if told is None:
+            raise
+        raise told from None
+    finally:
+        ending.close()
+    if progress and ending.status == "completed":
+        print_summary(cfg, run_dir, ending.steps, ending.facts["final_loss"], ending.written,
+                      ending.tracking_cost, ending.facts.get("non_finite_loss_at_step"))
     return run_dir
+
+
+def _complete(cfg: Config, run_dir: Path, module: LoRAModule, tokenizer, last_saved: Path | None,
+              ending: RunEnding) -> None:
+    """Rank 0 after a fit to max_steps: the samples index, final_adapter/ and final_model/, MLflow's artifacts."""
+    index_s = index_samples(run_dir) if ending.tracker is not None else 0.0
+    peft_model = module.model
+    if isinstance(ending.trainer.strategy, FSDPStrategy):  # each rank holds a shard: the last checkpoint has them whole
+        peft_model = unsharded_model(cfg, run_dir, last_saved)
+    trainable = trainable_parameter_count(peft_model)  # before merging folds the adapters away
+    if cfg.export.adapter:
+        base_path = run_dir / "base_model" if cfg.model.name == "tiny" else None
+        export_adapter(peft_model, tokenizer, run_dir / "final_adapter", base_path)
+    if cfg.export.merged_model:
+        export_merged(peft_model, tokenizer, run_dir / "final_model")
+    finish_loggers(ending.trainer.loggers, cfg, run_dir, ending.trainer.global_step, module.last_metrics)
+    ending.complete(module.last_metrics.get("train/loss"), trainable, cfg.export.adapter or cfg.export.merged_model,
+                    index_s)
+
+
+def _trainer(cfg: Config, run_dir: Path, resumed_step: int, examples: list[dict], evaluator: Evaluator | None,
+             progress: bool, callbacks: list | None, checkpoint_listeners: list | None,
+             ending: RunEnding) -> tuple[L.Trainer, StepCheckpoint]:
+    """Lightning's Trainer with loratrace's callbacks (tracker, checkpoints, signal stop, non-finite loss, progress
+    bar) before the caller's; `ending` is told of the tracker, the stop and the trainer as they exist."""
+    t = cfg.training
+    own_callbacks: list = []
+    if cfg.tracking.enabled:
+        ending.tracker = BatchTracker(run_dir / "tracking", run_id=run_dir.name,
+                                      flush_every_steps=cfg.tracking.flush_every_steps, examples=examples,
+                                      stage1_steps=t.stage1_steps)
+        own_callbacks.append(ending.tracker)
+    listeners = [ending.tracker] if ending.tracker is not None else []  # told of every checkpoint: rows, then scores
+    if evaluator is not None:
+        listeners += [CheckpointEvaluator(evaluator, run_dir), EvalTables(run_dir)]  # EvalTables: to MLflow
+    listeners += list(checkpoint_listeners or [])
+    steps = checkpoint_steps(t.max_steps, t.stage1_steps, cfg.checkpoint)
+    step_checkpoint = StepCheckpoint(run_dir / "checkpoints", steps, listeners,
+                                     weights_only_steps(steps, t.stage1_steps, t.max_steps, cfg.checkpoint),
+                                     run_id=run_dir.name)
+    ending.stop = StopOnSignal(step_checkpoint)
+    shown = progress_mode(cfg.logging.progress, progress)  # bar, lines or none on stderr
+    own_callbacks += [step_checkpoint, ending.stop, ending.non_finite]
+    own_callbacks += progress_callbacks(shown, cfg.logging.progress_every_n_steps)
+    ending.trainer = L.Trainer(
+        max_steps=t.max_steps, max_epochs=-1, accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=t.max_grad_norm or None, gradient_clip_algorithm="norm", precision=t.precision,
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+        logger=build_loggers(cfg, run_dir, resumed_step) or False,
+        callbacks=own_callbacks + list(callbacks or []), enable_checkpointing=True,
+        enable_progress_bar=shown == "bar",
+        enable_model_summary=False, default_root_dir=str(run_dir), log_every_n_steps=t.log_every_n_steps,
+        use_distributed_sampler=False, num_sanity_val_steps=0, limit_val_batches=0,
+    )
+    return ending.trainer, step_checkpoint
 
 
 def unsharded_model(cfg: Config, run_dir: Path, checkpoint: Path):
@@ -219,69 +228,6 @@ def stage_remote_checkpoint(url: str) -> Path:
     if not run_url or "/" in name:
         raise ConfigError(f"{url} is not inside a run's checkpoints/ folder")
     return storage.stage_run(run_url) / "checkpoints" / name
-
-
-class NonFiniteLoss(UpdateBoundary):
-    """The first update whose loss was not finite (NaN, inf): kept on the device and read once at the end, so finding it
-    costs no sync per step. run.json then says `non_finite_loss_at_step`."""
-
-    def __init__(self):
-        self._first: torch.Tensor | None = None  # 0 while every loss was finite
-
-    @override
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
-                           batch_idx: int) -> None:
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if not isinstance(loss, torch.Tensor):
-            return
-        step = trainer.global_step if self.update_finished(trainer) else trainer.global_step + 1
-        if self._first is None:
-            self._first = torch.zeros((), dtype=torch.long, device=loss.device)
-        self._first = torch.where((self._first == 0) & ~torch.isfinite(loss.detach()), step, self._first)
-
-    def facts(self) -> dict:
-        """For run.json; null when the loss stayed finite (replacing what an earlier attempt said)."""
-        step = int(self._first) if self._first is not None else 0
-        return {"non_finite_loss_at_step": step or None}
-
-
-class DiskFull(LoratraceError):
-    """The run's file system filled up while training; the run is `failed` and resumes once there is room."""
-
-    exit_code = 1
-
-
-def is_disk_full(error: BaseException | None) -> bool:
-    """ENOSPC (or a full quota) anywhere in the error's chain; safetensors reports it in its own error's text."""
-    while error is not None:
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if type(error).__name__ == "SafetensorError" and any(
-                mark in str(error) for mark in ("No space left", "StorageFull", "os error 28")):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
-
-
-def disk_full_message(run_dir: Path, error: BaseException) -> str:
-    mount = Path(run_dir).resolve()
-    while not os.path.ismount(mount) and mount != mount.parent:
-        mount = mount.parent
-    filename = getattr(error, "filename", None)
-    writing = f" writing {filename}" if filename else f" writing into {run_dir}"
-    last = latest_full_checkpoint(run_dir)
-    then = (f"resume with: loratrace train --resume-from-checkpoint {storage.public(last)}" if last is not None
-            else "start the run again")
-    return f"no space left on the file system at {mount} ({writing.strip()}); the run failed: free space, then {then}"
-
-
-def _finish_swanlab(trainer: L.Trainer) -> None:
-    """Close SwanLab's run now, not at interpreter exit: its closing lines would follow the summary, and a second run
-    in the same process (`--dataset a --dataset b`) needs the first one finished."""
-    if trainer.is_global_zero and any(type(logger).__name__ == "SwanLabLogger" for logger in trainer.loggers):
-        import swanlab
-
-        swanlab.finish()
 
 
 @contextlib.contextmanager
@@ -313,14 +259,6 @@ def quiet_libraries():
             transformers_logging.enable_progress_bar()
         if swanlab_console is not None:
             swanlab_console.c.quiet = was_quiet
-
-
-def _cost(tracker: BatchTracker | None, index_s: float = 0.0) -> dict:
-    if tracker is None:
-        return {}
-    cost = tracker.cost()
-    cost["end_s"] += index_s  # the run's end: the samples index counts as tracking's end
-    return {"tracking_cost": cost}
 
 
 def print_summary(cfg: Config, run_dir: Path, steps: int, final_loss: float | None, written: list[str],

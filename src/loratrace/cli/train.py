@@ -1,13 +1,13 @@
-"""`loratrace train`: parse, resolve what to resume from, call `loratrace.train` for each data set."""
+"""`loratrace train`: parse, then call `loratrace.train` (recipe.py) for each data set, or once for a resume: the
+library resolves what a resume continues from (a remote checkpoint, a Trainer checkpoint-N/ folder, the run's
+config), so the command and the Python call resume alike."""
 
 from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from loratrace.config import CHOICES, ConfigError, config_text, load_config
-from loratrace.runs import storage
 
 PROGRESS = CHOICES["logging.progress"]
 
@@ -41,16 +41,24 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"runs_dir={args.runs_dir}")
     if args.progress:
         overrides.append(f"logging.progress={args.progress}")
-    if args.print_config:
-        return _print_config(args, overrides)
     if args.name is not None:  # as JSON, a YAML string: the name as typed, never read as a number or a mapping
         overrides.append(f"run.name={json.dumps(args.name)}")
     if args.tag:
         overrides.append(f"run.tags={json.dumps(args.tag)}")
+    if args.print_config:
+        return _print_config(args, overrides)
     if args.resume_from_checkpoint and args.dataset:
         raise ConfigError("--dataset cannot be combined with --resume-from-checkpoint")
-    with storage.staging():  # a run on object storage is staged in a scratch folder until the command ends
-        return _train_runs(args, overrides)
+    from loratrace import recipe  # torch only when this command runs: `loratrace query` imports this module too
+
+    if args.resume_from_checkpoint:
+        recipe.train(args.config, resume_from=args.resume_from_checkpoint, overrides=overrides)
+        return 0
+    names = args.dataset or [None]
+    configs = [load_config(args.config, overrides + ([f"data.dataset={n}"] if n else [])) for n in names]  # all first
+    for cfg in configs:
+        recipe.train(cfg)
+    return 0
 
 
 def _print_config(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -60,28 +68,4 @@ def _print_config(args: argparse.Namespace, overrides: list[str]) -> int:
     names = args.dataset or [None]
     configs = [load_config(args.config, overrides + ([f"data.dataset={n}"] if n else [])) for n in names]
     print("---\n".join(config_text(cfg) for cfg in configs), end="")
-    return 0
-
-
-def _train_runs(args: argparse.Namespace, overrides: list[str]) -> int:
-    if args.resume_from_checkpoint and storage.is_remote(args.resume_from_checkpoint):
-        from loratrace.recipe import stage_remote_checkpoint  # torch only when this command runs
-
-        storage.check_location(args.resume_from_checkpoint)
-        args.resume_from_checkpoint = str(stage_remote_checkpoint(args.resume_from_checkpoint))
-    if args.resume_from_checkpoint and Path(args.resume_from_checkpoint).is_dir():  # a Trainer checkpoint-N/ folder
-        from loratrace.legacy.resume import checkpoint_to_resume  # torch only when this command runs
-
-        args.resume_from_checkpoint = str(checkpoint_to_resume(Path(args.resume_from_checkpoint), args.config,
-                                                               overrides))
-    if args.resume_from_checkpoint and not args.config:
-        from loratrace.recipe import resume_run_dir  # torch only when this command runs
-
-        args.config = str(resume_run_dir(Path(args.resume_from_checkpoint)) / "config.yaml")
-    names = args.dataset or [None]
-    configs = [load_config(args.config, overrides + ([f"data.dataset={n}"] if n else [])) for n in names]
-    from loratrace.recipe import train  # torch only when this command runs
-
-    for cfg in configs:
-        train(cfg, resume_from=args.resume_from_checkpoint)
     return 0
