@@ -14,18 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loratrace.config import (
-    Config,
-    ConfigError,
-    config_from_flat,
-    flatten_keys,
-    known_keys,
-    read_yaml_file,
-    resolve_keys,
-)
+from loratrace.config import Config, ConfigError, config_from_flat, flatten_keys, known_keys
 from loratrace.errors import first_line
 from loratrace.legacy.checkpoint import LegacyError
 from loratrace.legacy.mappings import LegacyMappings, read_legacy_mappings
+from loratrace.overrides import read_yaml_file, resolve_keys
 from loratrace.runs import storage
 
 ALIASES = {"global_step": "step", "indices": "sample_indices", "batch_indices": "sample_indices",
