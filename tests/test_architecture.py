@@ -134,3 +134,16 @@ def test_every_room_is_a_folder_with_a_docstring():
                                               "sweeps", "legacy", "cli"}
     for room in rooms:
         assert ast.get_docstring(ast.parse((room / "__init__.py").read_text())), room.name
+
+
+def test_tests_mirror_the_rooms():
+    """Each room's tests sit in tests/<room>/, and every such folder is on pytest's pythonpath (pyproject.toml), so a
+    room's tests can use another's helpers."""
+    import tomllib
+
+    tests = Path(__file__).resolve().parent
+    rooms = {path.name for path in PACKAGE.iterdir() if (path / "__init__.py").is_file()} - {"sample"}
+    folders = {path.name for path in tests.iterdir() if path.is_dir() and any(path.glob("test_*.py"))} - {"hostile"}
+    assert rooms == folders
+    settings = tomllib.loads((tests.parent / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    assert set(settings["pythonpath"]) == {"tests"} | {f"tests/{room}" for room in rooms}

@@ -34,9 +34,10 @@ def segments(line: str) -> list[str]:
 
 COMMANDS = [command for line in SHELL_LINES for command in segments(line)]
 LEGACY_FOLDER = ("needs a folder of the traditional script (not parsed either: its paths must exist): "
-                 "tests/test_legacy.py imports and resumes one that tests/legacy_script.py writes with a real Trainer")
-LAUNCHED = ("4 processes of Qwen2.5-0.5B from the hub (and SLURM, or a second node): tests/test_launchers.py runs the "
-            "same launches on the tiny preset with 2 CPU processes (torchrun one node and two, srun's variables)")
+                 "tests/legacy/test_legacy.py imports and resumes one that tests/legacy_script.py writes with a real "
+                 "Trainer")
+LAUNCHED = ("4 processes of Qwen2.5-0.5B from the hub (and SLURM, or a second node): tests/training/test_launchers.py "
+            "runs the same launches on the tiny preset with 2 CPU processes (torchrun one node and two, srun's variables)")
 NOT_RUN = {  # README commands these tests do not run, and why (a `loratrace train` among them is still parsed)
     "python3 -m venv .venv": "makes the venv the tests already run in",
     ". .venv/bin/activate": "the tests' venv is already active",
@@ -55,7 +56,7 @@ NOT_RUN = {  # README commands these tests do not run, and why (a `loratrace tra
     "loratrace train --config configs/arc-challenge.yaml --track-batches training.devices=4 training.strategy=fsdp":
         "Qwen2.5-0.5B from the hub on 4 GPUs; Lightning's FSDP needs CUDA: bench/fsdp_smoke.py (run by bench/gpu.sh) "
         "checks FSDP on one GPU",
-    **{command: "needs an S3 server: tests/test_storage.py starts moto's on 127.0.0.1 and runs each of these"
+    **{command: "needs an S3 server: tests/runs/test_storage.py starts moto's on 127.0.0.1 and runs each of these"
        for command in ("export AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=... AWS_ENDPOINT_URL=http://minio.lab:9000",
                        "loratrace train --track-batches --runs-dir s3://lab-bucket/loratrace/runs",
                        'loratrace query --runs-dir s3://lab-bucket/loratrace/runs "SELECT run_id, count(*) FROM '
@@ -64,9 +65,9 @@ NOT_RUN = {  # README commands these tests do not run, and why (a `loratrace tra
                        "loratrace runs --runs-dir s3://lab-bucket/loratrace/runs")},
     "loratrace influence runs/<run> --split validation --limit 200 --method tracin-cp --project-dim 1024":
         "every training example (400) at every checkpoint for 200 test examples: many minutes on 2 cores; "
-        "tests/test_influence.py checks tracin-cp, projection and the CLI on a small run",
+        "tests/attribution/test_influence.py checks tracin-cp, projection and the CLI on a small run",
     "swanlab watch runs/<run>/swanlab_logs":
-        "a server that runs until stopped: tests/test_swanlab.py starts it and reads a local run's loss back",
+        "a server that runs until stopped: tests/training/test_swanlab.py starts it and reads a local run's loss back",
     **{command: LEGACY_FOLDER for command in (
            "loratrace import-legacy experiments/icoding/arc-challenge/icoding_20250720_143052_lora",
            "loratrace import-legacy experiments/icoding/ --runs-dir runs",
@@ -75,8 +76,8 @@ NOT_RUN = {  # README commands these tests do not run, and why (a `loratrace tra
            "loratrace train --resume-from-checkpoint path/to/hf-trainer-output/checkpoint-500 "
            "--config configs/arc-challenge.yaml")},
 }
-SWEEP = ("needs a sweep (minutes of trials): tests/test_sweep.py runs sweeps of the tiny preset with fewer steps, "
-         "kills and resumes one, runs two jobs, runs the README's trials query and reports on a study")
+SWEEP = ("needs a sweep (minutes of trials): tests/sweeps/test_sweep.py runs sweeps of the tiny preset with fewer "
+         "steps, kills and resumes one, runs two jobs, runs the README's trials query and reports on a study")
 NOT_RUN.update({command: SWEEP for command in COMMANDS
                 if command.startswith(("loratrace sweep", "loratrace report --study")) or "FROM trials" in command})
 NOT_RUN["optuna-dashboard sqlite:///runs/sweeps/<study>/study.db"] = \

@@ -1,7 +1,7 @@
 """The one checkpoint selection syntax of `eval --checkpoints`, `export --checkpoints` (alias `--steps`) and
 `influence --checkpoints`: the parser against a run's checkpoints, its one-line errors, and the one doc line the three
 help texts and the README share. Each command taking the syntax on a real run: tests/test_evaluate.py,
-tests/test_export.py, tests/test_influence.py."""
+tests/test_export.py, tests/attribution/test_influence.py."""
 
 import re
 from pathlib import Path
