@@ -37,7 +37,8 @@ LEGACY_FOLDER = ("needs a folder of the traditional script (not parsed either: i
                  "tests/legacy/test_legacy.py imports and resumes one that tests/legacy_script.py writes with a real "
                  "Trainer")
 LAUNCHED = ("4 processes of Qwen2.5-0.5B from the hub (and SLURM, or a second node): tests/training/test_launchers.py "
-            "runs the same launches on the tiny preset with 2 CPU processes (torchrun one node and two, srun's variables)")
+            "runs the same launches on the tiny preset with 2 CPU processes (torchrun one node and two, "
+            "srun's variables)")
 NOT_RUN = {  # README commands these tests do not run, and why (a `loratrace train` among them is still parsed)
     "python3 -m venv .venv": "makes the venv the tests already run in",
     ". .venv/bin/activate": "the tests' venv is already active",
