@@ -24,6 +24,7 @@ import torch
 
 from loratrace.config import Config
 from loratrace.errors import LoratraceError, first_line
+from loratrace.training.model import add_lora, load_base
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 ADAM_STATE = {"step", "exp_avg", "exp_avg_sq"}
@@ -269,8 +270,6 @@ def trainable_shapes(cfg: Config) -> dict[str, tuple]:
     """The configured model's trainable tensor names under `model.` -> shape, in its optimizer's order (builds the
     model)."""
     import warnings
-
-    from loratrace.training.model import add_lora, load_base
 
     with warnings.catch_warnings():  # PEFT's own deprecated call: nothing a user can act on (as while training)
         warnings.filterwarnings("ignore", ".*is_gradient_checkpointing.*is deprecated.*")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from loratrace.config import Config, ConfigError, config_from_flat, flatten_keys, known_keys
+from loratrace.data.datasets import load_split
 from loratrace.errors import first_line
 from loratrace.legacy.checkpoint import LegacyError
 from loratrace.legacy.mappings import LegacyMappings, read_legacy_mappings
@@ -224,8 +225,6 @@ def resolve_ids(legacy: LegacyRun, report: dict[str, Any]) -> list[dict] | None:
     the batch keeps its length and order, nothing is made up, and the raw index is listed in the quirk
     `rows_out_of_range`. Returns the data set's examples (None when it did not load); `report["example_ids"]` says
     which rule served how many steps."""
-    from loratrace.data.datasets import load_split
-
     cfg = legacy.cfg
     examples, load_error = None, None
     try:

@@ -18,6 +18,7 @@ import pandas as pd
 
 from loratrace.config import flatten_keys
 from loratrace.errors import LoratraceError
+from loratrace.query.store import open_runs
 from loratrace.report import SECTIONS
 from loratrace.runs.find import differing_keys, read_run_config
 
@@ -84,8 +85,6 @@ class Comparison:
 def compare(paths, top: int = 20) -> Comparison:
     """Compare the runs named by `paths` (run folders, folders of runs or globs, as `open_runs` takes them), the first
     as reference. `top`: how many examples per run to keep in `forgetting` (the largest differences)."""
-    from loratrace.query.store import open_runs
-
     with open_runs(paths) as db:
         run_dirs = list(db.run_dirs)
         if len(run_dirs) < 2:
