@@ -307,3 +307,18 @@ def test_every_document_the_code_and_docs_cite_is_in_the_repository():
     missing = {name: where for name, where in cited.items()
                if not any((ROOT / base / name.lstrip("./")).is_file() for base in ("", "docs", "bench"))}
     assert not missing, f"cited but not in the repository: {missing}"
+
+
+def test_the_readme_file_tree_names_every_module_and_test():
+    """README's "Files" block is the map a newcomer reads: every module of the package (as `room/module.py` under
+    src/loratrace/) and every test file is on it, and nothing on it is gone."""
+    block = README.split("## Files", 1)[1].split("```", 2)[1]
+    package = ROOT / "src" / "loratrace"
+    modules = {str(p.relative_to(package)) for p in package.rglob("*.py")
+               if p.name != "__init__.py" or p.parent == package}
+    named = set(re.findall(r"(?<![\w/])((?:[a-z_]+/)?[a-z_]+\.py)\b", block))
+    tests = {str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("*.py") if p.parent.name != "hostile"}
+    assert modules - named == set() and tests - set(re.findall(r"tests/\S+\.py", block)) == set()
+    gone = {path for path in re.findall(r"^(?:src|tests|bench|docs|configs)/\S+", block, re.M)
+            if "*" not in path and not (ROOT / path).exists()}
+    assert gone == set()
