@@ -1,22 +1,24 @@
 """The `loratrace` command: it parses and prints; the library does the work.
 
     loratrace train [--config F] [key=value ...] [--track-batches] [--resume-from-checkpoint CKPT] [--dataset D ...]
-                    [--print-config] [--progress auto|bar|lines|none]
+                    [--name NAME] [--tag T ...] [--print-config] [--progress auto|bar|lines|none]
     loratrace query "SELECT ..." [-p VALUE ...] [--format table|csv|json|parquet] [--output FILE] [--runs-dir DIR]
                     [--timeout SECONDS]
     loratrace trace --example-id ID | --line N [--run RUN_ID]
-    loratrace eval RUN [--checkpoints all|last|final|76,100] [--split S] [--limit N]
-    loratrace influence RUN [--example-id ID ...] [--split S] [--limit N] [--method tracin|tracin-cp] [--top N]
+    loratrace eval RUN [--checkpoints SELECTION|final] [--split S] [--limit N]
+    loratrace influence RUN [--example-id ID ...] [--split S] [--limit N] [--method tracin|tracin-cp]
+                        [--checkpoints SELECTION] [--top N]
     loratrace runs [--tag T ...] [--format table|csv|json]
     loratrace compare RUN RUN... [--format table|csv|json] [--section NAME ...] [--steps] [--top N] [--output FILE]
     loratrace report RUN... -o report.html
-    loratrace export RUN --adapters OUT [--steps 76..125|76,100] [--flat] [--overwrite]
+    loratrace export RUN --adapters OUT [--checkpoints SELECTION] [--flat] [--overwrite]
     loratrace import-legacy PATH... [--runs-dir DIR] [--force]
     loratrace sweep [--config F] [key=value ...] --param 'key=uniform(a,b)' ... [--trials N] [--objective O] [--jobs N]
     loratrace sweep --resume runs/sweeps/<study> [--jobs N]
     loratrace config [--config F] [key=value ...] [--keys [--format text|table|csv|json]]
     loratrace tail [RUN] [--follow] [--format table|json] [-n N] [--poll SECONDS]
 
+SELECTION, one syntax for eval, export and influence: all, last, steps like 76,100, a range like 76..125, or a mix.
 Errors a user can cause (`LoratraceError`) end in one line on stderr: exit 2 for a bad config, data set, model or
 checkpoint (before any work starts), exit 1 for a query or lookup that cannot be answered. `query`, `trace` and
 `runs` never import torch; `compare` and `report` read the same views (with pandas, and plotly for the report).
