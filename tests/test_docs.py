@@ -93,6 +93,7 @@ EXPECT = {  # what each read command prints, beyond exit code 0
     "eval": r"best: \S+\.ckpt \(step \d+\), accuracy",
     "compare": r"data_order", "report": r"opens offline", "export": r"exported [1-9]\d* adapter\(s\)",
     "influence": r"tracin(-cp)? over \d+ (step|checkpoint)",
+    "verify": r"verified steps? \d+(-\d+)? from \d+ checkpoints?: identical",
 }
 
 
