@@ -14,6 +14,7 @@
     loratrace sweep [--config F] [key=value ...] --param 'key=uniform(a,b)' ... [--trials N] [--objective O] [--jobs N]
     loratrace sweep --resume runs/sweeps/<study> [--jobs N]
     loratrace verify RUN [--from STEP] [--steps K] [--tolerance X] [--format table|json]
+    loratrace replay RUN --from STEP (--drop ID ... | --drop-file FILE | --keep-only FILE) [--steps K]
 
 Errors a user can cause (`LoratraceError`) end in one line on stderr: exit 2 for a bad config, data set, model or
 checkpoint (before any work starts), exit 1 for a query or lookup that cannot be answered. `query`, `trace` and
@@ -32,7 +33,8 @@ from loratrace.errors import LoratraceError, first_line
 COMMANDS = {"train": train.cmd_train, "sweep": sweep.cmd_sweep, "eval": evaluate.cmd_eval, "query": query.cmd_query,
             "trace": query.cmd_trace, "runs": query.cmd_runs, "compare": report.cmd_compare,
             "report": report.cmd_report, "export": export.cmd_export, "influence": evaluate.cmd_influence,
-            "import-legacy": export.cmd_import_legacy, "verify": verify.cmd_verify}
+            "import-legacy": export.cmd_import_legacy, "verify": verify.cmd_verify,
+            "replay": verify.cmd_replay}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in (train.add_train, query.add_query, query.add_trace, evaluate.add_eval, export.add_export,
                 evaluate.add_influence, export.add_import_legacy, query.add_runs, report.add_compare,
-                report.add_report, sweep.add_sweep, verify.add_verify):
+                report.add_report, sweep.add_sweep, verify.add_verify,
+                verify.add_replay):
         add(sub)
     return parser
 

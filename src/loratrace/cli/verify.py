@@ -39,3 +39,48 @@ def cmd_verify(args: argparse.Namespace) -> int:
         raise VerificationFailed(line)
     print(line, file=sys.stdout if args.format == "table" else sys.stderr)
     return 0
+
+
+REPLAY_DESCRIPTION = """Train a run again from its checkpoint at STEP, fed its recorded order with the named examples
+removed (each affected micro-batch simply smaller), into a new run folder next to it: the same config, tracked and
+checkpointed like any run, run.json saying replay_of: {run, step, dropped}. A replay that drops nothing is identical
+to the original. Files hold one example id a line."""
+
+
+def add_replay(sub) -> None:
+    replay = sub.add_parser("replay", help="train a run again from a checkpoint with examples left out",
+                            description=REPLAY_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    replay.add_argument("run", help="the run folder")
+    replay.add_argument("--from", dest="from_step", type=int, required=True, metavar="STEP",
+                        help="start at this full checkpoint's step")
+    what = replay.add_mutually_exclusive_group(required=True)
+    what.add_argument("--drop", action="append", metavar="ID", help="leave out this training example (repeatable)")
+    what.add_argument("--drop-file", metavar="FILE", help="leave out the example ids in FILE")
+    what.add_argument("--keep-only", metavar="FILE", help="leave out every example of the replayed steps not in FILE")
+    replay.add_argument("--steps", type=int, metavar="K", help="replay K steps (default: to the last recorded step)")
+
+
+def _ids(path: str) -> list[str]:
+    from loratrace.config import ConfigError
+
+    try:
+        text = open(path, encoding="utf-8").read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    import json
+
+    from loratrace.proof.record import steps_text
+    from loratrace.proof.replay import replay  # torch only when this command runs
+
+    drop = args.drop or (_ids(args.drop_file) if args.drop_file else [])
+    keep = _ids(args.keep_only) if args.keep_only else None
+    made = replay(args.run, args.from_step, drop, keep, args.steps)
+    info = json.loads((made / "run.json").read_text())["replay_of"]
+    print(f"replayed {steps_text(info['step'] + 1, info['end_step'])} of {info['run']} from {info['checkpoint']} "
+          f"without {len(info['dropped'])} example(s) ({info['removed_from_batches']} removed from its batches): "
+          f"{made}")
+    return 0

@@ -98,6 +98,20 @@ def _fed_generate(loader: FedLoader, batches, epoch: int, offset: int):
         yield batch
 
 
+class FedModule(LoRAModule):
+    """`LoRAModule`, whose training step on a micro-batch a replay emptied returns None: Lightning then back-propagates
+    nothing for it, and an update of such micro-batches only leaves the gradients unset, so AdamW leaves the weights
+    as they were while the schedule moves on. Any other micro-batch is LoRAModule's own step."""
+
+    @override
+    def training_step(self, batch: dict[str, Any], batch_idx: int):
+        if batch["input_ids"].shape[0] == 0:
+            for name in ("loss_x_target", "target", "correct"):  # the update's logged sums: zero, not absent
+                self._update_sums.setdefault(name, torch.zeros((), device=self.device))
+            return None
+        return super().training_step(batch, batch_idx)
+
+
 class Capture(UpdateBoundary):
     """What each micro-batch of a re-execution gave, as the tracker records it: step, loss, per-example losses, and
     for the micro-batch that ends an update its grad-norm and lr. `weights_at`: the LoRA tensors after those steps."""
@@ -117,10 +131,11 @@ class Capture(UpdateBoundary):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         done = self.update_finished(trainer)
         step = trainer.global_step if done else trainer.global_step + 1
+        trained = isinstance(outputs, dict) and outputs.get("loss") is not None  # {}: an emptied micro-batch
         self.rows.append({
             "step": step, "micro_batch": self._micro_batch, "example_ids": list(batch["example_id"]),
-            "loss": float(micro_batch_loss(outputs, trainer).float()),
-            "losses": outputs["losses"].float().tolist(),
+            "loss": float(micro_batch_loss(outputs, trainer).float()) if trained else None,
+            "losses": outputs["losses"].float().tolist() if trained else [],
             "grad_norm": float(pl_module.grad_norm) if done and pl_module.grad_norm is not None else None,
             "lr": self._lr if done else None,
         })
@@ -180,7 +195,7 @@ class Engine:
         writes whatever it writes (nothing, without a logger or checkpoint callback) under `root_dir`."""
         t = self.cfg.training
         loader = FedLoader(self.encoded, t.batch_size, t.seed, padding_token_id(self.tokenizer), fed=fed)
-        module = LoRAModule(self.model, t)
+        module = FedModule(self.model, t)
         module.train()
         deterministic = torch.are_deterministic_algorithms_enabled()
         if self.gpu:
@@ -211,6 +226,7 @@ def _quiet():
     from loratrace.recipe import quiet_libraries
 
     with quiet_libraries(), warnings.catch_warnings():
-        for message in (".*callback states.*", ".*Be aware that when using `ckpt_path`.*", ".*ckpt_path.*"):
+        for message in (".*callback states.*", ".*Be aware that when using `ckpt_path`.*", ".*ckpt_path.*",
+                        ".*returned `None`.*"):
             warnings.filterwarnings("ignore", message)
         yield
