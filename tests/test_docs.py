@@ -92,7 +92,7 @@ EXPECT = {  # what each read command prints, beyond exit code 0
     "query": r"step", "trace": r"\w+ \(line \d+\) trained at [1-9]\d* step", "runs": r"completed",
     "eval": r"best: \S+\.ckpt \(step \d+\), accuracy",
     "compare": r"data_order", "report": r"opens offline", "export": r"exported [1-9]\d* adapter\(s\)",
-    "influence": r"tracin(-cp)? over \d+ (step|checkpoint)",
+    "influence": r"tracin(-cp)? over \d+ (step|checkpoint)|LDS over \d+ replays of steps",
     "verify": r"verified steps? \d+(-\d+)? from \d+ checkpoints?: identical",
     "replay": r"replayed steps? \d+(-\d+)? of \S+ from checkpoints/checkpoint-step-\d+\.ckpt without",
 }

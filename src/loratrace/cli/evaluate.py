@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from loratrace.cli.common import FORMATS, emit
+from loratrace.cli.verify import add_validate_options, cmd_validate
 from loratrace.config import ConfigError
 
 INFLUENCE_DESCRIPTION = """Influence of each training example on test examples, from the run's checkpoints:
@@ -35,8 +36,9 @@ def add_influence(sub) -> None:
                                                                               "the split's first --limit rows)")
     influence.add_argument("--split", default="validation", help="the test examples' split (default: validation)")
     influence.add_argument("--limit", type=int, help="without --example-id: only the split's first N rows")
-    influence.add_argument("--method", choices=("tracin", "tracin-cp"), default="tracin",
-                           help="tracin (default): per step over the tail; tracin-cp: over checkpoints")
+    influence.add_argument("--method", choices=("tracin", "tracin-cp"), action="append",
+                           help="tracin (default): per step over the tail; tracin-cp: over checkpoints (with "
+                                "--validate repeatable; default both)")
     influence.add_argument("--checkpoints", default="all", help="tracin-cp: all (default), last, or steps like 76,100")
     influence.add_argument("--project-dim", type=int, metavar="K",
                            help="project gradients to K dimensions (seeded Gaussian): bounded memory, approximate")
@@ -44,6 +46,7 @@ def add_influence(sub) -> None:
     influence.add_argument("--top", type=int, default=20, help="training examples listed each way (default 20)")
     influence.add_argument("--format", choices=FORMATS[:3], default="table",
                            help="table (default: the top helpful and harmful), or every score as csv/json")
+    add_validate_options(influence)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -62,6 +65,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_influence(args: argparse.Namespace) -> int:
     from loratrace.attribution.tracin import compute, top_examples  # torch only when this command runs
 
+    if args.validate:
+        return cmd_validate(args)
+    if len(args.method or []) > 1:
+        raise ConfigError("--method once (repeatable with --validate only)")
+    args.method = (args.method or ["tracin"])[0]
     if args.top < 1:
         raise ConfigError(f"--top must be at least 1, got {args.top}")
     result = compute(args.run, args.example_id, args.split, args.limit, args.method, args.checkpoints,

@@ -84,3 +84,30 @@ def cmd_replay(args: argparse.Namespace) -> int:
           f"without {len(info['dropped'])} example(s) ({info['removed_from_batches']} removed from its batches): "
           f"{made}")
     return 0
+
+
+def add_validate_options(influence) -> None:
+    """`influence --validate` and its options (the influence parser is cli/evaluate.py's)."""
+    influence.add_argument("--validate", action="store_true",
+                           help="judge the method(s) against retraining: replay the tail without random subsets of its "
+                                "examples and report the LDS (linear datamodeling score) with a random baseline; "
+                                "results join the validations view")
+    influence.add_argument("--subsets", type=int, default=10, metavar="M",
+                           help="--validate: subsets dropped, one replay each (default 10)")
+    influence.add_argument("--fraction", type=float, default=0.5, metavar="F",
+                           help="--validate: share of the tail's training examples each subset drops (default 0.5)")
+    influence.add_argument("--seed", type=int, default=0, help="--validate: seed of the subsets and random scores")
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from loratrace.attribution.validate import validate  # torch only when this command runs
+
+    frame = validate(args.run, args.method, args.subsets, args.fraction, args.seed, args.split, args.example_id,
+                     args.limit if args.limit is not None else 20, args.project_dim, args.batch_size)
+    emit(frame, args.format if args.format != "table" else "table", None)
+    first = frame.iloc[0]
+    print(f"LDS over {int(first.subsets)} replays of steps {int(first.from_step) + 1}-{int(first.to_step)} without "
+          f"{first.fraction:g} of the tail's examples each, {int(first.tests)} {args.split} example(s); random "
+          f"scores: {frame[frame.method == 'random'].lds.iloc[0]:.3f}", file=sys.stdout if args.format == "table"
+          else sys.stderr)
+    return 0
