@@ -95,9 +95,11 @@ EXPECT = {  # what each read command prints, beyond exit code 0
     "query": r"step", "trace": r"\w+ \(line \d+\) trained at [1-9]\d* step", "runs": r"completed",
     "eval": r"best: \S+\.ckpt \(step \d+\), accuracy",
     "compare": r"data_order", "report": r"opens offline", "export": r"exported [1-9]\d* adapter\(s\)",
-    "influence": r"tracin(-cp)? over \d+ (step|checkpoint)",
+    "influence": r"tracin(-cp)? over \d+ (step|checkpoint)|LDS over \d+ replays of steps",
     "config": r"training\.stage1_steps  \(int, default 75\)", "tail": r"step +stage +loss[^\n]*\n +\d+ ",
     "--print-config": r"stage1_steps: 12\n",
+    "verify": r"verified steps? \d+(-\d+)? from \d+ checkpoints?: identical",
+    "replay": r"replayed steps? \d+(-\d+)? of \S+ from checkpoints/checkpoint-step-\d+\.ckpt without",
 }
 
 
@@ -234,8 +236,9 @@ def test_readme_command_runs(workdir, command):
     assert result.returncode == 0, result.stderr[-3000:]
     after = run_states(root)
     verb = "--print-config" if "--print-config" in command else command.split()[1]
-    if verb == "train":  # a new run, or one more launch of the resumed one, and every run completed
+    if verb in ("train", "replay"):  # a new run, or one more launch of the resumed one, and every run completed
         assert after != before and all(status == "completed" for status, _ in after.values()), after
+        assert verb == "train" or re.search(EXPECT[verb], result.stdout), result.stdout[-2000:]
     else:
         assert after == before and re.search(EXPECT[verb], result.stdout), result.stdout[-2000:]
 

@@ -10,6 +10,8 @@
     loratrace.export_adapters(run_dir, "out/adapters", flat=True)  # a PEFT adapter per checkpoint + manifest.parquet
     loratrace.sweep(loratrace.load_config("configs/tiny.yaml"), ["lora.r=choice(4,8)"], trials=4)   # an Optuna study
     loratrace.influence(run_dir, example_ids=["LTSYN_VAL_0007"])  # DataFrame: each training example's TracIn score
+    loratrace.verify(run_dir)                  # DataFrame: each re-executed step and checkpoint against the record
+    loratrace.replay(run_dir, 100, drop=["LTSYN_TRA_0001"])  # a new run folder: trained again without that example
 
 Names are imported on first use, so `loratrace query` starts without torch.
 """
@@ -32,6 +34,9 @@ _EXPORTS = {
     "sweep": "loratrace.sweeps.run",
     "resume_sweep": "loratrace.sweeps.run",
     "influence": "loratrace.attribution.tracin",
+    "verify": "loratrace.proof.verify",
+    "replay": "loratrace.proof.replay",
+    "replays": "loratrace.proof.replay",
 }
 
 
@@ -46,5 +51,5 @@ def __dir__() -> list[str]:
     return sorted([*_EXPORTS, "__version__"])
 
 
-__all__ = ["BatchTracker", "Config", "compare", "export_adapters", "influence", "load_config", "open_runs",
-           "resume_sweep", "sweep", "train", "write_report"]
+__all__ = ["BatchTracker", "Config", "compare", "export_adapters", "influence", "load_config", "open_runs", "replay",
+           "replays", "resume_sweep", "sweep", "train", "verify", "write_report"]

@@ -17,6 +17,8 @@
     loratrace sweep --resume runs/sweeps/<study> [--jobs N]
     loratrace config [--config F] [key=value ...] [--keys [--format text|table|csv|json]]
     loratrace tail [RUN] [--follow] [--format table|json] [-n N] [--poll SECONDS]
+    loratrace verify RUN [--from STEP] [--steps K] [--tolerance X] [--format table|json]
+    loratrace replay RUN --from STEP (--drop ID ... | --drop-file FILE | --keep-only FILE) [--steps K]
 
 SELECTION, one syntax for eval, export and influence: all, last, steps like 76,100, a range like 76..125, or a mix.
 Errors a user can cause (`LoratraceError`) end in one line on stderr: exit 2 for a bad config, data set, model or
@@ -29,14 +31,15 @@ from __future__ import annotations
 import argparse
 
 from loratrace import __version__
-from loratrace.cli import config, evaluate, export, query, report, sweep, tail, train
+from loratrace.cli import config, evaluate, export, query, report, sweep, tail, train, verify
 from loratrace.cli.common import fail, warning_line
 from loratrace.errors import LoratraceError, first_line
 
 COMMANDS = {"train": train.cmd_train, "sweep": sweep.cmd_sweep, "eval": evaluate.cmd_eval, "query": query.cmd_query,
             "trace": query.cmd_trace, "runs": query.cmd_runs, "compare": report.cmd_compare,
             "report": report.cmd_report, "export": export.cmd_export, "influence": evaluate.cmd_influence,
-            "import-legacy": export.cmd_import_legacy, "config": config.cmd_config, "tail": tail.cmd_tail}
+            "import-legacy": export.cmd_import_legacy, "config": config.cmd_config, "tail": tail.cmd_tail,
+            "verify": verify.cmd_verify, "replay": verify.cmd_replay}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in (train.add_train, query.add_query, query.add_trace, evaluate.add_eval, export.add_export,
                 evaluate.add_influence, export.add_import_legacy, query.add_runs, report.add_compare,
-                report.add_report, sweep.add_sweep, config.add_config, tail.add_tail):
+                report.add_report, sweep.add_sweep, config.add_config, tail.add_tail, verify.add_verify,
+                verify.add_replay):
         add(sub)
     return parser
 

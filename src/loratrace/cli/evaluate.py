@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from loratrace.cli.common import FORMATS, emit
+from loratrace.cli.verify import add_validate_options, cmd_validate
 from loratrace.config import ConfigError
 from loratrace.query.accuracy import best_line
 from loratrace.training.selection import CHECKPOINT_SELECTION, FINAL_IS_EVAL_ONLY
@@ -42,8 +43,9 @@ def add_influence(sub) -> None:
                                                                               "the split's first --limit rows)")
     influence.add_argument("--split", default="validation", help="the test examples' split (default: validation)")
     influence.add_argument("--limit", type=int, help="without --example-id: only the split's first N rows")
-    influence.add_argument("--method", choices=("tracin", "tracin-cp"), default="tracin",
-                           help="tracin (default): per step over the tail; tracin-cp: over checkpoints")
+    influence.add_argument("--method", choices=("tracin", "tracin-cp"), action="append",
+                           help="tracin (default): per step over the tail; tracin-cp: over checkpoints (with "
+                                "--validate repeatable; default both)")
     influence.add_argument("--checkpoints", default="all", metavar="SELECTION",
                            help=f"tracin-cp's checkpoints: {CHECKPOINT_SELECTION} (default: all; "
                                 f"{FINAL_IS_EVAL_ONLY})")
@@ -53,6 +55,7 @@ def add_influence(sub) -> None:
     influence.add_argument("--top", type=int, default=20, help="training examples listed each way (default 20)")
     influence.add_argument("--format", choices=FORMATS[:3], default="table",
                            help="table (default: the top helpful and harmful), or every score as csv/json")
+    add_validate_options(influence)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -74,6 +77,11 @@ def cmd_influence(args: argparse.Namespace) -> int:
     # here, not at the top: query, trace and runs load this module, without torch
     from loratrace.attribution.tracin import compute, top_examples
 
+    if args.validate:
+        return cmd_validate(args)
+    if len(args.method or []) > 1:
+        raise ConfigError("--method once (repeatable with --validate only)")
+    args.method = (args.method or ["tracin"])[0]
     if args.top < 1:
         raise ConfigError(f"--top must be at least 1, got {args.top}")
     result = compute(args.run, args.example_id, args.split, args.limit, args.method, args.checkpoints,

@@ -29,6 +29,7 @@ TABLES = {  # view name -> (folder or file under tracking/, schema)
     "attempts_raw": ("attempts", schema.ATTEMPTS),
     "evals_raw": ("evals", schema.EVALS),
     "influence_raw": ("influence", schema.INFLUENCE),
+    "validations_raw": ("validations", schema.VALIDATIONS),
 }
 
 

@@ -1,5 +1,6 @@
 """The SQL of the views (docs/ARCHITECTURE.md, "Query layer"), created in this order over the raw views of store.py
-(`batches_raw`, `examples_raw`, `checkpoints_raw`, `attempts_raw`, `evals_raw`, `trials_raw`, `influence_raw`) and
+(`batches_raw`, `examples_raw`, `checkpoints_raw`, `attempts_raw`, `evals_raw`, `trials_raw`, `influence_raw`,
+`validations_raw`) and
 its `runs_info`, `checkpoint_files` and `lineage`.
 
 A run whose samples index is current (it covers exactly the run's batch, attempt and checkpoint parts on disk: a
@@ -64,6 +65,10 @@ VIEWS = [
                                                    AND b.step = i.step AND b.wall_time > i.computed_at))
         QUALIFY row_number() OVER (PARTITION BY run_id, method, project_dim, test_split, test_example_id,
                                                 train_example_id, train_line, step ORDER BY computed_at DESC) = 1""",
+    # `influence --validate` run again with the same arguments adds a part; the latest shows.
+    """CREATE OR REPLACE VIEW validations AS SELECT * FROM validations_raw
+        QUALIFY row_number() OVER (PARTITION BY run_id, method, project_dim, test_split, test_example_id, subsets,
+                                                fraction, seed, from_step, to_step ORDER BY computed_at DESC) = 1""",
     # Step -> first checkpoint: `first_checkpoint` is mappings.first_checkpoint, registered by store.py, the one rule
     # the tracker's mapping files use too. It runs once per (run, step); examples join to its answer. The unflat
     # runs' own (the flat ones hold theirs): what example_checkpoint_unflat joins, no flat run's batches read.
@@ -133,4 +138,5 @@ VIEWS = [
                    FROM checkpoint_files GROUP BY run_id) f USING (run_id)""",
 ]
 VIEW_NAMES = ("runs", "batches", "batches_all", "samples", "examples", "checkpoints", "attempts", "step_checkpoint",
-              "example_checkpoint", "metrics", "example_trace", "evals", "eval_accuracy", "trials", "influence")
+              "example_checkpoint", "metrics", "example_trace", "evals", "eval_accuracy", "trials", "influence",
+              "validations")

@@ -129,6 +129,27 @@ INFLUENCE = pa.schema([
 ])
 
 
+# `loratrace influence --validate`: one row per (method, test example) of a validation against retraining.
+VALIDATIONS = pa.schema([
+    ("run_id", pa.string()),
+    ("method", pa.string()),  # tracin, tracin-cp, or random (the baseline)
+    ("project_dim", pa.int32()),  # null: exact gradients
+    ("test_split", pa.string()),
+    ("test_example_id", pa.string()),
+    ("test_line", pa.int64()),
+    ("subsets", pa.int32()),  # M subsets dropped by replay
+    ("fraction", pa.float64()),  # of the tail's training examples, per subset
+    ("seed", pa.int64()),
+    ("from_step", pa.int64()),  # the replays' start (the tail's first full checkpoint) ...
+    ("to_step", pa.int64()),  # ... and end (the last checkpoint), where the losses are compared
+    ("spearman", pa.float64()),  # this test example's rank correlation of predicted and actual loss changes
+    ("lds", pa.float64()),  # the mean of `spearman` over the computation's test examples
+    ("lds_low", pa.float64()),  # its 95% bootstrap interval over the test examples
+    ("lds_high", pa.float64()),
+    ("computed_at", pa.timestamp("us", tz="UTC")),
+])
+
+
 # A sweep's trials, one row per Optuna trial: `runs/sweeps/<study>/trials.parquet`, a snapshot of the study's storage
 # rewritten (atomically) whenever a trial starts or ends; the `trials` view reads it.
 TRIALS = pa.schema([
@@ -223,12 +244,18 @@ def influence_part_name(method: str, key: str, step: int) -> str:
     return f"{method}-{key}-s{step:09d}.parquet"
 
 
+def validations_part_name(method: str, key: str) -> str:
+    """`key`: 8 hex digits naming the validation (method, test examples, subsets, fraction, seed, projection, span)."""
+    return f"{method}-{key}.parquet"
+
+
 PART_NAMES = {  # folder under tracking/ -> the names written there (more digits once a counter outgrows its width)
     "batches": re.compile(r"a\d{3,}-r\d{2,}-\d{6,}\.parquet"),
     "checkpoints": re.compile(r"a\d{3,}-s\d{9,}(-\d+)?\.parquet"),
     "attempts": re.compile(r"a\d{3,}\.parquet"),
     "evals": re.compile(r"s\d{9,}-\d{8}T\d{6}-[0-9a-f]{8}\.parquet"),
     "influence": re.compile(r"(tracin|tracin-cp)-[0-9a-f]{8}-s\d{9,}\.parquet"),
+    "validations": re.compile(r"(tracin|tracin-cp|random)-[0-9a-f]{8}\.parquet"),
 }
 
 

@@ -1,0 +1,84 @@
+"""`loratrace replay`: a new run folder trained from a checkpoint on the recorded order less the dropped examples.
+
+The session's small run (16 updates, checkpoints 9..16) is copied first: replays are written next to the run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+import loratrace
+from loratrace.training.checkpoints import read_checkpoint
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "runs" / run.name
+    shutil.copytree(run, copy)
+    return copy
+
+
+def _batches(run: Path) -> dict[int, list[str]]:
+    with loratrace.open_runs(run) as db:
+        rows = db.sql("SELECT step, example_ids FROM batches ORDER BY step, micro_batch").fetchall()
+    return {step: list(ids) for step, ids in rows}
+
+
+def _lora(run: Path, step: int) -> dict:
+    return read_checkpoint(run / "checkpoints" / f"checkpoint-step-{step:03d}.ckpt")["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def replayed(small_run, tmp_path_factory):
+    """Two replays of a copy from checkpoint 13 for 2 steps, one process: nothing dropped, and two examples of step
+    14's batch dropped."""
+    run = _copy(small_run, tmp_path_factory.mktemp("replay"))
+    dropped = _batches(run)[14][:2]
+    same, without = loratrace.replays(run, 13, [[], dropped], steps=2)
+    return run, same, without, dropped
+
+
+def test_a_replay_without_drops_is_the_original(replayed):
+    run, same, _, _ = replayed
+    info = json.loads((same / "run.json").read_text())
+    assert info["status"] == "completed" and info["replay_of"]["run"] == run.name
+    assert (info["replay_of"]["step"], info["replay_of"]["dropped"], info["replay_of"]["end_step"]) == (13, [], 15)
+    assert sorted(p.name for p in (same / "checkpoints").iterdir()) == ["checkpoint-step-014.ckpt",
+                                                                        "checkpoint-step-015.ckpt"]
+    original, again = _lora(run, 15), _lora(same, 15)
+    assert original.keys() == again.keys() and all((original[k] == again[k]).all() for k in original)
+    assert _batches(same) == {step: ids for step, ids in _batches(run).items() if step <= 15}
+
+
+def test_a_replay_drops_exactly_the_named_examples(replayed):
+    run, _, without, dropped = replayed
+    info = json.loads((without / "run.json").read_text())["replay_of"]
+    assert info["dropped"] == sorted(dropped) and info["removed_from_batches"] == 2
+    before, after = _batches(run), _batches(without)
+    assert after[14] == [i for i in before[14] if i not in dropped] and len(after[14]) == len(before[14]) - 2
+    assert {s: ids for s, ids in after.items() if s != 14} == {s: ids for s, ids in before.items()
+                                                             if s <= 15 and s != 14}
+    assert any(not (_lora(run, 14)[k] == _lora(without, 14)[k]).all() for k in _lora(run, 14))
+
+
+def test_the_cli_replays_from_a_file_and_refuses_unknown_examples(small_run, tmp_path):
+    run = _copy(small_run, tmp_path)
+    first = _batches(run)[16][0]
+    (tmp_path / "drop.txt").write_text(f"# one id a line\n{first}\n")
+    result = run_cli("replay", str(run), "--from", "15", "--drop-file", str(tmp_path / "drop.txt"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"replayed step 16 of {run.name} from checkpoints/checkpoint-step-015.ckpt "
+                                    "without 1 example(s) (1 removed from its batches): ")
+    made = Path(result.stdout.split(": ")[-1].strip())
+    assert made.parent == run.parent and first not in _batches(made)[16]
+    folders = sorted(p.name for p in run.parent.iterdir())
+    for args, message in ((["--drop", "LTSYN_TRA_99999"], "--drop: no training example 'LTSYN_TRA_99999' (closest: "),
+                          (["--drop", first, "--from", "4"], "has no checkpoint at step 4"),
+                          (["--drop", first, "--steps", "5"], "the run's record ends at step 16")):
+        args = args if "--from" in args else [*args, "--from", "15"]
+        result = run_cli("replay", str(run), *args)
+        assert result.returncode == 2 and message in result.stderr and len(result.stderr.splitlines()) == 1
+    assert sorted(p.name for p in run.parent.iterdir()) == folders  # a refused replay makes no folder
