@@ -158,3 +158,16 @@ def test_tests_mirror_the_rooms():
     assert rooms == folders
     settings = tomllib.loads((tests.parent / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
     assert set(settings["pythonpath"]) == {"tests"} | {f"tests/{room}" for room in rooms}
+
+
+def test_functions_fit_on_a_screen():
+    """No function passes 60 lines unless its first line says why (a comment with "long:")."""
+    long = []
+    for module, path in MODULES.items():
+        source = path.read_text()
+        lines = source.splitlines()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60 \
+                    and "long:" not in lines[node.lineno - 1]:
+                long.append(f"{module}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert long == []
