@@ -25,8 +25,16 @@ import numpy as np
 import pyarrow as pa
 
 from loratrace.attribution.tracin import METHODS, InfluenceError, compute
+from loratrace.data.datasets import DataError, load_split
+from loratrace.data.encoding import collate, encode, padding_token_id
+from loratrace.proof.engine import Engine
+from loratrace.proof.record import run_checkpoints
+from loratrace.proof.replay import fed_without, plan
 from loratrace.runs import storage
+from loratrace.runs.folder import utc_now
 from loratrace.track import schema
+from loratrace.training.model import load_lora_weights
+from loratrace.training.module import answer_statistics
 
 BOOTSTRAP = 1000
 
@@ -38,7 +46,6 @@ def validate(run: str | Path, methods: list[str] | None = None, subsets: int = 1
     from_step, to_step, lds, lds_low, lds_high (95% bootstrap interval)."""
     import pandas as pd
 
-    from loratrace.proof.engine import Engine
 
     methods = list(dict.fromkeys(methods or METHODS))
     bad = [m for m in methods if m not in METHODS]
@@ -78,9 +85,6 @@ def ground_truth(engine, subsets: int, fraction: float, seed: int, split: str, e
 
     from tqdm.auto import tqdm
 
-    from loratrace.proof.record import run_checkpoints
-    from loratrace.proof.replay import fed_without, plan
-    from loratrace.training.model import load_lora_weights
 
     t = engine.cfg.training
     checkpoints = run_checkpoints(engine.run_dir)
@@ -110,7 +114,6 @@ def ground_truth(engine, subsets: int, fraction: float, seed: int, split: str, e
 
 
 def _tests(engine, split: str, example_ids, limit):
-    from loratrace.data.datasets import DataError, load_split
 
     data = engine.cfg.data
     try:
@@ -127,7 +130,6 @@ def _tests(engine, split: str, example_ids, limit):
 
 
 def _encode(engine, tests):
-    from loratrace.data.encoding import encode
 
     return encode(tests, engine.tokenizer, engine.cfg.data.max_length)
 
@@ -136,8 +138,6 @@ def _losses(engine, encoded, batch: int = 32) -> np.ndarray:
     """Training's per-example loss of each test example under the model's weights now, without dropout."""
     import torch
 
-    from loratrace.data.encoding import collate, padding_token_id
-    from loratrace.training.module import answer_statistics
 
     model, pad_id, out = engine.model, padding_token_id(engine.tokenizer), []
     device = next(model.parameters()).device
@@ -187,7 +187,6 @@ def _interval(per_test: np.ndarray, seed: int) -> tuple[float, float, float]:
 
 
 def _write(engine, truth: Truth, method: str, project_dim, per_test, summary) -> None:
-    from loratrace.runs.folder import utc_now
 
     n = len(truth.test_ids)
     lds, low, high = summary

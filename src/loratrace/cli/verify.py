@@ -7,6 +7,8 @@ import argparse
 import sys
 
 from loratrace.cli.common import emit
+from loratrace.config import ConfigError
+from loratrace.proof.record import steps_text
 
 VERIFY_DESCRIPTION = """Re-execute the recorded training from a full checkpoint, fed exactly the recorded micro-batches
 of the effective lineage, and compare with the record: each step's loss, grad-norm, lr and per-example losses, and
@@ -61,7 +63,6 @@ def add_replay(sub) -> None:
 
 
 def _ids(path: str) -> list[str]:
-    from loratrace.config import ConfigError
 
     try:
         text = open(path, encoding="utf-8").read()
@@ -73,7 +74,6 @@ def _ids(path: str) -> list[str]:
 def cmd_replay(args: argparse.Namespace) -> int:
     import json
 
-    from loratrace.proof.record import steps_text
     from loratrace.proof.replay import replay  # torch only when this command runs
 
     drop = args.drop or (_ids(args.drop_file) if args.drop_file else [])

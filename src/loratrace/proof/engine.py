@@ -25,11 +25,14 @@ from typing_extensions import override
 
 from loratrace.config import load_config
 from loratrace.data.datasets import DataError, load_split
-from loratrace.data.encoding import padding_token_id
+from loratrace.data.encoding import encode, padding_token_id
 from loratrace.data.loader import EpochLoader, _Collate
 from loratrace.proof.record import ProofError, check_training_data
+from loratrace.recipe import quiet_libraries
+from loratrace.runs.find import read_run_folder
 from loratrace.track.step_outputs import micro_batch_loss
 from loratrace.training.checkpoints import UpdateBoundary
+from loratrace.training.model import load_run_model
 from loratrace.training.module import LoRAModule
 
 GPU_TOLERANCE = 1e-4
@@ -151,8 +154,6 @@ class Engine:
     """One run's config, training data and base model, loaded once for any number of re-executions."""
 
     def __init__(self, run_dir: str | Path):
-        from loratrace.runs.find import read_run_folder
-        from loratrace.training.model import load_run_model
 
         self.run_dir = Path(run_dir)
         if not (self.run_dir / "config.yaml").is_file():
@@ -172,7 +173,6 @@ class Engine:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         with _quiet():  # a base model that cannot load is its own error (ModelError), raised where it is caused
             self.model, self.tokenizer = load_run_model(self.cfg, self.run_dir)
-        from loratrace.data.encoding import encode
 
         self.encoded = encode(self.examples, self.tokenizer, data.max_length)
         self.tolerance = GPU_TOLERANCE if self.gpu else 0.0
@@ -221,7 +221,6 @@ def _uses_gpu(accelerator: str) -> bool:
 def _quiet():
     """Lightning's notes on a resume (callbacks of the checkpoint not present, few loader workers) and the libraries'
     deprecation notices say nothing a user of verify or replay can act on."""
-    from loratrace.recipe import quiet_libraries
 
     with quiet_libraries(), warnings.catch_warnings():
         for message in (".*callback states.*", ".*Be aware that when using `ckpt_path`.*", ".*ckpt_path.*",

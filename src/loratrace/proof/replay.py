@@ -25,9 +25,15 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from loratrace.proof.engine import Engine
 from loratrace.proof.record import MicroBatch, ProofError, RunCheckpoint, recorded_micro_batches, run_checkpoints
-from loratrace.runs import storage
+from loratrace.query.index import index_samples
+from loratrace.runs import folder, storage
+from loratrace.runs.folder import utc_now
 from loratrace.track import schema
+from loratrace.track.lineage import is_effective, lineage_ranges, read_parts
+from loratrace.track.tracker import BatchTracker
+from loratrace.training.checkpoints import StepCheckpoint, checkpoint_steps, weights_only_steps
 
 
 @dataclasses.dataclass
@@ -83,7 +89,6 @@ def fed_without(engine, batches: list[MicroBatch], dropped: set[str]) -> dict[tu
 def replays(run: str | Path, from_step: int, drop_sets: list[Iterable[str]], steps: int | None = None,
             engine=None) -> list[Path]:
     """One replay per drop set, in order, the config, data and base model loaded once; returns the new folders."""
-    from loratrace.proof.engine import Engine
 
     run_dir = storage.local_folder(run, "replay reads and writes run folders on this machine: copy the run here first")
     engine = engine or Engine(run_dir)
@@ -95,7 +100,6 @@ def replays(run: str | Path, from_step: int, drop_sets: list[Iterable[str]], ste
 def replay(run: str | Path, from_step: int, drop: Iterable[str] = (), keep_only: Iterable[str] | None = None,
            steps: int | None = None, engine=None) -> Path:
     """One replay: `drop` left out, or with `keep_only` everything but those left out of the replayed steps."""
-    from loratrace.proof.engine import Engine
 
     run_dir = storage.local_folder(run, "replay reads and writes run folders on this machine: copy the run here first")
     engine = engine or Engine(run_dir)
@@ -107,10 +111,6 @@ def replay(run: str | Path, from_step: int, drop: Iterable[str] = (), keep_only:
 
 
 def _replay_one(engine, chosen: Plan, dropped: set[str]) -> Path:
-    from loratrace.query.index import index_samples
-    from loratrace.runs import folder
-    from loratrace.track.tracker import BatchTracker
-    from loratrace.training.checkpoints import StepCheckpoint, checkpoint_steps, weights_only_steps
 
     cfg = dataclasses.replace(engine.cfg, runs_dir=str(engine.run_dir.parent))
     t, first = cfg.training, chosen.start.step
@@ -145,7 +145,6 @@ def _replay_one(engine, chosen: Plan, dropped: set[str]) -> Path:
 
 
 def _mark_replay(made: Path, engine, chosen: Plan, dropped: set[str], removed: int) -> None:
-    from loratrace.runs import folder
 
     info = folder.read_run_json(made)
     info["replay_of"] = {
@@ -163,8 +162,6 @@ def _copy_history(run_dir: Path, made: Path, first: int) -> None:
     at `first`): the replay reads as a whole run whose data order differs from the original's exactly by the drops."""
     import pyarrow as pa
 
-    from loratrace.runs.folder import utc_now
-    from loratrace.track.lineage import is_effective, lineage_ranges, read_parts
 
     tracking = run_dir / "tracking"
     ranges = lineage_ranges(tracking)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loratrace.errors import LoratraceError
+from loratrace.proof.engine import Capture, Engine
 from loratrace.proof.record import (
     MicroBatch,
     ProofError,
@@ -30,6 +31,7 @@ from loratrace.proof.record import (
     steps_text,
 )
 from loratrace.runs import storage
+from loratrace.training.checkpoints import foreign_writer, read_checkpoint
 
 
 class VerificationFailed(LoratraceError):
@@ -55,7 +57,6 @@ def verify(run: str | Path, from_step: int | None = None, steps: int | None = No
     `GPU_TOLERANCE` on a GPU). `summary(frame)` gives the one line the command prints."""
     import pandas as pd
 
-    from loratrace.proof.engine import Engine
 
     run_dir = storage.local_folder(run, "verify re-executes a run on this machine: copy the run here first")
     for name, value in (("--from", from_step), ("--steps", steps)):
@@ -117,7 +118,6 @@ def plan(checkpoints: list[RunCheckpoint], last_step: int, from_step: int | None
 
 def _verify_span(engine, span: Span, batches: list[MicroBatch], checkpoints: list[RunCheckpoint],
                  tolerance: float, scratch: Path) -> list[dict]:
-    from loratrace.proof.engine import Capture
 
     first, start = span.start.step, span.start
     problem = _checkpoint_problem(engine, start)
@@ -146,7 +146,6 @@ def _verify_span(engine, span: Span, batches: list[MicroBatch], checkpoints: lis
 
 def _checkpoint_problem(engine, checkpoint: RunCheckpoint) -> str | None:
     """Why a checkpoint file cannot be this run's at its step: another run wrote it, or it holds another step."""
-    from loratrace.training.checkpoints import foreign_writer, read_checkpoint
 
     state = read_checkpoint(checkpoint.path)
     writer = foreign_writer(state, engine.run_dir, engine.info.get("run_id"))
@@ -219,7 +218,6 @@ def _checkpoint_row(first: int, checkpoint: RunCheckpoint, largest: float | None
 
 
 def _compare_weights(engine, first: int, checkpoint: RunCheckpoint, live: dict | None, tolerance: float) -> dict:
-    from loratrace.training.checkpoints import read_checkpoint
 
     problem = _checkpoint_problem(engine, checkpoint)
     if problem or live is None:
