@@ -6,7 +6,7 @@ import sys
 import loratrace
 
 PUBLIC = ["BatchTracker", "Config", "__version__", "compare", "export_adapters", "influence", "load_config",
-          "open_runs", "resume_sweep", "sweep", "train", "write_report"]
+          "open_runs", "replay", "replays", "resume_sweep", "sweep", "train", "verify", "write_report"]
 
 
 def test_dir_lists_the_public_api_and_each_name_resolves():
