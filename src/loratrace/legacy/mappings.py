@@ -36,7 +36,8 @@ class LegacyMappings:
 
 
 def read_legacy_mappings(source: Path, dataset: str) -> LegacyMappings:
-    """Both mapping files of a legacy folder, each value of the kind LEGACY.md shows; anything else is a LegacyError
+    """Both mapping files of a legacy folder, each value of the kind docs/LEGACY.md shows; anything else is a
+    LegacyError
     naming the file, the line and the key (the script never writes it: comparing with it would guess)."""
     logs = Path(source) / "logs"
     checkpoints = _read_json(logs / f"checkpoint_mapping_{dataset}.json", _checkpoint_entry)

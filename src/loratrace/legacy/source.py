@@ -219,7 +219,8 @@ def read_legacy_run(source: Path) -> LegacyRun:
 # ---------------------------------------------------------------------------------------------- example ids
 
 def resolve_ids(legacy: LegacyRun, report: dict[str, Any]) -> list[dict] | None:
-    """Each row's example ids (`example_ids`) and 0-based rows (`lines`), by LEGACY.md's rules in order: the JSONL's
+    """Each row's example ids (`example_ids`) and 0-based rows (`lines`), by docs/LEGACY.md's rules in order: the
+    JSONL's
     `sample_ids`; else the data set's id of that row, when it loads; else `<dataset>/train/<row>`. An index that is
     no row (negative, or past the data set's end) becomes a null line (and a null id unless `sample_ids` gives it):
     the batch keeps its length and order, nothing is made up, and the raw index is listed in the quirk
