@@ -220,6 +220,7 @@ def test_influence_section_lists_the_strongest_examples(reports, three_runs):
     assert [e for e, _ in listed[:10]] == list(totals.train_example_id[:10])
     assert float(listed[0][1]) == pytest.approx(totals.s.iloc[0], rel=1e-5)
     assert set(totals.train_example_id[-10:]) <= {e for e, _ in listed}  # the strongest opponents too
+    assert "influence not validated: run `loratrace influence RUN --validate`" in section  # no validations section
 
 
 def test_cli_report_and_its_errors(three_runs, tmp_path):

@@ -4,12 +4,13 @@
 
 plotly.js and the report's own script (report/script.py) are inlined once (the file opens offline; it links to
 nothing outside itself); each plot is a `<div id="plot-...">` drawn by `Plotly.newPlot` (the curves by `LT.curves`).
-Sections, under a table of contents: the runs, their config differences, loss / lr / grad-norm per step (stage
-boundary and checkpoints marked, several runs overlaid, each step's batch in the hover and on click), eval accuracy
-+/- stderr per checkpoint, the examples table, influence (when computed), the dataset cartography map, forgetting
-events, tracking cost. A section without data (an untracked run, a run never evaluated) says what is missing and how
-to get it, instead of a plot. What is gathered per example and per step: report/examples.py; the interactive
-sections: report/sections.py; the figures: report/figures.py.
+Sections, under a table of contents: the runs, the replays among them (when any), their config differences, loss /
+lr / grad-norm per step (stage boundary and checkpoints marked, several runs overlaid, each step's batch in the hover
+and on click), eval accuracy +/- stderr per checkpoint, the examples table, influence and its validation (when
+computed), the dataset cartography map, forgetting events, tracking cost. A section without data (an untracked run, a
+run never evaluated) says what is missing and how to get it, instead of a plot. What is gathered per example and per
+step: report/examples.py; the interactive sections: report/sections.py; replays and validation: report/proofs.py; the
+figures: report/figures.py.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pandas as pd
 
 from loratrace.query.formats import check_output, write_text
 from loratrace.query.store import open_runs
-from loratrace.report import examples, figures, sections
+from loratrace.report import examples, figures, proofs, sections
 from loratrace.report.compare import config_differences
 from loratrace.report.html import COLORS, ReportError, missing, page, plot, plotly_js, section, table
 from loratrace.report.sweep import study_trials, sweep_sections, trial_run_dirs
@@ -76,6 +77,7 @@ def _gather(db, run_dirs: list[Path]) -> dict:
     runs.insert(1, "label", [labels[r] for r in runs.run_id])
     tracked = set(db.sql("SELECT DISTINCT run_id FROM batches").df().run_id)
     config = config_differences(run_dirs) if len(run_dirs) > 1 else None
+    every = db.sql("SELECT * FROM runs").df()  # the replays' columns, and the final loss of each run
     rows = examples.example_rows(db, {r: i for i, r in enumerate(run_ids)})
     return {
         "run_ids": run_ids, "run_dirs": run_dirs, "tracked": [r for r in run_ids if r in tracked], "labels": labels,
@@ -90,6 +92,9 @@ def _gather(db, run_dirs: list[Path]) -> dict:
         "influence": examples.influence_totals(db),
         "cartography": db.sql(CARTOGRAPHY).df(),
         "cost": _tracking_cost(run_dirs, run_ids),
+        "replays": proofs.replay_rows(every.set_index("run_id").reindex(run_ids).reset_index()),
+        "final_loss": dict(zip(every.run_id, every.final_loss)),
+        "validations": db.sql(proofs.VALIDATIONS).df(),
     }
 
 
@@ -123,6 +128,8 @@ def _sections(data: dict) -> list[str]:
     untracked = [r for r in run_ids if r not in tracked]
     color = {run_id: COLORS[i % len(COLORS)] for i, run_id in enumerate(run_ids)}
     parts = [section("runs", "Runs", table(data["runs"]))]
+    parts += [replays] if (replays := proofs.replays_section(data["replays"], data["final_loss"],
+                                                             data["labels"])) else []
     if data["config"] is None:
         parts.append(section("config", "Config differences", missing("one run: nothing to compare its config with")))
     elif data["config"].empty:
@@ -132,7 +139,10 @@ def _sections(data: dict) -> list[str]:
     note = missing(f"no tracking data for {', '.join(untracked)} ({UNTRACKED})") if untracked else ""
     parts += [sections.curves_section(data, color, note), sections.evals_section(data, color),
               sections.examples_section(data)]
-    parts += [influence] if (influence := sections.influence_section(data)) else []
+    validations = proofs.validations_section(data["validations"], data["labels"])
+    parts += [influence] if (influence := sections.influence_section(
+        data, "" if validations else proofs.not_validated_note())) else []
+    parts += [validations] if validations else []
     carto = "".join(plot(f"plot-cartography-{i}", figures.cartography(data, run_id))
                     for i, run_id in enumerate(tracked))
     parts.append(section("cartography", "Dataset cartography (confidence vs variability, coloured by correctness)",

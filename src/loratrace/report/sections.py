@@ -103,9 +103,10 @@ def examples_section(data: dict) -> str:
                    f'<script>LT.table("examples", {as_script(columns)}, LT.examples.rows);</script>')
 
 
-def influence_section(data: dict) -> str | None:
+def influence_section(data: dict, note: str = "") -> str | None:
     """Per run and method, the training examples with the largest and smallest summed influence; None without
-    influence terms (the section is left out, as `loratrace influence` was not run)."""
+    influence terms (the section is left out, as `loratrace influence` was not run). `note`: HTML put after them
+    (a missing validation)."""
     totals = data["influence"]
     if totals.empty:
         return None
@@ -118,4 +119,5 @@ def influence_section(data: dict) -> str | None:
         label = f"{data['labels'].get(run_id, run_id)} {method}"
         parts.append(plot(f"plot-influence-{number}", figures.influence(shown, label))
                      + table(shown[["train_example_id", "score", "terms", "test_examples"]]))
-    return section("influence", "Influence (TracIn): which training examples moved the test examples", "".join(parts))
+    return section("influence", "Influence (TracIn): which training examples moved the test examples",
+                   "".join(parts) + note)

@@ -22,6 +22,9 @@ from loratrace.runs import processes
 RUN_COLUMNS = ("run_id", "name", "tags", "dir", "dataset", "method", "created_at", "status", "duration_s",
                "final_loss")  # then every run's config, flattened
 SWEEP_COLUMNS = ("study", "trial")  # from a sweep trial's run.json: columns once any run has them
+# from a replay's run.json `replay_of` (proof/replay.py): columns once any run is a replay; the dropped ids as JSON
+REPLAY_COLUMNS = {"replay_of": "run", "replay_from_step": "step", "replay_end_step": "end_step",
+                  "replay_dropped": "dropped"}
 CONFIG_SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.default_factory))
 CHECKPOINT_FILE = re.compile(r"checkpoint-step-(\d+)\.ckpt")  # checkpoints.checkpoint_name's files
 
@@ -113,9 +116,17 @@ def runs_info(run_dirs: list[Path], folders: dict | None = None) -> tuple[list[s
             "name": info.get("name"), "tags": ",".join(map(str, info.get("tags") or [])) or None,
             "duration_s": duration_seconds(info), "final_loss": info.get("final_loss"),
             **{key: info[key] for key in SWEEP_COLUMNS if key in info},
+            **_replay_columns(info.get("replay_of")),
         })
     columns = list(dict.fromkeys([*RUN_COLUMNS, *(key for row in rows for key in row)]))
     return columns, [[None if row.get(c) is None else str(row[c]) for c in columns] for row in rows]
+
+
+def _replay_columns(replay_of) -> dict:
+    if not isinstance(replay_of, dict):
+        return {}
+    columns = {column: replay_of.get(key) for column, key in REPLAY_COLUMNS.items()}
+    return {**columns, "replay_dropped": json.dumps(list(replay_of.get("dropped") or []))}
 
 
 HYPERPARAMETERS_LEFT_OUT = ("run.", "runs_dir")  # labels and where the run lives: not how it was trained
