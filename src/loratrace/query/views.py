@@ -113,10 +113,13 @@ VIEWS = [
     # `checkpoint_files`); a tracked run's come from its tracking parts, in its lineage.
     # final_loss: the last tracked step's train/loss, else run.json's (an untracked run). best_eval_*: the evaluation
     # with the highest accuracy (the earliest step of equals), any split or scoring (best_eval_split names it).
+    # replay_of_run/_step/_dropped: a replay's origin (run.json's replay_of), NULL for every other run.
     """CREATE OR REPLACE VIEW runs AS
         SELECT r.* REPLACE (coalesce(string_split(r.tags, ','), CAST([] AS VARCHAR[])) AS tags,
                             TRY_CAST(r.duration_s AS DOUBLE) AS duration_s,
-                            coalesce(m.final_loss, TRY_CAST(r.final_loss AS DOUBLE)) AS final_loss),
+                            coalesce(m.final_loss, TRY_CAST(r.final_loss AS DOUBLE)) AS final_loss,
+                            TRY_CAST(r.replay_of_step AS BIGINT) AS replay_of_step,
+                            TRY_CAST(r.replay_dropped AS BIGINT) AS replay_dropped),
                s.steps, n.examples_seen, coalesce(c.checkpoints, f.checkpoints) AS checkpoints,
                coalesce(c.last_checkpoint_step, f.last_checkpoint_step) AS last_checkpoint_step,
                s.steps - s.distinct_steps AS missing_steps,
