@@ -629,6 +629,8 @@ OTHER_CASES = [
          names=("--fraction",), expect="fail", writes_runs=True, quick=True),
     Case("influence-args-validate_subsets_one", "influence", ("influence", "{T}", "--validate", "--subsets", "1"),
          names=("--subsets",), expect="fail", writes_runs=True),
+    Case("influence-args-validate_loo_negative", "influence", ("influence", "{T}", "--validate", "--loo", "-1"),
+         names=("--loo",), expect="fail", writes_runs=True),
     Case("influence-args-validate_untracked", "influence", ("influence", "{U}", "--validate"), expect="fail",
          writes_runs=True),
     Case("verify-args-from_no_checkpoint", "verify", ("verify", "{T}", "--from", "4"), names=("4",), expect="fail",

@@ -69,6 +69,10 @@ VIEWS = [
     """CREATE OR REPLACE VIEW validations AS SELECT * FROM validations_raw
         QUALIFY row_number() OVER (PARTITION BY run_id, method, project_dim, test_split, test_example_id, subsets,
                                                 fraction, seed, from_step, to_step ORDER BY computed_at DESC) = 1""",
+    # `influence --validate --loo K` run again with the same arguments adds a part; the latest shows.
+    """CREATE OR REPLACE VIEW leave_one_out AS SELECT * FROM leave_one_out_raw
+        QUALIFY row_number() OVER (PARTITION BY run_id, method, project_dim, test_split, test_example_id,
+                                                train_example_id, from_step, to_step ORDER BY computed_at DESC) = 1""",
     # Step -> first checkpoint: `first_checkpoint` is mappings.first_checkpoint, registered by store.py, the one rule
     # the tracker's mapping files use too. It runs once per (run, step); examples join to its answer. The unflat
     # runs' own (the flat ones hold theirs): what example_checkpoint_unflat joins, no flat run's batches read.
@@ -142,4 +146,4 @@ VIEWS = [
 ]
 VIEW_NAMES = ("runs", "batches", "batches_all", "samples", "examples", "checkpoints", "attempts", "step_checkpoint",
               "example_checkpoint", "metrics", "example_trace", "evals", "eval_accuracy", "trials", "influence",
-              "validations")
+              "validations", "leave_one_out")
