@@ -58,3 +58,37 @@ def test_the_ground_truth_is_the_replays_loss_change(small_run, tmp_path):
     after = _losses(engine, encoded)
     load_lora_weights(engine.model, run / "checkpoints" / f"checkpoint-step-{truth.end:03d}.ckpt")
     assert np.array_equal(after - _losses(engine, encoded), truth.actual[1]) and truth.actual[1].any()
+
+
+@pytest.mark.slow
+def test_leave_one_out_replays_each_top_example_alone(small_run, tmp_path):
+    """--loo 1: the test example's most helpful and most harmful examples by TracIn's scores, each replayed away alone;
+    the actual change is that replay's loss minus the run's (checked against a `replays` of its own)."""
+    from loratrace.attribution.validate import _encode, _losses, _tests
+    from loratrace.proof.engine import Engine
+    from loratrace.proof.replay import replays
+    from loratrace.training.model import load_lora_weights
+
+    run = tmp_path / "runs" / small_run.name
+    shutil.copytree(small_run, run)
+    result = run_cli("influence", str(run), "--validate", "--method", "tracin", "--subsets", "3", "--limit", "1",
+                     "--loo", "1")
+    assert result.returncode == 0, result.stderr
+    with loratrace.open_runs(run) as db:
+        rows = db.sql("SELECT * FROM leave_one_out ORDER BY kind DESC").df()
+        scores = db.sql("""SELECT train_example_id, sum(score) AS score FROM influence WHERE method = 'tracin'
+                           GROUP BY ALL ORDER BY score DESC, train_example_id""").df()
+    assert list(rows.kind) == ["helpful", "harmful"] and list(rows["rank"]) == [1, 1]
+    assert (rows.from_step == 9).all() and (rows.to_step == 16).all() and rows.test_example_id.nunique() == 1
+    assert np.isclose(rows.predicted_change.iloc[0], scores.score.max())
+    assert np.isclose(rows.predicted_change.iloc[1], scores.score.min())
+    assert "== leave-one-out: 1 most helpful and harmful per test example ==" in result.stdout
+    assert all(train_id in result.stdout for train_id in rows.train_example_id)
+    engine = Engine(run)
+    encoded = _encode(engine, _tests(engine, "validation", None, 1))
+    made, = replays(run, 9, [[rows.train_example_id.iloc[0]]], engine=engine)
+    load_lora_weights(engine.model, made / "checkpoints" / "checkpoint-step-016.ckpt")
+    after = _losses(engine, encoded)
+    load_lora_weights(engine.model, run / "checkpoints" / "checkpoint-step-016.ckpt")
+    assert np.isclose(after - _losses(engine, encoded), rows.actual_change.iloc[0], rtol=0, atol=1e-12).all()
+    assert rows.actual_change.iloc[0] != 0

@@ -82,3 +82,38 @@ def test_the_cli_replays_from_a_file_and_refuses_unknown_examples(small_run, tmp
         result = run_cli("replay", str(run), *args)
         assert result.returncode == 2 and message in result.stderr and len(result.stderr.splitlines()) == 1
     assert sorted(p.name for p in run.parent.iterdir()) == folders  # a refused replay makes no folder
+
+
+def test_runs_lists_where_a_replay_comes_from(replayed):
+    run, same, without, dropped = replayed
+    with loratrace.open_runs(run.parent) as db:
+        rows = db.sql("SELECT run_id, replay_of_run, replay_of_step, replay_dropped FROM runs").fetchall()
+    assert sorted(rows) == sorted([(run.name, None, None, None), (same.name, run.name, 13, 0),
+                                   (without.name, run.name, 13, 2)])
+    listed = {row["run_id"]: row for row in map(json.loads, run_cli("runs", "--runs-dir", str(run.parent),
+                                                                     "--format", "json").stdout.splitlines())}
+    assert (listed[without.name]["replay_of_run"], listed[without.name]["replay_dropped"]) == (run.name, 2)
+    assert listed[run.name]["replay_of_step"] is None
+    table = run_cli("runs", "--runs-dir", str(run.parent)).stdout
+    assert "replay_of" in table.splitlines()[0] and f"{run.name}@13 -2" in table and f"{run.name}@13 -0" in table
+
+
+def test_compare_names_the_examples_a_replay_left_out(replayed):
+    run, same, without, dropped = replayed
+    result = run_cli("compare", str(run), str(without))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert any(line.startswith(f"{without.name}: the order diverges from the reference's at step 14 (15 steps "
+                               "compared;") for line in lines)
+    assert f"{without.name} is a replay of the reference from step 13, without 2 example(s): " \
+           f"{' '.join(sorted(dropped))}" in lines
+    backwards = run_cli("compare", str(without), str(run)).stdout.splitlines()
+    assert f"the reference is a replay of {run.name} from step 13, without 2 example(s): " \
+           f"{' '.join(sorted(dropped))}" in backwards
+    rows = [json.loads(line) for line in run_cli("compare", str(run), str(without), str(same), "--section",
+                                                 "data_order", "--format", "json").stdout.splitlines()]
+    assert [(r["run_id"], r["replay"], r["replay_step"], r["removed_examples"], r["note"]) for r in rows] == [
+        (without.name, "run is a replay of the reference", 13, sorted(dropped), ""),
+        (same.name, "run is a replay of the reference", 13, [], "")]
+    unrelated = run_cli("compare", str(same), str(without), "--section", "data_order", "--format", "json")
+    assert json.loads(unrelated.stdout)["removed_examples"] is None

@@ -12,6 +12,8 @@ examples, since leaving out helpful examples should raise the loss. The LDS is t
 Spearman correlation between predicted and actual changes across the subsets, with a bootstrap interval over the test
 examples; a random-scores baseline (seeded Gaussian scores) is scored the same way. Nothing is tuned to the test
 examples. Rows go to `tracking/validations/` (the `validations` view), one part per method and computation.
+`loo=K` adds leave-one-out replays of each test example's K most helpful and K most harmful examples (attribution/
+loo.py): the DataFrame's `attrs["loo"]` holds their rows.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from loratrace.attribution.loo import leave_one_out
 from loratrace.attribution.tracin import METHODS, InfluenceError, compute
 from loratrace.data.datasets import DataError, load_split
 from loratrace.data.encoding import collate, encode, padding_token_id
@@ -41,9 +44,10 @@ BOOTSTRAP = 1000
 
 def validate(run: str | Path, methods: list[str] | None = None, subsets: int = 10, fraction: float = 0.5,
              seed: int = 0, split: str = "validation", example_ids: list[str] | None = None, limit: int | None = 20,
-             project_dim: int | None = None, batch_size: int = 8, progress: bool = True, engine=None):
+             project_dim: int | None = None, batch_size: int = 8, progress: bool = True, engine=None, loo: int = 0):
     """The LDS of each method and of random scores: a DataFrame with method, project_dim, tests, subsets, fraction,
-    from_step, to_step, lds, lds_low, lds_high (95% bootstrap interval)."""
+    from_step, to_step, lds, lds_low, lds_high (95% bootstrap interval); with `loo` K > 0, `attrs["loo"]`: the
+    leave-one-out rows (schema.LEAVE_ONE_OUT's columns) of every method."""
     import pandas as pd
 
 
@@ -56,19 +60,27 @@ def validate(run: str | Path, methods: list[str] | None = None, subsets: int = 1
                              f"{subsets}")
     if not 0 < fraction < 1:
         raise InfluenceError(f"--fraction must lie between 0 and 1, got {fraction}")
+    if loo < 0:
+        raise InfluenceError(f"--loo must be at least 1 (or left out), got {loo}")
     run_dir = storage.local_folder(run, "influence --validate replays a run on this machine: copy the run here first")
     engine = engine or Engine(run_dir)
     truth = ground_truth(engine, subsets, fraction, seed, split, example_ids, limit, progress)
-    rows = []
+    rows, loo_parts, replayed = [], [], {}
     for method in methods:
         frame = compute(run_dir, truth.test_ids, split, None, method, "all", project_dim, batch_size=batch_size,
                         progress=progress).frame
         scores = frame.pivot_table(index="train_example_id", columns="test_example_id", values="score",
                                    aggfunc="sum").reindex(index=truth.tail, columns=truth.test_ids).fillna(0.0)
         rows.append(_score(engine, truth, method, project_dim, scores.to_numpy()))
+        if loo:
+            loo_parts.append(leave_one_out(engine, truth, method, project_dim, scores.to_numpy(), loo,
+                                           lambda: _losses(engine, truth.encoded), replayed, progress))
     random = np.random.default_rng(seed).standard_normal((len(truth.tail), len(truth.test_ids)))
     rows.append(_score(engine, truth, "random", None, random))
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    if loo_parts:
+        frame.attrs["loo"] = pa.concat_tables(loo_parts).to_pandas()
+    return frame
 
 
 class Truth:
@@ -78,6 +90,7 @@ class Truth:
         self.tail, self.test_ids, self.test_lines = tail, test_ids, test_lines
         self.masks, self.actual = masks, actual  # (subsets, tail) bool; (subsets, tests) float
         self.start, self.end, self.fraction, self.seed, self.split = start, end, fraction, seed, split
+        self.chosen, self.encoded, self.base = None, None, None  # the replays' plan, the tests encoded, their losses
 
 
 def ground_truth(engine, subsets: int, fraction: float, seed: int, split: str, example_ids, limit, progress) -> Truth:
@@ -109,8 +122,10 @@ def ground_truth(engine, subsets: int, fraction: float, seed: int, split: str, e
             engine.fit(chosen.start.path, chosen.end, fed_without(engine, chosen.batches, dropped), [],
                        root_dir=Path(scratch))
             actual[m] = _losses(engine, test_encoded) - base
-    return Truth(tail, [e.example_id for e in tests], [e.line for e in tests], masks, actual, chosen.start.step,
-                 chosen.end, fraction, seed, split)
+    truth = Truth(tail, [e.example_id for e in tests], [e.line for e in tests], masks, actual, chosen.start.step,
+                  chosen.end, fraction, seed, split)
+    truth.chosen, truth.encoded, truth.base = chosen, test_encoded, base
+    return truth
 
 
 def _tests(engine, split: str, example_ids, limit):

@@ -63,6 +63,8 @@ RUNS_DESCRIPTION = """List the runs under --runs-dir, oldest first: name, tags, 
 but its process on this host is gone), duration (training time of every launch), steps, final training loss, the best
 eval accuracy +/- its standard error (sqrt(acc*(1-acc)/(n-1)), as lm-evaluation-harness reports it) and the
 hyperparameters (config keys) that differ between the runs listed. The same facts are columns of the runs view.
+Once a run listed is a replay (`loratrace replay`), a replay_of column says RUN@STEP -N: the run and checkpoint step
+it was trained again from, without N examples (json/csv: replay_of_run, replay_of_step, replay_dropped).
 
 --format json/csv: the columns unformatted (duration_s in seconds, best_eval_accuracy, best_eval_stderr,
 best_eval_step, best_eval_split, dataset, checkpoints, ...), a differing key as a column named by its dotted key."""
@@ -111,11 +113,13 @@ def cmd_trace(args: argparse.Namespace) -> int:
 RUNS_COLUMNS = ("run_id", "name", "tags", "status", "duration_s", "steps", "final_loss", "best_eval_accuracy",
                 "best_eval_stderr", "best_eval_step", "best_eval_split", "dataset", "checkpoints",
                 "last_checkpoint_step", "missing_steps")
+REPLAY_COLUMNS = ("replay_of_run", "replay_of_step", "replay_dropped")  # listed once any run listed is a replay
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
     with open_read_only(args.runs_dir) as db:
-        table = db.fetch_table(f"SELECT {', '.join(RUNS_COLUMNS)}, dir FROM runs ORDER BY created_at, run_id")
+        table = db.fetch_table(f"SELECT {', '.join(RUNS_COLUMNS + REPLAY_COLUMNS)}, dir FROM runs "
+                               "ORDER BY created_at, run_id")
         run_dirs = {str(d): d for d in db.run_dirs}
     if table.num_rows == 0:
         raise StoreError(f"no runs under {args.runs_dir}")
@@ -124,10 +128,12 @@ def cmd_runs(args: argparse.Namespace) -> int:
         raise StoreError(f"no run under {args.runs_dir} is tagged {' and '.join(args.tag)}")
     configs = [read_run_config(run_dirs.get(row["dir"], Path(row["dir"]))) for row in rows]
     differing = differing_keys(configs)
+    replays = any(row["replay_of_run"] is not None for row in rows)
     for row, config in zip(rows, configs):
         flat = flatten_keys(config)
         row.update({key: flat.get(key) for key in differing})
-        del row["dir"]
+        for key in ("dir", *(() if replays else REPLAY_COLUMNS)):
+            del row[key]
     if args.format == "table":
         emit(_typed_table([_shown_run(row, differing) for row in rows]), "table", None)
     else:
@@ -141,7 +147,15 @@ def _shown_run(row: dict, differing: list[str]) -> dict:
     best += f" (step {row['best_eval_step']})" if best else ""
     return {"run_id": row["run_id"], "name": row["name"] or "", "tags": ",".join(row["tags"]), "status": row["status"],
             "duration": _duration(row["duration_s"]), "steps": row["steps"], "final_loss": row["final_loss"],
-            "best_eval": best, **{key: _config_text(row[key]) for key in differing}}
+            "best_eval": best, **_replay_text(row), **{key: _config_text(row[key]) for key in differing}}
+
+
+def _replay_text(row: dict) -> dict:
+    """A replay's origin as one column, `RUN@STEP -N` (N examples dropped); none when no run listed is a replay."""
+    if "replay_of_run" not in row:
+        return {}
+    run, step, dropped = row["replay_of_run"], row["replay_of_step"], row["replay_dropped"]
+    return {"replay_of": "" if run is None else f"{run}@{step} -{dropped}"}
 
 
 def _duration(seconds: float | None) -> str:

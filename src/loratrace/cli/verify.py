@@ -97,14 +97,22 @@ def add_validate_options(influence) -> None:
     influence.add_argument("--fraction", type=float, default=0.5, metavar="F",
                            help="--validate: share of the tail's training examples each subset drops (default 0.5)")
     influence.add_argument("--seed", type=int, default=0, help="--validate: seed of the subsets and random scores")
+    influence.add_argument("--loo", type=int, default=0, metavar="K",
+                           help="--validate: also leave out alone each test example's K most helpful and K most "
+                                "harmful training examples (one replay each) and print predicted vs actual loss "
+                                "change; rows join the leave_one_out view")
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from loratrace.attribution.validate import validate  # torch only when this command runs
 
     frame = validate(args.run, args.method, args.subsets, args.fraction, args.seed, args.split, args.example_id,
-                     args.limit if args.limit is not None else 20, args.project_dim, args.batch_size)
+                     args.limit if args.limit is not None else 20, args.project_dim, args.batch_size, loo=args.loo)
     emit(frame, args.format if args.format != "table" else "table", None)
+    if "loo" in frame.attrs and args.format == "table":  # json: the LDS rows; the leave-one-out ones are in the view
+        print(f"\n== leave-one-out: {args.loo} most helpful and harmful per test example ==")
+        emit(frame.attrs["loo"][["method", "test_example_id", "kind", "rank", "train_example_id",
+                                 "predicted_change", "actual_change"]], "table", None)
     first = frame.iloc[0]
     print(f"LDS over {int(first.subsets)} replays of steps {int(first.from_step) + 1}-{int(first.to_step)} without "
           f"{first.fraction:g} of the tail's examples each, {int(first.tests)} {args.split} example(s); random "

@@ -30,6 +30,7 @@ TABLES = {  # view name -> (folder or file under tracking/, schema)
     "evals_raw": ("evals", schema.EVALS),
     "influence_raw": ("influence", schema.INFLUENCE),
     "validations_raw": ("validations", schema.VALIDATIONS),
+    "leave_one_out_raw": ("loo", schema.LEAVE_ONE_OUT),
 }
 
 

@@ -69,6 +69,10 @@ VIEWS = [
     """CREATE OR REPLACE VIEW validations AS SELECT * FROM validations_raw
         QUALIFY row_number() OVER (PARTITION BY run_id, method, project_dim, test_split, test_example_id, subsets,
                                                 fraction, seed, from_step, to_step ORDER BY computed_at DESC) = 1""",
+    # `influence --validate --loo K` run again with the same arguments adds a part; the latest shows.
+    """CREATE OR REPLACE VIEW leave_one_out AS SELECT * FROM leave_one_out_raw
+        QUALIFY row_number() OVER (PARTITION BY run_id, method, project_dim, test_split, test_example_id,
+                                                train_example_id, from_step, to_step ORDER BY computed_at DESC) = 1""",
     # Step -> first checkpoint: `first_checkpoint` is mappings.first_checkpoint, registered by store.py, the one rule
     # the tracker's mapping files use too. It runs once per (run, step); examples join to its answer. The unflat
     # runs' own (the flat ones hold theirs): what example_checkpoint_unflat joins, no flat run's batches read.
@@ -113,10 +117,14 @@ VIEWS = [
     # `checkpoint_files`); a tracked run's come from its tracking parts, in its lineage.
     # final_loss: the last tracked step's train/loss, else run.json's (an untracked run). best_eval_*: the evaluation
     # with the highest accuracy (the earliest step of equals), any split or scoring (best_eval_split names it).
+    # replay_of_run/_of_step/_end_step/_dropped/_dropped_ids: a replay's origin (run.json's replay_of), else NULL.
     """CREATE OR REPLACE VIEW runs AS
         SELECT r.* REPLACE (coalesce(string_split(r.tags, ','), CAST([] AS VARCHAR[])) AS tags,
                             TRY_CAST(r.duration_s AS DOUBLE) AS duration_s,
-                            coalesce(m.final_loss, TRY_CAST(r.final_loss AS DOUBLE)) AS final_loss),
+                            coalesce(m.final_loss, TRY_CAST(r.final_loss AS DOUBLE)) AS final_loss,
+                            TRY_CAST(r.replay_of_step AS BIGINT) AS replay_of_step,
+                            TRY_CAST(r.replay_end_step AS BIGINT) AS replay_end_step,
+                            TRY_CAST(r.replay_dropped AS BIGINT) AS replay_dropped),
                s.steps, n.examples_seen, coalesce(c.checkpoints, f.checkpoints) AS checkpoints,
                coalesce(c.last_checkpoint_step, f.last_checkpoint_step) AS last_checkpoint_step,
                s.steps - s.distinct_steps AS missing_steps,
@@ -139,4 +147,4 @@ VIEWS = [
 ]
 VIEW_NAMES = ("runs", "batches", "batches_all", "samples", "examples", "checkpoints", "attempts", "step_checkpoint",
               "example_checkpoint", "metrics", "example_trace", "evals", "eval_accuracy", "trials", "influence",
-              "validations")
+              "validations", "leave_one_out")

@@ -3,6 +3,7 @@
     c = loratrace.compare(["runs/arc-challenge_lora_A", "runs/arc-challenge_lora_B"])
     c.config            # the config keys that differ, one column per run
     c.data_order        # per run against the first: same examples in the same order? the first step that differs
+                        # (and, where one run is a replay of the other, exactly the examples it left out)
     c.examples          # examples correct at the last evaluated checkpoint in one run and wrong in the other
 
 The first run is the reference every other run is set against. Every table is a pandas DataFrame.
@@ -20,7 +21,7 @@ from loratrace.config import flatten_keys
 from loratrace.errors import LoratraceError
 from loratrace.query.store import open_runs
 from loratrace.report import SECTIONS
-from loratrace.runs.find import differing_keys, read_run_config
+from loratrace.runs.find import differing_keys, read_run_config, read_run_info
 
 METRICS = ("train/loss", "train/grad_norm", "train/lr", "train/accuracy")
 
@@ -96,7 +97,8 @@ def compare(paths, top: int = 20) -> Comparison:
         metrics = _metrics(db.sql("SELECT run_id, step, name, value FROM metrics").df(), run_ids)
         evals = _evals(db.sql("""SELECT run_id, checkpoint_step, checkpoint_path, split, scoring, accuracy, stderr
                                  FROM eval_accuracy""").df(), run_ids)
-        order = _data_order(db.sql(STEP_ORDER).df(), run_ids)
+        replays = {d.name: read_run_info(d).get("replay_of") or {} for d in run_dirs}
+        order = _data_order(db.sql(STEP_ORDER).df(), run_ids, replays)
         examples = _example_flips(db.sql(LAST_EVALUATED).df(), run_ids)
         forgetting = _forgetting(db.sql(FORGETTING).df(), run_ids, top)
     return Comparison(run_ids, runs, config_differences(run_dirs), metrics, evals, order, examples, forgetting)
@@ -144,9 +146,10 @@ def _evals(frame: pd.DataFrame, run_ids: list[str]) -> pd.DataFrame:
     return wide.sort_values(["split", "scoring", "checkpoint_step", "scored"]).reset_index(drop=True)[columns]
 
 
-def _data_order(frame: pd.DataFrame, run_ids: list[str]) -> pd.DataFrame:
+def _data_order(frame: pd.DataFrame, run_ids: list[str], replays: dict[str, dict]) -> pd.DataFrame:
     """For each run against the reference: steps both trained, whether every one of them met the same examples in
-    the same order, the first step where they differ, and whether the two saw the same set of examples at all."""
+    the same order, the first step where they differ, whether the two saw the same set of examples at all, and where
+    one is a replay of the other (run.json's `replay_of`, proof/replay.py) the examples it left out."""
     by_run = {run_id: dict(zip(group.step, group.ids)) for run_id, group in frame.groupby("run_id")}
     reference = run_ids[0]
     mine = by_run.get(reference, {})
@@ -158,13 +161,52 @@ def _data_order(frame: pd.DataFrame, run_ids: list[str]) -> pd.DataFrame:
         first = next((s for s in steps if s not in mine or s not in theirs or list(mine[s]) != list(theirs[s])), None)
         seen = [{e for ids in run.values() for e in ids} for run in (mine, theirs)]
         tracked = bool(mine) and bool(theirs)
+        removed, note = _removed(by_run, reference, run_id, replays) if tracked else (None, "")
         rows.append({"reference": reference, "run_id": run_id, "steps_compared": len(both),
                      "same_order": (first is None) if tracked else None,
                      "first_divergent_step": first if tracked else None,
                      "same_examples": (seen[0] == seen[1]) if tracked else None,
-                     "note": "" if tracked else "no tracking data in one of the runs (train with --track-batches)"})
+                     "replay": _replay_direction(reference, run_id, replays),
+                     "replay_step": _replay_of(reference, run_id, replays).get("step"),
+                     "removed_examples": removed,
+                     "note": note if tracked else "no tracking data in one of the runs (train with --track-batches)"})
     return pd.DataFrame(rows, columns=["reference", "run_id", "steps_compared", "same_order", "first_divergent_step",
-                                       "same_examples", "note"]).astype({"first_divergent_step": "Int64"})
+                                       "same_examples", "replay", "replay_step", "removed_examples", "note"]) \
+        .astype({"first_divergent_step": "Int64", "replay_step": "Int64"})
+
+
+def _replay_of(reference: str, run_id: str, replays: dict[str, dict]) -> dict:
+    """The `replay_of` record linking the two runs (either way round), or {}."""
+    for replay, original in ((run_id, reference), (reference, run_id)):
+        if replays.get(replay, {}).get("run") == original:
+            return replays[replay]
+    return {}
+
+
+def _replay_direction(reference: str, run_id: str, replays: dict[str, dict]) -> str | None:
+    if replays.get(run_id, {}).get("run") == reference:
+        return "run is a replay of the reference"
+    if replays.get(reference, {}).get("run") == run_id:
+        return "reference is a replay of run"
+    return None
+
+
+def _removed(by_run: dict, reference: str, run_id: str, replays: dict[str, dict]) -> tuple[list | None, str]:
+    """The examples the original trained after the replay's checkpoint step (up to the replay's last step) that the
+    replay never met, sorted; with a note when they are not exactly the replay's recorded `dropped`."""
+    record = _replay_of(reference, run_id, replays)
+    if not record:
+        return None, ""
+    replay = run_id if replays.get(run_id) is record else reference
+    original = reference if replay == run_id else run_id
+    start, tail = record.get("step") or 0, by_run[replay]
+    end = max(tail, default=start)
+    met = {e for step, ids in by_run[original].items() if start < step <= end for e in ids}
+    removed = sorted(met - {e for step, ids in tail.items() if step > start for e in ids})
+    dropped = sorted(map(str, record.get("dropped") or []))
+    note = "" if removed == dropped else f"run.json's replay_of.dropped names {len(dropped)} example(s), the " \
+                                         f"record shows {len(removed)} removed"
+    return removed, note
 
 
 def _example_flips(frame: pd.DataFrame, run_ids: list[str]) -> pd.DataFrame:

@@ -23,13 +23,14 @@ SETUP = ["run_id", "subsets", "fraction", "seed", "from_step", "to_step"]  # one
 
 def replay_rows(runs: pd.DataFrame) -> pd.DataFrame:
     """The runs view's rows of the replays (their `replay_of` set), with the columns the section shows."""
-    if "replay_of" not in runs.columns:  # runs_info has the replay columns once any run is a replay
+    if "replay_of_run" not in runs.columns:
         return pd.DataFrame()
-    return runs[runs.replay_of.notna()].reset_index(drop=True)
+    return runs[runs.replay_of_run.notna()].reset_index(drop=True)
 
 
 def dropped_text(dropped: str | None) -> str:
-    """runs' `replay_dropped` (a JSON list) as its first DROPPED_SHOWN ids and "+N" for the rest; "none" when empty."""
+    """runs' `replay_dropped_ids` (a JSON list) as its first DROPPED_SHOWN ids and "+N" for the rest; "none" when
+    empty."""
     ids = json.loads(dropped) if dropped else []
     shown = ", ".join(ids[:DROPPED_SHOWN])
     return (shown + (f" +{len(ids) - DROPPED_SHOWN}" if len(ids) > DROPPED_SHOWN else "")) if ids else "none"
@@ -46,11 +47,11 @@ def replays_section(replays: pd.DataFrame, final_loss: dict, labels: dict) -> st
 
     rows = pd.DataFrame({
         "replay": [labels.get(r, r) for r in replays.run_id],
-        "original": [labels.get(o, o) for o in replays.replay_of],
-        "from step": replays.replay_from_step, "to step": replays.replay_end_step,
-        "dropped": [dropped_text(d) for d in replays.replay_dropped],
+        "original": [labels.get(o, o) for o in replays.replay_of_run],
+        "from step": replays.replay_of_step, "to step": replays.replay_end_step,
+        "dropped": [dropped_text(d) for d in replays.replay_dropped_ids],
         "final loss": [loss(v) for v in replays.final_loss],
-        "original's final loss": [loss(final_loss.get(o)) for o in replays.replay_of],
+        "original's final loss": [loss(final_loss.get(o)) for o in replays.replay_of_run],
         "run_id": replays.run_id})
     note = ('<p class="note">Runs written by `loratrace replay`: the original\'s recorded batches from a checkpoint '
             "on, less the dropped examples; the original's final loss is shown when it is in this report too.</p>")

@@ -140,7 +140,7 @@ def _data_order(c: Comparison, labels: dict[str, str]) -> str:
     lines = []
     for row in c.data_order.itertuples():
         who = labels[row.run_id]
-        if row.note:
+        if row.note and not row.replay:  # untracked; a replay's note goes with its own line
             lines.append(f"{who}: {row.note}")
         elif row.same_order:
             lines.append(f"{who}: the same examples in the same order as the reference at all {row.steps_compared} "
@@ -149,7 +149,21 @@ def _data_order(c: Comparison, labels: dict[str, str]) -> str:
             same = "the same set of examples overall" if row.same_examples else "different sets of examples"
             lines.append(f"{who}: the order diverges from the reference's at step {row.first_divergent_step} "
                          f"({row.steps_compared} steps compared; {same})")
+        if row.replay:
+            lines.append(_replay_line(row, who))
     return "== data_order ==\n" + "".join(line + "\n" for line in lines)
+
+
+def _replay_line(row, who: str) -> str:
+    """Which run replays which, from what step, and every example the replay left out (a note if run.json's record
+    of them disagrees with the batches)."""
+    removed = list(row.removed_examples)
+    said = (f"{who} is a replay of the reference" if row.replay.startswith("run") else
+            f"the reference is a replay of {who}")
+    line = f"{said} from step {row.replay_step}, without {len(removed)} example(s)"
+    line += (": " + " ".join(removed[:ROWS]) + (f" (+{len(removed) - ROWS} more; all: --section data_order)"
+                                                 if len(removed) > ROWS else "")) if removed else ""
+    return line + (f" ({row.note})" if row.note else "")
 
 
 def _examples(c: Comparison, labels: dict[str, str]) -> str:

@@ -20,11 +20,11 @@ from loratrace.overrides import flatten_keys
 from loratrace.runs import processes
 
 RUN_COLUMNS = ("run_id", "name", "tags", "dir", "dataset", "method", "created_at", "status", "duration_s",
-               "final_loss")  # then every run's config, flattened
+               "final_loss", "replay_of_run", "replay_of_step", "replay_end_step", "replay_dropped",
+               "replay_dropped_ids")  # then every run's config, flattened
+# replay_*: a replay's run.json `replay_of` (proof/replay.py): the run, the checkpoint step it started from, its last
+# step, how many examples it dropped and which (a JSON list); NULL for every other run
 SWEEP_COLUMNS = ("study", "trial")  # from a sweep trial's run.json: columns once any run has them
-# from a replay's run.json `replay_of` (proof/replay.py): columns once any run is a replay; the dropped ids as JSON
-REPLAY_COLUMNS = {"replay_of": "run", "replay_from_step": "step", "replay_end_step": "end_step",
-                  "replay_dropped": "dropped"}
 CONFIG_SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.default_factory))
 CHECKPOINT_FILE = re.compile(r"checkpoint-step-(\d+)\.ckpt")  # checkpoints.checkpoint_name's files
 
@@ -115,18 +115,19 @@ def runs_info(run_dirs: list[Path], folders: dict | None = None) -> tuple[list[s
             "created_at": info.get("created_at"), "status": shown_status(info),
             "name": info.get("name"), "tags": ",".join(map(str, info.get("tags") or [])) or None,
             "duration_s": duration_seconds(info), "final_loss": info.get("final_loss"),
-            **{key: info[key] for key in SWEEP_COLUMNS if key in info},
-            **_replay_columns(info.get("replay_of")),
+            **{key: info[key] for key in SWEEP_COLUMNS if key in info}, **_replay_columns(info),
         })
     columns = list(dict.fromkeys([*RUN_COLUMNS, *(key for row in rows for key in row)]))
     return columns, [[None if row.get(c) is None else str(row[c]) for c in columns] for row in rows]
 
 
-def _replay_columns(replay_of) -> dict:
-    if not isinstance(replay_of, dict):
-        return {}
-    columns = {column: replay_of.get(key) for column, key in REPLAY_COLUMNS.items()}
-    return {**columns, "replay_dropped": json.dumps(list(replay_of.get("dropped") or []))}
+def _replay_columns(info: dict) -> dict[str, Any]:
+    replay = info.get("replay_of") or {}
+    dropped = replay.get("dropped")
+    return {"replay_of_run": replay.get("run"), "replay_of_step": replay.get("step"),
+            "replay_end_step": replay.get("end_step"),
+            "replay_dropped": len(dropped) if isinstance(dropped, list) else None,
+            "replay_dropped_ids": json.dumps(dropped) if isinstance(dropped, list) else None}
 
 
 HYPERPARAMETERS_LEFT_OUT = ("run.", "runs_dir")  # labels and where the run lives: not how it was trained
@@ -154,7 +155,7 @@ class DamagedRun(LoratraceError):
 RUN_JSON_FIELDS = {"run_id": str, "name": str, "tags": list,
                    "dataset": str, "method": str, "created_at": str, "status": str, "host": str,
                    "attempts": list, "steps": int, "checkpoints": int, "final_loss": (int, float), "study": str,
-                   "trial": int, "trials": list, "versions": dict, "pruned_step": int}
+                   "trial": int, "trials": list, "versions": dict, "pruned_step": int, "replay_of": dict}
 ATTEMPT_FIELDS = {"started_at": str, "ended_at": str, "status": str, "resumed_from": str, "tracking_cost": dict,
                   "config_changes": dict, "process": dict}
 JSON_TYPE_NAMES = {dict: "an object", list: "a list", str: "a string", bool: "true/false", int: "a whole number",

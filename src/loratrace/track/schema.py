@@ -150,6 +150,25 @@ VALIDATIONS = pa.schema([
 ])
 
 
+# `influence --validate --loo K`: per test example, its K most helpful and K most harmful training examples (by the
+# method's scores), each left out alone by a replay of the tail; `tracking/loo/<method>-<key>.parquet`.
+LEAVE_ONE_OUT = pa.schema([
+    ("run_id", pa.string()),
+    ("method", pa.string()),  # tracin or tracin-cp
+    ("project_dim", pa.int32()),  # null: exact gradients
+    ("test_split", pa.string()),
+    ("test_example_id", pa.string()),
+    ("test_line", pa.int64()),
+    ("train_example_id", pa.string()),  # the one example left out
+    ("kind", pa.string()),  # helpful (highest scores) or harmful (lowest)
+    ("rank", pa.int32()),  # 1 = the highest (helpful) or lowest (harmful) score
+    ("predicted_change", pa.float64()),  # the method's score: the predicted rise of the test loss without it
+    ("actual_change", pa.float64()),  # the replay's test loss minus the run's, at to_step
+    ("from_step", pa.int64()),  # the replay's start (the tail's first full checkpoint) ...
+    ("to_step", pa.int64()),  # ... and end (the last checkpoint)
+    ("computed_at", pa.timestamp("us", tz="UTC")),
+])
+
 # A sweep's trials, one row per Optuna trial: `runs/sweeps/<study>/trials.parquet`, a snapshot of the study's storage
 # rewritten (atomically) whenever a trial starts or ends; the `trials` view reads it.
 TRIALS = pa.schema([
@@ -249,6 +268,11 @@ def validations_part_name(method: str, key: str) -> str:
     return f"{method}-{key}.parquet"
 
 
+
+def loo_part_name(method: str, key: str) -> str:
+    """`key`: 8 hex digits naming the computation (method, test examples, K, projection, span)."""
+    return f"{method}-{key}.parquet"
+
 PART_NAMES = {  # folder under tracking/ -> the names written there (more digits once a counter outgrows its width)
     "batches": re.compile(r"a\d{3,}-r\d{2,}-\d{6,}\.parquet"),
     "checkpoints": re.compile(r"a\d{3,}-s\d{9,}(-\d+)?\.parquet"),
@@ -256,6 +280,7 @@ PART_NAMES = {  # folder under tracking/ -> the names written there (more digits
     "evals": re.compile(r"s\d{9,}-\d{8}T\d{6}-[0-9a-f]{8}\.parquet"),
     "influence": re.compile(r"(tracin|tracin-cp)-[0-9a-f]{8}-s\d{9,}\.parquet"),
     "validations": re.compile(r"(tracin|tracin-cp|random)-[0-9a-f]{8}\.parquet"),
+    "loo": re.compile(r"(tracin|tracin-cp)-[0-9a-f]{8}\.parquet"),
 }
 
 
