@@ -684,6 +684,14 @@ OTHER_CASES = [
          writes_runs=True),
     Case("train-args-config_a_folder", "train", ("train", "--config", "{T}", "--runs-dir", "{runs}"),
          names=("{T}",), expect="fail", writes_runs=True),
+    Case("config-args-unknown_key", "config", ("config", "training.nope=1"), names=("training.nope",),
+         expect="fail", quick=True),
+    Case("config-args-format_without_keys", "config", ("config", "--format", "json"), names=("--keys",),
+         expect="fail"),
+    Case("config-args-config_a_folder", "config", ("config", "--config", "{T}"), names=("{T}",), expect="fail"),
+    Case("tail-args-a_finished_run", "tail", ("tail", "{T}", "--format", "json"), expect="ok", quick=True),
+    Case("tail-args-missing_run", "tail", ("tail", "{runs}/nope"), names=("nope",), expect="fail", quick=True),
+    Case("tail-args-follow_a_finished_run", "tail", ("tail", "{T}", "--follow", "-n", "2"), expect="ok"),
 ]
 
 
