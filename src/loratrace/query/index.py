@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 
 from loratrace.query.damage import gaps
@@ -89,5 +90,10 @@ def index_samples(run_dir: Path) -> float:
     """For whoever ends a run: `tracking/samples_index.parquet`, the per-example index `trace` reads. Returns the
     seconds it took."""
     started = time.perf_counter()
-    write_samples_index(run_dir)
+    try:  # where DuckDB cannot be imported, tracking (pyarrow only) keeps every row; `trace` reads the views instead
+        import duckdb  # noqa: F401
+    except ImportError as error:
+        warnings.warn(f"loratrace: samples index not written ({error})", stacklevel=2)
+    else:
+        write_samples_index(run_dir)
     return time.perf_counter() - started

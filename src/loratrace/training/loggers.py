@@ -338,7 +338,8 @@ def log_accuracies_after_training(cfg: Config, run_dir: Path, points: list[tuple
             client = MlflowClient(tracking_uri=mlflow_tracking_uri(cfg))
             for tag, step, value in points:
                 client.log_metric(mlflow_run, tag, value, step=step)
-            steps = [step for _, step, _ in points]
+            # one accuracy point per evaluation this command made (its stderr is a point too, not a part)
+            steps = [step for tag, step, _ in points if not tag.endswith("_stderr")]
             for step in dict.fromkeys(steps):  # this command's parts: the newest of each step it scored
                 for part in eval_parts(run_dir, step, steps.count(step)):
                     log_eval_table(client, mlflow_run, part)
