@@ -291,15 +291,20 @@ def tracker_parts(folder: Path) -> list[Path]:
         else []
 
 
-def step_ranges_text(steps: list[int]) -> str:
-    """Sorted steps as short ranges: [5, 6, 7, 8, 12] -> "5-8, 12"."""
+def step_spans(steps: list[int]) -> list[list[int]]:
+    """Sorted steps as [first, last] runs of consecutive steps: [5, 6, 7, 8, 12] -> [[5, 8], [12, 12]]."""
     spans: list[list[int]] = []
     for step in steps:
         if spans and step == spans[-1][1] + 1:
             spans[-1][1] = step
         else:
             spans.append([step, step])
-    return spans_text(spans)
+    return spans
+
+
+def step_ranges_text(steps: list[int]) -> str:
+    """Sorted steps as short ranges: [5, 6, 7, 8, 12] -> "5-8, 12"."""
+    return spans_text(step_spans(steps))
 
 
 def spans_text(spans) -> str:

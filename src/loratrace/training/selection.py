@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loratrace.errors import CheckpointError
+from loratrace.track.schema import step_spans
 
 CHECKPOINT_SELECTION = "all, last, steps like 76,100, a range like 76..125, or a mix like 1..50,100"
 FINAL_IS_EVAL_ONLY = "final (the merged final_model/) is eval's only"
@@ -84,10 +85,4 @@ def choose(found: Sequence[tuple[int, Path]], text: str, where: Path, verb: str,
 
 def steps_text(steps: list[int]) -> str:
     """Sorted steps in the selection syntax: [2, 3, 4, 5, 9] -> "2..5,9" (so a message's list can be pasted back)."""
-    spans: list[list[int]] = []
-    for step in steps:
-        if spans and step == spans[-1][1] + 1:
-            spans[-1][1] = step
-        else:
-            spans.append([step, step])
-    return ",".join(str(low) if low == high else f"{low}..{high}" for low, high in spans)
+    return ",".join(str(low) if low == high else f"{low}..{high}" for low, high in step_spans(steps))
