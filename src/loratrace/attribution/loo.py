@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from loratrace.attribution.tracin import InfluenceError
+from loratrace.attribution.tracin import write_part
 from loratrace.proof.replay import fed_without
 from loratrace.runs.folder import utc_now
 from loratrace.track import schema
@@ -76,8 +76,5 @@ def _write(engine, truth, method: str, project_dim, k: int, rows: list[dict]) ->
         "from_step": [truth.start] * n, "to_step": [truth.end] * n, "computed_at": [utc_now()] * n,
     }, schema=schema.LEAVE_ONE_OUT)
     path = engine.run_dir / "tracking" / "loo" / schema.loo_part_name(method, key)
-    try:
-        schema.write_atomic(table, path)
-    except OSError as exc:
-        raise InfluenceError(f"cannot write {path}: {exc.strerror or exc}") from None
+    write_part(table, path)
     return table

@@ -205,7 +205,13 @@ def _write_part(job: Computation, term: Term, rows: dict[str, list], source: byt
         "checkpoint_path": [term.checkpoint.relative_to(job.run_dir).as_posix()] * n, "lr": [term.lr] * n,
         "score": rows["score"], "project_dim": [job.project_dim] * n, "computed_at": [utc_now()] * n,
     }, schema=schema.INFLUENCE).replace_schema_metadata({SOURCE_KEY: source})
-    path = job.part(term)
+    write_part(table, job.part(term))
+
+
+
+def write_part(table: pa.Table, path: Path) -> None:
+    """A part under tracking/ (influence, validations, leave-one-out), written atomically; a disk that refuses it
+    is one line."""
     try:
         schema.write_atomic(table, path)
     except OSError as exc:

@@ -27,8 +27,8 @@ import numpy as np
 import pyarrow as pa
 
 from loratrace.attribution.loo import leave_one_out
-from loratrace.attribution.tracin import METHODS, InfluenceError, compute
-from loratrace.data.datasets import DataError, load_split
+from loratrace.attribution.tracin import METHODS, InfluenceError, compute, write_part
+from loratrace.data.datasets import load_split
 from loratrace.data.encoding import collate, encode, padding_token_id
 from loratrace.proof.engine import Engine
 from loratrace.proof.record import run_checkpoints
@@ -129,12 +129,8 @@ def ground_truth(engine, subsets: int, fraction: float, seed: int, split: str, e
 
 
 def _tests(engine, split: str, example_ids, limit):
-
     data = engine.cfg.data
-    try:
-        tests = load_split(data.dataset, data.source, split, None if example_ids else limit, notice=lambda line: None)
-    except DataError as exc:
-        raise InfluenceError(str(exc)) from None
+    tests = load_split(data.dataset, data.source, split, None if example_ids else limit, notice=lambda line: None)
     if example_ids:
         by_id = {e.example_id: e for e in tests}
         missing = [i for i in example_ids if i not in by_id]
@@ -145,7 +141,6 @@ def _tests(engine, split: str, example_ids, limit):
 
 
 def _encode(engine, tests):
-
     return encode(tests, engine.tokenizer, engine.cfg.data.max_length)
 
 
@@ -202,7 +197,6 @@ def _interval(per_test: np.ndarray, seed: int) -> tuple[float, float, float]:
 
 
 def _write(engine, truth: Truth, method: str, project_dim, per_test, summary) -> None:
-
     n = len(truth.test_ids)
     lds, low, high = summary
     key = hashlib.sha256(json.dumps([method, truth.split, truth.test_ids, len(truth.masks), truth.fraction,
@@ -216,7 +210,4 @@ def _write(engine, truth: Truth, method: str, project_dim, per_test, summary) ->
         "lds": [lds] * n, "lds_low": [low] * n, "lds_high": [high] * n, "computed_at": [utc_now()] * n,
     }, schema=schema.VALIDATIONS)
     path = engine.run_dir / "tracking" / "validations" / schema.validations_part_name(method, key)
-    try:
-        schema.write_atomic(table, path)
-    except OSError as exc:
-        raise InfluenceError(f"cannot write {path}: {exc.strerror or exc}") from None
+    write_part(table, path)

@@ -63,7 +63,6 @@ def add_replay(sub) -> None:
 
 
 def _ids(path: str) -> list[str]:
-
     try:
         text = open(path, encoding="utf-8").read()
     except (OSError, UnicodeDecodeError) as exc:

@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import Checkpoint
 from typing_extensions import override
 
 from loratrace.config import load_config
-from loratrace.data.datasets import DataError, load_split
+from loratrace.data.datasets import load_split
 from loratrace.data.encoding import encode, padding_token_id
 from loratrace.data.loader import EpochLoader, _Collate
 from loratrace.proof.record import ProofError, check_training_data
@@ -154,18 +154,14 @@ class Engine:
     """One run's config, training data and base model, loaded once for any number of re-executions."""
 
     def __init__(self, run_dir: str | Path):
-
         self.run_dir = Path(run_dir)
         if not (self.run_dir / "config.yaml").is_file():
             raise ProofError(f"{self.run_dir} is not a run folder (no config.yaml)")
         self.info, _ = read_run_folder(self.run_dir)  # a damaged run.json or tracking/ is one line, before any work
         self.cfg = load_config(self.run_dir / "config.yaml", notice=lambda line: None)
         data = self.cfg.data
-        try:
-            self.examples = load_split(data.dataset, data.source, data.train_split, data.limit,
-                                       notice=lambda line: None)
-        except DataError as exc:
-            raise ProofError(str(exc)) from None
+        self.examples = load_split(data.dataset, data.source, data.train_split, data.limit,
+                                   notice=lambda line: None)  # a bad data set is its own DataError
         check_training_data(self.run_dir, self.examples)
         self.index = {e.example_id: i for i, e in enumerate(self.examples)}
         self.gpu = _uses_gpu(self.cfg.training.accelerator)

@@ -111,7 +111,6 @@ def replay(run: str | Path, from_step: int, drop: Iterable[str] = (), keep_only:
 
 
 def _replay_one(engine, chosen: Plan, dropped: set[str]) -> Path:
-
     cfg = dataclasses.replace(engine.cfg, runs_dir=str(engine.run_dir.parent))
     t, first = cfg.training, chosen.start.step
     removed = sum(i in dropped for b in chosen.batches for i in b.example_ids)
@@ -145,7 +144,6 @@ def _replay_one(engine, chosen: Plan, dropped: set[str]) -> Path:
 
 
 def _mark_replay(made: Path, engine, chosen: Plan, dropped: set[str], removed: int) -> None:
-
     info = folder.read_run_json(made)
     info["replay_of"] = {
         "run": engine.info.get("run_id", engine.run_dir.name), "step": chosen.start.step,

@@ -218,7 +218,6 @@ def _checkpoint_row(first: int, checkpoint: RunCheckpoint, largest: float | None
 
 
 def _compare_weights(engine, first: int, checkpoint: RunCheckpoint, live: dict | None, tolerance: float) -> dict:
-
     problem = _checkpoint_problem(engine, checkpoint)
     if problem or live is None:
         return _checkpoint_row(first, checkpoint, None, False, problem or "no weights after the step")
