@@ -114,7 +114,7 @@ def start_run(run_dir: Path, cfg: Config, resumed_from: str | None, resumed_step
     info.update(status="running", versions=versions(), git_sha=git_sha(), host=socket.gethostname(),
                 python=platform.python_version(), base_model=cfg.model.name,
                 name=cfg.run.name or None, tags=list(cfg.run.tags))  # a resume may rename or retag the run
-    info["attempts"].append({"started_at": utc_now().isoformat(timespec="seconds"), "resumed_from": resumed_from,
+    info["attempts"].append({"started_at": utc_now().isoformat(timespec="milliseconds"), "resumed_from": resumed_from,
                              **({"resumed_step": resumed_step} if resumed_from else {}),
                              "status": "running", **({"config_changes": changes} if changes else {}),
                              "process": this_process()})  # so `runs` can tell a killed run: stale
@@ -131,7 +131,8 @@ def finish_run(run_dir: Path, status: str, attempt: dict[str, Any] | None = None
         info["final_export"] = {"attempt": len(info.get("attempts") or []) - 1, "step": final_export_step}
     info["status"] = status
     if info.get("attempts"):
-        info["attempts"][-1].update(status=status, ended_at=utc_now().isoformat(timespec="seconds"), **(attempt or {}))
+        ended = utc_now().isoformat(timespec="milliseconds")  # milliseconds: a 3-step run can end within its second
+        info["attempts"][-1].update(status=status, ended_at=ended, **(attempt or {}))
     info.update(extra)
     write_run_json(run_dir, info)
 
