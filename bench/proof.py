@@ -6,7 +6,8 @@
   replay      tail steps per second of `replays` with nothing dropped (three in one process, the base model loaded
               once), and seconds per replay of the whole tail
   LDS         `influence --validate` of tracin, tracin-cp and random scores: --subsets 10 --fraction 0.5, the first
-              20 validation examples, seed 0 (nothing chosen after seeing a result)
+              20 validation examples, seed 0 (nothing chosen after seeing a result); each `--project-dim K` adds the
+              same methods with their gradients projected to K dimensions (the same seed: the same subsets)
 
 Trains the default job (tracked) unless `--run` names one; `--quick` uses a 16-update tiny run and 3 subsets
 instead (a smoke test of the harness, not a figure). Prints a Markdown table.
@@ -47,7 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", action="append", choices=("tracin", "tracin-cp"),
                         help="methods whose LDS is measured (default both; tracin-cp takes every training example's "
                              "gradient at every checkpoint: the longest part)")
+    parser.add_argument("--project-dim", type=int, action="append", default=[], metavar="K",
+                        help="also measure the methods with gradients projected to K dimensions (repeatable)")
     args = parser.parse_args(argv)
+    import pandas as pd
+
     from loratrace.attribution.validate import validate
     from loratrace.proof.engine import Engine
     from loratrace.proof.replay import replays
@@ -69,8 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         made = replays(run, first, [[], [], []], engine=engine)
         replay_s = (time.perf_counter() - started) / len(made)
         tail = frame.step.max() - first
-        lds = validate(run, args.method, subsets=3 if args.quick else 10, limit=5 if args.quick else 20, progress=False,
-                       engine=engine)
+        lds = pd.concat([validate(run, args.method, subsets=3 if args.quick else 10, limit=5 if args.quick else 20,
+                                  project_dim=k, progress=False, engine=engine)
+                         for k in [None, *args.project_dim]], ignore_index=True).drop_duplicates(
+            subset=["method", "project_dim"])  # each call scores random too: once is enough
     rows = [
         ("model loaded once (verify, replay and validate share it)", f"{load_s:.1f} s", ""),
         (f"verify: {line}", f"{verify_s:.1f} s for {steps} step(s)", ""),

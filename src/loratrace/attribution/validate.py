@@ -50,7 +50,6 @@ def validate(run: str | Path, methods: list[str] | None = None, subsets: int = 1
     leave-one-out rows (schema.LEAVE_ONE_OUT's columns) of every method."""
     import pandas as pd
 
-
     methods = list(dict.fromkeys(methods or METHODS))
     bad = [m for m in methods if m not in METHODS]
     if bad:
@@ -97,7 +96,6 @@ def ground_truth(engine, subsets: int, fraction: float, seed: int, split: str, e
     import tempfile
 
     from tqdm.auto import tqdm
-
 
     t = engine.cfg.training
     checkpoints = run_checkpoints(engine.run_dir)
@@ -147,7 +145,6 @@ def _encode(engine, tests):
 def _losses(engine, encoded, batch: int = 32) -> np.ndarray:
     """Training's per-example loss of each test example under the model's weights now, without dropout."""
     import torch
-
 
     model, pad_id, out = engine.model, padding_token_id(engine.tokenizer), []
     device = next(model.parameters()).device

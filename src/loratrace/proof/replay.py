@@ -160,7 +160,6 @@ def _copy_history(run_dir: Path, made: Path, first: int) -> None:
     at `first`): the replay reads as a whole run whose data order differs from the original's exactly by the drops."""
     import pyarrow as pa
 
-
     tracking = run_dir / "tracking"
     ranges = lineage_ranges(tracking)
     rows = [dict(row, run_id=made.name, attempt=0)

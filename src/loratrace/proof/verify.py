@@ -57,7 +57,6 @@ def verify(run: str | Path, from_step: int | None = None, steps: int | None = No
     `GPU_TOLERANCE` on a GPU). `summary(frame)` gives the one line the command prints."""
     import pandas as pd
 
-
     run_dir = storage.local_folder(run, "verify re-executes a run on this machine: copy the run here first")
     for name, value in (("--from", from_step), ("--steps", steps)):
         if value is not None and value < 1:

@@ -97,7 +97,6 @@ def train_tokenizer(documents: list[str]):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-
     tokenizer = Tokenizer(models.BPE(unk_token=None))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -120,7 +119,6 @@ def learning_rate(step: int, total: int) -> float:
 def pretrain(steps: int = STEPS, stop_after: int | None = None, seed: int = SEED, log=print):
     """(model, tokenizer, losses, documents): `stop_after` ends early with the same first steps as a full run."""
     import torch
-
 
     documents = corpus(seed)
     tokenizer = train_tokenizer(documents)
