@@ -49,13 +49,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _print_config(args, overrides)
     if args.resume_from_checkpoint and args.dataset:
         raise ConfigError("--dataset cannot be combined with --resume-from-checkpoint")
+    names = args.dataset or [None]
+    # every config first, before torch loads: a mistyped key is one line in a second, not after the imports
+    configs = [] if args.resume_from_checkpoint else [
+        load_config(args.config, overrides + ([f"data.dataset={n}"] if n else [])) for n in names]
     from loratrace import recipe  # torch only when this command runs: `loratrace query` imports this module too
 
     if args.resume_from_checkpoint:
         recipe.train(args.config, resume_from=args.resume_from_checkpoint, overrides=overrides)
         return 0
-    names = args.dataset or [None]
-    configs = [load_config(args.config, overrides + ([f"data.dataset={n}"] if n else [])) for n in names]  # all first
     for cfg in configs:
         recipe.train(cfg)
     return 0
