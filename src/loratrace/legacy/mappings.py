@@ -143,10 +143,13 @@ def recompute_and_compare(tracking: Path, run_id: str, legacy: LegacyMappings) -
 def _steps_by_checkpoint(step_map: pa.Table) -> dict[int, list[int]]:
     """Checkpoint step -> the steps it is the first checkpoint of, in step order (a step without one: none)."""
     step_map = step_map.filter(pc.is_valid(step_map["checkpoint_step"]))
+    if not step_map.num_rows:
+        return {}
     checkpoints, steps = step_map["checkpoint_step"].to_numpy(), step_map["step"].to_numpy()
     order = np.lexsort((steps, checkpoints))
-    found, starts = np.unique(checkpoints[order], return_index=True)
-    return dict(zip(found.tolist(), (group.tolist() for group in np.split(steps[order], starts[1:]))))
+    checkpoints, steps = checkpoints[order], steps[order]
+    starts = np.flatnonzero(np.append(True, checkpoints[1:] != checkpoints[:-1]))
+    return dict(zip(checkpoints[starts].tolist(), (group.tolist() for group in np.split(steps, starts[1:]))))
 
 
 def _lines(line_map: pa.Table) -> dict[int, dict]:
@@ -154,16 +157,19 @@ def _lines(line_map: pa.Table) -> dict[int, dict]:
     first checkpoint} over every example id at that line; an index out of the data set's range (null line) has no
     line to compare (a quirk of its own)."""
     line_map = line_map.filter(pc.is_valid(line_map["line"]))
+    if not line_map.num_rows:
+        return {}
     lines = line_map["line"].to_numpy()
     counts = pc.list_value_length(line_map["steps"]).fill_null(0).to_numpy()
     all_lines, all_steps = np.repeat(lines, counts), pc.list_flatten(line_map["steps"]).to_numpy()
-    order = np.lexsort((all_steps, all_lines))
-    all_lines, all_steps = all_lines[order], all_steps[order]
-    first = np.append(True, (all_lines[1:] != all_lines[:-1]) | (all_steps[1:] != all_steps[:-1]))
-    all_lines, all_steps = all_lines[first], all_steps[first]
-    found, starts = np.unique(all_lines, return_index=True)
+    if not (np.diff(lines) > 0).all():  # else one id per line: each list is its line's steps, in order, once
+        order = np.lexsort((all_steps, all_lines))
+        all_lines, all_steps = all_lines[order], all_steps[order]
+        first = np.append(True, (all_lines[1:] != all_lines[:-1]) | (all_steps[1:] != all_steps[:-1]))
+        all_lines, all_steps = all_lines[first], all_steps[first]
+    starts = np.flatnonzero(np.append(True, all_lines[1:] != all_lines[:-1]))
     ours = {line + 1: {"steps": group.tolist(), "first": None}
-            for line, group in zip(found.tolist(), np.split(all_steps, starts[1:]))}
+            for line, group in zip(all_lines[starts].tolist(), np.split(all_steps, starts[1:]))}
     for line, checkpoint in zip(lines.tolist(), line_map["first_checkpoint_step"].to_pylist()):
         entry = ours.setdefault(line + 1, {"steps": [], "first": None})
         if checkpoint is not None and (entry["first"] is None or checkpoint < entry["first"]):

@@ -190,10 +190,17 @@ def _values_as_checked(table: pa.Table) -> bool:
     return pc.count_distinct(steps).as_py() == len(steps)
 
 
-def _timestamps(texts: pa.Array) -> pa.Array:
-    """`timestamp` texts parsed by `_timestamp`, the careful reader's rule."""
-    return pa.array([None if text is None else _timestamp(text) for text in texts.to_pylist()],
-                    ROWS.field("timestamp").type)
+def _timestamps(texts: pa.ChunkedArray) -> pa.ChunkedArray:
+    """`timestamp` texts parsed by `_timestamp`, the careful reader's rule: the script's own form (ISO, seconds, no
+    offset: UTC) all at once by pyarrow when writing each back gives its text (no day or second out of range was
+    rolled over); any other text one by one."""
+    kind, form = ROWS.field("timestamp").type, "%Y-%m-%dT%H:%M:%S"
+    parsed = pc.strptime(texts, format=form, unit="s", error_is_null=True)
+    same = pc.equal(pc.strftime(parsed, format=form), texts)
+    if same.null_count == texts.null_count and pc.all(same).as_py() is not False:
+        return parsed.cast(pa.timestamp("us")).cast(kind)
+    return pa.chunked_array([pa.array([None if text is None else _timestamp(text) for text in texts.to_pylist()],
+                                      kind)])
 
 
 # the tracking columns' integer types (docs/ARCHITECTURE.md): a value past them cannot be stored
