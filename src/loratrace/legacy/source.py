@@ -151,9 +151,10 @@ def _read_fast(data: bytes, quirks: dict[str, Any]) -> pa.Table | None:
     value of another kind or range than `_check_values` accepts: the careful reader then reports or refuses it in
     its own words."""
     try:
-        table = pa_json.read_json(io.BytesIO(data), parse_options=pa_json.ParseOptions(
-            explicit_schema=JSON_COLUMNS, unexpected_field_behavior="infer"))
-    except (pa.ArrowException, ValueError):  # a line the reader cannot type: the careful reader says which and why
+        table = pa_json.read_json(io.BytesIO(data), read_options=pa_json.ReadOptions(block_size=1 << 22),
+                                  parse_options=pa_json.ParseOptions(explicit_schema=JSON_COLUMNS,
+                                                                     unexpected_field_behavior="infer"))
+    except (pa.ArrowException, ValueError):  # a line it cannot type, or one longer than a block (4 MiB)
         return None
     lines = data.count(b"\n") + (not data.endswith(b"\n"))
     if table.num_rows == 0 or table.num_rows != lines or set(table.column_names) & set(ALIASES):
