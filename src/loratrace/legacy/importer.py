@@ -87,7 +87,7 @@ def examples_rows(legacy: LegacyRun, run_id: str, examples) -> list[dict]:
                  "n_target_tokens": None, "prompt_sha256": e.prompt_sha256, "prompt": e.prompt} for e in examples]
     pairs = pa.table({"example_id": pc.list_flatten(legacy.table["example_ids"]),
                       "line": pc.list_flatten(legacy.table["lines"])}).drop_null()  # a null line: no example
-    ids = pc.dictionary_encode(pairs["example_id"]).combine_chunks()
+    ids = pc.dictionary_encode(pairs["example_id"].combine_chunks())
     keys = np.stack([pairs["line"].to_numpy(), ids.indices.to_numpy()], axis=1)
     _, first = np.unique(keys, axis=0, return_index=True)
     first = np.sort(first)  # each (id, line) where the JSONL first names it; then by line, ties in that order
