@@ -38,13 +38,13 @@ def first_checkpoint(step: int, saved_steps: list[int]) -> int | None:
 def step_checkpoint_table(run_id: str, steps: Iterable[int], checkpoints: dict[int, str]) -> pa.Table:
     """step_checkpoint rows (run_id, step, checkpoint_step, checkpoint_path) for `steps`, given the run's effective
     checkpoints as step -> path."""
-    steps = sorted_unique(np.fromiter(steps, np.int64))
+    steps = _sorted_unique(np.fromiter(steps, np.int64))
     checkpoint, at = _first_checkpoints(steps, checkpoints)
     return pa.Table.from_arrays([pa.array([run_id] * len(steps), pa.string()), pa.array(steps), checkpoint,
                                  _paths(checkpoints).take(at)], schema=schema.STEP_CHECKPOINT)
 
 
-def sorted_unique(values: np.ndarray) -> np.ndarray:
+def _sorted_unique(values: np.ndarray) -> np.ndarray:
     """np.unique by a sort: numpy's own (by hashing) is several times slower on millions of distinct values."""
     values = np.sort(values)
     return values[np.append(True, values[1:] != values[:-1])] if len(values) else values
@@ -115,14 +115,15 @@ class Mappings:
             if key in self._read:
                 continue
             self._read.add(key)
-            part = pq.ParquetFile(path).read(columns=columns)
+            with pq.ParquetFile(path) as file:  # not pq.read_table: its dataset layer costs more than the read
+                part = file.read(columns=columns)
             yield part.filter(self._effective(part))
 
     def update(self) -> None:
         """Index the parts written since the last call (every rank's; orphaned rows are skipped)."""
         for part in self._new_parts("batches", ["attempt", "step", "example_ids", "lines"]):
             steps = part["step"].to_numpy()
-            self._steps = sorted_unique(np.concatenate([self._steps, steps]))
+            self._steps = _sorted_unique(np.concatenate([self._steps, steps]))
             lengths = pc.list_value_length(part["example_ids"]).fill_null(0).to_numpy()
             self._trained.append(pa.table({"example_id": pc.dictionary_encode(pc.list_flatten(part["example_ids"])),
                                            "line": pc.list_flatten(part["lines"]), "step": np.repeat(steps, lengths)}))
@@ -189,7 +190,7 @@ def _unique_rows(line_null: np.ndarray, line: np.ndarray, id_rank: np.ndarray, s
     first_step, step_span = int(steps.min()), int(steps.max()) - int(steps.min()) + 1
     null_line = high - low + 1  # the packed line of a null one: after every line
     if (null_line + 1) * ids * step_span < 2**63:
-        packed = sorted_unique((np.where(line_null, null_line, line - low) * ids + id_rank) * step_span
+        packed = _sorted_unique((np.where(line_null, null_line, line - low) * ids + id_rank) * step_span
                                + (steps - first_step))
         rest, steps = np.divmod(packed, step_span)
         line, id_rank = np.divmod(rest, ids)
