@@ -5,7 +5,8 @@ examples over the bundled sample's 400 rows, both JSON mappings, a checkpoint ev
 no checkpoint folders: their conversion is per checkpoint, not per step), then measures side by side:
 
   import throughput   legacy steps per second through `import_legacy` (rows, examples, mappings recomputed and
-                      cross-checked, trace's samples index)
+                      cross-checked, trace's samples index), and the CPU seconds it took: on a shared machine the
+                      wall time is inflated, the CPU time much less
   bytes               tracking/ Parquet (batches parts) vs the legacy JSONL
   trace               `open_runs(...).trace(id)` over the imported run vs `grep | jq` over the JSONL, same example
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import subprocess
 import tempfile
@@ -72,9 +74,9 @@ def measure(steps: int, batch: int, work: Path) -> dict:
     folder = write_synthetic_legacy(work / "experiments", steps, batch)
     written_s = time.perf_counter() - started
     jsonl = folder / "logs" / f"batch_tracking_{DATASET}.jsonl"
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     report = import_legacy(folder, work / "runs")
-    import_s = time.perf_counter() - started
+    import_s, import_cpu_s = time.perf_counter() - started, time.process_time() - cpu
     run_dir = Path(report["run_dir"])
     parquet_bytes = sum(p.stat().st_size for p in (run_dir / "tracking" / "batches").glob("*.parquet"))
     target = "LTSYN_TRA_0017"
@@ -85,7 +87,7 @@ def measure(steps: int, batch: int, work: Path) -> dict:
         trace_s = min(_timed(lambda: db.trace(target)) for _ in range(5))
     pipeline = f"grep -F '\"{target}\"' {jsonl} | jq -c '{{step, loss}}' > /dev/null"
     grep_s = min(_timed(lambda: subprocess.run(pipeline, shell=True, check=True)) for _ in range(3))
-    return {"steps": steps, "batch": batch, "write_s": written_s, "import_s": import_s,
+    return {"steps": steps, "batch": batch, "write_s": written_s, "import_s": import_s, "import_cpu_s": import_cpu_s,
             "steps_per_s": steps / import_s, "jsonl_bytes": jsonl.stat().st_size, "parquet_bytes": parquet_bytes,
             "trace_rows": len(traced), "first_trace_ms": first_trace_s * 1e3, "trace_ms": trace_s * 1e3,
             "grep_ms": grep_s * 1e3, "disagreements": report["mappings"]["disagreements_total"]}
@@ -99,8 +101,8 @@ def _timed(fn) -> float:
 
 def table(m: dict) -> str:
     rows = [
-        (f"import throughput, {m['steps']:,} steps x {m['batch']} examples", f"{m['import_s']:.1f} s",
-         f"{m['steps_per_s']:,.0f} steps/s"),
+        (f"import throughput, {m['steps']:,} steps x {m['batch']} examples",
+         f"{m['import_s']:.1f} s ({m['import_cpu_s']:.1f} s CPU)", f"{m['steps_per_s']:,.0f} steps/s"),
         ("tracking Parquet (batches) / legacy JSONL bytes", f"{m['parquet_bytes']:,} / {m['jsonl_bytes']:,}",
          f"{m['parquet_bytes'] / m['jsonl_bytes']:.3f}"),
         (f"grep | jq over the legacy JSONL / trace of the imported run ({m['trace_rows']:,} rows)",
@@ -120,7 +122,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         m = measure(args.steps, args.batch, Path(work))
     print(table(m))
-    print(f"\n(synthetic folder written in {m['write_s']:.1f} s; mapping disagreements: {m['disagreements']})")
+    print(f"\n(synthetic folder written in {m['write_s']:.1f} s; mapping disagreements: {m['disagreements']}; load "
+          f"average at the end: {' '.join(f'{load:.2f}' for load in os.getloadavg())})")
 
 
 if __name__ == "__main__":

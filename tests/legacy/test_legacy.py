@@ -17,6 +17,8 @@ from conftest import run_cli
 from loratrace.cli import main
 from loratrace.legacy.checkpoint import LegacyError
 from loratrace.legacy.importer import import_legacy
+from loratrace.query.index import write_samples_index
+from loratrace.query.samples_index import SamplesIndex
 
 DATASET = "arc-challenge"
 
@@ -196,6 +198,28 @@ def test_key_aliases_are_accepted(legacy_folder, legacy_copy, tmp_path):
     assert [list(i) for i in got.example_ids] == [r["sample_ids"] for r in jsonl(legacy_folder)]
     assert got.lr.tolist() == [r["learning_rate"] for r in jsonl(legacy_folder)]
     assert got.wall_time[0].timestamp() == 1753022001
+
+
+def test_the_samples_index_of_an_import_has_the_rows_the_views_query_writes(legacy_copy, tmp_path):
+    """import-legacy computes its samples index from the rows in memory (query/index.py, `index_rows`); the views'
+    query over the same parts writes the same rows: a negative index (no row: left out), positional ids, an
+    example twice in a step."""
+    rows = jsonl(legacy_copy)
+    for row in rows:
+        del row["sample_ids"]
+    rows[1]["sample_indices"][0] = -5  # no row even without the data set
+    rows[2]["sample_indices"][1] = rows[2]["sample_indices"][0]
+    rewrite_jsonl(legacy_copy, rows)
+    config = legacy_copy / "training_config.yaml"
+    config.write_text(config.read_text().replace("source: sample", f"source: {tmp_path / 'gone'}"))
+    run_dir = Path(import_legacy(legacy_copy, tmp_path / "runs")["run_dir"])
+    index = run_dir / "tracking" / "samples_index.parquet"
+    imported = pq.read_table(index)
+    assert SamplesIndex(index).flat and imported.num_rows == sum(len(r["sample_indices"]) for r in rows) - 1
+    index.unlink()
+    (run_dir / "tracking" / "manifest.json").unlink()
+    write_samples_index(run_dir)
+    assert pq.read_table(index).equals(imported)
 
 
 def test_a_last_line_cut_short_is_dropped_and_reported(legacy_copy, tmp_path):

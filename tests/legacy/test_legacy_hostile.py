@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -14,12 +15,15 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import run_cli
 from test_legacy import DATASET, jsonl, report, rewrite_jsonl, tree_hash
 
 from loratrace.cli import main
+from loratrace.legacy import source
+from loratrace.legacy.importer import import_legacy
 
 JSONL = f"batch_tracking_{DATASET}.jsonl"
 CHECKPOINT_MAP = f"checkpoint_mapping_{DATASET}.json"
@@ -134,6 +138,56 @@ def test_a_wrong_mapping_entry_is_one_line_naming_file_line_and_key(legacy_copy,
     edit_json(path, change)
     err = refused(capsys, legacy_copy, tmp_path / "runs")
     assert f"{name} line " in err and expected in err
+
+
+# ------------------------------------------------------------------------------ the fast reader and the careful one
+
+def read_both(folder: Path) -> tuple[pa.Table | None, dict, pa.Table, dict]:
+    """The JSONL as pyarrow's reader (source._read_fast: None when it gives up) and the line-by-line reader read it,
+    with the quirks each found."""
+    path = folder / "logs" / JSONL
+    fast_quirks, careful_quirks = {}, {}
+    fast = source._read_fast(path.read_bytes(), fast_quirks)
+    careful = source._as_table(source._read_lines(path, path.read_text(), careful_quirks))
+    return fast, fast_quirks, careful, careful_quirks
+
+
+def test_the_fast_reader_reads_what_the_careful_one_reads(legacy_copy):
+    rows = jsonl(legacy_copy)[::-1]  # steps out of order: both give them in step order, each with its JSONL line
+    del rows[3]["loss"], rows[0]["grad_norm"]
+    rows[5]["epoch"] = None
+    rows[6]["timestamp"] = "2025-07-20T14:00:06.250000+02:00"  # not the script's own form: parsed one by one
+    rewrite_jsonl(legacy_copy, rows)
+    fast, fast_quirks, careful, careful_quirks = read_both(legacy_copy)
+    assert fast is not None and fast.equals(careful)
+    assert list(fast_quirks["missing_fields"].items()) == list(careful_quirks["missing_fields"].items())
+    assert fast_quirks == careful_quirks and fast["_line"].to_pylist()[:2] == [12, 11]
+
+
+FAST_READER_GIVES_UP = {  # a file pyarrow's reader cannot vouch for -> what the careful reader reports (None: nothing)
+    "blank_line": (lambda text: text.replace("\n", "\n\n", 1), None),
+    "key_alias": (lambda text: text.replace('"step"', '"global_step"', 1), "key_aliases"),
+    "cut_short": (lambda text: text + '{"step": 13, "sample_ind', "truncated_last_line"),
+    "step_twice": (lambda text: text + text.splitlines(keepends=True)[-1], "repeated_steps"),
+    "ids_as_numbers": (lambda text: re.sub(r'"sample_ids": \["[^"]*"', '"sample_ids": [7', text, count=1), None),
+    "no_step": (lambda text: text + '{"epoch": 0}\n', "unusable_lines"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAST_READER_GIVES_UP))
+def test_a_file_the_fast_reader_gives_up_on_is_read_line_by_line(legacy_copy, tmp_path, name):
+    """The import then converts it as before: the careful reader's rows and quirks."""
+    edit, quirk = FAST_READER_GIVES_UP[name]
+    path = legacy_copy / "logs" / JSONL
+    path.write_text(edit(path.read_text()))
+    fast, _, careful, careful_quirks = read_both(legacy_copy)
+    assert fast is None and (quirk is None or quirk in careful_quirks)
+    run_dir = Path(import_legacy(legacy_copy, tmp_path / "runs")["run_dir"])
+    got = batches(run_dir)
+    assert [row["step"] for row in got] == careful["step"].to_pylist() == list(range(1, 13))
+    assert report(run_dir)["quirks"].keys() >= careful_quirks.keys()
+    if name == "ids_as_numbers":
+        assert got[0]["example_ids"][0] == "7"
 
 
 # ---------------------------------------------------------------------------------------------- rows that are no rows

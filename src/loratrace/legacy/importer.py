@@ -22,7 +22,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from loratrace.config import save_config
 from loratrace.legacy import mappings
@@ -42,11 +45,10 @@ from loratrace.legacy.source import (  # noqa: F401 - find_legacy_runs: the comm
     read_legacy_run,
     resolve_ids,
 )
-from loratrace.query.index import write_samples_index
+from loratrace.query.index import index_rows, write_samples_index
 from loratrace.runs import folder as run_folder
 from loratrace.runs import processes, storage
 from loratrace.track import schema
-from loratrace.track.step_outputs import stage_of
 from loratrace.training.checkpoints import checkpoint_name
 
 PART_ROWS = 50_000  # batches rows per Parquet part
@@ -55,21 +57,24 @@ REPORT_FILE = "import_report.json"
 
 # ---------------------------------------------------------------------------------------------- tracking parts
 
-def _float(value: Any) -> float | None:
-    return None if value is None else float(value)
+def batches_table(legacy: LegacyRun, run_id: str) -> pa.Table:
+    """The batches rows of the JSONL's steps (after `resolve_ids`): what the legacy script did not log is null."""
+    table, stage1 = legacy.table, legacy.cfg.training.stage1_steps
+    n = table.num_rows
+    steps = table["step"].combine_chunks()
 
+    def constant(value, kind: pa.DataType) -> pa.Array:
+        return pa.array([value], kind).take(np.zeros(n, np.int64))
 
-def batches_rows(legacy: LegacyRun, run_id: str) -> list[dict]:
-    stage1 = legacy.cfg.training.stage1_steps
-    return [{
-        "run_id": run_id, "attempt": 0, "step": int(row["step"]), "micro_batch": 0, "rank": 0,
-        "epoch": None if row.get("epoch") is None else int(row["epoch"]),
-        "batch_idx": None if row.get("batch_idx") is None else int(row["batch_idx"]),
-        "stage": stage_of(int(row["step"]), stage1), "example_ids": row["example_ids"], "lines": row["lines"],
-        "losses": None, "p_gold": None, "correct": None, "loss": _float(row.get("loss")),
-        "grad_norm": _float(row.get("grad_norm")), "lr": _float(row.get("learning_rate")), "n_tokens": None,
-        "n_target_tokens": None, "wall_time": row.get("timestamp"),  # parsed by read_jsonl
-    } for row in legacy.rows]
+    # track.step_outputs.stage_of: 1 up to stage1, then 2; always 1 without stages
+    stage = np.ones(n, np.int8) if stage1 is None else np.where(steps.to_numpy() <= stage1, 1, 2)
+    columns = {"run_id": constant(run_id, pa.string()), "attempt": constant(0, pa.int32()), "step": steps,
+               "micro_batch": constant(0, pa.int32()), "rank": constant(0, pa.int32()),
+               "epoch": table["epoch"], "batch_idx": table["batch_idx"], "stage": pa.array(stage, pa.int8()),
+               "example_ids": table["example_ids"], "lines": table["lines"], "loss": table["loss"],
+               "grad_norm": table["grad_norm"], "lr": table["learning_rate"], "wall_time": table["timestamp"]}
+    return pa.Table.from_arrays([columns[f.name].cast(f.type) if f.name in columns else pa.nulls(n, f.type)
+                                 for f in schema.BATCHES], schema=schema.BATCHES)
 
 
 def examples_rows(legacy: LegacyRun, run_id: str, examples) -> list[dict]:
@@ -80,21 +85,27 @@ def examples_rows(legacy: LegacyRun, run_id: str, examples) -> list[dict]:
     if examples is not None:
         return [{**base, "example_id": e.example_id, "line": e.line, "gold": e.gold_label, "n_choices": len(e.choices),
                  "n_target_tokens": None, "prompt_sha256": e.prompt_sha256, "prompt": e.prompt} for e in examples]
-    seen: dict[tuple[str, int], None] = {}
-    for row in legacy.rows:  # an out-of-range index (null line) is no example of the data set
-        seen.update(dict.fromkeys(pair for pair in zip(row["example_ids"], row["lines"]) if None not in pair))
+    pairs = pa.table({"example_id": pc.list_flatten(legacy.table["example_ids"]),
+                      "line": pc.list_flatten(legacy.table["lines"])}).drop_null()  # a null line: no example
+    ids = pc.dictionary_encode(pairs["example_id"].combine_chunks())
+    keys = np.stack([pairs["line"].to_numpy(), ids.indices.to_numpy()], axis=1)
+    _, first = np.unique(keys, axis=0, return_index=True)
+    first = np.sort(first)  # each (id, line) where the JSONL first names it; then by line, ties in that order
+    first = first[np.argsort(keys[first, 0], kind="stable")]
     return [{**base, "example_id": i, "line": line, "gold": None, "n_choices": None, "n_target_tokens": None,
-             "prompt_sha256": None, "prompt": None} for i, line in sorted(seen, key=lambda key: key[1])]
+             "prompt_sha256": None, "prompt": None}
+            for i, line in zip(pairs["example_id"].take(first).to_pylist(), pairs["line"].take(first).to_pylist())]
 
 
-def write_tracking(tracking: Path, run_id: str, legacy: LegacyRun, examples, checkpoint_rows: list[dict]) -> None:
-    rows = batches_rows(legacy, run_id)
-    for part, start in enumerate(range(0, len(rows), PART_ROWS)):
-        schema.write_atomic(pa.Table.from_pylist(rows[start: start + PART_ROWS], schema=schema.BATCHES),
+def write_tracking(tracking: Path, run_id: str, legacy: LegacyRun, examples, checkpoint_rows: list[dict]) -> pa.Table:
+    """Every tracking part of the run; returns the batches rows."""
+    batches = batches_table(legacy, run_id)
+    for part, start in enumerate(range(0, batches.num_rows, PART_ROWS)):
+        schema.write_atomic(batches.slice(start, PART_ROWS),
                             tracking / "batches" / schema.batches_part_name(0, 0, part))
     schema.write_atomic(pa.Table.from_pylist(examples_rows(legacy, run_id, examples), schema=schema.EXAMPLES),
                         tracking / schema.EXAMPLES_FILE)
-    started = next((r["wall_time"] for r in rows if r["wall_time"] is not None), None)
+    started = pc.drop_null(batches["wall_time"])[0].as_py() if batches["wall_time"].null_count < len(batches) else None
     attempt = {"run_id": run_id, "attempt": 0, "parent_attempt": None, "started_at": started, "resumed_from": None,
                "resumed_step": 0, "world_size": 1, "host": None}
     schema.write_atomic(pa.Table.from_pylist([attempt], schema=schema.ATTEMPTS),
@@ -102,6 +113,7 @@ def write_tracking(tracking: Path, run_id: str, legacy: LegacyRun, examples, che
     for row in checkpoint_rows:
         schema.write_atomic(pa.Table.from_pylist([row], schema=schema.CHECKPOINTS),
                             tracking / "checkpoints" / schema.checkpoints_part_name(0, row["step"]))
+    return batches
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -130,6 +142,8 @@ def convert_checkpoints(legacy: LegacyRun, run_dir: Path, run_id: str, examples,
                if re.fullmatch(r"checkpoint-\d+", p.name) and p.is_dir()}
     named = legacy.mappings.checkpoint_steps()
     shapes = trainable_shapes(legacy.cfg) if folders else {}
+    # the steps as loader_position reads them, only when there is a checkpoint to convert: a long run has many
+    jsonl_rows = legacy.table.select(["step", "epoch", "batch_idx", "lines"]).to_pylist() if folders else []
     rows, converted, not_converted = [], [], {}
     for step in sorted(set(folders) | named):
         name = checkpoint_name(step)
@@ -141,7 +155,7 @@ def convert_checkpoints(legacy: LegacyRun, run_dir: Path, run_id: str, examples,
         elif not is_trainer_checkpoint(folder):
             not_converted[f"checkpoint-{step}"] = "no adapter weights in the folder"
         else:
-            position = loader_position(legacy.rows, step, len(examples) if examples else None,
+            position = loader_position(jsonl_rows, step, len(examples) if examples else None,
                                        legacy.cfg.training.batch_size)
             try:
                 state = convert_trainer_checkpoint(folder, legacy.cfg, shapes, position, tracked_run_id=run_id)
@@ -292,13 +306,14 @@ def _free_name(wanted: Path) -> Path:
 def _build(legacy: LegacyRun, run_dir: Path, run_id: str) -> dict[str, Any]:
     """Everything of the run folder, written into `run_dir` (the temporary name); the run id is the final name."""
     cfg = legacy.cfg
-    report: dict[str, Any] = {"source": str(legacy.source), "run_id": run_id, "steps": len(legacy.rows)}
+    report: dict[str, Any] = {"source": str(legacy.source), "run_id": run_id, "steps": legacy.table.num_rows}
     examples = resolve_ids(legacy, report)
     checkpoint_rows = convert_checkpoints(legacy, run_dir, run_id, examples, report)
     tracking = run_dir / "tracking"
-    write_tracking(tracking, run_id, legacy, examples, checkpoint_rows)
+    batches = write_tracking(tracking, run_id, legacy, examples, checkpoint_rows)
     report["mappings"] = mappings.recompute_and_compare(tracking, run_id, legacy.mappings)
-    write_samples_index(run_dir)
+    # the rows are in memory: the index is computed from them, not from the parts by DuckDB (the same rows)
+    write_samples_index(run_dir, index_rows(batches, pq.read_table(tracking / "step_checkpoint.parquet")))
     models = legacy.source / "models"
     if is_trainer_checkpoint(models):
         shutil.copytree(models, run_dir / "final_adapter")
@@ -313,7 +328,7 @@ def _build(legacy: LegacyRun, run_dir: Path, run_id: str) -> dict[str, Any]:
             "status": "completed" if "no_final_adapter" not in legacy.quirks else "interrupted",
             "imported": True, "imported_from": str(legacy.source), "imported_at": run_folder.utc_now().isoformat(),
             "versions": run_folder.versions(), "base_model": cfg.model.name,
-            "steps": max(r["step"] for r in legacy.rows),
+            "steps": pc.max(legacy.table["step"]).as_py(),
             "checkpoints": len(report["checkpoints"]["converted"]),
             "attempts": [{"started_at": None, "resumed_from": None, "status": "imported"}]}
     run_folder.write_run_json(run_dir, info)

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from loratrace.legacy.checkpoint import LegacyError
@@ -84,7 +87,10 @@ def _is_whole(value: Any) -> bool:
 def _steps(entry: dict, key: str) -> list[int] | None:
     """An entry's `steps`: a list of optimizer steps, or None when the entry does not list them (a missing field)."""
     steps = entry.get("steps")
-    if steps is not None and not (isinstance(steps, list) and all(_is_whole(s) and s >= 1 for s in steps)):
+    # each an int (a bool is not: its type is not int) from 1, checked by the set of types and the least, not one by
+    # one in Python: a line mapping lists every step of every line
+    if steps is not None and not (isinstance(steps, list) and set(map(type, steps)) <= {int}
+                                  and min(steps, default=1) >= 1):
         raise _BadEntry(key, f"\"steps\" is {json.dumps(steps)[:40]}, not a list of steps (whole numbers from 1)")
     return None if steps is None else sorted(steps)
 
@@ -117,21 +123,8 @@ def recompute_and_compare(tracking: Path, run_id: str, legacy: LegacyMappings) -
     both ways: per checkpoint, the steps it adds; per line (1-based in the legacy file), its steps and first
     checkpoint; and what one side has that the other lacks."""
     Mappings(tracking, run_id, {0: (0, None)}).refresh()
-    step_map = pq.read_table(tracking / "step_checkpoint.parquet").to_pylist()
-    line_map = pq.read_table(tracking / "line_checkpoint.parquet").to_pylist()
-    ours_steps: dict[int, list[int]] = {}
-    for row in step_map:
-        if row["checkpoint_step"] is not None:
-            ours_steps.setdefault(row["checkpoint_step"], []).append(row["step"])
-    ours_lines: dict[int, dict] = {}
-    for row in line_map:
-        if row["line"] is None:  # an index out of the data set's range: no line to compare (a quirk of its own)
-            continue
-        entry = ours_lines.setdefault(row["line"] + 1, {"steps": set(), "first": None})
-        entry["steps"] |= set(row["steps"])
-        if row["first_checkpoint_step"] is not None and (entry["first"] is None
-                                                          or row["first_checkpoint_step"] < entry["first"]):
-            entry["first"] = row["first_checkpoint_step"]
+    ours_steps = _steps_by_checkpoint(pq.read_table(tracking / "step_checkpoint.parquet"))
+    ours_lines = _lines(pq.read_table(tracking / "line_checkpoint.parquet"))
     disagreements: list[str] = []
     if legacy.checkpoints is not None:
         disagreements += _compare_checkpoints(legacy.checkpoints, ours_steps)
@@ -147,19 +140,56 @@ def recompute_and_compare(tracking: Path, run_id: str, legacy: LegacyMappings) -
             "disagreements_total": len(disagreements), "legacy_files_missing": missing}
 
 
+def _steps_by_checkpoint(step_map: pa.Table) -> dict[int, list[int]]:
+    """Checkpoint step -> the steps it is the first checkpoint of, in step order (a step without one: none)."""
+    step_map = step_map.filter(pc.is_valid(step_map["checkpoint_step"]))
+    if not step_map.num_rows:
+        return {}
+    checkpoints, steps = step_map["checkpoint_step"].to_numpy(), step_map["step"].to_numpy()
+    order = np.lexsort((steps, checkpoints))
+    checkpoints, steps = checkpoints[order], steps[order]
+    starts = np.flatnonzero(np.append(True, checkpoints[1:] != checkpoints[:-1]))
+    return dict(zip(checkpoints[starts].tolist(), (group.tolist() for group in np.split(steps, starts[1:]))))
+
+
+def _lines(line_map: pa.Table) -> dict[int, dict]:
+    """Line (1-based, as the legacy file counts) -> {"steps": its steps in order, each once, "first": the earliest
+    first checkpoint} over every example id at that line; an index out of the data set's range (null line) has no
+    line to compare (a quirk of its own)."""
+    line_map = line_map.filter(pc.is_valid(line_map["line"]))
+    if not line_map.num_rows:
+        return {}
+    lines = line_map["line"].to_numpy()
+    counts = pc.list_value_length(line_map["steps"]).fill_null(0).to_numpy()
+    all_lines, all_steps = np.repeat(lines, counts), pc.list_flatten(line_map["steps"]).to_numpy()
+    if not (np.diff(lines) > 0).all():  # else one id per line: each list is its line's steps, in order, once
+        order = np.lexsort((all_steps, all_lines))
+        all_lines, all_steps = all_lines[order], all_steps[order]
+        first = np.append(True, (all_lines[1:] != all_lines[:-1]) | (all_steps[1:] != all_steps[:-1]))
+        all_lines, all_steps = all_lines[first], all_steps[first]
+    starts = np.flatnonzero(np.append(True, all_lines[1:] != all_lines[:-1]))
+    ours = {line + 1: {"steps": group.tolist(), "first": None}
+            for line, group in zip(all_lines[starts].tolist(), np.split(all_steps, starts[1:]))}
+    for line, checkpoint in zip(lines.tolist(), line_map["first_checkpoint_step"].to_pylist()):
+        entry = ours.setdefault(line + 1, {"steps": [], "first": None})
+        if checkpoint is not None and (entry["first"] is None or checkpoint < entry["first"]):
+            entry["first"] = checkpoint
+    return ours
+
+
 def _compare_checkpoints(theirs: dict[str, tuple[int, list[int] | None]], ours: dict[int, list[int]]) -> list[str]:
     """Per checkpoint the legacy mapping names, its steps against the rows'; then each checkpoint the rows give
     steps to that the legacy mapping does not name."""
     found = []
     for name, (step, steps) in theirs.items():
-        mine = sorted(ours.get(step, []))
+        mine = ours.get(step, [])
         if steps is None:
             found.append(f"{name}: the legacy mapping lists no steps, the rows give {_span(mine)}")
         elif steps != mine:
             found.append(f"{name}: legacy mapping lists steps {_span(steps)}, the rows give {_span(mine)}")
     named = {step for step, _ in theirs.values()}
     for step in sorted(set(ours) - named):
-        found.append(f"checkpoint-{step}: the rows give steps {_span(sorted(ours[step]))}, absent from the legacy "
+        found.append(f"checkpoint-{step}: the rows give steps {_span(ours[step])}, absent from the legacy "
                      "checkpoint mapping")
     return found
 
@@ -173,10 +203,9 @@ def _compare_lines(theirs: dict[int, tuple[list[int] | None, int | None]], ours:
         if mine is None:
             found.append(f"line {line}: in the legacy line mapping, never trained per the JSONL")
         elif steps is None:
-            found.append(f"line {line}: the legacy line mapping lists no steps, the rows give "
-                         f"{_span(sorted(mine['steps']))}")
-        elif steps != sorted(mine["steps"]):
-            found.append(f"line {line}: legacy steps {_span(steps)}, the rows give {_span(sorted(mine['steps']))}")
+            found.append(f"line {line}: the legacy line mapping lists no steps, the rows give {_span(mine['steps'])}")
+        elif steps != mine["steps"]:
+            found.append(f"line {line}: legacy steps {_span(steps)}, the rows give {_span(mine['steps'])}")
         elif first != mine["first"]:
             shown = "none" if first is None else f"checkpoint-{first}"
             given = "none" if mine["first"] is None else f"checkpoint-{mine['first']}"

@@ -8,11 +8,17 @@ key translation, each row's example ids by the issue's rules, and every quirk me
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pa_json
 
 from loratrace.config import Config, ConfigError, config_from_flat, flatten_keys, known_keys
 from loratrace.data.datasets import load_split
@@ -27,18 +33,27 @@ ALIASES = {"global_step": "step", "indices": "sample_indices", "batch_indices": 
 """Key aliases seen in legacy JSONL files -> the key docs/LEGACY.md names."""
 FIELDS = ("step", "epoch", "batch_idx", "sample_indices", "line_numbers", "sample_ids", "loss", "learning_rate",
           "grad_norm", "timestamp")
+JSON_COLUMNS = pa.schema([
+    ("step", pa.int64()), ("epoch", pa.int64()), ("batch_idx", pa.int64()), ("sample_indices", pa.list_(pa.int64())),
+    ("line_numbers", pa.list_(pa.int64())), ("sample_ids", pa.list_(pa.string())), ("loss", pa.float64()),
+    ("learning_rate", pa.float64()), ("grad_norm", pa.float64()), ("timestamp", pa.string())])
+"""FIELDS as pyarrow's JSON reader reads them: a line with a value of another JSON kind fails it."""
+ROWS = pa.schema([*JSON_COLUMNS.remove(JSON_COLUMNS.get_field_index("timestamp")),
+                  ("timestamp", pa.timestamp("us", tz="UTC")), ("_line", pa.int64())])
+"""The JSONL as read (`read_jsonl`): FIELDS, the wall times parsed, and `_line`, the JSONL line of each row."""
 SHOWN = 20  # out-of-range indices listed in the report; the rest are counted
 FOLDER_NAME = re.compile(r"(?P<project>.+)_(?P<stamp>\d{8}_\d{6})_(?P<method>[A-Za-z0-9-]+)")
 
 
 @dataclass
 class LegacyRun:
-    """What the legacy folder holds, read once: its config, its JSONL rows, and what was odd about them."""
+    """What the legacy folder holds, read once: its config, its JSONL rows (`ROWS`, one per step in step order;
+    `resolve_ids` adds `example_ids` and `lines`), and what was odd about them."""
 
     source: Path
     dataset: str
     cfg: Config
-    rows: list[dict]
+    table: pa.Table
     mappings: LegacyMappings
     quirks: dict[str, Any] = field(default_factory=dict)
 
@@ -60,10 +75,10 @@ def find_legacy_runs(paths: list[str | Path]) -> list[Path]:
 
 # ---------------------------------------------------------------------------------------------- reading the source
 
-def read_jsonl(path: Path, quirks: dict[str, Any]) -> list[dict]:
-    """The JSONL's objects with docs/LEGACY.md's key names. A last line cut short by a crash (no newline, not JSON) is
-    dropped and reported; any other unreadable line, or a value of the wrong kind, is an error naming the line and
-    the key as the file spells it."""
+def read_jsonl(path: Path, quirks: dict[str, Any]) -> pa.Table:
+    """The JSONL's objects with docs/LEGACY.md's key names, one row per step in step order (`ROWS`; `_line`: the JSONL
+    line). A last line cut short by a crash (no newline, not JSON) is dropped and reported; any other unreadable line,
+    or a value of the wrong kind, is an error naming the line and the key as the file spells it."""
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -73,6 +88,12 @@ def read_jsonl(path: Path, quirks: dict[str, Any]) -> list[dict]:
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise LegacyError(f"{path} line {line}: not UTF-8 text") from None
+    table = _read_fast(data, quirks)
+    return table if table is not None else _as_table(_read_lines(path, text, quirks))
+
+
+def _read_lines(path: Path, text: str, quirks: dict[str, Any]) -> list[dict]:
+    """The careful reader: line by line, each value checked, every oddity converted and reported or refused."""
     lines = text.split("\n")
     rows, aliases, missing = [], {}, {}
     for number, line in enumerate(lines, start=1):
@@ -113,6 +134,74 @@ def read_jsonl(path: Path, quirks: dict[str, Any]) -> list[dict]:
     if missing:
         quirks["missing_fields"] = missing  # field -> how many steps lack it (their column is null)
     return _one_row_per_step(rows, quirks)
+
+
+def _as_table(rows: list[dict]) -> pa.Table:
+    """The careful reader's rows as `ROWS` (an id written as a number is its text, as every id is)."""
+    columns: dict[str, list] = {name: [row.get(name) for row in rows] for name in ROWS.names}
+    columns["sample_ids"] = [None if ids is None else [str(i) for i in ids] for ids in columns["sample_ids"]]
+    for name in ("loss", "learning_rate", "grad_norm"):
+        columns[name] = [None if value is None else float(value) for value in columns[name]]
+    return pa.Table.from_pydict(columns, schema=ROWS)
+
+
+def _read_fast(data: bytes, quirks: dict[str, Any]) -> pa.Table | None:
+    """The rows read by pyarrow's JSON reader when it can vouch for every line as `_read_lines` would; None when a
+    line is blank, not an object, cut short, lacks a step or its indices, repeats a step, uses a key alias or holds a
+    value of another kind or range than `_check_values` accepts: the careful reader then reports or refuses it in
+    its own words."""
+    try:
+        table = pa_json.read_json(io.BytesIO(data), read_options=pa_json.ReadOptions(block_size=1 << 22),
+                                  parse_options=pa_json.ParseOptions(explicit_schema=JSON_COLUMNS,
+                                                                     unexpected_field_behavior="infer"))
+    except (pa.ArrowException, ValueError):  # a line it cannot type, or one longer than a block (4 MiB)
+        return None
+    lines = data.count(b"\n") + (not data.endswith(b"\n"))
+    if table.num_rows == 0 or table.num_rows != lines or set(table.column_names) & set(ALIASES):
+        return None  # a blank line (the JSONL's line numbers would shift) or a key alias
+    table = table.select(list(FIELDS)).combine_chunks()
+    if not _values_as_checked(table):
+        return None
+    try:
+        stamps = _timestamps(table["timestamp"])
+    except (TypeError, ValueError, OverflowError, OSError):
+        return None
+    nulls = {name: table[name].is_null().to_numpy(zero_copy_only=False) for name in FIELDS}
+    missing = sorted((int(is_null.argmax()), FIELDS.index(name), name) for name, is_null in nulls.items()
+                     if is_null.any())  # in the order the careful reader meets them: first line, then field
+    if missing:
+        quirks["missing_fields"] = {name: int(nulls[name].sum()) for _, _, name in missing}
+    table = table.set_column(FIELDS.index("timestamp"), "timestamp", stamps)
+    table = table.append_column("_line", pa.array(np.arange(1, lines + 1)))
+    return table if (np.diff(table["step"].to_numpy()) > 0).all() else table.take(pc.sort_indices(table["step"]))
+
+
+def _values_as_checked(table: pa.Table) -> bool:
+    """Whether every line is usable and every value is what `_check_values` accepts (pyarrow gave the types): a step
+    from 1, each logged once, indices on every line, epoch and batch index in range, no null inside a list."""
+    steps = table["step"]
+    if steps.null_count or table["sample_indices"].null_count or pc.min(steps).as_py() < 1:
+        return False
+    for name, high in (("epoch", INT32), ("batch_idx", INT64)):
+        low_high = pc.min_max(table[name]).as_py()
+        if low_high["min"] is not None and (low_high["min"] < 0 or low_high["max"] >= high):
+            return False
+    if any(pc.list_flatten(table[name]).null_count for name in ("sample_indices", "line_numbers", "sample_ids")):
+        return False
+    return pc.count_distinct(steps).as_py() == len(steps)
+
+
+def _timestamps(texts: pa.ChunkedArray) -> pa.ChunkedArray:
+    """`timestamp` texts parsed by `_timestamp`, the careful reader's rule: the script's own form (ISO, seconds, no
+    offset: UTC) all at once by pyarrow when writing each back gives its text (no day or second out of range was
+    rolled over); any other text one by one."""
+    kind, form = ROWS.field("timestamp").type, "%Y-%m-%dT%H:%M:%S"
+    parsed = pc.strptime(texts, format=form, unit="s", error_is_null=True)
+    same = pc.equal(pc.strftime(parsed, format=form), texts)
+    if same.null_count == texts.null_count and pc.all(same).as_py() is not False:
+        return parsed.cast(pa.timestamp("us")).cast(kind)
+    return pa.chunked_array([pa.array([None if text is None else _timestamp(text) for text in texts.to_pylist()],
+                                      kind)])
 
 
 # the tracking columns' integer types (docs/ARCHITECTURE.md): a value past them cannot be stored
@@ -185,8 +274,8 @@ def read_legacy_run(source: Path) -> LegacyRun:
         raise LegacyError(f"{source} is not a legacy run: no logs/batch_tracking_<dataset>.jsonl")
     dataset = logs[0].name[len("batch_tracking_"): -len(".jsonl")]
     quirks: dict[str, Any] = {}
-    rows = read_jsonl(logs[0], quirks)
-    if not rows:
+    table = read_jsonl(logs[0], quirks)
+    if not table.num_rows:
         raise LegacyError(f"{logs[0]}: no step recorded; nothing to import")
     mappings = read_legacy_mappings(source, dataset)  # checked now: a bad entry stops the import before any work
     flat: dict[str, Any] = {}
@@ -213,58 +302,83 @@ def read_legacy_run(source: Path) -> LegacyRun:
         cfg = config_from_flat(resolved)
     except ConfigError as exc:
         raise LegacyError(f"{config_path}: {exc}") from None
-    return LegacyRun(source, dataset, cfg, rows, mappings, quirks)
+    return LegacyRun(source, dataset, cfg, table, mappings, quirks)
 
 
 # ---------------------------------------------------------------------------------------------- example ids
 
 def resolve_ids(legacy: LegacyRun, report: dict[str, Any]) -> list[dict] | None:
-    """Each row's example ids (`example_ids`) and 0-based rows (`lines`), by docs/LEGACY.md's rules in order: the
-    JSONL's
-    `sample_ids`; else the data set's id of that row, when it loads; else `<dataset>/train/<row>`. An index that is
-    no row (negative, or past the data set's end) becomes a null line (and a null id unless `sample_ids` gives it):
-    the batch keeps its length and order, nothing is made up, and the raw index is listed in the quirk
-    `rows_out_of_range`. Returns the data set's examples (None when it did not load); `report["example_ids"]` says
-    which rule served how many steps."""
+    """Each row's example ids (`example_ids`) and 0-based rows (`lines`), columns added to `legacy.table`, by
+    docs/LEGACY.md's rules in order: the JSONL's `sample_ids`; else the data set's id of that row, when it loads;
+    else `<dataset>/train/<row>`. An index that is no row (negative, or past the data set's end) becomes a null line
+    (and a null id unless `sample_ids` gives it): the batch keeps its length and order, nothing is made up, and the
+    raw index is listed in the quirk `rows_out_of_range`. Returns the data set's examples (None when it did not
+    load); `report["example_ids"]` says which rule served how many steps."""
     cfg = legacy.cfg
     examples, load_error = None, None
     try:
         examples = load_split(cfg.data.dataset, cfg.data.source, cfg.data.train_split, notice=lambda line: None)
     except Exception as exc:  # noqa: BLE001 - a data set that does not load only means positional ids
         load_error = first_line(exc)
-    rules = {"sample_ids": 0, "data set row": 0, "positional": 0}
-    lines_differ, ids_length_differs = 0, 0
-    out_of_range: list[dict] = []
-    for row in legacy.rows:
-        indices = row["sample_indices"]
-        if row.get("line_numbers") is not None and [n - 1 for n in row["line_numbers"]] != indices:
-            lines_differ += 1
-        lines = [i if i >= 0 and (examples is None or i < len(examples)) else None for i in indices]
-        out_of_range += [{"jsonl_line": row["_line"], "step": row["step"], "index": i}
-                         for i, line in zip(indices, lines) if line is None]
-        row["lines"] = lines
-        ids = row.get("sample_ids")
-        if ids is not None and len(ids) != len(indices):
-            ids_length_differs += 1
-        if ids is not None and len(ids) == len(indices):
-            row["example_ids"] = [str(i) for i in ids]
-            rules["sample_ids"] += 1
-        elif examples is not None:
-            row["example_ids"] = [None if r is None else examples[r].example_id for r in lines]
-            rules["data set row"] += 1
-        else:
-            row["example_ids"] = [None if r is None else f"{cfg.data.dataset}/{cfg.data.train_split}/{r}"
-                                  for r in lines]
-            rules["positional"] += 1
+    table = legacy.table
+    indices = table["sample_indices"].combine_chunks()
+    flat, lengths = pc.list_flatten(indices).to_numpy(), pc.list_value_length(indices).to_numpy()
+    row_of = np.repeat(np.arange(len(lengths)), lengths)  # the row of each index
+    known = flat >= 0 if examples is None else (flat >= 0) & (flat < len(examples))
+    lines = pa.array(flat, mask=~known)
+    ids, rules = _example_ids(table, lines, row_of, lengths, examples, cfg)
+    ids_length_differs = rules.pop("ids_length_differs")
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]), pa.int32())
+    legacy.table = table.append_column("example_ids", pa.ListArray.from_arrays(offsets, ids)).append_column(
+        "lines", pa.ListArray.from_arrays(offsets, lines))
     report["example_ids"] = {"rule_per_steps": {k: v for k, v in rules.items() if v},
                              "data_set": f"{cfg.data.dataset} ({cfg.data.source}, {cfg.data.train_split})",
                              **({"data_set_not_loaded": load_error} if load_error else {})}
+    lines_differ = _lines_differ(table, flat, row_of, lengths)
     if lines_differ:
         legacy.quirks["line_numbers_disagree"] = {"steps": lines_differ, "kept": "sample_indices"}
     if ids_length_differs:
         legacy.quirks["sample_ids_length_differs"] = {"steps": ids_length_differs, "ids_from": "the rules after it"}
-    if out_of_range:
+    out_of_range = np.flatnonzero(~known)
+    if out_of_range.size:
+        jsonl_lines, steps = table["_line"].to_numpy(), table["step"].to_numpy()
         legacy.quirks["rows_out_of_range"] = {
-            "count": len(out_of_range), "rows": f"0..{len(examples) - 1}" if examples is not None else "0..",
-            "kept_as": "null line", "first": out_of_range[:SHOWN]}
+            "count": int(out_of_range.size), "rows": f"0..{len(examples) - 1}" if examples is not None else "0..",
+            "kept_as": "null line",
+            "first": [{"jsonl_line": int(jsonl_lines[row_of[i]]), "step": int(steps[row_of[i]]), "index": int(flat[i])}
+                      for i in out_of_range[:SHOWN]]}
     return examples
+
+
+def _example_ids(table: pa.Table, lines: pa.Array, row_of: np.ndarray, lengths: np.ndarray, examples,
+                 cfg: Config) -> tuple[pa.Array, dict[str, int]]:
+    """Every index's example id by the rules in order (`lines`: the rows, null where none), and how many steps each
+    rule served (`ids_length_differs`: the steps whose `sample_ids` are of another length than their indices)."""
+    given = table["sample_ids"].combine_chunks()
+    has = given.is_valid().to_numpy(zero_copy_only=False)
+    given_lengths = pc.list_value_length(given).fill_null(-1).to_numpy()
+    paired = given_lengths == lengths
+    rules = {"sample_ids": int(paired.sum()), "data set row": 0, "positional": 0,
+             "ids_length_differs": int((has & ~paired).sum())}
+    if paired.all():
+        return pc.list_flatten(given), rules
+    rules["data set row" if examples is not None else "positional"] = int((~paired).sum())
+    if examples is not None:
+        ids = pa.array([e.example_id for e in examples], pa.string()).take(lines)
+    else:
+        ids = pc.binary_join_element_wise(f"{cfg.data.dataset}/{cfg.data.train_split}/", lines.cast(pa.string()), "")
+    given_rows = np.repeat(np.flatnonzero(has), given_lengths[has])  # the row of each given id
+    return pc.replace_with_mask(ids, pa.array(paired[row_of]),
+                                pc.list_flatten(given).filter(pa.array(paired[given_rows]))), rules
+
+
+def _lines_differ(table: pa.Table, flat: np.ndarray, row_of: np.ndarray, lengths: np.ndarray) -> int:
+    """How many steps give `line_numbers` that are not their indices + 1."""
+    numbers = table["line_numbers"].combine_chunks()
+    has = numbers.is_valid().to_numpy(zero_copy_only=False)
+    numbers_lengths = pc.list_value_length(numbers).fill_null(-1).to_numpy()
+    same = numbers_lengths == lengths
+    value_rows = np.repeat(np.flatnonzero(has), numbers_lengths[has])
+    mine, theirs = flat[same[row_of]], pc.list_flatten(numbers).to_numpy()[same[value_rows]]
+    wrong = (mine == INT64 - 1) | (theirs != mine + 1)  # the largest index has no line number (mine + 1 wraps)
+    return int((has & ~same).sum()) + len(np.unique(row_of[same[row_of]][wrong]))

@@ -15,15 +15,16 @@ from __future__ import annotations
 import bisect
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from loratrace.track import schema
-from loratrace.track.lineage import is_effective
 from loratrace.track.writer import BackgroundWriter
 
 
@@ -37,13 +38,29 @@ def first_checkpoint(step: int, saved_steps: list[int]) -> int | None:
 def step_checkpoint_table(run_id: str, steps: Iterable[int], checkpoints: dict[int, str]) -> pa.Table:
     """step_checkpoint rows (run_id, step, checkpoint_step, checkpoint_path) for `steps`, given the run's effective
     checkpoints as step -> path."""
-    saved = sorted(checkpoints)
-    rows = []
-    for step in sorted(set(steps)):
-        checkpoint = first_checkpoint(step, saved)
-        rows.append({"run_id": run_id, "step": step, "checkpoint_step": checkpoint,
-                     "checkpoint_path": checkpoints.get(checkpoint)})
-    return pa.Table.from_pylist(rows, schema=schema.STEP_CHECKPOINT)
+    steps = _sorted_unique(np.fromiter(steps, np.int64))
+    checkpoint, at = _first_checkpoints(steps, checkpoints)
+    return pa.Table.from_arrays([pa.array([run_id] * len(steps), pa.string()), pa.array(steps), checkpoint,
+                                 _paths(checkpoints).take(at)], schema=schema.STEP_CHECKPOINT)
+
+
+def _sorted_unique(values: np.ndarray) -> np.ndarray:
+    """np.unique by a sort: numpy's own (by hashing) is several times slower on millions of distinct values."""
+    values = np.sort(values)
+    return values[np.append(True, values[1:] != values[:-1])] if len(values) else values
+
+
+def _first_checkpoints(steps: np.ndarray, checkpoints: dict[int, str]) -> tuple[pa.Array, pa.Array]:
+    """`first_checkpoint` of each step (null: none yet), and its place among the checkpoints in step order."""
+    saved = np.array(sorted(checkpoints), np.int64)
+    at = np.searchsorted(saved, steps, side="left")
+    none = at >= len(saved)
+    checkpoint = saved[np.minimum(at, len(saved) - 1)] if len(saved) else np.zeros(len(steps), np.int64)
+    return pa.array(checkpoint, mask=none), pa.array(at, mask=none)
+
+
+def _paths(checkpoints: dict[int, str]) -> pa.Array:
+    return pa.array([checkpoints[step] for step in sorted(checkpoints)], pa.string())
 
 
 class Mappings:
@@ -55,8 +72,9 @@ class Mappings:
         self.run_id = run_id
         self.ranges = ranges
         self._read: set[str] = set()
-        self._steps: set[int] = set()
-        self._trained: dict[tuple[str, int], set[int]] = {}
+        self._steps = np.zeros(0, np.int64)  # the effective steps indexed, sorted
+        # (example_id, line, step) of the effective samples indexed, in chunks; the ids as dictionary arrays
+        self._trained: list[pa.Table] = []
         self._checkpoints: dict[int, str] = {}  # step -> path
         self._finished_at: float | None = None
         self._duration = 0.0
@@ -82,28 +100,35 @@ class Mappings:
         except Exception as error:  # noqa: BLE001 - training goes on; the next refresh rewrites both files
             warnings.warn(f"loratrace: refreshing the tracking mappings failed: {error}", stacklevel=2)
 
-    def _effective(self, attempt: int, step: int) -> bool:
-        return is_effective(self.ranges, attempt, step)
+    def _effective(self, part: pa.Table) -> np.ndarray:
+        """Which rows of `part` are in the effective lineage (track.lineage.is_effective, for every row at once)."""
+        attempts, steps = part["attempt"].fill_null(-1).to_numpy(), part["step"].to_numpy()
+        keep = np.zeros(len(steps), bool)
+        for attempt, (lower, upper) in self.ranges.items():
+            keep |= (attempts == attempt) & (steps > lower) & (True if upper is None else steps <= upper)
+        return keep
 
-    def _new_parts(self, folder: str, columns: list[str]) -> list[dict]:
-        rows = []
+    def _new_parts(self, folder: str, columns: list[str]) -> Iterator[pa.Table]:
+        """The effective rows of each part not read yet."""
         for path in schema.tracker_parts(self.directory / folder):
             key = f"{folder}/{path.name}"
             if key in self._read:
                 continue
             self._read.add(key)
-            rows += pq.read_table(path, columns=columns).to_pylist()
-        return rows
+            with pq.ParquetFile(path) as file:  # not pq.read_table: its dataset layer costs more than the read
+                part = file.read(columns=columns)
+            yield part.filter(self._effective(part))
 
     def update(self) -> None:
         """Index the parts written since the last call (every rank's; orphaned rows are skipped)."""
-        for row in self._new_parts("batches", ["attempt", "step", "example_ids", "lines"]):
-            if self._effective(row["attempt"], row["step"]):
-                self._steps.add(row["step"])
-                for example_id, line in zip(row["example_ids"], row["lines"]):
-                    self._trained.setdefault((example_id, line), set()).add(row["step"])
-        for row in self._new_parts("checkpoints", ["attempt", "step", "path"]):
-            if self._effective(row["attempt"], row["step"]):
+        for part in self._new_parts("batches", ["attempt", "step", "example_ids", "lines"]):
+            steps = part["step"].to_numpy()
+            self._steps = _sorted_unique(np.concatenate([self._steps, steps]))
+            lengths = pc.list_value_length(part["example_ids"]).fill_null(0).to_numpy()
+            self._trained.append(pa.table({"example_id": pc.dictionary_encode(pc.list_flatten(part["example_ids"])),
+                                           "line": pc.list_flatten(part["lines"]), "step": np.repeat(steps, lengths)}))
+        for part in self._new_parts("checkpoints", ["attempt", "step", "path"]):
+            for row in part.to_pylist():
                 # two files at one step (a ModelCheckpoint's too): the first by name, as the step_checkpoint view
                 self._checkpoints[row["step"]] = min(row["path"], self._checkpoints.get(row["step"], row["path"]))
 
@@ -111,16 +136,17 @@ class Mappings:
         """(step_checkpoint, line_checkpoint) for what is indexed: for each step its `first_checkpoint`; for each
         (example_id, line) every step it trained at and the first checkpoint including each."""
         step_map = step_checkpoint_table(self.run_id, self._steps, self._checkpoints)
-        checkpoint_of = dict(zip(step_map["step"].to_pylist(), step_map["checkpoint_step"].to_pylist()))
-        line_rows = []
-        for (example_id, line), steps in sorted(self._trained.items(), key=_by_line_then_id):
-            ordered = sorted(steps)
-            checkpoints = [checkpoint_of[s] for s in ordered]
-            line_rows.append({"run_id": self.run_id, "example_id": example_id, "line": line, "steps": ordered,
-                              "checkpoint_steps": checkpoints, "first_step": ordered[0],
-                              "first_checkpoint_step": checkpoints[0],
-                              "first_checkpoint_path": self._checkpoints.get(checkpoints[0])})
-        return step_map, pa.Table.from_pylist(line_rows, schema=schema.LINE_CHECKPOINT)
+        trained, starts = _grouped(self._trained)
+        self._trained = [trained]  # the next refresh sorts only what is new since
+        steps = trained["step"].to_numpy()
+        checkpoint, at = _first_checkpoints(steps, self._checkpoints)
+        heads, offsets = pa.array(starts), pa.array(np.append(starts, len(steps)), pa.int32())
+        line_map = pa.Table.from_arrays([
+            pa.array([self.run_id] * len(starts), pa.string()), trained["example_id"].take(heads).cast(pa.string()),
+            trained["line"].take(heads), pa.ListArray.from_arrays(offsets, pa.array(steps)),
+            pa.ListArray.from_arrays(offsets, checkpoint), pa.array(steps[starts]), checkpoint.take(heads),
+            _paths(self._checkpoints).take(at.take(heads))], schema=schema.LINE_CHECKPOINT)
+        return step_map, line_map
 
     def refresh(self) -> None:
         """Index new parts, then rewrite both files atomically (they are derived, not parts: replaced, not added)."""
@@ -133,11 +159,46 @@ class Mappings:
         self._duration = self._finished_at - started
 
 
-def _by_line_then_id(item: tuple[tuple[str | None, int | None], set]) -> tuple:
-    """Sort key of an indexed (example_id, line): by line, then id; a null one (an imported legacy index that is no
-    row of the data set) after the others."""
-    (example_id, line), _ = item
-    return (line is None, line or 0, example_id is None, example_id or "")
+def _grouped(chunks: list[pa.Table]) -> tuple[pa.Table, np.ndarray]:
+    """The (example_id, line, step) rows of `chunks` each once, by line, then id (a null one, an imported legacy index
+    that is no row of the data set, after the others), then step; and where each (example_id, line) starts."""
+    if not sum(chunk.num_rows for chunk in chunks):
+        return pa.table({"example_id": pa.array([], pa.dictionary(pa.int32(), pa.string())),
+                         "line": pa.array([], pa.int64()), "step": pa.array([], pa.int64())}), np.zeros(0, np.int64)
+    trained = pa.concat_tables(chunks).unify_dictionaries().combine_chunks()
+    ids, lines = trained["example_id"].chunk(0), trained["line"].chunk(0)
+    by_text = pc.sort_indices(ids.dictionary)
+    rank = np.empty(len(by_text), np.int64)
+    rank[by_text.to_numpy()] = np.arange(len(rank))  # the ids' order as text, by code
+    id_rank = np.append(rank, len(rank))[ids.indices.fill_null(len(rank)).to_numpy()]  # a null id last
+    line_null, line, id_rank, steps = _unique_rows(lines.is_null().to_numpy(zero_copy_only=False),
+                                                   lines.fill_null(0).to_numpy(), id_rank,
+                                                   trained["step"].to_numpy(), len(rank) + 1)
+    starts = np.flatnonzero(np.append(True, (line_null[1:] != line_null[:-1]) | (line[1:] != line[:-1])
+                                      | (id_rank[1:] != id_rank[:-1])))
+    codes = pa.array(id_rank, pa.int32(), mask=id_rank == len(rank))
+    return pa.table({"example_id": pa.DictionaryArray.from_arrays(codes, ids.dictionary.take(by_text)),
+                     "line": pa.array(line, mask=line_null), "step": steps}), starts
+
+
+def _unique_rows(line_null: np.ndarray, line: np.ndarray, id_rank: np.ndarray, steps: np.ndarray,
+                 ids: int) -> tuple[np.ndarray, ...]:
+    """The rows (line_null, line, id_rank, step) each once, sorted in that order: one packed integer per row when
+    the ranges allow (a sort of one column), else by np.lexsort of the four."""
+    known = line[~line_null]
+    low, high = (int(known.min()), int(known.max())) if len(known) else (0, 0)
+    first_step, step_span = int(steps.min()), int(steps.max()) - int(steps.min()) + 1
+    null_line = high - low + 1  # the packed line of a null one: after every line
+    if (null_line + 1) * ids * step_span < 2**63:
+        packed = _sorted_unique((np.where(line_null, null_line, line - low) * ids + id_rank) * step_span
+                               + (steps - first_step))
+        rest, steps = np.divmod(packed, step_span)
+        line, id_rank = np.divmod(rest, ids)
+        return line == null_line, np.where(line == null_line, 0, line + low), id_rank, steps + first_step
+    order = np.lexsort((steps, id_rank, line, line_null))
+    keys = np.stack([line_null[order], line[order], id_rank[order], steps[order]])
+    first = order[np.append(True, (keys[:, 1:] != keys[:, :-1]).any(axis=0))]  # a row that is not the one before it
+    return line_null[first], line[first], id_rank[first], steps[first]
 
 
 def _after(done: Future, fn, *args) -> None:
