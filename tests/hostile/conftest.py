@@ -127,20 +127,25 @@ class Verdict:
 # ------------------------------------------------------------------------------------------------ the world, once
 
 @pytest.fixture(scope="session")
-def pristine(tmp_path_factory) -> Pristine:
-    """A tracked 16-step run, an untracked 4-step run and a legacy folder: built once (about 30 s on one core)."""
+def pristine(small_run, legacy_folder, tmp_path_factory) -> Pristine:
+    """A tracked 16-step run (a copy of the session's small run), an untracked 4-step run and a legacy folder (a copy
+    of the session's): built once."""
     from conftest import small_config
-    from legacy_script import write_legacy_run
 
     import loratrace
 
     root = tmp_path_factory.mktemp("hostile-world")
     runs = root / "runs"
-    tracked = loratrace.train(small_config(runs), progress=False)
+    tracked = runs / small_run.name
+    shutil.copytree(small_run, tracked, symlinks=True)
+    config = tracked / "config.yaml"  # its runs_dir: this world's, as if trained here
+    config.write_text(config.read_text().replace(str(small_run.parent), str(runs)))
     untracked = loratrace.train(small_config(runs, "tracking.enabled=false", "training.max_steps=4",
                                              "training.stage1_steps=2"), progress=False)
     assert tracked != untracked
-    legacy = write_legacy_run(root / "legacy")
+    experiments = legacy_folder.parents[2]  # experiments/<project>/<dataset>/<run>: the whole tree, as written
+    shutil.copytree(experiments, root / "legacy", symlinks=True)
+    legacy = root / "legacy" / legacy_folder.relative_to(experiments)
     return Pristine(root, tracked.name, untracked.name, legacy.relative_to(root), _facts(tracked, untracked))
 
 
