@@ -151,7 +151,8 @@ class Parts:
             if key not in self.checked or self.checked[key][0] != stat_key:
                 if recorded is None:  # the manifest's entries, by name under tracking/
                     recorded = self.manifests.entries(tracking) if tracking is not None else {}
-                known = recorded_columns(recorded, key[len(str(tracking)) + 1:], [stat_key[2], stat_key[0]])
+                name = key[len(str(tracking)) + 1:] if tracking is not None else key
+                known = recorded_columns(recorded, name, [stat_key[2], stat_key[0]])
                 if known is not None and columns_problem(known, expected) is None:
                     self.checked[key] = (stat_key, known)
                 else:
