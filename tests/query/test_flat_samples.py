@@ -3,6 +3,7 @@ footers (query/manifest.py): the same rows and values as unnesting the batches, 
 the run's parts on disk."""
 
 import json
+import os
 import warnings
 
 import pyarrow as pa
@@ -143,3 +144,80 @@ def test_a_flat_index_whose_pages_are_damaged_gives_way_to_its_batches(three_run
     [warned] = [str(w.message) for w in caught if str(index) in str(w.message)]
     assert warned.startswith(f"samples index {index} cannot be read (")
     assert warned.endswith("): reading its run from its batches instead")
+
+
+# ------------------------------------------------------------------- opening many runs, tracing them (issue #25)
+
+def _trace_rows(root, example_id) -> tuple[list, list[str], list[str]]:
+    """The trace of `example_id` over every run (rows and Arrow types), and the warnings it gave."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with loratrace.open_runs(root) as db:
+            table = db.trace_table(example_id)
+    return table.to_pylist(), [str(f.type) for f in table.schema], sorted(
+        str(w.message) for w in caught if issubclass(w.category, StoreWarning))
+
+
+def test_a_part_touched_since_the_manifest_is_read_again(three_runs, monkeypatch):
+    for run in ("A", "B", "C"):
+        write_samples_index(three_runs / run)
+    expected = _answers(three_runs)
+    read = _footers_read(monkeypatch)
+    part = three_runs / "B" / "tracking" / "batches" / "a000-r00-000000.parquet"
+    stat = part.stat()
+    os.utime(part, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # the same size and bytes, another time
+    answers = _answers(three_runs)
+    assert read == [part.name]  # its footer read again, the other parts still known from the manifests
+    assert answers["flat"] == ["A", "C"]  # B's index covers the part as it was: B is unnested, to the same rows
+    assert all(answers[view] == expected[view] for view in VIEWS)
+
+
+def test_a_tracking_folder_linked_from_outside_the_run_is_skipped(three_runs, tmp_path_factory):
+    write_samples_index(three_runs / "B")
+    batches = three_runs / "B" / "tracking" / "batches"
+    outside = tmp_path_factory.mktemp("elsewhere").resolve() / "batches"
+    batches.rename(outside)
+    batches.symlink_to(outside)
+    answers = _answers(three_runs)
+    assert [w for w in answers["warnings"] if "outside" in w] == [
+        f"skipping tracking part {batches}/a000-r00-000000.parquet: a link to {outside}/a000-r00-000000.parquet, "
+        "outside its run folder"]
+    assert {row[0] for row in answers["batches"][0]} == {"A", "C"} and answers["flat"] == []
+
+
+def test_trace_reads_every_index_at_once_and_a_damaged_one_gives_way(three_runs):
+    expected, types, gap = _trace_rows(three_runs, "y")  # from the batches: no index yet
+    assert {row["run_id"] for row in expected} == {"A", "B", "C"} and len(gap) == 1  # C's missing step
+    for run in ("A", "B", "C"):
+        write_samples_index(three_runs / run)
+    assert _trace_rows(three_runs, "y") == (expected, types, gap)
+    index = three_runs / "B" / "tracking" / samples_index.INDEX_FILE
+    _smash_data_pages(index)
+    rows, found_types, warned = _trace_rows(three_runs, "y")
+    assert (rows, found_types) == (expected, types)
+    [damaged] = [w for w in warned if w not in gap]  # once, naming B's index alone
+    assert damaged.startswith(f"samples index {index} cannot be read (")
+
+
+def test_trace_reads_an_older_index_beside_current_ones(three_runs):
+    expected = _trace_rows(three_runs, "y")
+    for run in ("A", "B", "C"):
+        write_samples_index(three_runs / run)
+    index = three_runs / "A" / "tracking" / samples_index.INDEX_FILE
+    pq.write_table(pq.read_table(index).select(list(samples_index.TRACE_COLUMNS)), index)  # an older loratrace's
+    (three_runs / "A" / "tracking" / "manifest.json").unlink()
+    with loratrace.open_runs(three_runs) as db:
+        assert db.indexed_runs == ["A", "B", "C"]
+    assert _trace_rows(three_runs, "y") == expected
+
+
+def test_trace_reads_every_row_group_an_id_spans(three_runs):
+    expected = _trace_rows(three_runs, "y")
+    write_samples_index(three_runs / "A")
+    index = three_runs / "A" / "tracking" / samples_index.INDEX_FILE
+    table = pq.read_table(index)  # its stamp kept, in row groups of 2 rows: A's five "y" rows span three
+    pq.write_table(table, index, row_group_size=2)
+    assert pq.read_metadata(index).num_row_groups > 3 and table.schema.metadata[samples_index.INDEX_KEY]
+    with loratrace.open_runs(three_runs) as db:
+        assert db.indexed_runs == ["A"]
+    assert _trace_rows(three_runs, "y") == expected

@@ -167,22 +167,6 @@ def test_listing_is_skipped_only_while_recent_and_unchanged(two_runs):
         assert not db._unchanged()  # too old a listing is never trusted, whatever the folder times say
 
 
-def test_samples_index_reads_every_row_group_an_id_spans(tmp_path):
-    import pyarrow.parquet as pq
-
-    from loratrace.query.store import TRACE_COLUMNS, SamplesIndex
-
-    ids = ["a"] * 3 + ["b"] * 6 + ["c"] * 2  # "b" spans three row groups of 3 rows
-    rows = [{c: None for c in TRACE_COLUMNS} | {"run_id": "r", "example_id": e, "step": n, "epoch": 0,
-                                                "micro_batch": 0, "rank": 0, "lr": 0.1} for n, e in enumerate(ids)]
-    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "index.parquet", row_group_size=3)
-    index = SamplesIndex(str(tmp_path / "index.parquet"))
-    assert index.rows("b")["step"].to_pylist() == [3, 4, 5, 6, 7, 8]
-    assert index.rows("a")["step"].to_pylist() == [0, 1, 2]
-    assert index.rows("c")["step"].to_pylist() == [9, 10]
-    assert index.rows("0").num_rows == index.rows("bb").num_rows == index.rows("z").num_rows == 0
-
-
 def test_trace_by_line_reads_the_index_too(small_run):
     with loratrace.open_runs(small_run, read_only=True) as db:
         assert db.indexed_runs == [small_run.name]

@@ -6,7 +6,6 @@ parse) is read as if there were no manifest. It is a reader's cache: plain JSON 
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
@@ -26,9 +25,24 @@ INDEX_ENTRY = "samples_index.parquet"  # the index's entry: its stamp, whether t
 ITEM_NAME = re.compile(r"list<[^:<>]+: ")
 
 
-@functools.lru_cache(maxsize=256)  # the parts of a folder share their columns: each set is checked once
+# (columns, id(expected)) -> (expected, its problem): the parts of a folder share their columns, each set is checked
+# once. Keyed by the schema's identity (the expected schemas are schema.py's constants): pa.Schema's own hash reads
+# every field, ~25 us, more than the check itself, and a manifest stands for thousands of parts.
+_CHECKED: dict[tuple, tuple] = {}
+
+
 def columns_problem(columns: tuple, expected: pa.Schema) -> str | None:
     """schema.part_problem for columns as a manifest records them: (name, type as text) pairs."""
+    key = (columns, id(expected))
+    cached = _CHECKED.get(key)
+    if cached is None or cached[0] is not expected:
+        if len(_CHECKED) >= 256:
+            _CHECKED.clear()
+        cached = _CHECKED[key] = (expected, _problem(columns, expected))
+    return cached[1]
+
+
+def _problem(columns: tuple, expected: pa.Schema) -> str | None:
     found = {name: ITEM_NAME.sub("list<item: ", kind) for name, kind in columns}
     for field in expected:
         if field.name not in found:
@@ -64,13 +78,6 @@ class Manifests:
             cached = self._read[str(tracking)] = (key, _parse(path))
         return cached[1]
 
-    def columns(self, tracking: Path, name: str, file: list[int]) -> tuple | None:
-        """The recorded columns of tracking/`name` if the manifest knows this version of it (`file`: `stamp_of`)."""
-        entry = self.entries(tracking).get(name)
-        if not isinstance(entry, dict) or entry.get("file") != file:
-            return None
-        return entry.get("columns")
-
     def index_stamp(self, tracking: Path, stat: os.stat_result) -> dict | None:
         """What the samples index holds ({"stamp": run_id, parts and gaps, "flat", "columns"}) if the manifest knows
         this version of it."""
@@ -78,6 +85,15 @@ class Manifests:
         if isinstance(entry, dict) and entry.get("file") == stamp_of(stat):
             return entry
         return None
+
+
+def recorded_columns(entries: dict, name: str, file: list[int]) -> tuple | None:
+    """The columns `entries` (a manifest's) record for tracking/`name` if they know this version of it (`file`:
+    `stamp_of`)."""
+    entry = entries.get(name)
+    if not isinstance(entry, dict) or entry.get("file") != file:
+        return None
+    return entry.get("columns")
 
 
 def _parse(path: Path) -> dict:

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from loratrace.errors import first_line
 from loratrace.query.damage import may_be_damage
 from loratrace.query.errors import StoreWarning
-from loratrace.query.manifest import Manifests, columns_problem
+from loratrace.query.manifest import Manifests, columns_problem, recorded_columns
 from loratrace.query.tables import sql_list
 from loratrace.track import schema
 
@@ -71,56 +71,92 @@ class Parts:
             warnings.warn(message, StoreWarning, stacklevel=4)
 
     def complete(self, tracking: Path, name: str, expected: pa.Schema) -> list[str]:
-        """The readable parts the tracker wrote under tracking/`name` (a folder, or one file)."""
+        """The readable parts the tracker wrote under tracking/`name` (a folder, or one file). Nothing outside the
+        runs is read (the read-only connection's DuckDB would refuse every query that reads one): a part that is
+        not in its run folder once links are followed is skipped. Object storage has no links."""
         target = tracking / name
+        if not self.local:
+            return self._readable([(path, key_of(path)) for path in self._remote_parts(target, name)], expected)
         if name == schema.EXAMPLES_FILE:
-            paths = [target] if target.exists() else []
-        elif not target.is_dir():
-            paths = []
+            inside = target.exists() and self._inside(str(target), target.resolve(), tracking.parent.resolve())
+            found = [(str(target), key_of(target))] if inside else []
         else:
-            paths = []
-            for path in sorted(target.iterdir()):
-                if schema.PART_NAMES[name].fullmatch(path.name):
-                    paths.append(path)
-                elif not path.name.startswith(".tmp-"):  # a part being written is not foreign
-                    self.report(str(path), f"ignoring {path}: not a file name the tracker writes")
-        return self.readable(self._inside_run(paths, tracking.parent), expected, tracking)
+            found = self._listed(target, name, tracking.parent)
+        return self._readable(found, expected, tracking)
 
-    def _inside_run(self, paths: list[Path], run_dir: Path) -> list[Path]:
-        """The parts among `paths` (all in one folder) that are in their run folder once links are followed: nothing
-        outside the runs is read (and the read-only connection's DuckDB would refuse every query that reads one).
-        The folder is resolved once; a part only when it is a link itself. Object storage has no links."""
-        if not self.local or not paths:
-            return paths
-        run_dir, folder = run_dir.resolve(), paths[0].parent.resolve()
-        inside = []
-        for path in paths:
-            real = path.resolve() if path.is_symlink() else folder / path.name
-            if real == run_dir or real.is_relative_to(run_dir):
-                inside.append(path)
+    def _remote_parts(self, target, name: str) -> list:
+        if name == schema.EXAMPLES_FILE:
+            return [target] if target.exists() else []
+        if not target.is_dir():
+            return []
+        paths = []
+        for path in sorted(target.iterdir()):
+            if schema.PART_NAMES[name].fullmatch(path.name):
+                paths.append(path)
+            elif not path.name.startswith(".tmp-"):  # a part being written is not foreign
+                self.report(str(path), f"ignoring {path}: not a file name the tracker writes")
+        return paths
+
+    def _listed(self, folder: Path, name: str, run_dir: Path) -> list[tuple[str, tuple]]:
+        """The parts of the local `folder` the tracker names so that are in their run folder, each with its
+        `file_key`, from one listing: a part's stat comes with its entry, the folder is resolved once, and a part
+        only when it is a link itself (which the listing says without a call)."""
+        try:
+            with os.scandir(folder) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        pattern, found = schema.PART_NAMES[name], []
+        real_run = real_folder = folder_inside = None
+        for entry in entries:
+            if not pattern.fullmatch(entry.name):
+                if not entry.name.startswith(".tmp-"):  # a part being written is not foreign
+                    self.report(entry.path, f"ignoring {entry.path}: not a file name the tracker writes")
+                continue
+            if real_run is None:
+                real_run, real_folder = run_dir.resolve(), folder.resolve()
+                folder_inside = real_folder == real_run or real_folder.is_relative_to(real_run)
+            if entry.is_symlink():
+                inside = self._inside(entry.path, Path(entry.path).resolve(), real_run)
             else:
-                self.report(str(path), f"skipping tracking part {path}: a link to {real}, outside its run folder")
-        return inside
+                inside = folder_inside or self._inside(entry.path, real_folder / entry.name, real_run)
+            try:
+                if inside:
+                    found.append((entry.path, file_key(entry.stat())))
+            except FileNotFoundError:  # gone since the listing, or a link to nothing: as if never listed
+                continue
+        return found
 
-    def readable(self, paths: list[Path], expected: pa.Schema, tracking: Path | None = None) -> list[str]:
+    def _inside(self, path: str, real: Path, real_run: Path) -> bool:
+        """Whether the part `path`, at `real` once links are followed, is in its (resolved) run folder; one that is
+        not is reported."""
+        if real == real_run or real.is_relative_to(real_run):
+            return True
+        self.report(path, f"skipping tracking part {path}: a link to {real}, outside its run folder")
+        return False
+
+    def readable(self, paths: list[Path], expected: pa.Schema) -> list[str]:
         """The files among `paths` whose Parquet footer reads and has `expected`'s columns (schema.part_problem),
-        checked again only when a file changes: a part DuckDB could not bind never reaches a view. A part of
-        `tracking` that its run's manifest knows as it is now is not read: the manifest has its columns."""
-        good = []
-        for path in paths:
-            key = str(path)
-            stat_key = key_of(path)
+        checked again only when a file changes: a part DuckDB could not bind never reaches a view."""
+        return self._readable([(path, key_of(path)) for path in paths], expected)
+
+    def _readable(self, found: list[tuple], expected: pa.Schema, tracking: Path | None = None) -> list[str]:
+        """`readable` of (path, its `file_key` or None when gone) pairs. A part of the local `tracking` that its
+        run's manifest knows as it is now is not read: the manifest has its columns."""
+        good, recorded = [], None
+        for path, stat_key in found:
             if stat_key is None:
                 continue
+            key = str(path)
             if key not in self.checked or self.checked[key][0] != stat_key:
-                known = None
-                if tracking is not None and self.local:
-                    name = key[len(str(tracking)) + 1:]
-                    known = self.manifests.columns(tracking, name, [stat_key[2], stat_key[0]])
+                if recorded is None:  # the manifest's entries, by name under tracking/
+                    recorded = self.manifests.entries(tracking) if tracking is not None else {}
+                name = key[len(str(tracking)) + 1:] if tracking is not None else key
+                known = recorded_columns(recorded, name, [stat_key[2], stat_key[0]])
                 if known is not None and columns_problem(known, expected) is None:
                     self.checked[key] = (stat_key, known)
                 else:
-                    self._check(path, stat_key, expected)
+                    self._check(Path(path) if isinstance(path, str) else path, stat_key, expected)
             if self.checked[key][1] is not None:
                 good.append(key)
         return good

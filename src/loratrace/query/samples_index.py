@@ -1,11 +1,10 @@
 """tracking/samples_index.parquet: every effective sample of a run sorted by example_id, so `trace` reads a row group
-or two instead of unnesting every batch. Written at the end of training (query/index.py, `write_samples_index`); read
-here, by `Runs.trace`, while it still covers exactly the run's parts on disk.
+or two instead of unnesting every batch. Written at the end of training (query/index.py, `write_samples_index`); found
+here, read by `Runs.trace` (query/trace.py), while it still covers exactly the run's parts on disk.
 """
 
 from __future__ import annotations
 
-import bisect
 import json
 import os
 from pathlib import Path
@@ -36,17 +35,16 @@ INDEX_SCHEMA = pa.schema([  # the types the views give these columns (from schem
 
 
 class SamplesIndex:
-    """An open samples index: its footer parsed once and each row group's example_id range, so a trace decodes only
-    the row group or two that can hold the id (the file is sorted by example_id)."""
+    """An open samples index: its footer parsed once, what it holds (the run and parts it covers, its columns)."""
 
     def __init__(self, path):
         self.file = pq.ParquetFile(path if isinstance(path, (str, os.PathLike)) else path.open())  # or a RemotePath
         meta, column = self.file.metadata, self.file.schema_arrow.get_field_index("example_id")
+        # a trace reads only the row groups whose example_id range holds the id: an index without the ranges is not
+        # the sorted one loratrace writes
         stats = [meta.row_group(g).column(column).statistics for g in range(meta.num_row_groups)]
         if not all(st is not None and st.has_min_max for st in stats):
             raise ValueError(f"{path}: row groups without example_id statistics")
-        self.low = [st.min for st in stats]
-        self.high = [st.max for st in stats]
         self.stamp = json.loads((meta.metadata or {}).get(INDEX_KEY, b"null"))  # the run and the parts it covers
         found = self.file.schema_arrow
         self.columns = tuple((f.name, str(f.type)) for f in found)
@@ -54,23 +52,21 @@ class SamplesIndex:
         self.flat = (meta.num_rows > 0 and schema.part_problem(found, INDEX_SCHEMA) is None
                      and isinstance(self.stamp, dict) and "gaps" in self.stamp and "files" in self.stamp)
 
-    def rows(self, example_id: str) -> pa.Table:
-        first = bisect.bisect_left(self.high, example_id)  # the first row group whose range reaches the id
-        last = first
-        while last < len(self.low) and self.low[last] <= example_id:
-            last += 1
-        table = self.file.read_row_groups(range(first, last), columns=list(TRACE_COLUMNS), use_threads=False)
-        ids = table.column("example_id").to_pylist()  # sorted; not pc.equal, whose Python scalar imports pandas
-        start = bisect.bisect_left(ids, example_id)
-        return table.slice(start, bisect.bisect_right(ids, example_id) - start)
-
 
 def index_fingerprint(run_dir: Path, files: dict[str, list[str]]) -> list[str]:
     """What a samples index covers: the run's batch, attempt and checkpoint parts (it holds each step's checkpoint),
     by name."""
-    prefix = str(run_dir / "tracking") + "/"
-    return sorted(f[len(prefix):] for view in ("batches_raw", "attempts_raw", "checkpoints_raw") for f in files[view]
-                  if f.startswith(prefix))
+    return index_fingerprints(files).get(str(run_dir / "tracking"), [])
+
+
+def index_fingerprints(files: dict[str, list[str]]) -> dict[str, list[str]]:
+    """`index_fingerprint` of every run at once, by its tracking folder: one pass over the parts, not one a run."""
+    covered: dict[str, list[str]] = {}
+    for view in ("batches_raw", "attempts_raw", "checkpoints_raw"):
+        for part in files[view]:
+            tracking, _, name = part.rpartition("/tracking/")
+            covered.setdefault(tracking + "/tracking", []).append(name)
+    return {tracking: sorted(names) for tracking, names in covered.items()}
 
 
 class Indexes:
@@ -89,9 +85,9 @@ class Indexes:
         if self.found is not None:
             return self.found
         self.found, self.info = {}, {}
-        tracked = 0
+        tracked, covered = 0, index_fingerprints(files)
         for run_dir in run_dirs:
-            parts = index_fingerprint(run_dir, files)
+            parts = covered.get(str(run_dir / "tracking"), [])
             if not parts:
                 continue  # nothing tracked in this folder
             tracked += 1

@@ -44,29 +44,50 @@ def _trace(db, example_id: str | None, line: int | None, run_id: str | None) -> 
         raise StoreError(f"no tracked batches yet under {db.where}: a tracked run writes its first part at its "
                          "first checkpoint or after tracking.flush_every_steps updates")
     columns = ", ".join(TRACE_COLUMNS)
+    indexes = {run: path for run, path in db.indexes.find(db.run_dirs, db.files).items() if run_id in (None, run)}
+    tables = _from_indexes(db, indexes, where, params)
+    if not db.indexes.all_indexed:  # runs without a current index: the views, which unnest every batch
+        params["indexed"] = sorted(db.indexes.found)
+        views = (f"SELECT {columns} FROM example_trace s WHERE {where} "
+                 f"AND NOT list_contains($indexed::VARCHAR[], run_id) ORDER BY {TRACE_ORDER}")
+        tables.append(db.con.sql(views, params=params).to_arrow_table())
+    if not tables or sum(t.num_rows for t in tables) == 0:
+        raise StoreError(_miss(db, example_id, line, run_id))  # a damaged part: `trace_table`
+    if len(tables) == 1:
+        return tables[0]  # sorted by DuckDB: pyarrow's sort would import pyarrow.compute, 40 ms of a first trace
+    table = pa.concat_tables(tables, promote_options="permissive")
+    return table.sort_by([(c.strip(), "ascending") for c in TRACE_ORDER.split(",")])
+
+
+def _from_indexes(db, indexes: dict, where: str, params: dict) -> list[pa.Table]:
+    """The trace rows of the runs in `indexes` (run_id -> its current samples index): one DuckDB query over them all.
+    Each index is sorted by example_id in row groups with min/max statistics, so DuckDB decodes only the row groups
+    that can hold the id, and in them only the rows that match; it reads the footers on its own threads. (A line
+    is not sorted: each row group's line column is read first.) An index that cannot be read is found by reading
+    each alone: its run is traced from its batches instead, as the views trace a run without an index."""
+    if not indexes:
+        return []
+    mixed = len({tuple(db.indexes.info[str(path)]["columns"]) for path in indexes.values()}) > 1  # an older index
+    by_name = ", union_by_name = true" if mixed else ""
+    query = (f"SELECT {', '.join(TRACE_COLUMNS)} FROM read_parquet({{files}}{by_name}) s WHERE {where} "
+             f"ORDER BY {TRACE_ORDER}")
+    try:
+        return [db.con.sql(query.format(files=sql_list(indexes.values())), params=params).to_arrow_table()]
+    except duckdb.InterruptException:
+        raise
+    except duckdb.Error:
+        pass
     tables = []
-    indexes = db.indexes.find(db.run_dirs, db.files)
-    # a run's samples index is sorted by example_id: read only the row groups that can hold it
-    for run, path in list(indexes.items()):
+    for run, path in indexes.items():
         try:
-            if example_id is not None and run_id in (None, run):
-                tables.append(db.indexes.open(path).rows(example_id))
-            elif example_id is None:  # a line: every row group, but DuckDB reads just the line column first
-                tables.append(db.con.sql(f"SELECT {columns} FROM read_parquet({sql_list([path])}) s "
-                                         f"WHERE {where}", params=params).to_arrow_table())
+            tables.append(db.con.sql(query.format(files=sql_list([path])), params=params).to_arrow_table())
+        except duckdb.InterruptException:
+            raise
         except (OSError, ValueError, duckdb.Error) as exc:
             db.parts.report(str(path), f"samples index {path} cannot be read ({first_line(exc)}): tracing run {run} "
                                        "from its batches instead")
             db.indexes.distrust(run)  # a reader's cache: left as it is on disk
-    if not db.indexes.all_indexed:  # runs without a current index: the views, which unnest every batch
-        params["indexed"] = sorted(db.indexes.found)
-        views = (f"SELECT {columns} FROM example_trace s WHERE {where} "
-                 "AND NOT list_contains($indexed::VARCHAR[], run_id)")
-        tables.append(db.con.sql(views, params=params).to_arrow_table())
-    if not tables or sum(t.num_rows for t in tables) == 0:
-        raise StoreError(_miss(db, example_id, line, run_id))  # a damaged part: `trace_table`
-    table = pa.concat_tables(tables, promote_options="permissive")
-    return table.sort_by([(c.strip(), "ascending") for c in TRACE_ORDER.split(",")])
+    return tables
 
 
 def _miss(db, example_id: str | None, line: int | None, run_id: str | None) -> str:

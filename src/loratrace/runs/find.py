@@ -191,7 +191,13 @@ def read_run_config(run_dir) -> dict[str, Any]:
         return {}
     text = _text(path)
     try:
-        config = yaml.safe_load(text)
+        # libyaml's parser where PyYAML has it (~10x faster: opening 100 runs parses 100 configs); the same values.
+        # Its messages word a problem differently: a file it refuses is parsed again by PyYAML's for the message.
+        config = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except yaml.YAMLError:
+        config = None
+    try:
+        config = yaml.safe_load(text) if config is None else config
     except yaml.YAMLError as exc:
         mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
         raise DamagedRun(f"{path}{f' line {mark.line + 1}' if mark else ''}: not valid YAML"
