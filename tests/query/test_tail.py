@@ -95,6 +95,30 @@ def _lines_as_they_come(process: subprocess.Popen, sink: list, training: subproc
 
 
 @pytest.mark.slow
+def _ctrl_c_while_following(tmp_path, run, command) -> None:
+    """Ctrl+C while `tail --follow` waits on a run that is still training: a copy of `run` whose run.json says
+    running, recorded as this (live) test process, so the run cannot end by itself before the signal arrives."""
+    from loratrace.runs.processes import this_process
+
+    live = tmp_path / "live" / run.name
+    shutil.copytree(run, live)
+    info = json.loads((live / "run.json").read_text())
+    info["status"] = info["attempts"][-1]["status"] = "running"
+    info["attempts"][-1].pop("ended_at", None)
+    info["attempts"][-1]["process"] = this_process()
+    (live / "run.json").write_text(json.dumps(info))
+    follow = [*command[:4], str(live.parent), *command[5:-2], "--poll", "0.5"]
+    interrupted = subprocess.Popen(follow, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = interrupted.stdout.readline()  # the last steps first, then it waits for more
+        assert json.loads(first)["step"] == 1 and interrupted.poll() is None
+        interrupted.send_signal(signal.SIGINT)
+        assert interrupted.wait(60) == 130
+        assert interrupted.stderr.read().strip().splitlines() == ["loratrace: error: interrupted"]
+    finally:
+        interrupted.kill()
+
+
 def test_tail_follows_a_short_training_in_another_process(tmp_path):
     """8 steps of the embedded default with no stage1_steps given (so 4 + 4), a part per step, stderr to a file."""
     runs, stderr = tmp_path / "runs", tmp_path / "train.stderr"
@@ -113,22 +137,13 @@ def test_tail_follows_a_short_training_in_another_process(tmp_path):
         command = [sys.executable, "-m", "loratrace", "tail", str(runs), "--follow", "-n", "100", "--format", "json",
                    "--poll", "0.2"]
         tail = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        interrupted = subprocess.Popen(command[:-2] + ["--poll", "0.5"], stdout=subprocess.PIPE,
-                                       stderr=subprocess.PIPE, text=True)
-        started += [tail, interrupted]
+        started.append(tail)
         arrived: list = []
         reader = _lines_as_they_come(tail, arrived, training)
-        first: list = []
-        _lines_as_they_come(interrupted, first, training)
-        while not first:
-            assert time.monotonic() < deadline and interrupted.poll() is None
-            time.sleep(0.1)
-        interrupted.send_signal(signal.SIGINT)  # Ctrl+C while following a run that trains
-        assert interrupted.wait(60) == 130
-        assert interrupted.stderr.read().strip().splitlines() == ["loratrace: error: interrupted"]
         assert tail.wait(300) == 0, tail.stderr.read()  # it ended by itself: the run left `running`
         reader.join(10)
         assert training.wait(300) == 0, stderr.read_text()[-2000:]
+        _ctrl_c_while_following(tmp_path, next(runs.iterdir()), command)
     finally:
         for process in started:
             process.kill()

@@ -5,6 +5,7 @@ here, read by `Runs.trace` (query/trace.py), while it still covers exactly the r
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 from pathlib import Path
@@ -45,12 +46,25 @@ class SamplesIndex:
         stats = [meta.row_group(g).column(column).statistics for g in range(meta.num_row_groups)]
         if not all(st is not None and st.has_min_max for st in stats):
             raise ValueError(f"{path}: row groups without example_id statistics")
+        self.low = [st.min for st in stats]
+        self.high = [st.max for st in stats]
         self.stamp = json.loads((meta.metadata or {}).get(INDEX_KEY, b"null"))  # the run and the parts it covers
         found = self.file.schema_arrow
         self.columns = tuple((f.name, str(f.type)) for f in found)
         # an index of an older loratrace lacks columns of the samples view: `trace` reads it, the views do not
         self.flat = (meta.num_rows > 0 and schema.part_problem(found, INDEX_SCHEMA) is None
                      and isinstance(self.stamp, dict) and "gaps" in self.stamp and "files" in self.stamp)
+
+    def rows(self, example_id: str) -> pa.Table:
+        """The trace rows of `example_id`, in trace order (the file's): only the row groups whose range holds it."""
+        first = bisect.bisect_left(self.high, example_id)  # the first row group whose range reaches the id
+        last = first
+        while last < len(self.low) and self.low[last] <= example_id:
+            last += 1
+        table = self.file.read_row_groups(range(first, last), columns=list(TRACE_COLUMNS), use_threads=False)
+        ids = table.column("example_id").to_pylist()  # sorted; not pc.equal, whose Python scalar imports pandas
+        start = bisect.bisect_left(ids, example_id)
+        return table.slice(start, bisect.bisect_right(ids, example_id) - start)
 
 
 def index_fingerprint(run_dir: Path, files: dict[str, list[str]]) -> list[str]:
