@@ -264,6 +264,16 @@ def test_line_numbers_without_indices_are_counted_printed_and_checked(legacy_cop
     assert got[1]["lines"] == [None, *[n - 1 for n in rows[1]["line_numbers"][1:]]]
 
 
+def test_a_line_number_whose_row_is_past_64_bits_is_one_line(legacy_copy, tmp_path, capsys):
+    """Without sample_indices a row is line_number - 1: for -2**63 that is no 64-bit value, refused, not wrapped."""
+    rows = jsonl(legacy_copy)
+    del rows[2]["sample_indices"]
+    rows[2]["line_numbers"] = [-2**63]
+    rewrite_jsonl(legacy_copy, rows)
+    err = refused(capsys, legacy_copy, tmp_path / "runs")
+    assert f'{JSONL} line 3: "line_numbers" is [-9223372036854775808], not a list of line numbers' in err
+
+
 def test_sample_ids_of_another_length_are_not_paired_by_position(legacy_copy, tmp_path):
     """Three ids for four rows cannot say which id is which row: the data set's ids serve that step, counted."""
     from loratrace.legacy.importer import import_legacy

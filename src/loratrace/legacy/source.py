@@ -119,6 +119,10 @@ def _read_lines(path: Path, text: str, quirks: dict[str, Any]) -> list[dict]:
         if "sample_indices" not in renamed and renamed.get("line_numbers") is not None:
             # The script wrote line_numbers as row + 1 (docs/LEGACY.md); the rows come back by that rule, and say so.
             renamed["sample_indices"] = [n - 1 for n in renamed["line_numbers"]]
+            if not all(map(_is_whole, renamed["sample_indices"])):  # -2**63: its row is past the 64-bit column
+                key, value = spelled.get("line_numbers", "line_numbers"), json.dumps(renamed["line_numbers"])[:40]
+                raise LegacyError(f"{path} line {number}: \"{key}\" is {value}, not a list of line numbers (row + 1, "
+                                  "64-bit); fix or remove the line")
             quirks.setdefault("rows_from_line_numbers", {"rule": "row = line_number - 1", "jsonl_lines": []})
             quirks["rows_from_line_numbers"]["jsonl_lines"].append(number)
         if renamed.get("step") is None or renamed.get("sample_indices") is None:
