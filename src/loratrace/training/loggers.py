@@ -18,6 +18,7 @@ import importlib.util
 import logging
 import os
 import re
+import time
 import warnings
 from pathlib import Path
 
@@ -138,6 +139,17 @@ def quiet_loggers():
             logging.getLogger(name).setLevel(level)
 
 
+def _after_earlier_event_files(folder: Path) -> None:
+    """TensorBoard reads a folder's event files in name order: first the second each was opened, then a per-process
+    counter compared as text (".10" before ".9"). A resume's file must open in a later second than the files before
+    it, or its purge can be read first and the earlier attempt's points all kept. Waits at most a second, and only
+    after an attempt shorter than one."""
+    opened = [int(p.name.split(".")[3]) for p in folder.glob("events.out.tfevents.*")
+              if len(p.name.split(".")) > 3 and p.name.split(".")[3].isdigit()]
+    while opened and time.time() < max(opened) + 1:
+        time.sleep(0.05)
+
+
 def build_loggers(cfg: Config, run_dir: Path, resumed_step: int) -> list:
     """Lightning loggers for every enabled `logging.*`, in a fixed order; a resume (`resumed_step` > 0) continues
     each logger's record of the run without showing a step twice where the logger allows it."""
@@ -150,6 +162,8 @@ def build_loggers(cfg: Config, run_dir: Path, resumed_step: int) -> list:
         # step shows once, as in the `batches` view.
         # default_hp_metric off: the HParams summary is written once, at the run's end, with its final metrics
         # (`finish_loggers`); the config set now fills hparams.yaml when Lightning saves it.
+        if resumed_step:
+            _after_earlier_event_files(run_dir / "tensorboard_logs")
         tensorboard = TensorBoardLogger(save_dir=str(run_dir), name="tensorboard_logs", version="",
                                         purge_step=resumed_step + 1 if resumed_step else None, default_hp_metric=False)
         tensorboard.log_hyperparams(flatten_keys(cfg.to_dict()))
