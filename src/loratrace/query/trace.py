@@ -74,9 +74,7 @@ def _from_indexes(db, indexes: dict, where: str, params: dict, example_id: str |
         try:
             return [db.indexes.open(path).rows(example_id)]
         except (OSError, ValueError) as exc:
-            db.parts.report(str(path), f"samples index {path} cannot be read ({first_line(exc)}): tracing run {run} "
-                                       "from its batches instead")
-            db.indexes.distrust(run)  # a reader's cache: left as it is on disk
+            _unreadable(db, run, path, exc)
             return []
     mixed = len({tuple(db.indexes.info[str(path)]["columns"]) for path in indexes.values()}) > 1  # an older index
     by_name = ", union_by_name = true" if mixed else ""
@@ -95,10 +93,15 @@ def _from_indexes(db, indexes: dict, where: str, params: dict, example_id: str |
         except duckdb.InterruptException:
             raise
         except (OSError, ValueError, duckdb.Error) as exc:
-            db.parts.report(str(path), f"samples index {path} cannot be read ({first_line(exc)}): tracing run {run} "
-                                       "from its batches instead")
-            db.indexes.distrust(run)  # a reader's cache: left as it is on disk
+            _unreadable(db, run, path, exc)
     return tables
+
+
+def _unreadable(db, run: str, path, exc: Exception) -> None:
+    """`run`'s index cannot be read: said once, and the run traced from its batches instead."""
+    db.parts.report(str(path), f"samples index {path} cannot be read ({first_line(exc)}): tracing run {run} "
+                               "from its batches instead")
+    db.indexes.distrust(run)  # a reader's cache: left as it is on disk
 
 
 def _miss(db, example_id: str | None, line: int | None, run_id: str | None) -> str:

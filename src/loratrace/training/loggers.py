@@ -144,10 +144,9 @@ def _after_earlier_event_files(folder: Path) -> None:
     counter compared as text (".10" before ".9"). A resume's file must open in a later second than the files before
     it, or its purge can be read first and the earlier attempt's points all kept. Waits at most a second, and only
     after an attempt shorter than one."""
-    opened = [int(p.name.split(".")[3]) for p in folder.glob("events.out.tfevents.*")
-              if len(p.name.split(".")) > 3 and p.name.split(".")[3].isdigit()]
-    while opened and time.time() < max(opened) + 1:
-        time.sleep(0.05)
+    opened = [int(second) for p in folder.glob("events.out.tfevents.*") if (second := p.name.split(".")[3]).isdigit()]
+    if opened:
+        time.sleep(max(0.0, max(opened) + 1 - time.time()))
 
 
 def build_loggers(cfg: Config, run_dir: Path, resumed_step: int) -> list:
