@@ -83,6 +83,18 @@ def test_query_trace_and_runs_import_neither_torch_nor_transformers_nor_pandas(s
     assert result.returncode == 0, result.stderr
 
 
+def test_a_config_error_of_train_comes_before_torch_is_imported(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; from loratrace.cli import main; "
+            "assert main(['train', 'training.max_step=3', '--runs-dir', sys.argv[1]]) == 2; "
+            "assert 'torch' not in sys.modules, 'torch imported before the config was checked'")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "runs")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "unknown config key training.max_step" in result.stderr and not (tmp_path / "runs").exists()
+
+
 # ---------------------------------------------------------------------------------------------- issue #11
 
 def _one_error_line(result, code: int = 1) -> str:

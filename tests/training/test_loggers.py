@@ -248,3 +248,22 @@ def test_mlflow_holds_each_evaluation_as_a_per_example_table(logged_run):
     assert len(logged) == len(rows) == 2 * 12
     for got, want in zip(sorted(logged), rows):
         assert got[:4] == want[:4] and got[4] == pytest.approx(want[4], rel=1e-6)
+
+
+def test_a_resume_opens_its_tensorboard_file_in_a_later_second_than_the_earlier_ones(tmp_path):
+    """TensorBoard orders event files by the second in their names, then by a counter compared as text: after an
+    attempt shorter than a second, the resume waits for the next second; after an older file, not at all."""
+    import time
+
+    from loratrace.training.loggers import _after_earlier_event_files
+
+    now = int(time.time())
+    (tmp_path / f"events.out.tfevents.{now}.host.name.41.9").write_bytes(b"")
+    _after_earlier_event_files(tmp_path)
+    assert time.time() >= now + 1
+    older = tmp_path / "old"
+    older.mkdir()
+    (older / f"events.out.tfevents.{now - 60}.host.41.9").write_bytes(b"")
+    started = time.monotonic()
+    _after_earlier_event_files(older)
+    assert time.monotonic() - started < 0.5
