@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from loratrace.config import save_config
 from loratrace.legacy import mappings
@@ -97,12 +96,13 @@ def examples_rows(legacy: LegacyRun, run_id: str, examples) -> list[dict]:
             for i, line in zip(pairs["example_id"].take(first).to_pylist(), pairs["line"].take(first).to_pylist())]
 
 
-def write_tracking(tracking: Path, run_id: str, legacy: LegacyRun, examples, checkpoint_rows: list[dict]) -> pa.Table:
-    """Every tracking part of the run; returns the batches rows."""
+def write_tracking(tracking: Path, run_id: str, legacy: LegacyRun, examples,
+                   checkpoint_rows: list[dict]) -> tuple[pa.Table, list[str]]:
+    """Every tracking part of the run; returns the batches rows and the names of their parts."""
     batches = batches_table(legacy, run_id)
-    for part, start in enumerate(range(0, batches.num_rows, PART_ROWS)):
-        schema.write_atomic(batches.slice(start, PART_ROWS),
-                            tracking / "batches" / schema.batches_part_name(0, 0, part))
+    names = [schema.batches_part_name(0, 0, part) for part in range(-(-batches.num_rows // PART_ROWS))]
+    for name, start in zip(names, range(0, batches.num_rows, PART_ROWS)):
+        schema.write_atomic(batches.slice(start, PART_ROWS), tracking / "batches" / name)
     schema.write_atomic(pa.Table.from_pylist(examples_rows(legacy, run_id, examples), schema=schema.EXAMPLES),
                         tracking / schema.EXAMPLES_FILE)
     started = pc.drop_null(batches["wall_time"])[0].as_py() if batches["wall_time"].null_count < len(batches) else None
@@ -113,7 +113,7 @@ def write_tracking(tracking: Path, run_id: str, legacy: LegacyRun, examples, che
     for row in checkpoint_rows:
         schema.write_atomic(pa.Table.from_pylist([row], schema=schema.CHECKPOINTS),
                             tracking / "checkpoints" / schema.checkpoints_part_name(0, row["step"]))
-    return batches
+    return batches, names
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -310,10 +310,10 @@ def _build(legacy: LegacyRun, run_dir: Path, run_id: str) -> dict[str, Any]:
     examples = resolve_ids(legacy, report)
     checkpoint_rows = convert_checkpoints(legacy, run_dir, run_id, examples, report)
     tracking = run_dir / "tracking"
-    batches = write_tracking(tracking, run_id, legacy, examples, checkpoint_rows)
-    report["mappings"] = mappings.recompute_and_compare(tracking, run_id, legacy.mappings)
+    batches, parts = write_tracking(tracking, run_id, legacy, examples, checkpoint_rows)
+    report["mappings"], step_map = mappings.recompute_and_compare(tracking, run_id, legacy.mappings, (parts, batches))
     # the rows are in memory: the index is computed from them, not from the parts by DuckDB (the same rows)
-    write_samples_index(run_dir, index_rows(batches, pq.read_table(tracking / "step_checkpoint.parquet")))
+    write_samples_index(run_dir, index_rows(batches, step_map))
     models = legacy.source / "models"
     if is_trainer_checkpoint(models):
         shutil.copytree(models, run_dir / "final_adapter")

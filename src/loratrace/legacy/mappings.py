@@ -2,7 +2,7 @@
 loratrace's own mappings, recomputed from the imported rows: every disagreement listed, neither side corrected.
 
     legacy_maps = read_legacy_mappings(legacy_folder, "arc-challenge")     # checked before anything is written
-    comparison = recompute_and_compare(run_dir / "tracking", run_id, legacy_maps)
+    comparison, step_map = recompute_and_compare(run_dir / "tracking", run_id, legacy_maps, (parts, batches))
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from loratrace.legacy.checkpoint import LegacyError
 from loratrace.track.mappings import Mappings
@@ -118,13 +117,17 @@ def _line_entry(key: str, entry: Any) -> tuple[int, tuple[list[int] | None, int 
     return int(key), (_steps(entry, key), int(match.group(1)) if match else None)
 
 
-def recompute_and_compare(tracking: Path, run_id: str, legacy: LegacyMappings) -> dict[str, Any]:
+def recompute_and_compare(tracking: Path, run_id: str, legacy: LegacyMappings,
+                          written: tuple[list[str], pa.Table] | None = None) -> tuple[dict[str, Any], pa.Table]:
     """Write step_checkpoint/line_checkpoint.parquet from the imported rows, then compare them with the legacy files
     both ways: per checkpoint, the steps it adds; per line (1-based in the legacy file), its steps and first
-    checkpoint; and what one side has that the other lacks."""
-    Mappings(tracking, run_id, {0: (0, None)}).refresh()
-    ours_steps = _steps_by_checkpoint(pq.read_table(tracking / "step_checkpoint.parquet"))
-    ours_lines = _lines(pq.read_table(tracking / "line_checkpoint.parquet"))
+    checkpoint; and what one side has that the other lacks. `written`: the batch parts' names and their rows, still
+    in memory (not read back). Returns the comparison and the step_checkpoint table written."""
+    recomputed = Mappings(tracking, run_id, {0: (0, None)})
+    if written is not None:
+        recomputed.add_written(*written)
+    step_map, line_map = recomputed.refresh()
+    ours_steps, ours_lines = _steps_by_checkpoint(step_map), _lines(line_map)
     disagreements: list[str] = []
     if legacy.checkpoints is not None:
         disagreements += _compare_checkpoints(legacy.checkpoints, ours_steps)
@@ -137,7 +140,7 @@ def recompute_and_compare(tracking: Path, run_id: str, legacy: LegacyMappings) -
     if missing:
         summary += f"; legacy {' and '.join(missing)} missing (nothing to compare)"
     return {"summary": summary, "disagreements": disagreements[:SHOWN],
-            "disagreements_total": len(disagreements), "legacy_files_missing": missing}
+            "disagreements_total": len(disagreements), "legacy_files_missing": missing}, step_map
 
 
 def _steps_by_checkpoint(step_map: pa.Table) -> dict[int, list[int]]:

@@ -91,10 +91,12 @@ def index_rows(batches: pa.Table, step_map: pa.Table) -> pa.Table:
     rank = np.empty(len(encoded.dictionary) + 1, np.int32)
     rank[pc.sort_indices(encoded.dictionary).to_numpy()] = np.arange(len(rank) - 1)  # byte order, as DuckDB's
     codes = rank[encoded.indices.fill_null(-1).to_numpy()]  # a null id: -1, the last of `rank`, a row not kept
-    kept = np.flatnonzero(pc.and_(ids.is_valid(), lines.is_valid()).to_numpy(zero_copy_only=False))
+    kept = None if not (ids.null_count or lines.null_count) else np.flatnonzero(
+        pc.and_(ids.is_valid(), lines.is_valid()).to_numpy(zero_copy_only=False))
     # by id, then as they were: a stable sort, by radix when the codes fit 16 bits
-    by_id = np.argsort(codes[kept].astype(np.int16 if len(rank) <= 2**15 else np.int32), kind="stable")
-    order = kept[by_id]
+    kind = np.int16 if len(rank) <= 2**15 else np.int32
+    order = (np.argsort(codes.astype(kind), kind="stable") if kept is None
+             else kept[np.argsort(codes[kept].astype(kind), kind="stable")])
     codes = codes[order]
     rows, lines = row_of[order], lines.fill_null(-1).to_numpy()[order]  # a kept sample has a line
     steps = batches["step"].to_numpy()
@@ -128,11 +130,15 @@ def _first(codes: np.ndarray, lines: np.ndarray, steps: np.ndarray) -> np.ndarra
     """Whether each sample (sorted by id code, then step) is at the first step of its (example_id, line)."""
     same_id = codes[1:] == codes[:-1]
     together = (lines[1:] == lines[:-1])[same_id].all()  # each id at one line: its samples are already together
-    order = np.arange(len(codes)) if together else np.lexsort((lines, codes))  # stable: by step in each
-    codes, lines, at = codes[order], lines[order], steps[order]
+    order = None if together else np.lexsort((lines, codes))  # stable: by step in each
+    if order is not None:
+        codes, lines, steps = codes[order], lines[order], steps[order]
     starts = np.append(True, (codes[1:] != codes[:-1]) | (lines[1:] != lines[:-1]))
+    at_start = steps[np.maximum.accumulate(np.where(starts, np.arange(len(steps)), 0))]  # each group's first step
+    if order is None:
+        return steps == at_start
     first = np.empty(len(steps), bool)
-    first[order] = at == at[np.maximum.accumulate(np.where(starts, np.arange(len(at)), 0))]
+    first[order] = steps == at_start
     return first
 
 

@@ -122,15 +122,25 @@ class Mappings:
     def update(self) -> None:
         """Index the parts written since the last call (every rank's; orphaned rows are skipped)."""
         for part in self._new_parts("batches", ["attempt", "step", "example_ids", "lines"]):
-            steps = part["step"].to_numpy()
-            self._steps = _sorted_unique(np.concatenate([self._steps, steps]))
-            lengths = pc.list_value_length(part["example_ids"]).fill_null(0).to_numpy()
-            self._trained.append(pa.table({"example_id": pc.dictionary_encode(pc.list_flatten(part["example_ids"])),
-                                           "line": pc.list_flatten(part["lines"]), "step": np.repeat(steps, lengths)}))
+            self._index_batches(part)
         for part in self._new_parts("checkpoints", ["attempt", "step", "path"]):
             for row in part.to_pylist():
                 # two files at one step (a ModelCheckpoint's too): the first by name, as the step_checkpoint view
                 self._checkpoints[row["step"]] = min(row["path"], self._checkpoints.get(row["step"], row["path"]))
+
+    def add_written(self, names: Iterable[str], batches: pa.Table) -> None:
+        """Index batch rows still in memory, as written to the parts `names` (in tracking/batches/): those parts are
+        not read back. import-legacy writes every row of its one attempt and keeps them."""
+        self._read.update(f"batches/{name}" for name in names)
+        effective = self._effective(batches)
+        self._index_batches(batches if effective.all() else batches.filter(effective))
+
+    def _index_batches(self, part: pa.Table) -> None:
+        steps = part["step"].to_numpy()
+        self._steps = _sorted_unique(np.concatenate([self._steps, steps]))
+        lengths = pc.list_value_length(part["example_ids"]).fill_null(0).to_numpy()
+        self._trained.append(pa.table({"example_id": pc.dictionary_encode(pc.list_flatten(part["example_ids"])),
+                                       "line": pc.list_flatten(part["lines"]), "step": np.repeat(steps, lengths)}))
 
     def tables(self) -> tuple[pa.Table, pa.Table]:
         """(step_checkpoint, line_checkpoint) for what is indexed: for each step its `first_checkpoint`; for each
@@ -148,8 +158,9 @@ class Mappings:
             _paths(self._checkpoints).take(at.take(heads))], schema=schema.LINE_CHECKPOINT)
         return step_map, line_map
 
-    def refresh(self) -> None:
-        """Index new parts, then rewrite both files atomically (they are derived, not parts: replaced, not added)."""
+    def refresh(self) -> tuple[pa.Table, pa.Table]:
+        """Index new parts, then rewrite both files atomically (they are derived, not parts: replaced, not added).
+        Returns what was written: (step_checkpoint, line_checkpoint)."""
         started = time.monotonic()
         self.update()
         step_map, line_map = self.tables()
@@ -157,6 +168,7 @@ class Mappings:
         schema.write_atomic(line_map, self.directory / "line_checkpoint.parquet")
         self._finished_at = time.monotonic()
         self._duration = self._finished_at - started
+        return step_map, line_map
 
 
 def _grouped(chunks: list[pa.Table]) -> tuple[pa.Table, np.ndarray]:
@@ -189,7 +201,11 @@ def _unique_rows(line_null: np.ndarray, line: np.ndarray, id_rank: np.ndarray, s
     low, high = (int(known.min()), int(known.max())) if len(known) else (0, 0)
     first_step, step_span = int(steps.min()), int(steps.max()) - int(steps.min()) + 1
     null_line = high - low + 1  # the packed line of a null one: after every line
-    if (null_line + 1) * ids * step_span < 2**63:
+    pairs = (null_line + 1) * ids  # the packed (line, id) keys
+    if pairs <= max(2**20, len(steps)) and (steps[1:] >= steps[:-1]).all():
+        return _unique_stepped(np.where(line_null, null_line, line - low) * ids + id_rank, steps, pairs, ids,
+                               null_line, low)
+    if pairs * step_span < 2**63:
         packed = _sorted_unique((np.where(line_null, null_line, line - low) * ids + id_rank) * step_span
                                + (steps - first_step))
         rest, steps = np.divmod(packed, step_span)
@@ -199,6 +215,21 @@ def _unique_rows(line_null: np.ndarray, line: np.ndarray, id_rank: np.ndarray, s
     keys = np.stack([line_null[order], line[order], id_rank[order], steps[order]])
     first = order[np.append(True, (keys[:, 1:] != keys[:, :-1]).any(axis=0))]  # a row that is not the one before it
     return line_null[first], line[first], id_rank[first], steps[first]
+
+
+def _unique_stepped(key: np.ndarray, steps: np.ndarray, pairs: int, ids: int, null_line: int,
+                    low: int) -> tuple[np.ndarray, ...]:
+    """`_unique_rows` of rows already in step order (one attempt's, as written), each (line, id) packed in `key` <
+    `pairs`: the keys numbered densely by counting, then a stable sort of those numbers (by radix when they fit 16
+    bits) keeps each group's steps in order, so a repeated row is next to its twin."""
+    counts = np.bincount(key, minlength=pairs)
+    present = counts > 0
+    codes = (np.cumsum(present) - 1).astype(np.uint16 if present.sum() <= 2**16 else np.int64)[key]
+    steps = steps[np.argsort(codes, kind="stable")]
+    codes = np.repeat(np.arange(len(counts[present])), counts[present])  # sorted: each group's code, its count times
+    kept = np.append(True, (codes[1:] != codes[:-1]) | (steps[1:] != steps[:-1]))
+    line, id_rank = np.divmod(np.flatnonzero(present)[codes[kept]], ids)
+    return line == null_line, np.where(line == null_line, 0, line + low), id_rank, steps[kept]
 
 
 def _after(done: Future, fn, *args) -> None:
