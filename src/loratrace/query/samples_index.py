@@ -1,11 +1,10 @@
-"""tracking/samples_index.parquet: every effective sample of a run sorted by example_id, so `trace` reads a row group
-or two instead of unnesting every batch. Written at the end of training (query/index.py, `write_samples_index`); found
+"""tracking/samples_index.parquet: every effective sample of a run sorted by example_id, so `trace` reads the pages
+that hold one id instead of unnesting every batch. Written at the end of training (query/index.py, `write_samples_index`); found
 here, read by `Runs.trace` (query/trace.py), while it still covers exactly the run's parts on disk.
 """
 
 from __future__ import annotations
 
-import bisect
 import json
 import os
 from pathlib import Path
@@ -14,10 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from loratrace.query.manifest import Manifests
-from loratrace.query.parts import INDEX_FILE, file_key
+from loratrace.query.parts import INDEX_FILE
 from loratrace.track import schema
 
-INDEX_ROW_GROUP = 8192  # rows per row group of the samples index: a trace decodes one or two of them
+INDEX_ROW_GROUP = 65536  # rows per row group of the samples index (see `write_samples_index`)
 TRACE_COLUMNS = ("run_id", "example_id", "line", "step", "epoch", "micro_batch", "rank", "position", "loss", "p_gold",
                  "correct", "lr", "checkpoint_step", "checkpoint_path", "first")
 TRACE_ORDER = "run_id, step, micro_batch, rank, position"
@@ -36,35 +35,24 @@ INDEX_SCHEMA = pa.schema([  # the types the views give these columns (from schem
 
 
 class SamplesIndex:
-    """An open samples index: its footer parsed once, what it holds (the run and parts it covers, its columns)."""
+    """A samples index's footer: what it holds (the run and parts it covers, its columns)."""
 
     def __init__(self, path):
-        self.file = pq.ParquetFile(path if isinstance(path, (str, os.PathLike)) else path.open())  # or a RemotePath
-        meta, column = self.file.metadata, self.file.schema_arrow.get_field_index("example_id")
+        with pq.ParquetFile(path if isinstance(path, (str, os.PathLike)) else path.open()) as file:  # or a RemotePath
+            meta, found = file.metadata, file.schema_arrow
+        column = found.get_field_index("example_id")
+        if column < 0:
+            raise ValueError(f"{path}: no example_id column")
         # a trace reads only the row groups whose example_id range holds the id: an index without the ranges is not
         # the sorted one loratrace writes
         stats = [meta.row_group(g).column(column).statistics for g in range(meta.num_row_groups)]
         if not all(st is not None and st.has_min_max for st in stats):
             raise ValueError(f"{path}: row groups without example_id statistics")
-        self.low = [st.min for st in stats]
-        self.high = [st.max for st in stats]
         self.stamp = json.loads((meta.metadata or {}).get(INDEX_KEY, b"null"))  # the run and the parts it covers
-        found = self.file.schema_arrow
         self.columns = tuple((f.name, str(f.type)) for f in found)
         # an index of an older loratrace lacks columns of the samples view: `trace` reads it, the views do not
         self.flat = (meta.num_rows > 0 and schema.part_problem(found, INDEX_SCHEMA) is None
                      and isinstance(self.stamp, dict) and "gaps" in self.stamp and "files" in self.stamp)
-
-    def rows(self, example_id: str) -> pa.Table:
-        """The trace rows of `example_id`, in trace order (the file's): only the row groups whose range holds it."""
-        first = bisect.bisect_left(self.high, example_id)  # the first row group whose range reaches the id
-        last = first
-        while last < len(self.low) and self.low[last] <= example_id:
-            last += 1
-        table = self.file.read_row_groups(range(first, last), columns=list(TRACE_COLUMNS), use_threads=False)
-        ids = table.column("example_id").to_pylist()  # sorted; not pc.equal, whose Python scalar imports pandas
-        start = bisect.bisect_left(ids, example_id)
-        return table.slice(start, bisect.bisect_right(ids, example_id) - start)
 
 
 def index_fingerprint(run_dir: Path, files: dict[str, list[str]]) -> list[str]:
@@ -85,15 +73,13 @@ def index_fingerprints(files: dict[str, list[str]]) -> dict[str, list[str]]:
 
 class Indexes:
     """The runs whose samples index covers exactly their parts on disk now (found at each listing that changes the
-    parts), what each index holds (from the run's manifest while it knows the file, else from its footer), and each
-    index opened once per version of its file for `trace`."""
+    parts), and what each index holds (from the run's manifest while it knows the file, else from its footer)."""
 
     def __init__(self, manifests: Manifests):
         self.manifests = manifests
         self.found: dict | None = None  # run_id -> its index (a Path or RemotePath)
         self.all_indexed = False  # every tracked run has one: `trace` reads no view
         self.info: dict[str, dict] = {}  # index path -> {"stamp", "flat", "columns"}, of the indexes found
-        self._open: dict[str, tuple[tuple, SamplesIndex]] = {}  # path -> (stat when opened, reader)
 
     def find(self, run_dirs: list[Path], files: dict[str, list[str]]) -> dict:
         if self.found is not None:
@@ -121,15 +107,8 @@ class Indexes:
         known = self.manifests.index_stamp(path.parent, stat) if isinstance(path, Path) else None
         if known is not None and isinstance(known.get("stamp"), dict):
             return {"stamp": known["stamp"], "flat": bool(known.get("flat")), "columns": known["columns"]}
-        index = self.open(path)
+        index = SamplesIndex(path)
         return {"stamp": index.stamp, "flat": index.flat, "columns": index.columns}
-
-    def open(self, path) -> SamplesIndex:
-        key = file_key(path.stat())
-        cached = self._open.get(str(path))
-        if cached is None or cached[0] != key:
-            cached = self._open[str(path)] = (key, SamplesIndex(path))
-        return cached[1]
 
     def distrust(self, run: str) -> None:
         """`run`'s index cannot be read: its run is traced from the views."""

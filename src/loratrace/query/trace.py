@@ -45,7 +45,7 @@ def _trace(db, example_id: str | None, line: int | None, run_id: str | None) -> 
                          "first checkpoint or after tracking.flush_every_steps updates")
     columns = ", ".join(TRACE_COLUMNS)
     indexes = {run: path for run, path in db.indexes.find(db.run_dirs, db.files).items() if run_id in (None, run)}
-    tables = _from_indexes(db, indexes, where, params, example_id)
+    tables = _from_indexes(db, indexes, where, params)
     if not db.indexes.all_indexed:  # runs without a current index: the views, which unnest every batch
         params["indexed"] = sorted(db.indexes.found)
         views = (f"SELECT {columns} FROM example_trace s WHERE {where} "
@@ -59,23 +59,15 @@ def _trace(db, example_id: str | None, line: int | None, run_id: str | None) -> 
     return table.sort_by([(c.strip(), "ascending") for c in TRACE_ORDER.split(",")])
 
 
-def _from_indexes(db, indexes: dict, where: str, params: dict, example_id: str | None) -> list[pa.Table]:
+def _from_indexes(db, indexes: dict, where: str, params: dict) -> list[pa.Table]:
     """The trace rows of the runs in `indexes` (run_id -> its current samples index): one DuckDB query over them all.
-    Each index is sorted by example_id in row groups with min/max statistics, so DuckDB decodes only the row groups
-    that can hold the id, and in them only the rows that match; it reads the footers on its own threads. (A line
-    is not sorted: each row group's line column is read first.) One run's example is read by pyarrow from its open
-    index instead (its footer parsed once per version of the file): a few ms where a DuckDB query over a large index
-    takes tens. An index that cannot be read is found by reading each alone: its run is traced from its batches
-    instead, as the views trace a run without an index."""
+    Each index is sorted by example_id in row groups of 65,536 rows with min/max statistics, so DuckDB reads only
+    the row groups that can hold the id and, in them, skips the pages whose statistics rule it out; the footers,
+    small at that size, are read on DuckDB's own threads (docs/SCALING.md). A line is not sorted: each row group's
+    line column is read first. An index that cannot be read is found by reading each alone: its run is traced
+    from its batches instead, as the views trace a run without an index."""
     if not indexes:
         return []
-    if len(indexes) == 1 and example_id is not None:
-        (run, path), = indexes.items()
-        try:
-            return [db.indexes.open(path).rows(example_id)]
-        except (OSError, ValueError) as exc:
-            _unreadable(db, run, path, exc)
-            return []
     mixed = len({tuple(db.indexes.info[str(path)]["columns"]) for path in indexes.values()}) > 1  # an older index
     by_name = ", union_by_name = true" if mixed else ""
     query = (f"SELECT {', '.join(TRACE_COLUMNS)} FROM read_parquet({{files}}{by_name}) s WHERE {where} "
