@@ -221,3 +221,36 @@ def test_trace_reads_every_row_group_an_id_spans(three_runs):
     with loratrace.open_runs(three_runs) as db:
         assert db.indexed_runs == ["A"]
     assert _trace_rows(three_runs, "y") == expected
+
+
+def test_trace_reads_an_id_whose_rows_span_pages_of_one_row_group(three_runs):
+    expected = _trace_rows(three_runs, "y")
+    write_samples_index(three_runs / "A")
+    index = three_runs / "A" / "tracking" / samples_index.INDEX_FILE
+    table = pq.read_table(index)  # one row group, pages of one row: DuckDB skips pages by their statistics
+    pq.write_table(table, index, max_rows_per_page=1, data_page_size=1)
+    assert pq.read_metadata(index).num_row_groups == 1
+    with loratrace.open_runs(three_runs) as db:
+        assert db.indexed_runs == ["A"]
+    assert _trace_rows(three_runs, "y") == expected
+
+
+def test_an_index_is_written_in_row_groups_of_sorted_id_ranges_and_traces_every_exposure(tmp_path):
+    """A run of 140,000 samples (bench.scale's synthetic layout): three row groups of at most INDEX_ROW_GROUP rows,
+    each with its example_id range, ranges in order; a trace returns every exposure the unnested batches hold."""
+    from bench.scale import TARGET, write_run
+
+    run = write_run(tmp_path, 0, 140_000)  # ends as a finished run ends: write_samples_index
+    meta = pq.read_metadata(run / "tracking" / samples_index.INDEX_FILE)
+    assert [meta.row_group(g).num_rows for g in range(meta.num_row_groups)] == [65_536, 65_536, 8_928]
+    column = meta.schema.to_arrow_schema().get_field_index("example_id")
+    ranges = [(meta.row_group(g).column(column).statistics.min, meta.row_group(g).column(column).statistics.max)
+              for g in range(meta.num_row_groups)]
+    assert all(low <= high for low, high in ranges) and all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:]))
+    with loratrace.open_runs(tmp_path) as db:
+        assert db.indexed_runs == [run.name]
+        traced = db.trace_table(TARGET)
+        unnested = db.sql(f"SELECT count(*) FROM batches_raw, unnest(example_ids) AS t(id) "
+                          f"WHERE id = '{TARGET}'").fetchall()[0][0]
+    assert traced.num_rows == unnested == 7  # 140,000 samples over 20,000 examples: 7 epochs
+    assert traced.column("step").to_pylist() == sorted(traced.column("step").to_pylist())
