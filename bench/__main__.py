@@ -189,7 +189,7 @@ def trace_latency(root: Path, n_samples: int) -> dict:
     grep_s = _best_of(lambda: subprocess.run(pipeline, shell=True, check=True), repeats=3)
     db = open_runs(run, read_only=True)
     start = time.perf_counter()
-    frame = db.trace(target)  # the first call opens the index (its footer parsed once per connection)
+    frame = db.trace(target)  # the first call also lists the runs and finds their indexes
     first_s = time.perf_counter() - start
     trace_s = _best_of(lambda: db.trace(target))
     db.close()

@@ -228,7 +228,7 @@ def test_trace_reads_an_id_whose_rows_span_pages_of_one_row_group(three_runs):
     write_samples_index(three_runs / "A")
     index = three_runs / "A" / "tracking" / samples_index.INDEX_FILE
     table = pq.read_table(index)  # one row group, pages of one row: DuckDB skips pages by their statistics
-    pq.write_table(table, index, max_rows_per_page=1, data_page_size=1)
+    pq.write_table(table, index, data_page_size=1, write_batch_size=1)  # a page a row
     assert pq.read_metadata(index).num_row_groups == 1
     with loratrace.open_runs(three_runs) as db:
         assert db.indexed_runs == ["A"]

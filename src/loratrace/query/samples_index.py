@@ -1,10 +1,12 @@
 """tracking/samples_index.parquet: every effective sample of a run sorted by example_id, so `trace` reads the pages
-that hold one id instead of unnesting every batch. Written at the end of training (query/index.py, `write_samples_index`); found
-here, read by `Runs.trace` (query/trace.py), while it still covers exactly the run's parts on disk.
+that hold one id instead of unnesting every batch. Written at the end of training (query/index.py,
+`write_samples_index`); found here, read by `Runs.trace` (query/trace.py), while it still covers exactly the run's
+parts on disk.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -16,7 +18,9 @@ from loratrace.query.manifest import Manifests
 from loratrace.query.parts import INDEX_FILE
 from loratrace.track import schema
 
-INDEX_ROW_GROUP = 65536  # rows per row group of the samples index (see `write_samples_index`)
+# rows per row group of the samples index: small footers (a trace over many runs parses each), and DuckDB skips the
+# pages of a row group that cannot hold the id (docs/SCALING.md has the sizes measured)
+INDEX_ROW_GROUP = 65536
 TRACE_COLUMNS = ("run_id", "example_id", "line", "step", "epoch", "micro_batch", "rank", "position", "loss", "p_gold",
                  "correct", "lr", "checkpoint_step", "checkpoint_path", "first")
 TRACE_ORDER = "run_id, step, micro_batch, rank, position"
@@ -38,8 +42,9 @@ class SamplesIndex:
     """A samples index's footer: what it holds (the run and parts it covers, its columns)."""
 
     def __init__(self, path):
-        with pq.ParquetFile(path if isinstance(path, (str, os.PathLike)) else path.open()) as file:  # or a RemotePath
-            meta, found = file.metadata, file.schema_arrow
+        local = isinstance(path, (str, os.PathLike))
+        with (contextlib.nullcontext(path) if local else path.open()) as source, pq.ParquetFile(source) as file:
+            meta, found = file.metadata, file.schema_arrow  # a RemotePath's file closed here too
         column = found.get_field_index("example_id")
         if column < 0:
             raise ValueError(f"{path}: no example_id column")

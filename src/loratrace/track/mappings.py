@@ -195,19 +195,29 @@ def _grouped(chunks: list[pa.Table]) -> tuple[pa.Table, np.ndarray]:
 
 def _unique_rows(line_null: np.ndarray, line: np.ndarray, id_rank: np.ndarray, steps: np.ndarray,
                  ids: int) -> tuple[np.ndarray, ...]:
-    """The rows (line_null, line, id_rank, step) each once, sorted in that order: one packed integer per row when
-    the ranges allow (a sort of one column), else by np.lexsort of the four."""
+    """The rows (line_null, line, id_rank, step) each once, sorted in that order. Rows already in step order (one
+    attempt's, as written) are grouped by counting (`_unique_stepped`): by line alone where each line holds one id
+    (an imported run's), else by (line, id) while their range is small; others by one packed integer per row when the
+    ranges allow (a sort of one column), else by np.lexsort of the four."""
     known = line[~line_null]
     low, high = (int(known.min()), int(known.max())) if len(known) else (0, 0)
     first_step, step_span = int(steps.min()), int(steps.max()) - int(steps.min()) + 1
     null_line = high - low + 1  # the packed line of a null one: after every line
+    slot = np.where(line_null, null_line, line - low)
     pairs = (null_line + 1) * ids  # the packed (line, id) keys
-    if pairs <= max(2**20, len(steps)) and (steps[1:] >= steps[:-1]).all():
-        return _unique_stepped(np.where(line_null, null_line, line - low) * ids + id_rank, steps, pairs, ids,
-                               null_line, low)
+    counted = max(2**20, len(steps))  # the most keys counted (np.bincount's array)
+    if null_line < counted and (steps[1:] >= steps[:-1]).all():
+        one_id = np.zeros(null_line + 1, np.int64)
+        one_id[slot] = id_rank
+        if (one_id[slot] == id_rank).all():  # each line holds one id: the line alone is the key
+            slot, steps = _unique_stepped(slot, steps, null_line + 1)
+            return slot == null_line, np.where(slot == null_line, 0, slot + low), one_id[slot], steps
+        if pairs <= counted:
+            key, steps = _unique_stepped(slot * ids + id_rank, steps, pairs)
+            slot, id_rank = np.divmod(key, ids)
+            return slot == null_line, np.where(slot == null_line, 0, slot + low), id_rank, steps
     if pairs * step_span < 2**63:
-        packed = _sorted_unique((np.where(line_null, null_line, line - low) * ids + id_rank) * step_span
-                               + (steps - first_step))
+        packed = _sorted_unique((slot * ids + id_rank) * step_span + (steps - first_step))
         rest, steps = np.divmod(packed, step_span)
         line, id_rank = np.divmod(rest, ids)
         return line == null_line, np.where(line == null_line, 0, line + low), id_rank, steps + first_step
@@ -217,19 +227,17 @@ def _unique_rows(line_null: np.ndarray, line: np.ndarray, id_rank: np.ndarray, s
     return line_null[first], line[first], id_rank[first], steps[first]
 
 
-def _unique_stepped(key: np.ndarray, steps: np.ndarray, pairs: int, ids: int, null_line: int,
-                    low: int) -> tuple[np.ndarray, ...]:
-    """`_unique_rows` of rows already in step order (one attempt's, as written), each (line, id) packed in `key` <
-    `pairs`: the keys numbered densely by counting, then a stable sort of those numbers (by radix when they fit 16
-    bits) keeps each group's steps in order, so a repeated row is next to its twin."""
-    counts = np.bincount(key, minlength=pairs)
+def _unique_stepped(key: np.ndarray, steps: np.ndarray, keys: int) -> tuple[np.ndarray, np.ndarray]:
+    """The (key, step) rows each once, by key then step, for rows in step order with each key < `keys`: the keys
+    numbered densely by counting, then a stable sort of those numbers (by radix when they fit 16 bits) keeps each
+    key's steps in order, so a repeated row is next to its twin."""
+    counts = np.bincount(key, minlength=keys)
     present = counts > 0
     codes = (np.cumsum(present) - 1).astype(np.uint16 if present.sum() <= 2**16 else np.int64)[key]
     steps = steps[np.argsort(codes, kind="stable")]
-    codes = np.repeat(np.arange(len(counts[present])), counts[present])  # sorted: each group's code, its count times
+    codes = np.repeat(np.arange(len(counts[present])), counts[present])  # sorted: each key's code, its count times
     kept = np.append(True, (codes[1:] != codes[:-1]) | (steps[1:] != steps[:-1]))
-    line, id_rank = np.divmod(np.flatnonzero(present)[codes[kept]], ids)
-    return line == null_line, np.where(line == null_line, 0, line + low), id_rank, steps[kept]
+    return np.flatnonzero(present)[codes[kept]], steps[kept]
 
 
 def _after(done: Future, fn, *args) -> None:
