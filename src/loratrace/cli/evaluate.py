@@ -74,9 +74,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_influence(args: argparse.Namespace) -> int:
-    # here, not at the top: query, trace and runs load this module, without torch
-    from loratrace.attribution.tracin import compute, top_examples
-
     if args.validate:
         return cmd_validate(args)
     if len(args.method or []) > 1:
@@ -84,6 +81,9 @@ def cmd_influence(args: argparse.Namespace) -> int:
     args.method = (args.method or ["tracin"])[0]
     if args.top < 1:
         raise ConfigError(f"--top must be at least 1, got {args.top}")
+    # here, after the argument errors and not at the top: query, trace and runs load this module, without torch
+    from loratrace.attribution.tracin import compute, top_examples
+
     result = compute(args.run, args.example_id, args.split, args.limit, args.method, args.checkpoints,
                      args.project_dim, batch_size=args.batch_size)
     if args.format != "table":
