@@ -18,6 +18,7 @@ from test_store import two_runs  # noqa: F401  (the fixture)
 
 import loratrace
 from loratrace.cli import main
+from loratrace.query.execute import interruptible
 from loratrace.query.store import QueryTimeout
 
 # Every way a query could read a file or list a folder; {parent} holds the secret, {runs} is the runs folder.
@@ -214,6 +215,28 @@ def test_ctrl_c_stops_a_python_api_query_and_the_connection_still_answers(two_ru
             db.fetch_table(RUNAWAY)
         assert time.monotonic() - started < 10
         assert db.fetch_table("SELECT count(*) AS n FROM batches").to_pylist() == [{"n": 7}]
+
+
+def test_ctrl_c_before_the_query_starts_running_is_not_lost():
+    """Ctrl+C while the worker is still getting ready (listing parts, binding): DuckDB's interrupt is lost when no
+    query runs yet, so it is sent again until the worker ends (a watchdog ends a lost one after 20 s)."""
+    con = duckdb.connect()
+
+    def compute():
+        time.sleep(0.5)  # getting ready: no query running when Ctrl+C comes
+        return con.sql(RUNAWAY).fetchall()
+
+    timer, watchdog = threading.Timer(0.1, os.kill, [os.getpid(), signal.SIGINT]), threading.Timer(20, con.interrupt)
+    timer.start()
+    watchdog.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            interruptible(con, compute, None)
+    finally:
+        watchdog.cancel()
+    assert time.monotonic() - started < 5
+    assert con.sql("SELECT 42").fetchall() == [(42,)]  # the connection still answers
 
 
 def test_a_run_folder_linked_into_the_runs_folder_is_still_read(two_runs, tmp_path_factory, capsys):  # noqa: F811

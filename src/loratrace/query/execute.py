@@ -33,12 +33,10 @@ def interruptible(con: duckdb.DuckDBPyConnection, compute, timeout: float | None
     try:
         timed_out = not done.wait(timeout)
     except KeyboardInterrupt:
-        con.interrupt()
-        wait_out(done)
+        wait_out(con, done)
         raise
     if timed_out:
-        con.interrupt()
-        wait_out(done)
+        wait_out(con, done)
         if "table" not in outcome:
             raise QueryTimeout(f"the query ran past its time limit of {timeout:g} s and was stopped (--timeout)")
     if isinstance(outcome.get("error"), duckdb.InterruptException):  # interrupted by another thread
@@ -48,13 +46,16 @@ def interruptible(con: duckdb.DuckDBPyConnection, compute, timeout: float | None
     return outcome["table"]
 
 
-def wait_out(done: threading.Event) -> None:
-    """Wait for an interrupted query to end (DuckDB stops within a vector's work), through a second Ctrl+C too: the
-    interpreter must not exit while a thread runs inside DuckDB (it aborts the process)."""
+def wait_out(con: duckdb.DuckDBPyConnection, done: threading.Event) -> None:
+    """Stop the worker's query and wait for the worker to end (DuckDB stops within a vector's work), through a second
+    Ctrl+C too: the interpreter must not exit while a thread runs inside DuckDB (it aborts the process). DuckDB is
+    interrupted again every 0.1 s: an interrupt that comes before the query starts running (the worker still
+    listing parts or binding) is lost, and the query would run to its end."""
     while True:
         try:
-            done.wait()
-            return
+            con.interrupt()
+            if done.wait(0.1):
+                return
         except KeyboardInterrupt:
             continue
 
