@@ -149,7 +149,7 @@ def test_every_room_is_a_folder_with_a_docstring():
 
 def test_tests_mirror_the_rooms():
     """Each room's tests sit in tests/<room>/, and every such folder is on pytest's pythonpath (pyproject.toml), so a
-    room's tests can use another's helpers."""
+    room's tests can use another's helpers; the repository's root too, for bench/'s synthetic runs."""
     import tomllib
 
     tests = Path(__file__).resolve().parent
@@ -157,7 +157,7 @@ def test_tests_mirror_the_rooms():
     folders = {path.name for path in tests.iterdir() if path.is_dir() and any(path.glob("test_*.py"))} - {"hostile"}
     assert rooms == folders
     settings = tomllib.loads((tests.parent / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
-    assert set(settings["pythonpath"]) == {"tests"} | {f"tests/{room}" for room in rooms}
+    assert set(settings["pythonpath"]) == {".", "tests"} | {f"tests/{room}" for room in rooms}
 
 
 def test_functions_fit_on_a_screen():
