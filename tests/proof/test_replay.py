@@ -12,6 +12,7 @@ import pytest
 from conftest import run_cli
 
 import loratrace
+from loratrace.cli import main
 from loratrace.training.checkpoints import read_checkpoint
 
 
@@ -64,7 +65,7 @@ def test_a_replay_drops_exactly_the_named_examples(replayed):
     assert any(not (_lora(run, 14)[k] == _lora(without, 14)[k]).all() for k in _lora(run, 14))
 
 
-def test_the_cli_replays_from_a_file_and_refuses_unknown_examples(small_run, tmp_path):
+def test_the_cli_replays_from_a_file_and_refuses_unknown_examples(small_run, tmp_path, capsys):
     run = _copy(small_run, tmp_path)
     first = _batches(run)[16][0]
     (tmp_path / "drop.txt").write_text(f"# one id a line\n{first}\n")
@@ -75,12 +76,14 @@ def test_the_cli_replays_from_a_file_and_refuses_unknown_examples(small_run, tmp
     made = Path(result.stdout.split(": ")[-1].strip())
     assert made.parent == run.parent and first not in _batches(made)[16]
     folders = sorted(p.name for p in run.parent.iterdir())
-    for args, message in ((["--drop", "LTSYN_TRA_99999"], "--drop: no training example 'LTSYN_TRA_99999' (closest: "),
-                          (["--drop", first, "--from", "4"], "has no checkpoint at step 4"),
-                          (["--drop", first, "--steps", "5"], "the run's record ends at step 16")):
-        args = args if "--from" in args else [*args, "--from", "15"]
-        result = run_cli("replay", str(run), *args)
-        assert result.returncode == 2 and message in result.stderr and len(result.stderr.splitlines()) == 1
+    result = run_cli("replay", str(run), "--drop", "LTSYN_TRA_99999", "--from", "15")  # as a user meets it
+    assert result.returncode == 2 and result.stdout == "" and len(result.stderr.splitlines()) == 1
+    assert "--drop: no training example 'LTSYN_TRA_99999' (closest: " in result.stderr
+    for args, message in ((["--drop", first, "--from", "4"], "has no checkpoint at step 4"),
+                          (["--drop", first, "--steps", "5", "--from", "15"], "the run's record ends at step 16")):
+        assert main(["replay", str(run), *args]) == 2  # the same `main`, in this process (torch loaded already)
+        out, err = capsys.readouterr()
+        assert out == "" and message in err and len(err.splitlines()) == 1, err
     assert sorted(p.name for p in run.parent.iterdir()) == folders  # a refused replay makes no folder
 
 
