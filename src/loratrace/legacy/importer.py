@@ -311,7 +311,7 @@ def _build(legacy: LegacyRun, run_dir: Path, run_id: str) -> dict[str, Any]:
     checkpoint_rows = convert_checkpoints(legacy, run_dir, run_id, examples, report)
     tracking = run_dir / "tracking"
     batches, parts = write_tracking(tracking, run_id, legacy, examples, checkpoint_rows)
-    report["mappings"], step_map = mappings.recompute_and_compare(tracking, run_id, legacy.mappings, (parts, batches))
+    report["mappings"], step_map = mappings.recompute_and_compare(tracking, run_id, legacy.mappings, parts, batches)
     # the rows are in memory: the index is computed from them, not from the parts by DuckDB (the same rows)
     write_samples_index(run_dir, index_rows(batches, step_map))
     models = legacy.source / "models"

@@ -2,7 +2,7 @@
 loratrace's own mappings, recomputed from the imported rows: every disagreement listed, neither side corrected.
 
     legacy_maps = read_legacy_mappings(legacy_folder, "arc-challenge")     # checked before anything is written
-    comparison, step_map = recompute_and_compare(run_dir / "tracking", run_id, legacy_maps, (parts, batches))
+    comparison, step_map = recompute_and_compare(run_dir / "tracking", run_id, legacy_maps, parts, batches)
 """
 
 from __future__ import annotations
@@ -117,15 +117,14 @@ def _line_entry(key: str, entry: Any) -> tuple[int, tuple[list[int] | None, int 
     return int(key), (_steps(entry, key), int(match.group(1)) if match else None)
 
 
-def recompute_and_compare(tracking: Path, run_id: str, legacy: LegacyMappings,
-                          written: tuple[list[str], pa.Table] | None = None) -> tuple[dict[str, Any], pa.Table]:
+def recompute_and_compare(tracking: Path, run_id: str, legacy: LegacyMappings, parts: list[str],
+                          batches: pa.Table) -> tuple[dict[str, Any], pa.Table]:
     """Write step_checkpoint/line_checkpoint.parquet from the imported rows, then compare them with the legacy files
     both ways: per checkpoint, the steps it adds; per line (1-based in the legacy file), its steps and first
-    checkpoint; and what one side has that the other lacks. `written`: the batch parts' names and their rows, still
+    checkpoint; and what one side has that the other lacks. `batches`: the rows written to the batch `parts`, still
     in memory (not read back). Returns the comparison and the step_checkpoint table written."""
     recomputed = Mappings(tracking, run_id, {0: (0, None)})
-    if written is not None:
-        recomputed.add_written(*written)
+    recomputed.add_written(parts, batches)
     step_map, line_map = recomputed.refresh()
     ours_steps, ours_lines = _steps_by_checkpoint(step_map), _lines(line_map)
     disagreements: list[str] = []
