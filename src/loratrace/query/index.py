@@ -32,6 +32,7 @@ from loratrace.query.samples_index import (
 from loratrace.query.store import Runs, StoreError
 from loratrace.query.views import TRACE_SELECT
 from loratrace.runs import storage
+from loratrace.track import schema
 
 
 def write_samples_index(run_dir: str | Path, rows: pa.Table | None = None) -> Path:
@@ -61,9 +62,8 @@ def write_samples_index(run_dir: str | Path, rows: pa.Table | None = None) -> Pa
                     (FORMAT parquet, ROW_GROUP_SIZE {INDEX_ROW_GROUP}, COMPRESSION zstd,
                      KV_METADATA {{'{INDEX_KEY.decode()}': '{json.dumps(stamp).replace("'", "''")}'}})""")
             else:  # the same layout: row groups, compression, the stamp in the footer
-                texts = [f.name for f in rows.schema if pa.types.is_dictionary(f.type)]  # the others: plain
                 with pq.ParquetWriter(tmp, rows.schema, store_schema=False, compression="zstd",
-                                      use_dictionary=texts) as writer:
+                                      use_dictionary=schema.text_columns(rows.schema)) as writer:
                     writer.write_table(rows, row_group_size=INDEX_ROW_GROUP)
                     writer.add_key_value_metadata({INDEX_KEY: json.dumps(stamp)})
             os.replace(tmp, target)

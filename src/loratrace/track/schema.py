@@ -225,7 +225,7 @@ def write_atomic(table: pa.Table, path: Path) -> None:
             with open(tmp, "wb") as file:
                 file.write(buffer.getvalue())
         else:  # texts by dictionary; numbers plain: a dictionary of millions of steps costs time and bytes
-            pq.write_table(table, tmp, compression="zstd", use_dictionary=_text_columns(table.schema))
+            pq.write_table(table, tmp, compression="zstd", use_dictionary=text_columns(table.schema))
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -233,7 +233,7 @@ def write_atomic(table: pa.Table, path: Path) -> None:
     storage.publish(path)
 
 
-def _text_columns(kinds: pa.Schema) -> list[str]:
+def text_columns(kinds: pa.Schema) -> list[str]:
     """The columns holding text, alone or in a list (the Parquet column paths `use_dictionary` names)."""
     texts = []
     for field in kinds:
