@@ -71,7 +71,8 @@ def test_rows_in_memory_give_the_files_reading_the_parts_gives(tmp_path):
                                 tracking / "checkpoints" / schema.checkpoints_part_name(0, step))
         maps = mappings.Mappings(tracking, run_id, {0: (0, None)})
         if name == "memory":
-            (tracking / "batches" / names[1]).unlink()  # not read back: its rows come from memory
+            (tracking / "batches" / names[1]).unlink()  # its rows come from memory
+            (tracking / "batches" / names[0]).write_bytes(b"not Parquet")  # and a part is not read back: this one
             maps.add_written(names, batches)
         returned = maps.refresh()
         written[name] = [pq.read_table(tracking / f"{table}.parquet") for table in ("step_checkpoint",
